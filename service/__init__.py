@@ -1,0 +1,1 @@
+"""REST service around the attribution library: API, Redis Streams queue, batching worker, CLI."""
