@@ -1,0 +1,199 @@
+"""Caption tokenisation that keeps, for every token, the characters of the original caption it covers.
+
+open_clip's ``SimpleTokenizer`` first cleans the caption (ftfy fix, HTML unescape twice, whitespace
+collapse, lower-casing), then splits it with a regex and byte-pair-encodes each piece. Here the same
+steps run while tracking, for every character of the cleaned text, the span of the original caption it
+came from, so each BPE token can be mapped back to ``caption[start:end]``. The ids are the model
+tokenizer's own output; the offsets are checked to reproduce exactly the same ids.
+"""
+
+from __future__ import annotations
+
+import difflib
+import html
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import ftfy
+import torch
+
+from attribution.errors import CaptionTooLong, EmptyCaption, UnsupportedModel
+
+SOT_TEXT = "<start_of_text>"
+EOT_TEXT = "<end_of_text>"
+
+# Each character of a (partly) cleaned text maps to the [start, end) span of the original caption.
+Spans = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Token:
+    """One token of a caption: its position, vocabulary id, readable text and original character span."""
+
+    index: int
+    id: int
+    text: str
+    start: int
+    end: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form used in results (``index``, ``text``, ``start``, ``end``)."""
+        d = asdict(self)
+        del d["id"]
+        return d
+
+
+def _align(old: str, old_spans: Spans, new: str) -> Spans:
+    """Spans for ``new`` after an opaque rewrite of ``old`` (ftfy): replaced runs map to the whole old run."""
+    if new == old:
+        return list(old_spans)
+    spans: Spans = []
+    ops = difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes()
+    for op, i1, i2, j1, j2 in ops:
+        if op == "equal":
+            spans.extend(old_spans[i1:i2])
+        elif op == "replace":
+            spans.extend([(old_spans[i1][0], old_spans[i2 - 1][1])] * (j2 - j1))
+        elif op == "insert":  # characters without a source: zero-width at the insertion point
+            pos = old_spans[i1][0] if i1 < len(old_spans) else (old_spans[-1][1] if old_spans else 0)
+            spans.extend([(pos, pos)] * (j2 - j1))
+        elif spans and not old[i1:i2].isspace():  # dropped characters belong to the one before them
+            spans[-1] = (spans[-1][0], max(spans[-1][1], old_spans[i2 - 1][1]))
+    return spans
+
+
+def _unescape(text: str, spans: Spans) -> tuple[str, Spans]:
+    """``html.unescape`` with tracking: every replacement character maps to its whole entity."""
+    out: list[str] = []
+    out_spans: Spans = []
+    pos = 0
+    for m in html._charref.finditer(text):  # the exact regex html.unescape uses
+        out.append(text[pos : m.start()])
+        out_spans.extend(spans[pos : m.start()])
+        repl = html._replace_charref(m)
+        out.append(repl)
+        out_spans.extend([(spans[m.start()][0], spans[m.end() - 1][1])] * len(repl))
+        pos = m.end()
+    out.append(text[pos:])
+    out_spans.extend(spans[pos:])
+    return "".join(out), out_spans
+
+
+def _collapse_whitespace(text: str, spans: Spans) -> tuple[str, Spans]:
+    """``" ".join(text.split())`` with tracking (also covers the tokenizer's ``strip()`` calls)."""
+    out: list[str] = []
+    out_spans: Spans = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i].isspace():
+            j = i
+            while j < n and text[j].isspace():
+                j += 1
+            if out and j < n:  # interior run of whitespace -> one space
+                out.append(" ")
+                out_spans.append((spans[i][0], spans[j - 1][1]))
+            i = j
+        else:
+            out.append(text[i])
+            out_spans.append(spans[i])
+            i += 1
+    return "".join(out), out_spans
+
+
+def _lower(text: str, spans: Spans) -> tuple[str, Spans]:
+    out_spans: Spans = []
+    for ch, span in zip(text, spans, strict=True):
+        out_spans.extend([span] * len(ch.lower()))  # some characters lower to two
+    return text.lower(), out_spans
+
+
+def _clean_with_spans(caption: str, tokenizer: Any) -> tuple[str, Spans]:
+    """The tokenizer's own cleaning of ``caption``, with each cleaned character's original span."""
+    text, spans = caption, [(i, i + 1) for i in range(len(caption))]
+    if "<" not in text:  # ftfy's default unescape_html="auto" unescapes, repeatedly, text without "<"
+        previous = None
+        while text != previous:
+            previous = text
+            text, spans = _unescape(text, spans)
+    fixed = ftfy.fix_text(text, unescape_html=False)
+    text, spans = fixed, _align(text, spans, fixed)
+    text, spans = _unescape(*_unescape(text, spans))  # basic_clean's own two html.unescape calls
+    text, spans = _collapse_whitespace(text, spans)
+    if tokenizer.clean_fn.__name__ == "_clean_lower":
+        text, spans = _lower(text, spans)
+    expected = tokenizer.clean_fn(caption)
+    if text != expected:  # a cleaning step we do not mirror exactly: fall back to a generic alignment
+        return expected, _align(caption, [(i, i + 1) for i in range(len(caption))], expected)
+    return text, spans
+
+
+def _encode_with_offsets(caption: str, tokenizer: Any) -> list[tuple[int, int, int]]:
+    """(id, start, end) for each BPE token of ``caption`` (without SOT/EOT), in order."""
+    cleaned, spans = _clean_with_spans(caption, tokenizer)
+    result: list[tuple[int, int, int]] = []
+    for m in tokenizer.pat.finditer(cleaned):
+        word = m.group()
+        # BPE runs over UTF-8 bytes; remember which character of the word each byte belongs to.
+        byte_char = [k for k, ch in enumerate(word) for _ in ch.encode("utf-8")]
+        byte_pos = 0
+        byte_word = "".join(tokenizer.byte_encoder[b] for b in word.encode("utf-8"))
+        for piece in tokenizer.bpe(byte_word).split(" "):
+            n_bytes = len(piece[:-4] if piece.endswith("</w>") else piece)
+            first = m.start() + byte_char[byte_pos]
+            last = m.start() + byte_char[byte_pos + n_bytes - 1]
+            result.append((tokenizer.encoder[piece], spans[first][0], spans[last][1]))
+            byte_pos += n_bytes
+    return result
+
+
+def _tokenizer_of(loaded_or_tokenizer: Any) -> Any:
+    tokenizer = getattr(loaded_or_tokenizer, "tokenizer", loaded_or_tokenizer)
+    needed = ("pat", "bpe", "encoder", "byte_encoder", "clean_fn", "sot_token_id", "eot_token_id")
+    if not all(hasattr(tokenizer, a) for a in needed) or getattr(tokenizer, "reduction_fn", None):
+        raise UnsupportedModel(
+            f"tokenizer {type(tokenizer).__name__} is not open_clip's CLIP BPE tokenizer; "
+            "token offsets are only available for CLIP models with the SimpleTokenizer"
+        )
+    return tokenizer
+
+
+def tokenize_caption(
+    caption: str,
+    loaded_or_tokenizer: Any,
+    *,
+    context_length: int | None = None,
+    truncate: bool = False,
+) -> tuple[torch.Tensor, list[Token]]:
+    """Token ids (``context_length``,) exactly as the model's tokenizer gives them, and the tokens.
+
+    ``loaded_or_tokenizer`` is a ``LoadedModel`` or an open_clip ``SimpleTokenizer``; ``context_length``
+    defaults to the model's (or tokenizer's). Tokens run from SOT (span (0, 0)) to EOT (span
+    (len, len)); padding is not listed. Raises ``EmptyCaption`` for a caption without tokens and
+    ``CaptionTooLong`` when SOT + tokens + EOT exceed the context, unless ``truncate`` (then the tail is
+    dropped as open_clip does, EOT kept last).
+    """
+    tokenizer = _tokenizer_of(loaded_or_tokenizer)
+    if context_length is None:
+        context_length = getattr(loaded_or_tokenizer, "context_length", None) or tokenizer.context_length
+    if not isinstance(caption, str):
+        raise EmptyCaption(f"caption must be a string, got {type(caption).__name__}")
+    body = _encode_with_offsets(caption, tokenizer)
+    if not body:
+        raise EmptyCaption("caption is empty or only whitespace; give at least one word")
+    n_tokens = len(body) + 2
+    if n_tokens > context_length:
+        if not truncate:
+            raise CaptionTooLong(n_tokens, context_length)
+        body = body[: context_length - 2]
+
+    end = len(caption)
+    tokens = [Token(0, tokenizer.sot_token_id, SOT_TEXT, 0, 0)]
+    for i, (tid, start, stop) in enumerate(body, start=1):
+        text = caption[start:stop] or tokenizer.decode([tid]).strip()
+        tokens.append(Token(i, tid, text, start, stop))
+    tokens.append(Token(len(tokens), tokenizer.eot_token_id, EOT_TEXT, end, end))
+
+    ids = tokenizer([caption], context_length=context_length)[0]
+    if ids[: len(tokens)].tolist() != [t.id for t in tokens]:
+        raise RuntimeError(f"internal error: token offsets disagree with the tokenizer for {caption!r}")
+    return ids, tokens
