@@ -1,0 +1,292 @@
+"""Second-order token × patch interactions (Moeller et al., TMLR 2025), factorised.
+
+The reference builds the full (tokens·width) × (patches·width) product of integrated Jacobians. The
+sum over both hidden dimensions separates, so
+
+    A[s, p] = Σ_k T[k, s] · I[k, p]
+
+where ``T[:, s]`` is the embedding's integrated directional derivative along the text delta
+restricted to token ``s`` (likewise ``I`` for image tokens). Each column is a Jacobian-vector product
+averaged over the interpolation points; see ``shared/docs/method.md`` for the derivation and the
+conventions of the reference (``exclip`` 1.1) that this module reproduces.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from attribution.errors import CaptionTooLong, EmptyCaption, InvalidOption
+from attribution.tail import Tail, dense_token_jvps, dense_token_vjps, embed, last_block_token_jvps
+from attribution.towers import ImageTower, TextTower
+
+PRECISIONS: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+# Per-model cache of the references' hidden states and embeddings; they depend only on the weights.
+_REFERENCE_CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """Sum of all interactions next to the value it approximates, ``(h(t)−h(r_t))·(g(x)−g(r_x))``.
+
+    Both are on the cosine scale (divided by ‖h(t)‖·‖g(x)‖); ``gap = total − expected`` shrinks as
+    the number of interpolation steps grows.
+    """
+
+    total: float
+    expected: float
+    gap: float
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """The explanation of one (image, caption) pair.
+
+    ``interactions``: float32 (tokens SOT…EOT, grid rows, grid cols), on the cosine scale.
+    ``cls``: the image class-token column (tokens,). ``score``: cosine similarity of the pair.
+    """
+
+    interactions: Tensor
+    cls: Tensor
+    score: float
+    completeness: Completeness
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One tower's factor for a set of unique inputs: ``factor`` (B, E, S), embeddings, references."""
+
+    factor: Tensor
+    embedding: Tensor  # (B, E) of the inputs, in float32
+    reference_embedding: Tensor  # (E,)
+    lengths: list[int]  # tokens per input
+
+
+def interpolation_points(steps: int) -> Tensor:
+    """α ∈ {1, 1 − 1/N, …, 1/N}: the input is included, the reference is not.
+
+    The reference computes these with a float ``arange`` that yields N + 1 points for some N (49, for
+    one); here there are always exactly N.
+    """
+    return 1.0 - torch.arange(steps, dtype=torch.float64) / steps
+
+
+class Explainer:
+    """Explains open_clip CLIP models by second-order caption–image interactions.
+
+    ``model`` is an open_clip ``CLIP`` with a ViT image tower (eval mode), ``tokenizer`` its open_clip
+    tokenizer. ``text_layer``/``image_layer`` choose the block whose input is attributed (the last
+    block by default), ``steps`` the number N of interpolation points, ``precision`` the dtype of the
+    derivative computation (``float32``, ``bfloat16`` or ``float16``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        text_layer: int = 11,
+        image_layer: int = 11,
+        steps: int = 10,
+        precision: str = "float32",
+        scale_cos: bool = False,
+        max_tangents: int = 4096,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.text = TextTower(model)
+        self.image = ImageTower(model)
+        self.text.check_layer(text_layer)
+        self.image.check_layer(image_layer)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InvalidOption(f"steps must be an integer ≥ 1, got {steps!r}")
+        if precision not in PRECISIONS:
+            raise InvalidOption(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.text_layer = text_layer
+        self.image_layer = image_layer
+        self.steps = steps
+        self.precision = precision
+        self.scale_cos = scale_cos
+        self.max_tangents = max_tangents  # bounds the batch of tangent rows per pass (memory)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+    # ----------------------------------------------------------------------------------- public
+
+    def tokenize(self, captions: Sequence[str]) -> list[Tensor]:
+        """Token ids of each caption cut after its EOT, with the reference's errors for bad captions."""
+        context = self.text.context_length
+        out = []
+        for caption in captions:
+            if not caption or not caption.strip():
+                raise EmptyCaption("caption is empty; give at least one word")
+            ids = self.tokenizer.encode(caption) if hasattr(self.tokenizer, "encode") else None
+            if ids is not None and len(ids) + 2 > context:
+                raise CaptionTooLong(len(ids) + 2, context)
+            tokens = self.tokenizer([caption], context_length=context)[0]
+            if ids is None and tokens[-1] != 0:
+                raise InvalidOption("caption may be truncated by the tokenizer; shorten it")
+            out.append(tokens[: int(tokens.argmax()) + 1])
+        return out
+
+    @torch.no_grad()
+    def explain(self, images: Tensor, captions: Sequence[str]) -> list[PairResult]:
+        """Explain B pairs: ``images`` (B, 3, H, W) preprocessed, ``captions`` B strings."""
+        return self.explain_tokens(images, self.tokenize(captions))
+
+    @torch.no_grad()
+    def explain_tokens(self, images: Tensor, tokens: Sequence[Tensor]) -> list[PairResult]:
+        """Explain B pairs given token ids per caption (SOT … EOT, padding optional).
+
+        Repeated images or captions are computed once: the image side is shared by all captions of an
+        image and the text side by all images of a caption.
+        """
+        if images.dim() != 4 or images.shape[0] != len(tokens):
+            raise InvalidOption(
+                f"expected images (B, 3, H, W) and B captions, got {tuple(images.shape)} and {len(tokens)}"
+            )
+        image_of, unique_images = _unique([img.contiguous().cpu().numpy().tobytes() for img in images])
+        text_of, unique_texts = _unique([tuple(t[: int(t.argmax()) + 1].tolist()) for t in tokens])
+        refs = self._references(tuple(images.shape[-2:]))
+        image_side = self._image_side(images[unique_images], refs)
+        text_side = self._text_side([tokens[i] for i in unique_texts], refs)
+        grid = _grid(image_side.factor.shape[-1] - 1, tuple(images.shape[-2:]))
+        return [
+            self._combine(text_side, text_of[b], image_side, image_of[b], grid) for b in range(len(tokens))
+        ]
+
+    # ---------------------------------------------------------------------------------- sides
+
+    def _references(self, image_shape: tuple[int, int]) -> dict[str, Tensor]:
+        """Hidden states of the text and image references at the cut (cached per model)."""
+        cache = _REFERENCE_CACHE.setdefault(self.model, {})
+        key = (self.text_layer, self.image_layer, self.device, image_shape)
+        if key not in cache:
+            ref_tokens = torch.zeros(1, self.text.context_length, dtype=torch.long, device=self.device)
+            ref_tokens[0, 0] = self.tokenizer.sot_token_id
+            ref_tokens[0, 2] = self.tokenizer.eot_token_id  # [SOT, 0, EOT, 0, …] as in the reference
+            ref_image = torch.zeros(1, 3, *image_shape, device=self.device)
+            cache[key] = {
+                "text": self.text.hidden(ref_tokens, self.text_layer)[0].float(),
+                "text_pool": self.text.pool_index(ref_tokens)[0],
+                "image": self.image.hidden(ref_image, self.image_layer)[0].float(),
+            }
+        return cache[key]
+
+    def _image_side(self, images: Tensor, refs: dict[str, Tensor]) -> _Side:
+        hidden = self.image.hidden(images.to(self.device), self.image_layer).float()
+        tail = self.image.tail(self.image_layer, self.dtype, self.device)
+        pool = torch.zeros(hidden.shape[0], dtype=torch.long, device=self.device)  # class token
+        ref_pool = torch.zeros(1, dtype=torch.long, device=self.device)
+        factor, embedding, ref_embedding = self._factor(tail, hidden, pool, refs["image"], ref_pool)
+        return _Side(factor, embedding, ref_embedding, [hidden.shape[1]] * hidden.shape[0])
+
+    def _text_side(self, tokens: list[Tensor], refs: dict[str, Tensor]) -> _Side:
+        length = max(len(t) for t in tokens)
+        batch = torch.zeros(len(tokens), length, dtype=torch.long, device=self.device)
+        for i, t in enumerate(tokens):
+            batch[i, : len(t)] = t.to(self.device)
+        hidden = self.text.hidden(batch, self.text_layer).float()
+        tail = self.text.tail(self.text_layer, self.dtype, self.device)
+        pool = self.text.pool_index(batch)
+        factor, embedding, ref_embedding = self._factor(
+            tail, hidden, pool, refs["text"], refs["text_pool"].view(1)
+        )
+        # Rows after a caption's EOT are padding of the batch; the result keeps SOT … EOT.
+        return _Side(factor, embedding, ref_embedding, (pool + 1).tolist())
+
+    def _factor(
+        self, tail: Tail, hidden: Tensor, pool: Tensor, ref_hidden: Tensor, ref_pool: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Integrated per-token derivatives of one tower: hidden (B, S, W) → factor (B, E, S).
+
+        Also returns the inputs' embeddings (B, E) and the reference's embedding (E,), in float32.
+        ``ref_hidden`` holds the reference's hidden states for at least S rows.
+        """
+        b, s, w = hidden.shape
+        dt = self.dtype
+        delta = hidden - ref_hidden[:s]
+        alphas = interpolation_points(self.steps).to(device=self.device, dtype=torch.float32)
+        n = len(alphas)
+        points = ref_hidden[:s] + alphas.view(1, n, 1, 1) * delta.unsqueeze(1)  # (B, N, S, W)
+        points = points.reshape(b * n, s, w).to(dt)
+        deltas = delta.to(dt).repeat_interleave(n, dim=0)
+        pools = pool.repeat_interleave(n)
+        chunk = max(1, self.max_tangents // (b * n * s))
+        if len(tail.blocks) == 1:
+            derivatives = self._last_block(tail, points, deltas, pools)
+        elif tail.head.projection.shape[1] < s:  # fewer embedding axes than tokens: reverse mode
+            derivatives = dense_token_vjps(tail, points, deltas, pools, chunk)
+        else:
+            derivatives = dense_token_jvps(tail, points, deltas, pools, chunk)
+        factor = derivatives.float().view(b, n, s, -1).mean(dim=1).transpose(1, 2)
+        embedding = embed(tail, hidden.to(dt), pool).float()
+        ref_rows = max(s, int(ref_pool) + 1)
+        ref_embedding = embed(tail, ref_hidden[:ref_rows].unsqueeze(0).to(dt), ref_pool).float()[0]
+        return factor, embedding, ref_embedding
+
+    def _last_block(self, tail: Tail, points: Tensor, deltas: Tensor, pools: Tensor) -> Tensor:
+        """The closed-form last-block pass, in slices of at most ``max_tangents`` tangent rows."""
+        step = max(1, self.max_tangents // points.shape[1])
+        return torch.cat(
+            [
+                last_block_token_jvps(tail, points[i : i + step], deltas[i : i + step], pools[i : i + step])[
+                    1
+                ]
+                for i in range(0, points.shape[0], step)
+            ]
+        )
+
+    # ------------------------------------------------------------------------------- combine
+
+    def _combine(self, text: _Side, ti: int, image: _Side, ii: int, grid: tuple[int, int]) -> PairResult:
+        t_emb, x_emb = text.embedding[ti], image.embedding[ii]
+        scale = float(self.model.logit_scale.exp()) if self.scale_cos else 1.0
+        norm = t_emb.norm() * x_emb.norm() / scale
+        rows = text.lengths[ti]
+        a = text.factor[ti, :, :rows].T @ image.factor[ii] / norm  # (tokens, image tokens)
+        expected = float((t_emb - text.reference_embedding) @ (x_emb - image.reference_embedding) / norm)
+        total = float(a.sum())
+        return PairResult(
+            interactions=a[:, 1:].reshape(rows, *grid).contiguous(),
+            cls=a[:, 0].contiguous(),
+            score=float(t_emb @ x_emb / (t_emb.norm() * x_emb.norm())),
+            completeness=Completeness(total=total, expected=expected, gap=total - expected),
+        )
+
+
+def _unique(keys: list) -> tuple[list[int], list[int]]:
+    """Index of each key among the unique keys, and the first position of each unique key."""
+    seen: dict = {}
+    first: list[int] = []
+    index = []
+    for pos, key in enumerate(keys):
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(pos)
+        index.append(seen[key])
+    return index, first
+
+
+def _grid(patches: int, image_shape: tuple[int, int]) -> tuple[int, int]:
+    """Patch grid (rows, cols) from the patch count and the input's aspect ratio."""
+    h, w = image_shape
+    rows = round(math.sqrt(patches * h / w))
+    if rows * (patches // max(rows, 1)) != patches:
+        raise InvalidOption(f"cannot lay out {patches} patches for an image of {h}×{w}")
+    return rows, patches // rows
