@@ -1,5 +1,10 @@
-"""The web page and heatmap images (placeholder router until the page lands)."""
+"""The web page, its static assets and the heatmap PNG endpoint, as one router: ``service.web.router``."""
 
 from fastapi import APIRouter
 
+from service.web.pages import router as pages_router
+
 router = APIRouter()
+router.include_router(pages_router)
+
+__all__ = ["router"]
