@@ -1,0 +1,49 @@
+"""Every Redis key the service writes, in one place.
+
+All keys start with ``EXCLIP_KEY_PREFIX`` so several deployments (or tests) can share one Redis.
+Every key expires: job records and images after ``EXCLIP_RESULT_TTL_S`` (refreshed on each update),
+heartbeats (and the worker index) after three
+heartbeat periods, the metrics hash ``METRICS_TTL_S`` after its last update,
+and each job stream ``EXCLIP_RESULT_TTL_S`` after its last entry; streams are also trimmed by workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METRICS_TTL_S = 30 * 24 * 3600
+"""The metrics hash holds a bounded set of counters (one per outcome and histogram bucket)."""
+
+GROUP = "workers"
+"""The consumer group all workers read the job streams with."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def stream(self, model: str) -> str:
+        """Job stream of one model: workers read only the streams of the models they hold."""
+        return f"{self.prefix}:stream:{model}"
+
+    def job(self, job_id: str) -> str:
+        """Hash with the job record (status, request, result, error, owner hash, ...)."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def image(self, job_id: str) -> str:
+        """The uploaded image bytes, stored once per job whatever the number of captions."""
+        return f"{self.prefix}:image:{job_id}"
+
+    def worker(self, name: str) -> str:
+        """Heartbeat of one worker: JSON with the models it holds; expires when the worker dies."""
+        return f"{self.prefix}:worker:{name}"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set of worker names scored by heartbeat expiry time, so no SCAN is needed."""
+        return f"{self.prefix}:workers"
+
+    @property
+    def metrics(self) -> str:
+        """Hash of counters that workers and API replicas add to and /metrics reads."""
+        return f"{self.prefix}:metrics"

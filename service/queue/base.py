@@ -1,0 +1,107 @@
+"""The job queue protocol both back-ends implement (Redis Streams and in-memory).
+
+The API side enqueues, reads and cancels jobs; the worker side reads deliveries, claims deliveries
+that a dead worker left unacknowledged, starts jobs (the cancellation check), stores outcomes and
+acknowledges. Both back-ends pass the same contract tests (tests/service/test_queue_contract.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from service.jobs import Job
+
+
+class QueueFull(Exception):
+    """More jobs are queued or running than ``EXCLIP_MAX_QUEUE`` allows."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One stream entry handed to a worker; acknowledge it once the job's outcome is stored."""
+
+    entry_id: str
+    job_id: str
+    model: str
+
+
+class JobQueue(Protocol):
+    # --- API side -------------------------------------------------------------------------------
+    async def ping(self) -> None:
+        """Raise if the queue cannot be reached."""
+
+    async def enqueue(self, job: Job, image: bytes, *, max_depth: int, depth_models: list[str]) -> None:
+        """Store the job record and image (with expiry) and add a stream entry for the job's model.
+
+        Raises ``QueueFull`` when ``depth(depth_models)`` is already ``max_depth`` or more.
+        """
+
+    async def get(self, job_id: str) -> Job | None:
+        """The job record, or None when unknown or expired."""
+
+    async def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued job (atomically, so a worker cannot start it meanwhile); return the record."""
+
+    async def depth(self, models: list[str]) -> int:
+        """Jobs of these models waiting to be read or read but not yet acknowledged."""
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """The heartbeats of live workers (each: name, models, ...)."""
+
+    async def add_metrics(self, increments: dict[str, float]) -> None:
+        """Add to the shared counters that /metrics exposes (see service.metrics)."""
+
+    async def read_metrics(self) -> dict[str, float]:
+        """All shared counters."""
+
+    # --- worker side ----------------------------------------------------------------------------
+    async def read(self, consumer: str, models: list[str], count: int, block_ms: int) -> list[Delivery]:
+        """New entries for these models, at most ``count``, waiting up to ``block_ms`` for the first."""
+
+    async def claim_stale(self, consumer: str, models: list[str], min_idle_s: float,
+                          count: int) -> list[Delivery]:
+        """Take over entries delivered to any consumer but unacknowledged for ``min_idle_s`` or more."""
+
+    async def start(self, job_id: str) -> Job | None:
+        """Mark a queued (or re-delivered running) job running and count the delivery.
+
+        Returns the updated record; a finished (e.g. cancelled) job is returned unchanged; None
+        when the record is gone. The caller computes the job only if the returned status is running.
+        """
+
+    async def image(self, job_id: str) -> bytes | None:
+        """The job's image bytes."""
+
+    async def finish(self, job: Job) -> None:
+        """Store the outcome fields (status, result, error, finished_at) of a job that still exists."""
+
+    async def ack(self, deliveries: list[Delivery]) -> None:
+        """Acknowledge entries (and drop the stream entries no one needs any more)."""
+
+    async def heartbeat(self, name: str, info: dict[str, Any], ttl_s: float) -> None:
+        """Advertise a live worker for ``ttl_s`` seconds."""
+
+    async def remove_worker(self, name: str) -> None:
+        """Withdraw a worker's heartbeat (clean shutdown)."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+async def wait_finished(queue: JobQueue, job_id: str, timeout_s: float) -> Job | None:
+    """Poll a job until it is finished or ``timeout_s`` passed; return its last record.
+
+    Polling (20 ms growing to 250 ms) keeps no connection blocked and survives reconnects.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.02
+    while True:
+        job = await queue.get(job_id)
+        remaining = deadline - time.monotonic()
+        if job is None or job.status.finished or remaining <= 0:
+            return job
+        await asyncio.sleep(min(delay, remaining))
+        delay = min(delay * 1.5, 0.25)

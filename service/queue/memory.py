@@ -1,0 +1,163 @@
+"""In-memory back-end for embedded mode (``serve`` without ``REDIS_URL``): API and worker in one process.
+
+Same semantics as the Redis Streams back-end — per-model entry queues, a pending list with delivery
+times that ``claim_stale`` takes over, atomic cancel/start, expiring records — but plain dicts on one
+event loop, so there is no locking: every method runs without awaiting in the middle of a change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from service.jobs import Job, JobStatus
+from service.queue.base import Delivery, QueueFull
+
+
+@dataclass
+class _Pending:
+    delivery: Delivery
+    consumer: str
+    delivered_at: float
+
+
+class MemoryQueue:
+    """``JobQueue`` in process memory; records and images expire after ``ttl_s`` like in Redis."""
+
+    def __init__(self, *, ttl_s: int) -> None:
+        self.ttl_s = ttl_s
+        self._jobs: dict[str, tuple[dict[str, str], float]] = {}  # id -> (fields, expires_at)
+        self._images: dict[str, tuple[bytes, float]] = {}
+        self._new: dict[str, deque[Delivery]] = {}  # model -> undelivered entries
+        self._pending: dict[str, _Pending] = {}  # entry id -> delivery not yet acknowledged
+        self._workers: dict[str, tuple[dict[str, Any], float]] = {}
+        self._metrics: dict[str, float] = {}
+        self._ids = itertools.count(1)
+        self._arrived = asyncio.Event()
+
+    def _purge(self) -> None:
+        now = time.monotonic()
+        for store in (self._jobs, self._images, self._workers):
+            for key in [k for k, (_, exp) in store.items() if exp <= now]:
+                del store[key]
+
+    def _load(self, job_id: str) -> Job | None:
+        self._purge()
+        entry = self._jobs.get(job_id)
+        return Job.from_fields(entry[0]) if entry else None
+
+    def _save(self, job: Job) -> None:
+        self._jobs[job.id] = (job.to_fields(), time.monotonic() + self.ttl_s)
+
+    # --- API side -------------------------------------------------------------------------------
+    async def ping(self) -> None:
+        return None
+
+    async def enqueue(self, job: Job, image: bytes, *, max_depth: int, depth_models: list[str]) -> None:
+        if await self.depth(depth_models) >= max_depth:
+            raise QueueFull(f"the queue holds {max_depth} or more jobs (EXCLIP_MAX_QUEUE); retry later")
+        self._purge()
+        self._save(job)
+        self._images[job.id] = (image, time.monotonic() + self.ttl_s)
+        self._new.setdefault(job.model, deque()).append(Delivery(f"{next(self._ids)}-0", job.id, job.model))
+        self._metrics["jobs_enqueued"] = self._metrics.get("jobs_enqueued", 0.0) + 1
+        self._arrived.set()
+
+    async def get(self, job_id: str) -> Job | None:
+        return self._load(job_id)
+
+    async def cancel(self, job_id: str) -> Job | None:
+        job = self._load(job_id)
+        if job is not None and job.status is JobStatus.QUEUED:
+            job.status, job.finished_at = JobStatus.CANCELLED, time.time()
+            self._save(job)
+        return job
+
+    async def depth(self, models: list[str]) -> int:
+        wanted = set(models)
+        waiting = sum(len(self._new.get(m, ())) for m in wanted)
+        return waiting + sum(1 for p in self._pending.values() if p.delivery.model in wanted)
+
+    async def workers(self) -> list[dict[str, Any]]:
+        self._purge()
+        return [info for info, _ in self._workers.values()]
+
+    async def add_metrics(self, increments: dict[str, float]) -> None:
+        for name, value in increments.items():
+            self._metrics[name] = self._metrics.get(name, 0.0) + value
+
+    async def read_metrics(self) -> dict[str, float]:
+        return dict(self._metrics)
+
+    # --- worker side ----------------------------------------------------------------------------
+    def _take(self, consumer: str, models: list[str], count: int) -> list[Delivery]:
+        taken: list[Delivery] = []
+        for model in models:
+            entries = self._new.get(model)
+            while entries and len(taken) < count:
+                d = entries.popleft()
+                self._pending[d.entry_id] = _Pending(d, consumer, time.monotonic())
+                taken.append(d)
+        return taken
+
+    async def read(self, consumer: str, models: list[str], count: int, block_ms: int) -> list[Delivery]:
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            taken = self._take(consumer, models, count)
+            remaining = deadline - time.monotonic()
+            if taken or remaining <= 0:
+                return taken
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    async def claim_stale(self, consumer: str, models: list[str], min_idle_s: float,
+                          count: int) -> list[Delivery]:
+        now = time.monotonic()
+        stale = [p for p in self._pending.values()
+                 if p.delivery.model in models and now - p.delivered_at >= min_idle_s][:count]
+        for p in stale:
+            p.consumer, p.delivered_at = consumer, now
+        return [p.delivery for p in stale]
+
+    async def start(self, job_id: str) -> Job | None:
+        job = self._load(job_id)
+        if job is not None and job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            job.status, job.started_at = JobStatus.RUNNING, time.time()
+            job.deliveries += 1
+            self._save(job)
+        return job
+
+    async def image(self, job_id: str) -> bytes | None:
+        self._purge()
+        entry = self._images.get(job_id)
+        return entry[0] if entry else None
+
+    async def finish(self, job: Job) -> None:
+        stored = self._load(job.id)
+        if stored is None:
+            return
+        stored.status, stored.result, stored.error = job.status, job.result, job.error
+        stored.finished_at = job.finished_at
+        self._save(stored)
+        if job.id in self._images:
+            self._images[job.id] = (self._images[job.id][0], time.monotonic() + self.ttl_s)
+
+    async def ack(self, deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            self._pending.pop(d.entry_id, None)
+
+    async def heartbeat(self, name: str, info: dict[str, Any], ttl_s: float) -> None:
+        self._workers[name] = (info, time.monotonic() + ttl_s)
+
+    async def remove_worker(self, name: str) -> None:
+        self._workers.pop(name, None)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,162 @@
+"""One contract for both queue back-ends: in-memory and Redis Streams (against a real redis-server)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from service.connections import create_queue
+from service.jobs import Job, JobStatus
+from service.queue import QueueFull
+from service.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "exclip-tiny"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def queue(request, redis_server, key_prefix):
+    url = redis_server.url if request.param == "redis" else None
+    q = create_queue(Settings(redis_url=url, key_prefix=key_prefix, result_ttl_s=2))
+    yield q
+    await q.close()
+
+
+def make_job(model: str = MODEL, steps: int = 10) -> Job:
+    request = {"model": model, "text_layer": 2, "image_layer": 2, "steps": steps, "precision": "float32",
+               "format": "json", "captions": [{"text": "a dog", "selections": []}]}
+    return Job(model=model, request=request, owner="h")
+
+
+async def enqueue(q, job: Job | None = None, image: bytes = b"img") -> Job:
+    job = job or make_job()
+    await q.enqueue(job, image, max_depth=100, depth_models=[job.model])
+    return job
+
+
+async def test_enqueue_then_get_returns_the_queued_record(queue):
+    job = await enqueue(queue, image=b"\x89PNG\x00bytes")
+    got = await queue.get(job.id)
+    assert got is not None and got.status is JobStatus.QUEUED
+    assert (got.request, got.owner, got.model) == (job.request, "h", MODEL)
+    assert await queue.image(job.id) == b"\x89PNG\x00bytes"
+    assert await queue.depth([MODEL]) == 1
+    assert await queue.get("no-such-job") is None
+
+
+async def test_read_start_finish_ack_lifecycle(queue):
+    job = await enqueue(queue)
+    [d] = await queue.read("w1", [MODEL], count=8, block_ms=100)
+    assert d.job_id == job.id and d.model == MODEL
+    started = await queue.start(job.id)
+    assert started.status is JobStatus.RUNNING and started.deliveries == 1
+    assert await queue.depth([MODEL]) == 1  # read but not acknowledged still counts
+    started.status, started.result, started.finished_at = JobStatus.DONE, {"captions": [1]}, time.time()
+    await queue.finish(started)
+    await queue.ack([d])
+    got = await queue.get(job.id)
+    assert got.status is JobStatus.DONE and got.result == {"captions": [1]}
+    assert await queue.depth([MODEL]) == 0
+    assert await queue.read("w1", [MODEL], count=8, block_ms=50) == []
+
+
+async def test_read_batches_up_to_count_in_order(queue):
+    jobs = [await enqueue(queue) for _ in range(5)]
+    first = await queue.read("w1", [MODEL], count=3, block_ms=100)
+    rest = await queue.read("w1", [MODEL], count=3, block_ms=100)
+    assert [d.job_id for d in first + rest] == [j.id for j in jobs]
+    assert (len(first), len(rest)) == (3, 2)
+
+
+async def test_read_only_returns_the_consumers_models(queue):
+    other = await enqueue(queue, make_job(model="ViT-B-16"))
+    assert await queue.read("w1", [MODEL], count=8, block_ms=50) == []
+    [d] = await queue.read("w2", ["ViT-B-16"], count=8, block_ms=50)
+    assert d.job_id == other.id
+
+
+async def test_read_waits_up_to_block_ms_when_empty(queue):
+    t0 = time.monotonic()
+    assert await queue.read("w1", [MODEL], count=8, block_ms=300) == []
+    assert 0.25 <= time.monotonic() - t0 < 2.0
+
+
+async def test_cancel_a_queued_job_and_start_then_skips_it(queue):
+    job = await enqueue(queue)
+    cancelled = await queue.cancel(job.id)
+    assert cancelled.status is JobStatus.CANCELLED and cancelled.finished_at is not None
+    [d] = await queue.read("w1", [MODEL], count=8, block_ms=100)
+    assert (await queue.start(d.job_id)).status is JobStatus.CANCELLED
+    assert await queue.cancel("no-such-job") is None
+
+
+async def test_cancel_does_not_stop_a_running_job(queue):
+    job = await enqueue(queue)
+    await queue.read("w1", [MODEL], count=8, block_ms=100)
+    await queue.start(job.id)
+    assert (await queue.cancel(job.id)).status is JobStatus.RUNNING
+
+
+async def test_unacknowledged_entries_are_claimed_after_the_visibility_timeout(queue):
+    job = await enqueue(queue)
+    [d] = await queue.read("dead-worker", [MODEL], count=8, block_ms=100)
+    await queue.start(job.id)
+    assert await queue.claim_stale("w2", [MODEL], min_idle_s=0.5, count=8) == []
+    time.sleep(0.6)
+    [claimed] = await queue.claim_stale("w2", [MODEL], min_idle_s=0.5, count=8)
+    assert claimed.job_id == job.id and claimed.entry_id == d.entry_id
+    again = await queue.start(job.id)
+    assert again.status is JobStatus.RUNNING and again.deliveries == 2  # counts towards max_deliveries
+    await queue.ack([claimed])
+    assert await queue.claim_stale("w3", [MODEL], min_idle_s=0.0, count=8) == []
+
+
+async def test_full_queue_refuses_and_adds_nothing(queue):
+    await enqueue(queue)
+    await enqueue(queue)
+    extra = make_job()
+    with pytest.raises(QueueFull, match="EXCLIP_MAX_QUEUE"):
+        await queue.enqueue(extra, b"img", max_depth=2, depth_models=[MODEL])
+    assert await queue.depth([MODEL]) == 2
+    assert await queue.get(extra.id) is None
+
+
+async def test_records_and_images_expire(queue):
+    job = await enqueue(queue)  # the fixture's queue keeps records 2 s
+    time.sleep(2.2)
+    assert await queue.get(job.id) is None
+    assert await queue.image(job.id) is None
+
+
+async def test_finish_does_not_resurrect_an_expired_job(queue):
+    job = await enqueue(queue)
+    time.sleep(2.2)
+    job.status, job.result = JobStatus.DONE, {"captions": []}
+    await queue.finish(job)
+    assert await queue.get(job.id) is None
+
+
+async def test_heartbeats_list_live_workers_only(queue):
+    await queue.heartbeat("w1", {"name": "w1", "models": [{"name": MODEL}]}, ttl_s=0.4)
+    await queue.heartbeat("w2", {"name": "w2", "models": []}, ttl_s=30)
+    assert sorted(w["name"] for w in await queue.workers()) == ["w1", "w2"]
+    time.sleep(0.6)
+    assert [w["name"] for w in await queue.workers()] == ["w2"]
+    await queue.remove_worker("w2")
+    assert await queue.workers() == []
+
+
+async def test_metrics_accumulate_across_calls(queue):
+    await queue.add_metrics({"jobs:done": 1, "compute_seconds:sum": 0.25})
+    await queue.add_metrics({"jobs:done": 2, "compute_seconds:sum": 0.5})
+    await enqueue(queue)
+    metrics = await queue.read_metrics()
+    assert metrics["jobs:done"] == 3 and metrics["compute_seconds:sum"] == pytest.approx(0.75)
+    assert metrics["jobs_enqueued"] == 1
