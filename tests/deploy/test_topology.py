@@ -1,0 +1,310 @@
+"""The scale-out topology on real Redis: one API and three workers, started as the deployment starts them.
+
+The commands and environment come from docker-compose.yml (the API and the CPU worker service), with
+only what a test must change replaced: Redis URL, key prefix, port, the tiny model and its checkpoint
+shared by all processes, and a short visibility timeout so the killed worker's jobs are reclaimed fast.
+60 jobs spread over the three workers; one worker is SIGKILLed while it holds unacknowledged jobs; every
+job still reaches `done` exactly once for the client, with the result a direct engine call gives.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+N_JOBS = 60
+N_WORKERS = 3
+VISIBILITY_TIMEOUT_S = 3
+CAPTIONS = ["a photo of a dog", "a red car parked on the street", "two cats sleeping"]
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli() -> list[str]:
+    """`exclip-service` as installed; else the entry point pyproject.toml declares, run the same way."""
+    exe = shutil.which("exclip-service", path=str(Path(sys.executable).parent))
+    if exe:
+        return [exe]
+    module, func = re.search(
+        r'^exclip-service = "([\w.]+):(\w+)"', (ROOT / "pyproject.toml").read_text(), re.M
+    ).groups()
+    return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())"]
+
+
+def _with_flag(argv: list[str], name: str, value: str) -> list[str]:
+    out = list(argv)
+    out[out.index(name) + 1] = value
+    return out
+
+
+class Proc:
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=self._fh, stderr=subprocess.STDOUT)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        self._fh.close()
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def _image(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(40 + 8 * seed, 48, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class PendingSampler(threading.Thread):
+    """Polls XPENDING / XRANGE to record which consumer held which stream entry, and each entry's job."""
+
+    def __init__(self, client, stream: str, group: str) -> None:
+        super().__init__(daemon=True)
+        self.client, self.stream, self.group = client, stream, group
+        self.holders: dict[str, set[str]] = {}  # entry id -> consumers seen holding it
+        self.job_of: dict[str, str] = {}  # entry id -> job id
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+
+    def snapshot(self) -> dict[str, str]:
+        """Entry id -> consumer, right now."""
+        rows = self.client.xpending_range(self.stream, self.group, min="-", max="+", count=1000)
+        return {row["message_id"]: row["consumer"] for row in rows}
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            entries = self.client.xrange(self.stream)
+            held = self.snapshot()
+            with self.lock:
+                self.job_of.update({entry_id: fields["job_id"] for entry_id, fields in entries})
+                for entry_id, consumer in held.items():
+                    self.holders.setdefault(entry_id, set()).add(consumer)
+            time.sleep(0.003)
+
+
+def test_api_and_three_workers_survive_a_sigkilled_worker(
+    redis_server, key_prefix, tiny_checkpoint, tiny_loaded, tmp_path
+):
+    from attribution.pipeline import ExplainRequest, explain_requests
+
+    from attribution.models import TINY_MODEL
+    from service.keys import GROUP, Keys
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    api_service, worker_service = compose["api"], compose["worker-cpu"]
+    port = _free_port()
+    cache = tmp_path / "cache"
+
+    def env_of(service: dict) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EXCLIP_") and k != "REDIS_URL"}
+        env.update(service["environment"])
+        env.update(
+            {
+                "REDIS_URL": redis_server.url,
+                "EXCLIP_KEY_PREFIX": key_prefix,
+                "EXCLIP_MODEL": TINY_MODEL,
+                "EXCLIP_PRETRAINED": tiny_checkpoint,  # one self-saved file for all processes
+                "EXCLIP_CACHE_DIR": str(cache / "open_clip"),
+                "HF_HOME": str(cache / "huggingface"),
+                "EXCLIP_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
+                "EXCLIP_MAX_BATCH": "2",  # small batches spread 60 jobs over all three workers
+                "EXCLIP_HEARTBEAT_S": "0.5",
+                "OMP_NUM_THREADS": "1",  # four processes share the CI machine's cores
+            }
+        )
+        return env
+
+    api_argv = _with_flag(_with_flag(api_service["command"], "--host", "127.0.0.1"), "--port", str(port))
+    assert api_argv[0] == "serve" and worker_service["command"][0] == "worker"
+    redis = redis_server.client()
+    keys = Keys(key_prefix)
+    stream = keys.stream(TINY_MODEL)
+    worker_health = [sys.executable, *worker_service["healthcheck"]["test"][2:]]
+    assert subprocess.run(worker_health, env=env_of(worker_service), capture_output=True).returncode != 0, (
+        "the worker health check passes with no worker running"
+    )
+
+    procs: list[Proc] = []
+    try:
+        api = Proc([*_cli(), *api_argv], env_of(api_service), tmp_path / "api.log")
+        procs.append(api)
+        workers = [
+            Proc([*_cli(), *worker_service["command"]], env_of(worker_service), tmp_path / f"w{i}.log")
+            for i in range(N_WORKERS)
+        ]
+        procs += workers
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert all(p.popen.poll() is None for p in procs), "\n".join(p.output for p in procs)
+            try:
+                live = redis.zrangebyscore(keys.workers, time.time(), "+inf")
+                if len(live) == N_WORKERS and httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "topology not ready:\n" + "\n".join(p.output for p in procs)
+            time.sleep(0.2)
+        consumer_of = {p.popen.pid: n for n in live for p in workers if n.endswith(f"-{p.popen.pid}")}
+        assert len(consumer_of) == N_WORKERS, f"worker names {live} do not end with the worker pids"
+
+        # The image's and compose's health checks pass against the running processes.
+        docker_health = _dockerfile_healthcheck()
+        assert subprocess.run(docker_health, env={**os.environ, "EXCLIP_PORT": str(port)}).returncode == 0
+        api_health = [
+            sys.executable,
+            *[a.replace(":8000/", f":{port}/") for a in api_service["healthcheck"]["test"][2:]],
+        ]
+        assert subprocess.run(api_health).returncode == 0
+        assert subprocess.run(worker_health, env=env_of(worker_service)).returncode == 0
+
+        images = [_image(seed) for seed in range(4)]
+        sampler = PendingSampler(redis_server.client(), stream, GROUP)
+        sampler.start()
+        job_ids: list[str] = []
+        combo: dict[str, tuple[int, int]] = {}
+        with httpx.Client(base_url=base, timeout=10) as client:
+            for i in range(N_JOBS):
+                body = {
+                    "image": base64.b64encode(images[i % 4]).decode(),
+                    "captions": [CAPTIONS[i % 3]],
+                    "steps": 20,
+                }
+                response = client.post("/jobs", json=body)
+                assert response.status_code == 202, response.text
+                job_ids.append(response.json()["id"])
+                combo[job_ids[-1]] = (i % 4, i % 3)
+
+            # Kill a worker midway: once it has finished some jobs and holds at least one unacknowledged.
+            victim = workers[0]
+            victim_name = consumer_of[victim.popen.pid]
+            deadline = time.monotonic() + 60
+            while True:
+                held_now = sampler.snapshot()
+                with sampler.lock:
+                    seen = {e for e, holders in sampler.holders.items() if victim_name in holders}
+                in_flight = {e for e, c in held_now.items() if c == victim_name}
+                if in_flight and seen - in_flight:
+                    victim.popen.kill()  # SIGKILL: no cleanup, no ack
+                    victim.popen.wait(10)
+                    break
+                assert time.monotonic() < deadline, "the victim never held a job:\n" + victim.output
+                time.sleep(0.002)
+            finished_by_victim = seen - in_flight
+            orphaned = in_flight
+
+            statuses: dict[str, dict] = {}
+            deadline = time.monotonic() + 120
+            while len(statuses) < N_JOBS:
+                for job_id in job_ids:
+                    if job_id in statuses:
+                        continue
+                    job = client.get(f"/jobs/{job_id}").json()
+                    assert job["status"] in ("queued", "running", "done"), job
+                    if job["status"] == "done":
+                        statuses[job_id] = job
+                assert time.monotonic() < deadline, (
+                    f"{N_JOBS - len(statuses)} jobs never finished:\n" + "\n".join(p.output for p in procs)
+                )
+                time.sleep(0.2)
+            sampler.stopped.set()
+            sampler.join(5)
+            # Done is final: a second read gives the same record.
+            for job_id in job_ids:
+                assert client.get(f"/jobs/{job_id}").json() == statuses[job_id]
+
+        # Exactly once for the client: every id done, each with a result, nothing failed or duplicated.
+        assert sorted(statuses) == sorted(job_ids) and len(set(job_ids)) == N_JOBS
+        assert all(j["error"] is None and len(j["result"]["captions"]) == 1 for j in statuses.values())
+        assert redis.xpending(stream, GROUP)["pending"] == 0, "entries left unacknowledged"
+
+        # Work was spread: every worker (the victim before it died) held and finished jobs.
+        finishers: dict[str, set[str]] = {}
+        for entry_id, holders in sampler.holders.items():
+            for consumer in holders:
+                finishers.setdefault(consumer, set()).add(entry_id)
+        assert set(finishers) == set(consumer_of.values()), finishers.keys()
+        assert finished_by_victim, "the victim finished nothing before it was killed"
+        # The jobs the victim held when it died were reclaimed by a survivor and computed there.
+        for entry_id in orphaned:
+            assert sampler.holders[entry_id] - {victim_name}, f"{entry_id} was never reclaimed"
+            job_id = sampler.job_of[entry_id]
+            assert statuses[job_id]["status"] == "done"
+            assert int(redis.hget(keys.job(job_id), "deliveries")) >= 2
+        survivors = [p for p in workers if p is not victim]
+        assert all(p.popen.poll() is None for p in survivors + [api])
+
+        # Results equal a direct engine call on the same checkpoint.
+        options = statuses[job_ids[0]]["result"]["captions"][0]["options"]
+        expected: dict[tuple[int, int], dict] = {}
+        for img, cap in sorted(set(combo.values())):
+            request = ExplainRequest(
+                image=Image.open(io.BytesIO(images[img])).convert("RGB"),
+                captions=[CAPTIONS[cap]],
+                selections=[[]],
+            )
+            (explanations,) = explain_requests(
+                tiny_loaded,
+                [request],
+                text_layer=options["text_layer"],
+                image_layer=options["image_layer"],
+                steps=options["steps"],
+                precision=options["precision"],
+            )
+            expected[(img, cap)] = explanations[0].to_dict()
+        for job_id, job in statuses.items():
+            got = job["result"]["captions"][0]
+            want = expected[combo[job_id]]
+            assert got["caption"] == want["caption"] and got["options"] == options
+            np.testing.assert_allclose(
+                np.array(got["interactions"]), np.array(want["interactions"]), rtol=1e-4, atol=1e-6
+            )
+            assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def _dockerfile_healthcheck() -> list[str]:
+    """The HEALTHCHECK CMD of deploy/Dockerfile, with this interpreter as `python`."""
+    import json
+
+    text = (ROOT / "deploy" / "Dockerfile").read_text().replace("\\\n", " ")
+    (cmd,) = re.findall(r"^HEALTHCHECK .*?CMD (\[.*\])$", text, re.M)
+    argv = json.loads(cmd)
+    assert argv[0] == "python"
+    return [sys.executable, *argv[1:]]
