@@ -78,7 +78,7 @@ def _exclip_services(compose: dict) -> dict[str, dict]:
     return {n: s for n, s in compose["services"].items() if s["image"].startswith(IMAGE_REPO + ":")}
 
 
-def test_compose_has_redis_api_gpu_worker_and_cpu_worker(compose, cli_subcommands):
+def test_compose_has_redis_api_gpu_worker_and_cpu_worker(compose):
     services = _exclip_services(compose)
     roles = {name: s["command"][0] for name, s in services.items()}
     assert sorted(roles.values()) == ["serve", "worker", "worker"], roles
@@ -336,3 +336,17 @@ def test_every_manifest_is_listed_and_parses(path):
     if path.startswith("deploy/k8s/") and not path.endswith("kustomization.yaml"):
         listed = yaml.safe_load((ROOT / "deploy/k8s/kustomization.yaml").read_text())["resources"]
         assert Path(path).name in listed, f"{path} is not applied by kustomization.yaml"
+
+
+def test_worker_health_checks_agree(compose, k8s_docs):
+    """One heartbeat check (exercised against live workers in test_topology.py) everywhere a worker runs."""
+    workers = [s for s in _exclip_services(compose).values() if s["command"][0] == "worker"]
+    commands = {tuple(s["healthcheck"]["test"][1:]) for s in workers}
+    container = _container(_exclip_deployments(k8s_docs)["worker"])
+    commands |= {tuple(container[p]["exec"]["command"]) for p in ("startupProbe", "livenessProbe")}
+    assert len(commands) == 1, commands
+    (command,) = commands
+    from service.keys import Keys
+
+    assert command[:2] == ("python", "-c") and "+ ':workers'" in command[2]
+    assert Keys("p").workers == "p:workers", "the health check builds the workers key as <prefix>:workers"
