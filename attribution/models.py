@@ -139,31 +139,15 @@ def _looks_like_path(value: str) -> bool:
     return os.sep in value or "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz"))
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _download_tag(name: str, tag: str, pcfg: dict[str, Any], cache_dir: str | None) -> str:
     """Path of the tag's weights file, downloaded unless cached; ModelNotAvailable when it cannot be had."""
-    url_only = pcfg.get("url") and not pcfg.get("hf_hub")
-    if url_only and _offline():
-        # urllib ignores HF_HUB_OFFLINE and has no timeout: only use a file that is already cached.
-        cached = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(pcfg["url"]))
-        if not os.path.isfile(cached):
-            raise ModelNotAvailable(
-                f"weights for model {name!r} with pretrained tag {tag!r} are not cached in {cached} "
-                f"and HF_HUB_OFFLINE is set; {_HOW_TO}"
-            )
     try:
-        path = open_clip.download_pretrained(pcfg, cache_dir=cache_dir)
+        return open_clip.download_pretrained(pcfg, cache_dir=cache_dir)
     except Exception as e:  # network, hub and file-system errors all mean "not available"
         raise ModelNotAvailable(
             f"weights for model {name!r} with pretrained tag {tag!r} could not be downloaded or found in "
             f"the cache ({cache_dir or 'open_clip default cache'}): {type(e).__name__}: {e}; {_HOW_TO}"
         ) from e
-    if not path or not os.path.isfile(path):
-        raise ModelNotAvailable(f"weights for model {name!r}, tag {tag!r} were not found; {_HOW_TO}")
-    return path
 
 
 def _create(name: str, checkpoint: str | None, preprocess: dict[str, Any] | None, what: str) -> Any:

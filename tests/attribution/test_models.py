@@ -1,0 +1,192 @@
+"""load_model: the tiny architecture, random / checkpoint / tag weights, and every way it must refuse."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from torchvision.transforms import Resize
+
+from attribution.errors import InvalidOption, ModelNotAvailable, UnknownModel, UnsupportedModel
+from attribution.models import EXTRA_MODEL_CONFIGS, TINY_MODEL, load_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_tiny_architecture_is_registered_with_open_clip():
+    cfg = open_clip.get_model_config(TINY_MODEL)
+    assert cfg == EXTRA_MODEL_CONFIGS[TINY_MODEL]
+    assert TINY_MODEL in open_clip.list_models()
+    model = open_clip.create_model(TINY_MODEL)  # open_clip's own factory, no weights
+    assert model.visual.grid_size == (4, 4)
+    ids = open_clip.get_tokenizer(TINY_MODEL)(["a dog"])
+    assert ids.shape == (1, 77)
+
+
+def test_random_model_metadata_and_state(tiny_model):
+    assert tiny_model.describe() == {
+        "name": TINY_MODEL, "pretrained": None, "image_size": [32, 32], "patch_size": [8, 8],
+        "grid": [4, 4], "context_length": 77, "text_layers": 3, "image_layers": 3, "embed_dim": 32,
+        "device": "cpu",
+    }
+    json.dumps(tiny_model.describe())
+    assert not tiny_model.model.training
+    assert not any(p.requires_grad for p in tiny_model.model.parameters())
+    with torch.no_grad():
+        img = tiny_model.model.encode_image(torch.zeros(1, 3, 32, 32))
+        txt = tiny_model.model.encode_text(tiny_model.tokenizer(["a dog"]))
+    assert img.shape == txt.shape == (1, 32)
+
+
+@pytest.mark.parametrize("pretrained", [None, "none", "None", ""])
+def test_no_weights_is_explicit_and_logged(pretrained, caplog):
+    with caplog.at_level(logging.WARNING, logger="attribution.models"):
+        loaded = load_model(TINY_MODEL, pretrained)
+    assert loaded.pretrained is None
+    assert any("RANDOM weights" in r.getMessage() for r in caplog.records if r.name == "attribution.models")
+
+
+def test_checkpoint_reloads_identical_weights(tiny_checkpoint):
+    path, saved = tiny_checkpoint
+    loaded = load_model(TINY_MODEL, str(path))
+    assert loaded.pretrained == str(path)
+    state = loaded.model.state_dict()
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    # and not by chance: a fresh random model differs
+    other = load_model(TINY_MODEL, None).model.state_dict()
+    assert not torch.equal(other["visual.conv1.weight"], saved["visual.conv1.weight"])
+
+
+def test_training_checkpoint_format_is_accepted(tiny_checkpoint, tmp_path):
+    # open_clip's training script saves {"epoch", "state_dict" (DDP "module." prefixed), ...}
+    _, saved = tiny_checkpoint
+    path = tmp_path / "epoch_3.pt"
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in saved.items()}}, path)
+    state = load_model(TINY_MODEL, str(path)).model.state_dict()
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+def test_missing_checkpoint_path(tmp_path):
+    missing = tmp_path / "nope" / "model.pt"
+    with pytest.raises(ModelNotAvailable) as e:
+        load_model(TINY_MODEL, str(missing))
+    assert str(missing) in str(e.value) and "does not exist" in str(e.value)
+    assert "--pretrained /path/to/checkpoint.pt" in str(e.value) and "--pretrained none" in str(e.value)
+
+
+def test_checkpoint_that_does_not_fit(tiny_checkpoint, tmp_path):
+    _, saved = tiny_checkpoint
+    wrong = dict(saved)
+    wrong["visual.conv1.weight"] = torch.zeros(1, 2, 3, 4)  # wrong shape for this architecture
+    path = tmp_path / "wrong.pt"
+    torch.save(wrong, path)
+    with pytest.raises(ModelNotAvailable, match="exact architecture"):
+        load_model(TINY_MODEL, str(path))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ModelNotAvailable, match="garbage.pt"):
+        load_model(TINY_MODEL, str(garbage))
+
+
+@pytest.mark.parametrize("name", ["ViT-Z-99", "", "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"])
+def test_unknown_model(name):
+    with pytest.raises(UnknownModel) as e:
+        load_model(name, None)
+    assert repr(name) in str(e.value) and "ViT-B-16" in str(e.value) and "--pretrained none" in str(e.value)
+
+
+def test_unknown_tag_lists_known_tags():
+    with pytest.raises(ModelNotAvailable) as e:
+        load_model("ViT-B-32", "laion9000_bogus")
+    msg = str(e.value)
+    assert "'laion9000_bogus'" in msg and "'ViT-B-32'" in msg and "laion2b_s34b_b79k" in msg
+    assert not isinstance(e.value, UnknownModel)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("RN50", "ResNet"),
+        ("ViT-B-16-SigLIP", "timm"),
+        ("coca_ViT-B-32", "CoCa"),
+        ("ViT-L-14-CLIPA", "class token"),
+        ("xlm-roberta-base-ViT-B-32", "Hugging Face text tower"),
+    ],
+)
+def test_unsupported_architectures_are_refused_before_building(name, reason):
+    with pytest.raises(UnsupportedModel, match=reason) as e:
+        load_model(name, None)
+    assert repr(name) in str(e.value)
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "tpu", "not a device"])
+def test_bad_device(device):
+    with pytest.raises(InvalidOption, match="device"):
+        load_model(TINY_MODEL, None, device=device)
+
+
+# Runs in a fresh interpreter: huggingface_hub reads HF_HUB_OFFLINE when it is imported.
+_OFFLINE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from open_clip.pretrained import _PRETRAINED, _pcfg
+    from attribution.errors import ModelNotAvailable
+    from attribution.models import TINY_MODEL, load_model
+
+    cache, ckpt = sys.argv[1], sys.argv[2]
+    out = {}
+    try:
+        load_model("ViT-B-32", "laion2b_s34b_b79k", cache_dir=cache)
+        out["real_tag"] = "LOADED"
+    except ModelNotAvailable as e:
+        out["real_tag"] = str(e)
+
+    # A tag of our own whose weights sit in the Hugging Face cache layout: offline, it must load.
+    _PRETRAINED[TINY_MODEL] = {"cachedtag": _pcfg(hf_hub="exclip/tiny-test/", mean=(0.5, 0.5, 0.5),
+                                                  std=(0.5, 0.5, 0.5), resize_mode="squash")}
+    loaded = load_model(TINY_MODEL, "cachedtag", cache_dir=cache)
+    saved = torch.load(ckpt)
+    out["cached_tag"] = {
+        "pretrained": loaded.pretrained,
+        "same_weights": all(torch.equal(loaded.model.state_dict()[k], v) for k, v in saved.items()),
+        "preprocess": {k: loaded.model.visual.preprocess_cfg[k] for k in ("mean", "resize_mode")},
+        "steps": [type(t).__name__ for t in loaded.transform.transforms],
+    }
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def test_tags_offline_never_fall_back_to_random(tiny_checkpoint, tmp_path):
+    ckpt, _ = tiny_checkpoint
+    cache = tmp_path / "hf-cache"
+    snapshot = cache / "models--exclip--tiny-test" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_pytorch_model.bin").write_bytes(ckpt.read_bytes())
+    (cache / "models--exclip--tiny-test" / "refs").mkdir()
+    (cache / "models--exclip--tiny-test" / "refs" / "main").write_text("0" * 40)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"),
+               PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", _OFFLINE_SCRIPT, str(cache), str(ckpt)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    msg = out["real_tag"]
+    assert msg != "LOADED"
+    assert "'ViT-B-32'" in msg and "'laion2b_s34b_b79k'" in msg and "--pretrained none" in msg
+    tag = out["cached_tag"]
+    assert tag["pretrained"] == "cachedtag" and tag["same_weights"]
+    assert tag["preprocess"] == {"mean": [0.5, 0.5, 0.5], "resize_mode": "squash"}
+    assert tag["steps"][0] == Resize.__name__ and "CenterCrop" not in tag["steps"]
