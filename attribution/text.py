@@ -17,7 +17,7 @@ from typing import Any
 import ftfy
 import torch
 
-from attribution.errors import CaptionTooLong, EmptyCaption, UnsupportedModel
+from attribution.errors import CaptionError, CaptionTooLong, EmptyCaption, UnsupportedModel
 
 SOT_TEXT = "<start_of_text>"
 EOT_TEXT = "<end_of_text>"
@@ -176,7 +176,7 @@ def tokenize_caption(
     if context_length is None:
         context_length = getattr(loaded_or_tokenizer, "context_length", None) or tokenizer.context_length
     if not isinstance(caption, str):
-        raise EmptyCaption(f"caption must be a string, got {type(caption).__name__}")
+        raise CaptionError(f"caption must be a string, got {type(caption).__name__}")
     body = _encode_with_offsets(caption, tokenizer)
     if not body:
         raise EmptyCaption("caption is empty or only whitespace; give at least one word")
