@@ -10,10 +10,15 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.keys import Keys
 from service.queue.base import JobQueue
 from service.settings import Settings
+
+QUEUE_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+"""Errors that mean "the queue cannot be reached right now" (the API answers 503, workers retry)."""
 
 
 def redis_client(url: str, *, timeout_s: float, decode: bool = True) -> aioredis.Redis:

@@ -1,0 +1,90 @@
+"""``create_app``: the FastAPI application (routers, limits, auth, CORS, error mapping).
+
+The API keeps no job state: everything lives in the queue back-end, so any number of replicas can
+share one Redis. In embedded mode (no ``REDIS_URL``) the app also runs one worker on its in-memory
+queue, started and stopped with the app's lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from attribution.models import LoadedModel
+from service.connections import QUEUE_DOWN, create_queue
+from service.dependencies import api_key_owner
+from service.middleware import BodySizeLimit
+from service.parsing import RequestInvalid
+from service.queue import QueueFull
+from service.routers import health, jobs, metrics, models
+from service.settings import Settings
+
+log = logging.getLogger("exclip.api")
+
+
+def create_app(settings: Settings | None = None, *,
+               worker_models: list[LoadedModel] | None = None) -> FastAPI:
+    """The API; with ``worker_models`` (embedded mode) also a worker computing on the same queue."""
+    settings = settings or Settings()
+    queue = create_queue(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker_task = None
+        if worker_models:
+            from service.worker import Worker
+
+            worker = Worker(queue, worker_models, settings)
+            worker_task = asyncio.create_task(worker.run())
+        try:
+            yield
+        finally:
+            if worker_task is not None:
+                worker.stop()  # finishes and stores the batch it is computing
+                await worker_task
+            await queue.close()
+
+    app = FastAPI(title="exclip-service", version="0.1.0", lifespan=lifespan,
+                  description="Second-order caption–image attributions (Moeller et al., TMLR 2025) for "
+                              "open_clip CLIP models.")
+    app.state.settings, app.state.queue = settings, queue
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    if settings.cors_origin_list:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.exception_handler(RequestInvalid)
+    async def _invalid(request: Request, exc: RequestInvalid) -> JSONResponse:
+        headers = {"Retry-After": "5"} if exc.status == 503 else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(QueueFull)
+    async def _full(request: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "10"})
+
+    async def _queue_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("queue unavailable: %s", exc)
+        return JSONResponse({"detail": "the job queue (Redis) is unreachable right now; retry later"},
+                            status_code=503, headers={"Retry-After": "5"})
+
+    for exc_type in QUEUE_DOWN:
+        app.add_exception_handler(exc_type, _queue_down)
+
+    protected = [Depends(api_key_owner)]
+    app.include_router(health.router)
+    app.include_router(jobs.router, dependencies=protected)
+    app.include_router(models.router, dependencies=protected)
+    app.include_router(metrics.router, dependencies=protected)
+
+    from service.web import router as web_router  # the page and heatmaps; owned_job applies auth itself
+
+    app.include_router(web_router)
+    return app

@@ -1,0 +1,195 @@
+"""``exclip-service``: ``serve`` (API; plus a worker when there is no REDIS_URL), ``worker``, ``explain``.
+
+Flags override the ``EXCLIP_*`` env vars of service.settings. A model that cannot be had (offline
+without a cached copy, missing checkpoint) stops the command with its message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from attribution.errors import AttributionError
+from service.settings import Settings
+
+log = logging.getLogger("exclip")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in Settings.model_fields and v is not None}
+    return Settings(**overrides)
+
+
+def _load_models(settings: Settings) -> list[Any]:
+    from attribution.models import load_model
+
+    log.info("loading model %s (%s) on %s", settings.model, settings.pretrained or "random weights",
+             settings.resolved_device)
+    return [load_model(settings.model, settings.pretrained, device=settings.resolved_device,
+                       cache_dir=settings.cache_dir)]
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from service.app import create_app
+
+    models = None
+    if not settings.redis_url:
+        log.info("no REDIS_URL: embedded mode (in-memory queue, one worker in this process)")
+        models = _load_models(settings)
+    app = create_app(settings, worker_models=models)
+    # In-flight requests (long polls included) may finish after SIGTERM before the process exits.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=int(settings.wait_max_s) + 10)
+
+
+def worker(settings: Settings) -> None:
+    from service.connections import create_queue
+    from service.worker import Worker
+
+    if not settings.redis_url:
+        raise SystemExit("exclip-service worker needs REDIS_URL (without it, `serve` runs its own worker)")
+    models = _load_models(settings)
+
+    async def main() -> None:
+        queue = create_queue(settings)
+        w = Worker(queue, models, settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, w.stop)  # finish the current batch, then exit
+        try:
+            await w.run()
+        finally:
+            await queue.close()
+
+    asyncio.run(main())
+
+
+def _parse_box(value: str) -> str:
+    parts = value.split(",")
+    try:
+        [float(p) for p in parts]
+    except ValueError:
+        parts = []
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"box {value!r} must be x0,y0,x1,y1 (pixels)")
+    return value
+
+
+def _parse_span(value: str) -> str:
+    parts = value.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"span {value!r} must be START:END (character offsets)")
+    return value
+
+
+def explain(args: argparse.Namespace) -> int:
+    """Call a running service, print a summary, write the JSON and the heatmap PNG if asked."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    data: dict[str, Any] = {"caption": args.caption, "span": args.span, "box": args.box}
+    if args.steps is not None:
+        data["steps"] = str(args.steps)
+    if args.model:
+        data["model"] = args.model
+    image = Path(args.image)
+    with httpx.Client(base_url=args.url, headers=headers, timeout=120) as client:
+        reply = client.post("/explain", data=data, files={"image": (image.name, image.read_bytes())})
+        job = reply.json()
+        while reply.status_code in (200, 202) and job.get("status") in ("queued", "running"):
+            time.sleep(float(reply.headers.get("Retry-After", "1")))
+            reply = client.get(f"/jobs/{job['id']}")
+            job = reply.json()
+        if reply.status_code != 200 or job.get("status") != "done":
+            print(f"error ({reply.status_code}): {job.get('detail') or job.get('error')}", file=sys.stderr)
+            return 1
+        caption = job["result"]["captions"][0]
+        _print_summary(caption)
+        if args.json:
+            Path(args.json).write_text(json.dumps(job))
+            print(f"wrote {args.json}")
+        if args.png:
+            params: dict[str, str] = {"caption": "0"}
+            if args.span:
+                params["span"] = args.span[0]
+            elif args.box:
+                params["box"] = args.box[0]
+            png = client.get(f"/jobs/{job['id']}/heatmap.png", params=params)
+            if png.status_code != 200:
+                print(f"heatmap failed ({png.status_code}): {png.text}", file=sys.stderr)
+                return 1
+            Path(args.png).write_bytes(png.content)
+            print(f"wrote {args.png}")
+    return 0
+
+
+def _print_summary(caption: dict[str, Any]) -> None:
+    c, grid, model = caption["completeness"], caption["grid"], caption["model"]
+    print(f"caption: {caption['caption']!r}  model: {model['name']} ({model['pretrained']})")
+    print(f"score (cosine): {caption['score']:.4f}  completeness: total {c['total']:.4f}, "
+          f"expected {c['expected']:.4f}, gap {c['gap']:.2e}")
+    print(f"tokens: {len(caption['tokens'])}  grid: {grid['rows']}x{grid['cols']}  "
+          f"compute: {caption['timings']['compute_ms']:.0f} ms")
+    for sel in caption["selections"]:
+        if sel["kind"] == "box":
+            best = max(range(len(sel["token_scores"])), key=lambda i: sel["token_scores"][i])
+            print(f"box {sel['box']}: strongest token {caption['tokens'][best]['text']!r}")
+        else:
+            print(f"{sel['kind']} {sel['start']}:{sel['end']}: tokens {sel.get('tokens')}")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="open_clip architecture (EXCLIP_MODEL)")
+    p.add_argument("--pretrained", help="tag, checkpoint path, or none (EXCLIP_PRETRAINED)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N; default cuda when present (EXCLIP_DEVICE)")
+    p.add_argument("--cache-dir", dest="cache_dir", help="model download cache (EXCLIP_CACHE_DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exclip-service", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the API (and a worker when REDIS_URL is unset)")
+    p_serve.add_argument("--host", help="bind address (EXCLIP_HOST)")
+    p_serve.add_argument("--port", type=int, help="port (EXCLIP_PORT)")
+    _model_flags(p_serve)
+    _model_flags(sub.add_parser("worker", help="run a worker on REDIS_URL"))
+    p_explain = sub.add_parser("explain", help="explain an image with a caption via a running service")
+    p_explain.add_argument("image")
+    p_explain.add_argument("caption")
+    p_explain.add_argument("--span", action="append", type=_parse_span, default=[], help="START:END")
+    p_explain.add_argument("--box", action="append", type=_parse_box, default=[], help="x0,y0,x1,y1")
+    p_explain.add_argument("--json", help="write the job JSON here")
+    p_explain.add_argument("--png", help="write the heatmap PNG (first selection, else the caption) here")
+    p_explain.add_argument("--url", default="http://127.0.0.1:8000")
+    p_explain.add_argument("--api-key", dest="api_key")
+    p_explain.add_argument("--steps", type=int)
+    p_explain.add_argument("--model")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "explain":
+        return explain(args)
+    try:
+        settings = _settings(args)
+        serve(settings) if args.command == "serve" else worker(settings)
+    except AttributionError as exc:  # ModelNotAvailable & co.: the message says what to do
+        print(f"exclip-service: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

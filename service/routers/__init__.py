@@ -1,0 +1,1 @@
+"""The API's routers: explain/jobs, models, health, metrics."""

@@ -1,0 +1,34 @@
+"""``GET /healthz`` (the process answers) and ``GET /readyz`` (queue reachable and a worker holds a model)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.connections import QUEUE_DOWN
+from service.dependencies import Queue
+from service.validation import served_models
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def _not_ready(reason: str) -> JSONResponse:
+    body = {"status": "not ready", "reason": reason}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/readyz")
+async def readyz(queue: Queue) -> JSONResponse:
+    try:
+        await queue.ping()
+        models = sorted(served_models(await queue.workers()))
+    except QUEUE_DOWN as exc:
+        return _not_ready(f"queue unreachable: {exc}")
+    if not models:
+        return _not_ready("no live worker holds a model")
+    return JSONResponse({"status": "ready", "models": models})

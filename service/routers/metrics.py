@@ -1,0 +1,21 @@
+"""``GET /metrics``: Prometheus text with the counters all workers and replicas share through the queue."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service import metrics
+from service.dependencies import AppSettings, Queue
+from service.validation import served_models
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", response_class=Response)
+async def prometheus_metrics(queue: Queue, settings: AppSettings) -> Response:
+    workers = await queue.workers()
+    depth = await queue.depth([settings.model, *served_models(workers)])
+    body = metrics.render(await queue.read_metrics(), depth=depth, workers=len(workers))
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,109 @@
+"""HTTP request and response models (pydantic), separate from the domain objects in service.jobs.
+
+``ExplainJSON`` is the ``application/json`` body of ``POST /explain`` and ``POST /jobs``; the
+multipart form is parsed into the same ``ExplainInput`` by service.parsing. The response models
+describe the Job JSON of docs/contract.md for the OpenAPI page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Precision = Literal["float32", "bfloat16", "float16"]
+MatrixFormat = Literal["json", "base64"]
+
+
+class SelectionIn(BaseModel):
+    """Exactly one of: a character span, a token range (end exclusive, SOT is 0), a pixel box."""
+
+    model_config = ConfigDict(extra="forbid")
+    span: tuple[int, int] | None = Field(None, description="characters [start, end) of the caption")
+    tokens: tuple[int, int] | None = Field(None, description="token indices [start, end), SOT is 0")
+    box: tuple[float, float, float, float] | None = Field(
+        None, description="x0, y0, x1, y1 in original-image pixels")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SelectionIn:
+        given = [k for k in ("span", "tokens", "box") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a selection needs exactly one of span, tokens, box; got {given or 'none'}")
+        return self
+
+
+class CaptionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    selections: list[SelectionIn] = Field(default_factory=list)
+
+
+class ExplainOptions(BaseModel):
+    """Options shared by the JSON and the multipart forms. ``null`` layers mean the last block."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="a model the workers hold (GET /models)")
+    text_layer: int | None = Field(None, description="text block to explain at (0-based); null: the last")
+    image_layer: int | None = Field(None, description="image block to explain at (0-based); null: the last")
+    steps: int = Field(10, description="integration steps (1..EXCLIP_MAX_STEPS)")
+    precision: Precision = "float32"
+    format: MatrixFormat = Field("json", description="interaction matrix as nested lists or base64 float32")
+    wait: float | None = Field(None, ge=0, description="seconds POST /explain waits for the result "
+                               "(bounded by EXCLIP_WAIT_MAX_S); default: the bound")
+
+
+class ExplainJSON(ExplainOptions):
+    image: str = Field(description="the image file (JPEG, PNG, ...) as base64; a data: URL is allowed")
+    captions: list[str | CaptionIn] = Field(min_length=1)
+
+
+@dataclass
+class ExplainInput:
+    """A parsed request, whichever content type it came in."""
+
+    image: bytes
+    captions: list[CaptionIn]
+    options: ExplainOptions
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class JobOut(BaseModel):
+    """A job; ``result`` is ``{"captions": [CaptionResult, ...]}`` (see docs/contract.md) when done."""
+
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    created_at: float
+    model: str
+    result: dict[str, Any] | None
+    error: JobError | None
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class ModelsOut(BaseModel):
+    models: list[dict[str, Any]]
+    default: str | None
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with every ``$ref`` replaced by its definition (for openapi_extra)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
