@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from attribution.models import LoadedModel
 
 # Raster formats a caller may send. Others (EPS runs Ghostscript, PSD, FITS, ...) are refused outright.
-FORMATS = ("PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP", "TIFF", "PPM", "AVIF")
+Image.init()  # register all plugins, so the list below can be checked against what this Pillow can read
+FORMATS = tuple(f for f in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "AVIF") if f in Image.OPEN)
 # Transparent pixels are composited on white, as an image viewer on a white page shows them.
 ALPHA_BACKGROUND = (255, 255, 255)
 
@@ -82,15 +83,11 @@ def decode_image(data: bytes, *, max_pixels: int = 64_000_000) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise InvalidImage(f"image is far too large ({e}); the limit is {max_pixels} pixels") from e
     except UnidentifiedImageError as e:
-        raise InvalidImage(
-            f"data ({len(data)} bytes) is not an image in a supported format; supported: {', '.join(FORMATS)}"
-        ) from e
+        raise InvalidImage(_unidentified_reason(bytes(data[:16]), len(data))) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InvalidImage(f"image header is broken: {e}") from e
 
     width, height = img.size
-    if width <= 0 or height <= 0:
-        raise InvalidImage(f"image has zero size ({width}x{height} pixels)")
     if width * height > max_pixels:
         raise InvalidImage(
             f"image has {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels"
@@ -104,6 +101,20 @@ def decode_image(data: bytes, *, max_pixels: int = 64_000_000) -> Image.Image:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise InvalidImage(f"{img.format} image data is broken or truncated: {e}") from e
+
+
+def _unidentified_reason(prefix: bytes, size: int) -> str:
+    """Why Pillow could not open the data: a broken header of a known format, a refused format, or junk."""
+    supported = ", ".join(FORMATS)
+    for fmt, (_factory, accept) in Image.OPEN.items():
+        if accept is not None and accept(prefix):
+            if fmt in FORMATS:  # the signature matched but the plugin rejected the header
+                return (
+                    f"data starts like a {fmt} image but its header is broken or declares an empty "
+                    "(zero width or height) image"
+                )
+            return f"{fmt} images are not accepted; supported: {supported}"
+    return f"data ({size} bytes) is not an image in a supported format; supported: {supported}"
 
 
 @dataclass(frozen=True)
