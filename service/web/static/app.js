@@ -108,19 +108,21 @@ function spanHeatmap(cap, sel) {
   return heat;
 }
 
-// Covered fraction of each patch, as attribution ImageGeometry.box_to_patch_weights.
+// Covered fraction of each patch, as attribution ImageGeometry.box_to_patch_weights: the box is first
+// clipped to the image, then each patch weighs the fraction of its area the clipped box covers.
 function boxWeights(cap, box) {
   const { rows, cols } = cap.grid;
-  const [cx0, cy0, cx1, cy1] = cap.image.crop_box;
-  const pw = (cx1 - cx0) / cols, ph = (cy1 - cy0) / rows;
+  const { width, height, crop_box: crop, patch_size: [pw, ph] } = cap.image;
+  const bx0 = Math.max(box[0], 0), by0 = Math.max(box[1], 0);
+  const bx1 = Math.min(box[2], width), by1 = Math.min(box[3], height);
   const w = new Float64Array(rows * cols);
   for (let r = 0; r < rows; r++) {
-    const py0 = cy0 + r * ph;
-    const oy = Math.max(0, Math.min(box[3], py0 + ph) - Math.max(box[1], py0));
+    const py0 = crop[1] + r * ph;
+    const fy = Math.max(0, Math.min(by1, py0 + ph) - Math.max(by0, py0)) / ph;
     for (let c = 0; c < cols; c++) {
-      const px0 = cx0 + c * pw;
-      const ox = Math.max(0, Math.min(box[2], px0 + pw) - Math.max(box[0], px0));
-      w[r * cols + c] = (ox * oy) / (pw * ph);
+      const px0 = crop[0] + c * pw;
+      const fx = Math.max(0, Math.min(bx1, px0 + pw) - Math.max(bx0, px0)) / pw;
+      w[r * cols + c] = fx * fy;
     }
   }
   return w;
@@ -403,6 +405,7 @@ function clearResult() {
 
 function showJob(job) {
   state.job = job;
+  $("result").dataset.jobId = job.id;
   state.captions = job.result.captions.map((c) => Object.assign({}, c, { matrix: decodeMatrix(c) }));
   const select = $("caption-select");
   select.replaceChildren();
@@ -607,6 +610,13 @@ function round2(v) {
 }
 
 function setBox(box) {
+  $("error-box").textContent = "";
+  if (box && boxWeights(state.captions[state.current], box).every((w) => w === 0)) {
+    const crop = state.captions[state.current].image.crop_box.map((v) => Math.round(v));
+    $("error-box").textContent = `The box does not overlap the part of the image the model sees ` +
+      `(x ${crop[0]}–${crop[2]}, y ${crop[1]}–${crop[3]}); draw it inside that region.`;
+    box = null;
+  }
   state.box = box;
   updateBox();
   paintTokens();
@@ -652,7 +662,6 @@ function setupBox() {
     setBox(box[2] - box[0] >= 1 && box[3] - box[1] >= 1 ? box : null);
   });
   $("box-apply").addEventListener("click", () => {
-    $("error-box").textContent = "";
     if (!state.captions.length) return;
     const v = ["x0", "y0", "x1", "y1"].map((k) => parseFloat($(`box-${k}`).value));
     const { width, height } = state.captions[state.current].image;
