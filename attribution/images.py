@@ -263,6 +263,6 @@ def preprocess(image: Image.Image, loaded: LoadedModel) -> tuple[torch.Tensor, I
     """The model's own transform of ``image`` (float32, (3, H, W), CPU) and where it lies in ``image``."""
     if image.mode != "RGB":
         image = _to_rgb(image)
-    tensor = loaded.transform(image).to(dtype=torch.float32, device="cpu")
     geometry = transform_geometry(image.width, image.height, loaded.transform, loaded.patch_size, loaded.grid)
+    tensor = loaded.transform(image).to(dtype=torch.float32, device="cpu")
     return tensor, geometry

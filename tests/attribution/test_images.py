@@ -1,0 +1,364 @@
+"""decode_image and preprocess/ImageGeometry: modes, EXIF, bad bytes, and patches placed where they land."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image, ImageDraw
+from torchvision.transforms import Compose, RandomResizedCrop
+
+from attribution.errors import InvalidImage, InvalidSelection, UnsupportedModel
+from attribution.images import ALPHA_BACKGROUND, decode_image, preprocess
+
+# ---------------------------------------------------------------- helpers
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A small PNG whose header (IHDR, with a valid CRC) claims another size; the pixel data is tiny."""
+    data = bytearray(encode(Image.new("RGB", (4, 4), (10, 20, 30))))
+    ihdr = bytearray(data[16:29])
+    ihdr[0:8] = struct.pack(">II", width, height)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
+    return bytes(data)
+
+
+def variant(loaded, size=(32, 32), resize_mode="shortest", patch=8):
+    """The tiny model with another open_clip preprocessing (only transform and geometry fields matter)."""
+    transform = image_transform_v2(PreprocessCfg(size=size, resize_mode=resize_mode), is_train=False)
+    return dataclasses.replace(
+        loaded, transform=transform, image_size=size, patch_size=(patch, patch),
+        grid=(size[0] // patch, size[1] // patch),
+    )
+
+
+def marker_centroid(image: Image.Image, box: tuple[int, int, int, int], loaded) -> tuple[float, float]:
+    """Where a white block drawn at ``box`` (original pixels, inclusive) on black ``image`` lands in the
+    model input, as (u, v) model-input pixels."""
+    marked = image.copy()
+    ImageDraw.Draw(marked).rectangle(box, fill=(255, 255, 255))
+    with_marker, _ = preprocess(marked, loaded)
+    without = loaded.transform(Image.new("RGB", (1, 1), (0, 0, 0)))[:, :1, :1]  # black, normalised
+    diff = (with_marker - without).mean(0).clamp(min=0)  # bicubic ringing below 0 is dropped
+    rows, cols = diff.shape
+    vs, us = torch.meshgrid(torch.arange(rows) + 0.5, torch.arange(cols) + 0.5, indexing="ij")
+    total = diff.sum()
+    assert total > 0, "marker vanished"
+    return float((diff * us).sum() / total), float((diff * vs).sum() / total)
+
+
+def to_input(geometry, x: float, y: float, loaded) -> tuple[float, float]:
+    """Original-pixel point -> model-input coordinates, from the geometry alone."""
+    x0, y0, x1, y1 = geometry.crop_box
+    h, w = loaded.image_size
+    return (x - x0) / (x1 - x0) * w, (y - y0) / (y1 - y0) * h
+
+
+def patch_of_point(geometry, x: float, y: float) -> tuple[int, int]:
+    rows, cols = geometry.grid
+    hits = [
+        (r, c) for r in range(rows) for c in range(cols)
+        if geometry.patch_box(r, c)[0] <= x < geometry.patch_box(r, c)[2]
+        and geometry.patch_box(r, c)[1] <= y < geometry.patch_box(r, c)[3]
+    ]
+    assert len(hits) == 1
+    return hits[0]
+
+
+# ---------------------------------------------------------------- decoding
+
+def test_rgb_png_round_trips_exactly():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (13, 17, 3), dtype=np.uint8)
+    img = decode_image(encode(Image.fromarray(pixels)))
+    assert img.mode == "RGB" and img.size == (17, 13)
+    assert np.array_equal(np.asarray(img), pixels)
+
+
+@pytest.mark.parametrize(
+    ("make", "fmt", "expected"),
+    [
+        (lambda: Image.new("L", (5, 4), 77), "PNG", (77, 77, 77)),
+        (lambda: Image.new("1", (5, 4), 1), "PNG", (255, 255, 255)),
+        (lambda: Image.new("CMYK", (5, 4), (0, 255, 255, 0)), "JPEG", (255, 0, 0)),
+        (lambda: Image.new("CMYK", (5, 4), (0, 0, 0, 255)), "TIFF", (0, 0, 0)),
+        (lambda: Image.new("I;16", (5, 4), 257 * 100), "PNG", (100, 100, 100)),
+        (lambda: Image.new("I;16", (5, 4), 65535), "TIFF", (255, 255, 255)),
+        (lambda: Image.new("I", (5, 4), 257 * 200), "TIFF", (200, 200, 200)),
+        (lambda: Image.new("YCbCr", (5, 4), (255, 128, 128)), "JPEG", (255, 255, 255)),
+    ],
+)
+def test_modes_become_rgb(make, fmt, expected):
+    img = decode_image(encode(make(), fmt))
+    assert img.mode == "RGB" and img.size == (5, 4)
+    got = np.asarray(img)[1, 2]
+    assert np.abs(got.astype(int) - np.array(expected)).max() <= 3, got  # JPEG rounding
+
+
+def test_palette_images():
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    pal.putpixel((1, 1), 1)
+    img = decode_image(encode(pal, "GIF"))
+    assert img.getpixel((0, 0)) == (10, 20, 30) and img.getpixel((1, 1)) == (200, 100, 50)
+    # palette with a transparent index: transparent pixels become the documented background
+    img = decode_image(encode(pal, "PNG", transparency=0))
+    assert img.getpixel((0, 0)) == ALPHA_BACKGROUND and img.getpixel((1, 1)) == (200, 100, 50)
+
+
+def test_alpha_is_composited_on_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent
+    rgba.putpixel((1, 1), (255, 0, 0, 255))  # opaque red
+    rgba.putpixel((2, 2), (0, 0, 255, 128))  # half blue
+    img = decode_image(encode(rgba))
+    assert img.mode == "RGB"
+    assert img.getpixel((0, 0)) == ALPHA_BACKGROUND == (255, 255, 255)
+    assert img.getpixel((1, 1)) == (255, 0, 0)
+    assert img.getpixel((2, 2)) == (127, 127, 255)
+    la = Image.new("LA", (2, 2), (0, 0))
+    assert decode_image(encode(la)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_float_images_are_stretched():
+    arr = np.linspace(-1.0, 3.0, 20, dtype=np.float32).reshape(4, 5)
+    img = decode_image(encode(Image.fromarray(arr, "F"), "TIFF"))
+    out = np.asarray(img)[..., 0]
+    assert out.min() == 0 and out.max() == 255 and (np.diff(out.ravel().astype(int)) >= 0).all()
+
+
+def test_animated_gif_gives_first_frame():
+    frames = [Image.new("RGB", (6, 6), c) for c in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    assert Image.open(io.BytesIO(data)).n_frames == 3
+    r, g, b = decode_image(data).getpixel((3, 3))
+    assert r > 200 and g < 30 and b < 30
+
+
+def upright_with_marker(width: int, height: int) -> Image.Image:
+    img = Image.new("RGB", (width, height), (0, 0, 0))
+    ImageDraw.Draw(img).rectangle((5, 3, 14, 8), fill=(255, 255, 255))  # near the top-left corner
+    return img
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_is_applied(orientation, fmt):
+    upright = upright_with_marker(60, 40)
+    # store the pixels as a camera would: rotated, with the tag that says how to turn them back
+    stored = upright.transpose(Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.ROTATE_270)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    assert Image.open(io.BytesIO(data)).size == (40, 60)
+    img = decode_image(data)
+    assert img.size == (60, 40)
+    diff = np.abs(np.asarray(img, dtype=int) - np.asarray(upright, dtype=int))
+    assert diff.max() <= (0 if fmt == "PNG" else 60) and diff.mean() < 2
+
+
+# ---------------------------------------------------------------- bad bytes
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", r"empty \(0 bytes\)"),
+        (b"this is not an image at all" * 3, "not an image in a supported format"),
+        (encode(Image.effect_noise((64, 64), 60).convert("RGB"))[:3000], "PNG image data is broken"),
+        (encode(Image.effect_noise((64, 64), 60).convert("RGB"), "JPEG")[:900], "JPEG image data is broken"),
+        (encode(Image.new("RGB", (64, 64)))[:30], "starts like a PNG image but its header is broken"),
+        (png_declaring(0, 10), "zero width or height"),
+        (png_declaring(10, 0), "zero width or height"),
+        (encode(Image.new("1", (8, 8)), "XBM"), "XBM images are not accepted"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "EPS images are not accepted"),
+    ],
+)
+def test_bad_bytes_are_refused_with_a_specific_message(data, message):
+    with pytest.raises(InvalidImage, match=message):
+        decode_image(data)
+
+
+def test_not_bytes():
+    with pytest.raises(InvalidImage, match="must be bytes"):
+        decode_image("a string")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("width", "height"), [(9_000, 9_000), (60_000, 60_000)])
+def test_pixel_bomb_is_refused_from_the_header(width, height):
+    # Only the header is real: decoding would fail differently, so the message proves the order.
+    data = png_declaring(width, height)
+    assert len(data) < 100
+    with pytest.raises(InvalidImage, match="pixels") as e:
+        decode_image(data, max_pixels=64_000_000)
+    assert "64000000" in str(e.value)
+
+
+def test_max_pixels_boundary():
+    data = encode(Image.new("RGB", (100, 50)))
+    assert decode_image(data, max_pixels=5000).size == (100, 50)
+    with pytest.raises(InvalidImage, match="100x50 = 5000 pixels; the limit is 4999"):
+        decode_image(data, max_pixels=4999)
+
+
+# ---------------------------------------------------------------- geometry
+
+SIZES = [(640, 480), (480, 640), (20, 12), (12, 20), (1000, 100), (33, 31), (32, 32)]
+VARIANTS = [
+    ((32, 32), "shortest", 8),  # exclip-tiny's own
+    ((224, 224), "shortest", 16),  # ViT-B-16 style
+    ((32, 48), "shortest", 8),  # non-square model input: ResizeKeepRatio + CenterCrop
+    ((32, 32), "squash", 8),
+    ((32, 32), "longest", 8),  # resize long side, pad the rest
+]
+
+
+@pytest.mark.parametrize(("size", "mode", "patch"), VARIANTS)
+@pytest.mark.parametrize(("width", "height"), SIZES)
+def test_markers_land_where_the_geometry_predicts(tiny_model, size, mode, patch, width, height):
+    loaded = variant(tiny_model, size, mode, patch)
+    image = Image.new("RGB", (width, height), (0, 0, 0))
+    tensor, geometry = preprocess(image, loaded)
+    assert tensor.shape == (3, *size) and tensor.dtype == torch.float32
+    assert (geometry.width, geometry.height) == (width, height) and geometry.grid == loaded.grid
+    x0, y0, x1, y1 = geometry.crop_box
+    scale = max((x1 - x0) / size[1], (y1 - y0) / size[0])  # original pixels per input pixel
+    k = max(1, round(1.5 * scale))  # marker about one input pixel wide
+    rows, cols = geometry.grid
+    points = [(0.5, 0.5), (0.3, 0.6), (0.8, 0.35)]  # fractions of the image, then of some patches
+    boxes = [(0.0, 0.0, width, height)] + [geometry.patch_box(r, c) for r, c in
+                                            {(0, 0), (rows // 2, cols // 3), (rows - 1, cols - 1)}]
+    checked = 0
+    for bx0, by0, bx1, by1 in boxes:
+        for fx, fy in points:
+            px, py = int(bx0 + fx * (bx1 - bx0) - k / 2), int(by0 + fy * (by1 - by0) - k / 2)
+            cx, cy = px + k / 2, py + k / 2  # marker centre, original pixels
+            eu, ev = to_input(geometry, cx, cy, loaded)
+            inside_image = px >= 0 and py >= 0 and px + k <= width and py + k <= height
+            margin = 2 + k / scale / 2  # input pixels: half the marker, plus the resampling kernel
+            if not (inside_image and margin <= eu <= size[1] - margin and margin <= ev <= size[0] - margin):
+                continue  # in the padding, or near the crop edge where resampling clips the marker
+            u, v = marker_centroid(image, (px, py, px + k - 1, py + k - 1), loaded)
+            assert abs(u - eu) < 0.5 and abs(v - ev) < 0.5, (u, v, eu, ev)
+            checked += 1
+            if min(eu % patch, patch - eu % patch, ev % patch, patch - ev % patch) < 0.5:
+                continue  # on a patch border: the patch is ambiguous
+            # ... and it lands in the patch the geometry names
+            row, col = patch_of_point(geometry, cx, cy)
+            assert (int(v // patch), int(u // patch)) == (row, col)
+            weights = geometry.box_to_patch_weights((cx - 0.25, cy - 0.25, cx + 0.25, cy + 0.25))
+            assert divmod(int(weights.argmax()), cols) == (row, col)
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_rotated_image_geometry(tiny_model, orientation):
+    upright = Image.new("RGB", (300, 200), (0, 0, 0))
+    stored = upright.transpose(Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.ROTATE_270)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image = decode_image(encode(stored, "PNG", exif=exif.tobytes()))
+    _, geometry = preprocess(image, tiny_model)
+    assert (geometry.width, geometry.height) == (300, 200)  # upright, landscape
+    assert geometry.crop_box == pytest.approx((50.0, 0.0, 250.0, 200.0), abs=1.0)
+    u, v = marker_centroid(image, (200, 40, 209, 49), tiny_model)
+    eu, ev = to_input(geometry, 205, 45, tiny_model)
+    assert abs(u - eu) < 0.5 and abs(v - ev) < 0.5
+
+
+@pytest.mark.parametrize(("width", "height", "mode"), [(640, 480, "shortest"), (480, 640, "shortest"),
+                                                        (20, 12, "shortest"), (640, 480, "longest")])
+def test_patch_boxes_round_trip(tiny_model, width, height, mode):
+    _, geometry = preprocess(Image.new("RGB", (width, height)), variant(tiny_model, (32, 32), mode))
+    rows, cols = geometry.grid
+    pw, ph = geometry.patch_size
+    for r in range(rows):
+        for c in range(cols):
+            box = geometry.patch_box(r, c)
+            assert box[2] - box[0] == pytest.approx(pw) and box[3] - box[1] == pytest.approx(ph)
+            inside = (max(box[0], 0), max(box[1], 0), min(box[2], width), min(box[3], height))
+            expected = torch.zeros(rows, cols)
+            expected[r, c] = (inside[2] - inside[0]) * (inside[3] - inside[1]) / (pw * ph)
+            if expected[r, c] > 0:
+                assert torch.allclose(geometry.box_to_patch_weights(box), expected, atol=1e-5)
+    # the patches tile the crop box exactly
+    assert geometry.patch_box(0, 0)[:2] == pytest.approx(geometry.crop_box[:2])
+    assert geometry.patch_box(rows - 1, cols - 1)[2:] == pytest.approx(geometry.crop_box[2:])
+
+
+def test_box_weights_are_covered_fractions(tiny_model):
+    _, geometry = preprocess(Image.new("RGB", (320, 320)), tiny_model)  # patches of 80x80 pixels
+    assert geometry.patch_size == (80.0, 80.0) and geometry.crop_box == (0.0, 0.0, 320.0, 320.0)
+    w = geometry.box_to_patch_weights((40, 0, 200, 80))
+    assert w[0].tolist() == [0.5, 1.0, 0.5, 0.0] and w[1:].abs().sum() == 0
+    w = geometry.box_to_patch_weights((-100, -100, 1000, 1000))  # clipped to the image
+    assert torch.equal(w, torch.ones(4, 4))
+    # letterboxed: patches reaching into the padding only count their part inside the image
+    _, boxed = preprocess(Image.new("RGB", (320, 160)), variant(tiny_model, (32, 32), "longest"))
+    assert boxed.crop_box == pytest.approx((0.0, -80.0, 320.0, 240.0))
+    w = boxed.box_to_patch_weights((0, 0, 320, 160))
+    assert w[:, 0].tolist() == pytest.approx([0.0, 1.0, 1.0, 0.0])
+
+
+@pytest.mark.parametrize(
+    ("box", "message"),
+    [
+        ((10, 10, 10, 20), "empty"),
+        ((30, 10, 20, 20), "empty"),
+        ((10, 20, 20, 5), "empty"),
+        ((700, 0, 800, 100), "outside the 640x480 image"),
+        ((-50, -50, -1, -1), "outside the 640x480 image"),
+        ((0, 0, 50, 50), "does not overlap the part of the image the model sees"),
+        ((0, 0, float("nan"), 5), "non-finite"),
+        ((1, 2, 3), "four numbers"),
+        ("abcd", "four numbers"),
+    ],
+)
+def test_bad_boxes(tiny_model, box, message):
+    _, geometry = preprocess(Image.new("RGB", (640, 480)), tiny_model)
+    with pytest.raises(InvalidSelection, match=message):
+        geometry.box_to_patch_weights(box)
+
+
+def test_patch_box_out_of_grid(tiny_model):
+    _, geometry = preprocess(Image.new("RGB", (64, 64)), tiny_model)
+    with pytest.raises(InvalidSelection, match="outside the 4x4 grid"):
+        geometry.patch_box(4, 0)
+
+
+def test_to_dict(tiny_model):
+    _, geometry = preprocess(Image.new("RGB", (640, 480)), tiny_model)
+    d = json.loads(json.dumps(geometry.to_dict()))
+    assert d == {
+        "width": 640, "height": 480,
+        "crop_box": pytest.approx([640 / 42 * 5, 0.0, 640 / 42 * 37, 480.0]),
+        "patch_size": pytest.approx([640 / 42 * 8, 120.0]),
+    }
+
+
+def test_preprocess_uses_the_models_own_transform(tiny_model):
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    tensor, _ = preprocess(image, tiny_model)
+    assert torch.equal(tensor, tiny_model.transform(image))
+    rgba = Image.new("RGBA", (40, 40), (0, 0, 0, 0))  # non-RGB input gets the decode_image rules
+    tensor, _ = preprocess(rgba, tiny_model)
+    assert torch.allclose(tensor, tiny_model.transform(Image.new("RGB", (40, 40), ALPHA_BACKGROUND)))
+
+
+def test_unknown_transform_step_is_refused(tiny_model):
+    odd = dataclasses.replace(tiny_model, transform=Compose([RandomResizedCrop(32)]))
+    with pytest.raises(UnsupportedModel, match="RandomResizedCrop"):
+        preprocess(Image.new("RGB", (64, 64)), odd)
