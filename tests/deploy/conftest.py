@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,14 +60,30 @@ def cli_subcommands(cli_parser) -> dict[str, argparse.ArgumentParser]:
     return subparsers_of(cli_parser)
 
 
-@pytest.fixture(scope="session")
-def api_paths() -> set[str]:
-    from service.app import create_app
+class ServedPaths:
+    """``path in served`` GETs the path on the real app (embedded mode, no worker): not 404 = served.
 
+    Asking the app rather than listing its routes keeps this independent of FastAPI's router internals.
+    """
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def __contains__(self, path: str) -> bool:
+        return self.client.get(path).status_code != 404
+
+
+@pytest.fixture(scope="session")
+def api_paths() -> Iterator[ServedPaths]:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
     from service.settings import Settings
 
-    app = create_app(Settings(redis_url=None))
-    return {route.path for route in app.routes}
+    with TestClient(create_app(Settings(redis_url=None))) as client:
+        served = ServedPaths(client)
+        assert "/healthz" in served and "/no-such-path" not in served
+        yield served
 
 
 @pytest.fixture(scope="session")
