@@ -1,0 +1,121 @@
+"""Selections: caption spans / token ranges -> heatmaps, image boxes -> token scores, and bad selections."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from attribution.errors import InvalidSelection
+from attribution.images import preprocess
+from attribution.selections import Box, Span, TokenRange, box_token_scores, selected_tokens, span_heatmap
+from attribution.text import tokenize_caption
+
+CAPTION = "a big  dog, on grass"  # tokens: SOT a big dog , on grass EOT
+
+
+@pytest.fixture()
+def setup(tiny_model):
+    _, tokens = tokenize_caption(CAPTION, tiny_model)
+    _, geometry = preprocess(Image.new("RGB", (320, 320)), tiny_model)  # 4x4 patches of 80x80 pixels
+    torch.manual_seed(0)
+    result = SimpleNamespace(interactions=torch.randn(len(tokens), 4, 4))
+    return tokens, geometry, result
+
+
+def test_span_selects_the_overlapping_tokens(setup):
+    tokens, _, result = setup
+    assert [t.text for t in tokens[1:-1]] == ["a", "big", "dog", ",", "on", "grass"]
+    assert selected_tokens(tokens, Span(2, 5)) == [2]  # "big"
+    assert selected_tokens(tokens, Span(3, 4)) == [2]  # inside "big"
+    assert selected_tokens(tokens, Span(4, 9)) == [2, 3]  # "g  do": big, dog
+    assert selected_tokens(tokens, Span(0, len(CAPTION))) == [1, 2, 3, 4, 5, 6]  # never SOT / EOT
+    heat = span_heatmap(result, tokens, Span(4, 9))
+    assert heat.shape == (4, 4)
+    assert torch.allclose(heat, result.interactions[2] + result.interactions[3])
+
+
+def test_token_range(setup):
+    tokens, _, result = setup
+    assert selected_tokens(tokens, TokenRange(0, 1)) == [0]
+    heat = span_heatmap(result, tokens, TokenRange(1, 4))
+    assert torch.allclose(heat, result.interactions[1:4].sum(0))
+    everything = span_heatmap(result, tokens, TokenRange(0, len(tokens)))
+    assert torch.allclose(everything, result.interactions.sum(0))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Span(5, 5), "empty"),
+        (lambda: Span(6, 2), "empty"),
+        (lambda: Span(-1, 2), "need 0 <= start < end"),
+        (lambda: Span(1.5, 3), "integers"),
+        (lambda: TokenRange(3, 3), "empty"),
+        (lambda: TokenRange(True, 3), "integers"),
+        (lambda: Box(10, 10, 5, 20), "empty"),
+        (lambda: Box(0, 0, 10, float("inf")), "finite"),
+        (lambda: Box(0, 0, "10", 5), "finite numbers"),
+    ],
+)
+def test_malformed_selections(make, message):
+    with pytest.raises(InvalidSelection, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("selection", "message"),
+    [
+        (Span(10, 40), "out of range: the caption has 20 characters"),
+        (Span(6, 7), "covers no token"),  # the second of two spaces
+        (TokenRange(2, 9), "out of range: the caption has 8 tokens"),
+    ],
+)
+def test_selections_that_do_not_fit_the_caption(setup, selection, message):
+    tokens, _, result = setup
+    with pytest.raises(InvalidSelection, match=message):
+        span_heatmap(result, tokens, selection)
+
+
+def test_span_in_truncated_text_covers_no_token(tiny_model):
+    caption = "dog " * 80
+    _, tokens = tokenize_caption(caption, tiny_model, truncate=True)
+    result = SimpleNamespace(interactions=torch.zeros(len(tokens), 4, 4))
+    with pytest.raises(InvalidSelection, match="covers no token"):
+        span_heatmap(result, tokens, Span(len(caption) - 4, len(caption) - 1))
+
+
+def test_box_scores_weight_patches_by_covered_area(setup):
+    tokens, geometry, result = setup
+    scores = box_token_scores(result, geometry, Box(40, 0, 200, 80))  # half, full, half of row 0
+    inter = result.interactions
+    expected = 0.5 * inter[:, 0, 0] + inter[:, 0, 1] + 0.5 * inter[:, 0, 2]
+    assert scores.shape == (len(tokens),)
+    assert torch.allclose(scores, expected, atol=1e-6)
+    whole = box_token_scores(result, geometry, Box(0, 0, 320, 320))
+    assert torch.allclose(whole, inter.sum(dim=(1, 2)), atol=1e-5)
+
+
+def test_box_is_in_original_pixels_of_a_cropped_image(tiny_model):
+    # 640x480 landscape: the model sees x in [76.19, 563.81]; a box on the left margin misses it
+    _, geometry = preprocess(Image.new("RGB", (640, 480)), tiny_model)
+    result = SimpleNamespace(interactions=torch.ones(3, 4, 4))
+    with pytest.raises(InvalidSelection, match="does not overlap the part of the image the model sees"):
+        box_token_scores(result, geometry, Box(0, 0, 60, 480))
+    with pytest.raises(InvalidSelection, match="outside the 640x480 image"):
+        box_token_scores(result, geometry, Box(650, 0, 700, 10))
+    # one full patch in original pixels -> exactly that patch's interactions
+    x0, y0, x1, y1 = geometry.patch_box(2, 1)
+    result.interactions[:, 2, 1] = torch.tensor([1.0, 2.0, 3.0])
+    scores = box_token_scores(result, geometry, Box(x0, y0, x1, y1))
+    assert torch.allclose(scores, torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_interactions_of_the_wrong_shape_are_a_programming_error(setup):
+    tokens, geometry, _ = setup
+    with pytest.raises(ValueError, match="expected"):
+        span_heatmap(SimpleNamespace(interactions=torch.zeros(3, 4, 4)), tokens, Span(0, 1))
+    with pytest.raises(ValueError, match="grid"):
+        box_token_scores(SimpleNamespace(interactions=torch.zeros(8, 5, 5)), geometry, Box(0, 0, 10, 10))
