@@ -74,8 +74,13 @@ def _explain(api: httpx.Client, image: bytes, caption: str, selections: list[dic
 @pytest.fixture(scope="session")
 def screenshots() -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    print(f"\nscreenshots of the web page are written to {SCREENSHOTS}")
     return SCREENSHOTS
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say where the screenshots are (printed even when output is captured)."""
+    if SCREENSHOTS.is_dir() and any(SCREENSHOTS.iterdir()):
+        terminalreporter.write_line(f"web page screenshots: {SCREENSHOTS}")
 
 
 @pytest.fixture(scope="session")

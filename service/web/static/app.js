@@ -201,8 +201,8 @@ async function api(path, options = {}) {
   }
   if (response.status === 401) {
     message = state.apiKey
-      ? `The API key was not accepted: ${message}`
-      : `This service needs an API key: ${message}`;
+      ? `The API key was not accepted (${message}). Check it.`
+      : "This service needs an API key: enter it here.";
   }
   throw new ApiError(response.status, message, fieldFor(response.status, message, loc));
 }
@@ -221,7 +221,7 @@ function clearErrors() {
 function showError(field, message) {
   if (field === "key") revealKeyField();
   const el = $(`error-${field}`) || $("error-general");
-  el.textContent = message;
+  el.textContent = message.charAt(0).toUpperCase() + message.slice(1);
   $(`field-${field}`)?.classList.add("invalid");
 }
 
@@ -242,14 +242,18 @@ async function loadModels() {
     for (const m of state.models) {
       const option = document.createElement("option");
       option.value = m.name;
-      option.textContent = m.pretrained ? `${m.name} (${m.pretrained})` : `${m.name} (random weights)`;
+      // A checkpoint path is shown by its file name; the full value is in the tooltip.
+      const weights = m.pretrained ? m.pretrained.split("/").pop() : "random weights";
+      option.textContent = `${m.name} (${weights})`;
+      option.title = m.pretrained || "random weights";
       select.append(option);
     }
     if (body.default) select.value = body.default;
-    applyStepRange();
     $("error-model").textContent = "";
   } catch (err) {
     showError(err.field === "key" ? "key" : "model", err.message);
+  } finally {
+    applyStepRange();
   }
 }
 
@@ -511,8 +515,9 @@ function updateOverlay() {
   const text = sel
     ? cap.tokens.slice(sel.start, sel.end).map((t, k) => tokenLabel(t, sel.start + k, cap.tokens.length)).join(" ")
     : "";
+  const which = sel && sel.end - sel.start > 1 ? `tokens ${sel.start}–${sel.end - 1}` : `token ${sel && sel.start}`;
   $("showing").textContent = sel
-    ? `Heatmap of tokens ${sel.start}–${sel.end - 1}: “${text}”`
+    ? `Heatmap of ${which}: “${text}”`
     : "Heatmap of the whole caption (all tokens). Select tokens to narrow it.";
   $("overlay").dataset.selection = sel ? `${sel.start}:${sel.end}` : "";
 }
@@ -562,6 +567,12 @@ function setupTokens() {
   });
   window.addEventListener("pointerup", () => {
     dragging = false;
+  });
+  // Focus can arrive by Tab or a click; the focused token is where keyboard selection starts.
+  list.addEventListener("focusin", (e) => {
+    if (!e.target.classList.contains("token")) return;
+    state.focus = Number(e.target.dataset.index);
+    for (const el of list.children) el.tabIndex = el === e.target ? 0 : -1;
   });
   list.addEventListener("keydown", (e) => {
     const i = state.focus;
