@@ -34,6 +34,13 @@ def open_page(browser, url: str, viewport: dict):
 def explain_on_page(page, image_path, caption: str = CAPTION) -> str:
     page.set_input_files("#image-input", str(image_path))
     page.fill("#captions", caption)
+    # Record every progress text shown while the job is queued or running.
+    page.evaluate("""() => {
+        window.progressSeen = [];
+        const text = document.getElementById('progress-text');
+        new MutationObserver(() => window.progressSeen.push(text.textContent)).observe(
+          document.getElementById('progress'), {subtree: true, childList: true, characterData: true});
+      }""")
     page.click("#explain-button")
     page.wait_for_selector("#result:not([hidden])", timeout=60_000)
     return page.get_attribute("#result", "data-job-id")
@@ -91,6 +98,35 @@ def test_js_colormap_is_render_colormap(page):
     js = np.asarray(page.evaluate("(vs) => vs.map((v) => colormap(v, 1.1))", values.tolist()))
     assert np.abs(js - colormap(values, 1.1).astype(int)).max() <= 1
     assert page.evaluate("state.stops") == [[t, list(rgb)] for t, rgb in COLORMAP_STOPS]
+
+
+def test_models_and_steps_come_from_the_api(page, api):
+    models = api.get("/models").json()
+    names = page.eval_on_selector_all("#model option", "(os) => os.map((o) => o.value)")
+    assert names == [m["name"] for m in models["models"]]
+    assert page.input_value("#model") == models["default"]
+    steps = next(m for m in models["models"] if m["name"] == models["default"])["options"]["steps"]
+    assert page.get_attribute("#steps", "min") == str(steps["min"])
+    assert page.get_attribute("#steps", "max") == str(steps["max"])
+
+
+def test_progress_was_shown_while_the_job_ran(page):
+    seen = page.evaluate("window.progressSeen")
+    assert any(text.startswith(("Queued", "Running")) for text in seen), seen
+    assert page.is_hidden("#progress")
+
+
+def test_drop_an_image(browser, service_url, image_png):
+    page = open_page(browser, service_url, LAPTOP)
+    page.evaluate("""(bytes) => {
+        const dt = new DataTransfer();
+        dt.items.add(new File([new Uint8Array(bytes)], 'dropped.png', {type: 'image/png'}));
+        const drop = new DragEvent('drop', {dataTransfer: dt, bubbles: true});
+        document.getElementById('dropzone').dispatchEvent(drop);
+      }""", list(image_png))
+    page.wait_for_selector("#stage:not([hidden])")
+    assert "dropped.png" in page.text_content("#file-name")
+    page.close()
 
 
 def test_score_gap_and_tokens_shown(page, api):
@@ -204,7 +240,7 @@ def test_opacity_slider(page):
     assert page.evaluate("getComputedStyle(document.getElementById('overlay')).opacity") == "0.25"
 
 
-def test_bad_file_shows_message_next_to_image_field(browser, service_url, tmp_path, screenshots):
+def test_errors_next_to_their_fields(browser, service_url, tmp_path, image_file, screenshots):
     page = open_page(browser, service_url, LAPTOP)
     bad = tmp_path / "notes.png"
     bad.write_text("this is not an image")
@@ -220,6 +256,14 @@ def test_bad_file_shows_message_next_to_image_field(browser, service_url, tmp_pa
     page.fill("#captions", "")
     page.click("#explain-button")
     assert "caption" in page.text_content("#error-captions").lower()
+    # An option the API refuses is reported next to that option.
+    page.set_input_files("#image-input", str(image_file))
+    page.fill("#captions", CAPTION)
+    page.fill("#steps", "100000")
+    page.click("#explain-button")
+    page.wait_for_selector("#error-steps:not(:empty)", timeout=30_000)
+    assert "steps" in page.text_content("#error-steps").lower()
+    assert page.text_content("#error-image") == "" and page.text_content("#error-general") == ""
     page.close()
 
 
