@@ -1,0 +1,106 @@
+"""Fixtures for the service tests: a running stack per queue back-end, test images, result comparison.
+
+``stack`` (session, parametrised ``redis`` / ``embedded``): the same tests run against
+API + worker subprocesses sharing the private Redis, and against one embedded ``serve`` process.
+Both use ``EXCLIP_MAX_BATCH=8`` and ``EXCLIP_MAX_WAIT_MS=200`` so concurrent requests batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.keys import Keys
+
+BATCH_ENV = {"EXCLIP_MAX_BATCH": "8", "EXCLIP_MAX_WAIT_MS": "200"}
+
+
+def png_bytes(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
+    pixels = (np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus text → {"name{labels}": value}."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+@dataclass
+class Stack:
+    """A running service: ``url``; ``redis`` (sync client) and ``keys`` only in redis mode."""
+
+    mode: str
+    url: str
+    redis: Any
+    keys: Keys | None
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+    def metrics(self) -> dict[str, float]:
+        return metric_values(httpx.get(self.url + "/metrics", timeout=10).text)
+
+    def queue_state(self) -> tuple[float, int, int]:
+        """(jobs ever enqueued, stream length, job records): all unchanged when nothing is enqueued."""
+        enqueued = self.metrics()["exclip_jobs_enqueued_total"]
+        if self.redis is None:
+            return enqueued, -1, -1
+        stream_len = self.redis.xlen(self.keys.stream("exclip-tiny")) if self.redis.exists(
+            self.keys.stream("exclip-tiny")) else 0
+        return enqueued, stream_len, len(self.redis.keys(self.keys.job("*")))
+
+
+@pytest.fixture(scope="session", params=["redis", "embedded"])
+def stack(request, session_launcher, redis_server) -> Stack:
+    if request.param == "redis":
+        api = session_launcher.api()
+        session_launcher.worker(**BATCH_ENV)
+        api.wait_ready()
+        return Stack("redis", api.url, redis_server.client(), Keys(session_launcher.key_prefix))
+    serve = session_launcher.embedded(**BATCH_ENV).wait_ready()
+    return Stack("embedded", serve.url, None, None)
+
+
+def assert_close(got: Any, want: Any, path: str = "") -> None:
+    """Structural equality with float tolerance (the service computes in another process)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), f"{path}: keys {set(got)} != {set(want)}"
+        for k in want:
+            assert_close(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list | tuple):
+        assert isinstance(got, list | tuple) and len(got) == len(want), f"{path}: length differs"
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, f"{path}[{i}]")
+    elif isinstance(want, float) and not isinstance(got, str):
+        assert math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-7), f"{path}: {got} != {want}"
+    else:
+        assert got == want, f"{path}: {got!r} != {want!r}"
+
+
+def strip_timings(result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for caption in result["captions"]:
+        timings = caption["timings"]
+        assert timings["queued_ms"] >= 0 and timings["compute_ms"] > 0
+        out.append({k: v for k, v in caption.items() if k != "timings"})
+    return out
