@@ -52,10 +52,21 @@ def colormap(values: np.ndarray, limit: float) -> np.ndarray:
     t = np.clip(np.asarray(values, dtype=np.float64) / limit, -1.0, 1.0)
     stops_t = np.array([s[0] for s in COLORMAP_STOPS])
     stops_rgb = np.array([s[1] for s in COLORMAP_STOPS], dtype=np.float64)
-    out = np.empty(t.shape + (3,), dtype=np.float64)
-    for channel in range(3):
-        out[..., channel] = np.interp(t, stops_t, stops_rgb[:, channel])
-    return np.floor(out + 0.5).astype(np.uint8)
+    # Segment i holds t0 < t <= t1 (the first also t = -1), as the page's loop picks it.
+    seg = np.clip(np.searchsorted(stops_t, t, side="left") - 1, 0, len(stops_t) - 2)
+    t0, t1 = stops_t[seg], stops_t[seg + 1]
+    frac = ((t - t0) / (t1 - t0))[..., None]
+    c0, c1 = stops_rgb[seg], stops_rgb[seg + 1]
+    return np.floor(c0 + (c1 - c0) * frac + 0.5).astype(np.uint8)
+
+
+def _axis(n: int, start: float, end: float, cells: int) -> tuple[np.ndarray, ...]:
+    """Per pixel along one axis: inside the crop box?, lower and upper cell index, fraction."""
+    centre = np.arange(n) + 0.5
+    inside = (centre >= start) & (centre < end)
+    u = np.clip((centre - start) / ((end - start) / cells) - 0.5, 0, cells - 1)
+    lo = np.floor(u).astype(int)
+    return inside, lo, np.minimum(lo + 1, cells - 1), u - lo
 
 
 def upsample(
@@ -69,23 +80,14 @@ def upsample(
     grid = np.asarray(grid, dtype=np.float64)
     rows, cols = grid.shape
     x0, y0, x1, y1 = (float(v) for v in crop_box)
-    px = (np.arange(width) + 0.5)
-    py = (np.arange(height) + 0.5)
-    inside_x = (px >= x0) & (px < x1)
-    inside_y = (py >= y0) & (py < y1)
-    u = np.clip((px - x0) / ((x1 - x0) / cols) - 0.5, 0, cols - 1)
-    v = np.clip((py - y0) / ((y1 - y0) / rows) - 0.5, 0, rows - 1)
-    c0 = np.floor(u).astype(int)
-    r0 = np.floor(v).astype(int)
-    c1 = np.minimum(c0 + 1, cols - 1)
-    r1 = np.minimum(r0 + 1, rows - 1)
-    fu = (u - c0)[None, :]
-    fv = (v - r0)[:, None]
-    top = grid[r0][:, c0] * (1 - fu) + grid[r0][:, c1] * fu
-    bottom = grid[r1][:, c0] * (1 - fu) + grid[r1][:, c1] * fu
-    values = top * (1 - fv) + bottom * fv
-    inside = inside_y[:, None] & inside_x[None, :]
-    return np.where(inside, values, 0.0), inside
+    in_x, c0, c1, fu = _axis(width, x0, x1, cols)
+    in_y, r0, r1, fv = _axis(height, y0, y1, rows)
+    # Separable: along x on the small grid first, then along y at full size.
+    across = grid[:, c0] * (1 - fu) + grid[:, c1] * fu  # (rows, width)
+    values = across[r0] * (1 - fv)[:, None] + across[r1] * fv[:, None]
+    inside = in_y[:, None] & in_x[None, :]
+    values[~inside] = 0.0
+    return values, inside
 
 
 def render_overlay(
@@ -102,13 +104,18 @@ def render_overlay(
     ``box`` draws that box's outline; ``legend`` appends a colour-scale band below the image (the
     only case in which the result is taller than the original image).
     """
-    base = np.asarray(image.convert("RGB"), dtype=np.float64)
-    height, width = base.shape[:2]
+    pixels = np.array(image.convert("RGB"))
+    height, width = pixels.shape[:2]
     limit = symmetric_limit(heatmap)
     values, inside = upsample(heatmap, crop_box, width, height)
-    colours = colormap(values, limit).astype(np.float64)
-    blend = np.where(inside[..., None], alpha, 0.0)
-    out = Image.fromarray(np.floor(base * (1 - blend) + colours * blend + 0.5).astype(np.uint8), "RGB")
+    # Only the pixels inside the crop box change; work on that rectangle alone.
+    ys, xs = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    if ys.size and xs.size:
+        window = np.s_[ys[0]: ys[-1] + 1, xs[0]: xs[-1] + 1]
+        colours = colormap(values[window], limit).astype(np.float32)
+        base = pixels[window].astype(np.float32)
+        pixels[window] = np.floor(base * (1 - alpha) + colours * alpha + 0.5).astype(np.uint8)
+    out = Image.fromarray(pixels, "RGB")
     if box is not None:
         _draw_box(out, box)
     if legend:

@@ -134,6 +134,9 @@ def test_score_gap_and_tokens_shown(page, api):
     assert float(page.text_content("#score")) == pytest.approx(caption["score"], abs=1e-4)
     gap = caption["completeness"]["gap"]
     assert float(page.text_content("#gap")) == pytest.approx(gap, rel=1e-2, abs=1e-6)
+    if "integration_gap" in caption["completeness"]:
+        shown_gap = float(page.text_content("#integration-gap"))
+        assert shown_gap == pytest.approx(caption["completeness"]["integration_gap"], rel=1e-2, abs=1e-6)
     shown = page.locator("#tokens .token").all_text_contents()
     assert len(shown) == len(caption["tokens"])
     assert shown[1:-1] == [t["text"] for t in caption["tokens"][1:-1]]

@@ -31,15 +31,21 @@ function symmetricLimit(values) {
   return m > 0 ? m : 1;
 }
 
-function colormap(value, limit) {
+// Writes the colour of value into out[o], out[o + 1], out[o + 2] (no allocation: used per pixel).
+function colourInto(out, o, value, limit) {
   const stops = state.stops;
   const t = Math.min(1, Math.max(-1, value / limit));
   let i = 0;
   while (i < stops.length - 2 && t > stops[i + 1][0]) i++;
-  const [t0, c0] = stops[i];
-  const [t1, c1] = stops[i + 1];
+  const t0 = stops[i][0], c0 = stops[i][1], t1 = stops[i + 1][0], c1 = stops[i + 1][1];
   const f = (t - t0) / (t1 - t0);
-  return [0, 1, 2].map((k) => Math.floor(c0[k] + (c1[k] - c0[k]) * f + 0.5));
+  for (let k = 0; k < 3; k++) out[o + k] = Math.floor(c0[k] + (c1[k] - c0[k]) * f + 0.5);
+}
+
+function colormap(value, limit) {
+  const rgb = [0, 0, 0];
+  colourInto(rgb, 0, value, limit);
+  return rgb;
 }
 
 function cssColour(rgb) {
@@ -83,11 +89,8 @@ function drawOverlay(canvas, heat, cap) {
       const c0 = xs.i0[x], c1 = xs.i1[x], fu = xs.frac[x];
       const top = heat[r0 + c0] * (1 - fu) + heat[r0 + c1] * fu;
       const bottom = heat[r1 + c0] * (1 - fu) + heat[r1 + c1] * fu;
-      const rgb = colormap(top * (1 - fv) + bottom * fv, limit);
       const o = (y * cw + x) * 4;
-      data[o] = rgb[0];
-      data[o + 1] = rgb[1];
-      data[o + 2] = rgb[2];
+      colourInto(data, o, top * (1 - fv) + bottom * fv, limit);
       data[o + 3] = 255;
     }
   }
@@ -435,6 +438,10 @@ function showCaption(index) {
   const cap = state.captions[index];
   $("score").textContent = cap.score.toFixed(4);
   $("gap").textContent = cap.completeness.gap.toPrecision(3);
+  // Newer results also give the gap of the numerical integration alone (it shrinks as steps grow).
+  const integration = cap.completeness.integration_gap;
+  $("integration-gap-row").hidden = integration === undefined;
+  $("integration-gap").textContent = integration === undefined ? "" : integration.toPrecision(3);
   $("totals").textContent = `${cap.completeness.total.toPrecision(4)} / ${cap.completeness.expected.toPrecision(4)}`;
   renderTokens();
   updateOverlay();
