@@ -119,9 +119,8 @@ class PendingSampler(threading.Thread):
 def test_api_and_three_workers_survive_a_sigkilled_worker(
     redis_server, key_prefix, tiny_checkpoint, tiny_loaded, tmp_path
 ):
-    from attribution.pipeline import ExplainRequest, explain_requests
-
     from attribution.models import TINY_MODEL
+    from attribution.pipeline import ExplainRequest, explain_requests
     from service.keys import GROUP, Keys
 
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
@@ -209,7 +208,8 @@ def test_api_and_three_workers_survive_a_sigkilled_worker(
                 job_ids.append(response.json()["id"])
                 combo[job_ids[-1]] = (i % 4, i % 3)
 
-            # Kill a worker midway: once it has finished some jobs and holds at least one unacknowledged.
+            # Kill a worker midway: once a quarter of the jobs are finished, the victim finished some of
+            # them and holds at least one unacknowledged.
             victim = workers[0]
             victim_name = consumer_of[victim.popen.pid]
             deadline = time.monotonic() + 60
@@ -217,8 +217,9 @@ def test_api_and_three_workers_survive_a_sigkilled_worker(
                 held_now = sampler.snapshot()
                 with sampler.lock:
                     seen = {e for e, holders in sampler.holders.items() if victim_name in holders}
+                    finished = set(sampler.holders) - set(held_now)
                 in_flight = {e for e, c in held_now.items() if c == victim_name}
-                if in_flight and seen - in_flight:
+                if in_flight and seen - in_flight and len(finished) >= N_JOBS // 4:
                     victim.popen.kill()  # SIGKILL: no cleanup, no ack
                     victim.popen.wait(10)
                     break
@@ -264,28 +265,31 @@ def test_api_and_three_workers_survive_a_sigkilled_worker(
             assert sampler.holders[entry_id] - {victim_name}, f"{entry_id} was never reclaimed"
             job_id = sampler.job_of[entry_id]
             assert statuses[job_id]["status"] == "done"
-            assert int(redis.hget(keys.job(job_id), "deliveries")) >= 2
         survivors = [p for p in workers if p is not victim]
         assert all(p.popen.poll() is None for p in survivors + [api])
 
         # Results equal a direct engine call on the same checkpoint.
         options = statuses[job_ids[0]]["result"]["captions"][0]["options"]
-        expected: dict[tuple[int, int], dict] = {}
-        for img, cap in sorted(set(combo.values())):
-            request = ExplainRequest(
+        pairs = sorted(set(combo.values()))
+        requests = [
+            ExplainRequest(
                 image=Image.open(io.BytesIO(images[img])).convert("RGB"),
                 captions=[CAPTIONS[cap]],
                 selections=[[]],
             )
-            (explanations,) = explain_requests(
-                tiny_loaded,
-                [request],
-                text_layer=options["text_layer"],
-                image_layer=options["image_layer"],
-                steps=options["steps"],
-                precision=options["precision"],
-            )
-            expected[(img, cap)] = explanations[0].to_dict()
+            for img, cap in pairs
+        ]
+        explanations = explain_requests(
+            tiny_loaded,
+            requests,
+            text_layer=options["text_layer"],
+            image_layer=options["image_layer"],
+            steps=options["steps"],
+            precision=options["precision"],
+        )
+        expected = {
+            pair: per_caption[0].to_dict() for pair, per_caption in zip(pairs, explanations, strict=True)
+        }
         for job_id, job in statuses.items():
             got = job["result"]["captions"][0]
             want = expected[combo[job_id]]
