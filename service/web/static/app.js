@@ -20,7 +20,6 @@ const state = {
   anchor: null,
   focus: 0,
   box: null, // [x0, y0, x1, y1] in original pixels
-  heat: null, // Float64Array rows*cols currently shown
 };
 
 // ---------- colormap and geometry (same rules as render.py) ----------
@@ -448,10 +447,10 @@ function showCaption(index) {
   updateBox();
 }
 
-function tokenLabel(tok, i, n) {
-  if (i === 0) return "⟨start⟩";
-  if (i === n - 1) return "⟨end⟩";
-  return tok.text;
+const SPECIAL_LABELS = { "<start_of_text>": "⟨start⟩", "<end_of_text>": "⟨end⟩" };
+
+function tokenLabel(tok) {
+  return SPECIAL_LABELS[tok.text] || tok.text;
 }
 
 function renderTokens() {
@@ -460,11 +459,11 @@ function renderTokens() {
   list.replaceChildren();
   cap.tokens.forEach((tok, i) => {
     const el = document.createElement("span");
-    el.className = "token" + (i === 0 || i === cap.tokens.length - 1 ? " special" : "");
+    el.className = "token" + (tok.text in SPECIAL_LABELS ? " special" : "");
     el.setAttribute("role", "option");
     el.dataset.index = i;
     el.id = `token-${i}`;
-    el.textContent = tokenLabel(tok, i, cap.tokens.length);
+    el.textContent = tokenLabel(tok);
     el.tabIndex = i === state.focus ? 0 : -1;
     list.append(el);
   });
@@ -515,12 +514,11 @@ function fillLegend(container, limit) {
 
 function updateOverlay() {
   const cap = state.captions[state.current];
-  state.heat = spanHeatmap(cap, state.selection);
-  const limit = drawOverlay($("overlay"), state.heat, cap);
+  const limit = drawOverlay($("overlay"), spanHeatmap(cap, state.selection), cap);
   fillLegend($("overlay-legend"), limit);
   const sel = state.selection;
   const text = sel
-    ? cap.tokens.slice(sel.start, sel.end).map((t, k) => tokenLabel(t, sel.start + k, cap.tokens.length)).join(" ")
+    ? cap.tokens.slice(sel.start, sel.end).map(tokenLabel).join(" ")
     : "";
   const which = sel && sel.end - sel.start > 1 ? `tokens ${sel.start}–${sel.end - 1}` : `token ${sel && sel.start}`;
   $("showing").textContent = sel
