@@ -53,8 +53,9 @@ def test_json_request_with_several_captions_and_selections_equals_the_engine(sta
     with stack.client() as c:
         r = c.post("/explain", json=body)
     assert r.status_code == 200, r.text
-    want = direct(tiny_loaded, image, ["a red ball", "two cats sleeping"],
-                  [[], [Span(4, 8), TokenRange(1, 3), Box(10, 5, 50, 40)]], steps=3, text_layer=1, image_layer=0)
+    selections = [[], [Span(4, 8), TokenRange(1, 3), Box(10, 5, 50, 40)]]
+    want = direct(tiny_loaded, image, ["a red ball", "two cats sleeping"], selections, steps=3,
+                  text_layer=1, image_layer=0)
     got = strip_timings(r.json()["result"])
     assert [s["kind"] for s in got[1]["selections"]] == ["span", "tokens", "box"]
     assert got[1]["options"] == {"text_layer": 1, "image_layer": 0, "steps": 3, "precision": "float32"}
@@ -76,13 +77,15 @@ def test_multipart_selections_with_caption_index(stack, tiny_loaded):
 def test_base64_matrix_round_trips(stack, tiny_loaded):
     image = png_bytes(40, 40, seed=4)
     with stack.client() as c:
-        r = c.post("/explain", json={"image": b64(image), "captions": ["a tree"], "steps": 3, "format": "base64"})
+        r = c.post("/explain", json={"image": b64(image), "captions": ["a tree"], "steps": 3,
+                                     "format": "base64"})
     assert r.status_code == 200, r.text
     [caption] = r.json()["result"]["captions"]
     encoded = caption["interactions"]
     assert encoded["encoding"] == "base64-float32-le" and isinstance(encoded["data"], str)
     [want] = direct(tiny_loaded, image, ["a tree"], steps=3)
-    torch.testing.assert_close(decode_matrix(encoded), torch.tensor(want["interactions"]), rtol=1e-4, atol=1e-7)
+    want_matrix = torch.tensor(want["interactions"])
+    torch.testing.assert_close(decode_matrix(encoded), want_matrix, rtol=1e-4, atol=1e-7)
     assert list(decode_matrix(encoded).shape) == encoded["shape"] == [len(want["tokens"]), 4, 4]
 
 
@@ -158,7 +161,8 @@ def test_health_ready_and_docs(stack):
 def test_concurrent_requests_are_batched_and_all_correct(stack, tiny_loaded):
     images = [png_bytes(40 + 8 * i, 40, seed=20 + i) for i in range(4)]
     captions = ["a dog", "a red car on a road", "two birds", "a bowl of fruit"]
-    want = {(i, j): direct(tiny_loaded, images[i], [captions[j]], steps=3) for i in range(4) for j in range(4)}
+    want = {(i, j): direct(tiny_loaded, images[i], [captions[j]], steps=3)
+            for i in range(4) for j in range(4)}
     before = stack.metrics()
 
     def call(n: int):
