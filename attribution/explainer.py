@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attribution.errors import CaptionTooLong, EmptyCaption, InvalidOption
+from attribution.errors import InvalidOption
 from attribution.tail import Tail, dense_token_jvps, dense_token_vjps, embed, last_block_token_jvps
+from attribution.text import tokenize_caption
 from attribution.towers import ImageTower, TextTower
 
 PRECISIONS: dict[str, torch.dtype] = {
@@ -37,15 +38,24 @@ _REFERENCE_CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDi
 
 @dataclass(frozen=True)
 class Completeness:
-    """Sum of all interactions next to the value it approximates, ``(h(t)−h(r_t))·(g(x)−g(r_x))``.
+    """How well the interactions add up, all on the cosine scale (divided by ‖h(t)‖·‖g(x)‖).
 
-    Both are on the cosine scale (divided by ‖h(t)‖·‖g(x)‖); ``gap = total − expected`` shrinks as
-    the number of interpolation steps grows.
+    ``total``: the sum of all interactions (CLS column included). ``expected``:
+    ``(h(t)−h(r_t))·(g(x)−g(r_x))``, the value the method explains; ``gap = total − expected``.
+
+    The reference's conventions pool every interpolation point at the *input's* EOT position but the
+    text reference at its own (position 2), so the path integral ends at the reference's hidden state
+    pooled at the input's EOT, not at ``h(r_t)``. ``path_expected`` is the value the sum converges to
+    as the steps grow; ``integration_gap = total − path_expected`` is the Riemann-sum error alone and
+    shrinks as N grows, while ``gap`` tends to ``path_expected − expected`` (zero for a one-token
+    caption, whose EOT is at position 2 too).
     """
 
     total: float
     expected: float
     gap: float
+    path_expected: float
+    integration_gap: float
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,7 @@ class _Side:
     factor: Tensor
     embedding: Tensor  # (B, E) of the inputs, in float32
     reference_embedding: Tensor  # (E,)
+    path_start: Tensor  # (B, E) the reference's hidden states pooled as each input is
     lengths: list[int]  # tokens per input
 
 
@@ -129,20 +140,9 @@ class Explainer:
     # ----------------------------------------------------------------------------------- public
 
     def tokenize(self, captions: Sequence[str]) -> list[Tensor]:
-        """Token ids of each caption cut after its EOT, with the reference's errors for bad captions."""
+        """Token ids of each caption (SOT … EOT); raises for empty or too long captions."""
         context = self.text.context_length
-        out = []
-        for caption in captions:
-            if not caption or not caption.strip():
-                raise EmptyCaption("caption is empty; give at least one word")
-            ids = self.tokenizer.encode(caption) if hasattr(self.tokenizer, "encode") else None
-            if ids is not None and len(ids) + 2 > context:
-                raise CaptionTooLong(len(ids) + 2, context)
-            tokens = self.tokenizer([caption], context_length=context)[0]
-            if ids is None and tokens[-1] != 0:
-                raise InvalidOption("caption may be truncated by the tokenizer; shorten it")
-            out.append(tokens[: int(tokens.argmax()) + 1])
-        return out
+        return [tokenize_caption(c, self.tokenizer, context_length=context)[0] for c in captions]
 
     @torch.no_grad()
     def explain(self, images: Tensor, captions: Sequence[str]) -> list[PairResult]:
@@ -193,8 +193,10 @@ class Explainer:
         tail = self.image.tail(self.image_layer, self.dtype, self.device)
         pool = torch.zeros(hidden.shape[0], dtype=torch.long, device=self.device)  # class token
         ref_pool = torch.zeros(1, dtype=torch.long, device=self.device)
-        factor, embedding, ref_embedding = self._factor(tail, hidden, pool, refs["image"], ref_pool)
-        return _Side(factor, embedding, ref_embedding, [hidden.shape[1]] * hidden.shape[0])
+        factor, embedding, ref_embedding, path_start = self._factor(
+            tail, hidden, pool, refs["image"], ref_pool
+        )
+        return _Side(factor, embedding, ref_embedding, path_start, [hidden.shape[1]] * hidden.shape[0])
 
     def _text_side(self, tokens: list[Tensor], refs: dict[str, Tensor]) -> _Side:
         length = max(len(t) for t in tokens)
@@ -204,18 +206,19 @@ class Explainer:
         hidden = self.text.hidden(batch, self.text_layer).float()
         tail = self.text.tail(self.text_layer, self.dtype, self.device)
         pool = self.text.pool_index(batch)
-        factor, embedding, ref_embedding = self._factor(
+        factor, embedding, ref_embedding, path_start = self._factor(
             tail, hidden, pool, refs["text"], refs["text_pool"].view(1)
         )
         # Rows after a caption's EOT are padding of the batch; the result keeps SOT … EOT.
-        return _Side(factor, embedding, ref_embedding, (pool + 1).tolist())
+        return _Side(factor, embedding, ref_embedding, path_start, (pool + 1).tolist())
 
     def _factor(
         self, tail: Tail, hidden: Tensor, pool: Tensor, ref_hidden: Tensor, ref_pool: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Integrated per-token derivatives of one tower: hidden (B, S, W) → factor (B, E, S).
 
-        Also returns the inputs' embeddings (B, E) and the reference's embedding (E,), in float32.
+        Also returns, in float32, the inputs' embeddings (B, E), the reference's embedding (E,) and the
+        start of each input's path (B, E): the reference's hidden states pooled at the input's row.
         ``ref_hidden`` holds the reference's hidden states for at least S rows.
         """
         b, s, w = hidden.shape
@@ -238,7 +241,8 @@ class Explainer:
         embedding = embed(tail, hidden.to(dt), pool).float()
         ref_rows = max(s, int(ref_pool) + 1)
         ref_embedding = embed(tail, ref_hidden[:ref_rows].unsqueeze(0).to(dt), ref_pool).float()[0]
-        return factor, embedding, ref_embedding
+        path_start = embed(tail, ref_hidden[:s].to(dt).expand(b, s, w), pool).float()
+        return factor, embedding, ref_embedding, path_start
 
     def _last_block(self, tail: Tail, points: Tensor, deltas: Tensor, pools: Tensor) -> Tensor:
         """The closed-form last-block pass, in slices of at most ``max_tangents`` tangent rows."""
@@ -261,12 +265,15 @@ class Explainer:
         rows = text.lengths[ti]
         a = text.factor[ti, :, :rows].T @ image.factor[ii] / norm  # (tokens, image tokens)
         expected = float((t_emb - text.reference_embedding) @ (x_emb - image.reference_embedding) / norm)
+        path_expected = float((t_emb - text.path_start[ti]) @ (x_emb - image.path_start[ii]) / norm)
         total = float(a.sum())
         return PairResult(
             interactions=a[:, 1:].reshape(rows, *grid).contiguous(),
             cls=a[:, 0].contiguous(),
             score=float(t_emb @ x_emb / (t_emb.norm() * x_emb.norm())),
-            completeness=Completeness(total=total, expected=expected, gap=total - expected),
+            completeness=Completeness(
+                total, expected, total - expected, path_expected, total - path_expected
+            ),
         )
 
 

@@ -1,0 +1,197 @@
+"""From images and captions to JSON-ready explanations, many requests in one engine call.
+
+This is what the service's worker calls: it preprocesses each image once (keeping its geometry),
+tokenises each caption with character offsets, checks every selection before any compute, runs one
+``Explainer.explain_tokens`` over all (image, caption) pairs of the batch and evaluates the selections.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from attribution.explainer import Explainer, PairResult
+from attribution.images import ImageGeometry, preprocess
+from attribution.models import LoadedModel
+from attribution.selections import Box, Span, TokenRange, box_token_scores, span_heatmap
+from attribution.text import Token, tokenize_caption
+
+Selection = Span | TokenRange | Box
+MATRIX_FORMATS = ("json", "base64")
+
+
+@dataclass
+class ExplainRequest:
+    """One image with its captions; ``selections[i]`` are the selections of caption ``i``."""
+
+    image: Image.Image
+    captions: list[str]
+    selections: list[list[Selection]] = field(default_factory=list)
+
+    def selections_of(self, caption_index: int) -> list[Selection]:
+        return self.selections[caption_index] if caption_index < len(self.selections) else []
+
+
+@dataclass(frozen=True)
+class SelectionResult:
+    """A span or token range with its patch heatmap, or a box with its per-token scores."""
+
+    selection: Selection
+    heatmap: torch.Tensor | None = None  # (rows, cols)
+    token_scores: torch.Tensor | None = None  # (tokens,)
+    tokens: list[int] | None = None  # token indices a span or token range selects
+
+    def to_dict(self) -> dict[str, Any]:
+        sel = self.selection
+        if isinstance(sel, Box):
+            return {
+                "kind": "box",
+                "box": [sel.x0, sel.y0, sel.x1, sel.y1],
+                "token_scores": self.token_scores.tolist(),
+            }
+        kind = "span" if isinstance(sel, Span) else "tokens"
+        return {
+            "kind": kind,
+            "start": sel.start,
+            "end": sel.end,
+            "tokens": self.tokens,
+            "heatmap": self.heatmap.tolist(),
+        }
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The explanation of one caption of one request, with everything needed to draw it."""
+
+    caption: str
+    model_name: str
+    pretrained: str | None
+    options: dict[str, Any]
+    tokens: list[Token]
+    geometry: ImageGeometry
+    result: PairResult
+    selections: list[SelectionResult]
+
+    def to_dict(self, matrix_format: str = "json") -> dict[str, Any]:
+        """The JSON result (see docs/contract.md); the matrix as nested lists or base64 float32 LE."""
+        if matrix_format not in MATRIX_FORMATS:
+            raise ValueError(f"matrix_format must be one of {MATRIX_FORMATS}, got {matrix_format!r}")
+        geometry = self.geometry.to_dict()
+        return {
+            "caption": self.caption,
+            "model": {"name": self.model_name, "pretrained": self.pretrained},
+            "options": dict(self.options),
+            "tokens": [t.to_dict() for t in self.tokens],
+            "image": {k: v for k, v in geometry.items() if k != "grid"},
+            "grid": {"rows": self.geometry.grid[0], "cols": self.geometry.grid[1]},
+            "interactions": encode_matrix(self.result.interactions, matrix_format),
+            "cls": self.result.cls.tolist(),
+            "score": self.result.score,
+            "completeness": asdict(self.result.completeness),
+            "selections": [s.to_dict() for s in self.selections],
+        }
+
+
+def encode_matrix(matrix: torch.Tensor, matrix_format: str) -> Any:
+    """Nested lists, or ``{"encoding": "base64-float32-le", "shape", "data"}``."""
+    if matrix_format == "json":
+        return matrix.tolist()
+    data = matrix.detach().cpu().numpy().astype("<f4", copy=False).tobytes()
+    return {
+        "encoding": "base64-float32-le",
+        "shape": list(matrix.shape),
+        "data": base64.b64encode(data).decode(),
+    }
+
+
+def decode_matrix(encoded: Any) -> torch.Tensor:
+    """The inverse of :func:`encode_matrix` (either form)."""
+    if isinstance(encoded, dict):
+        array = np.frombuffer(base64.b64decode(encoded["data"]), dtype="<f4").reshape(encoded["shape"])
+        return torch.from_numpy(array.copy())
+    return torch.tensor(encoded, dtype=torch.float32)
+
+
+def _evaluate(
+    selection: Selection, result: Any, tokens: list[Token], geometry: ImageGeometry
+) -> SelectionResult:
+    if isinstance(selection, Box):
+        return SelectionResult(selection, token_scores=box_token_scores(result, geometry, selection))
+    heatmap = span_heatmap(result, tokens, selection)
+    return SelectionResult(selection, heatmap=heatmap, tokens=selected_tokens(selection, tokens))
+
+
+def selected_tokens(selection: Span | TokenRange, tokens: list[Token]) -> list[int]:
+    """Indices of the tokens a span (overlapping characters) or token range selects."""
+    if isinstance(selection, TokenRange):
+        return list(range(selection.start, selection.end))
+    return [t.index for t in tokens if t.start < selection.end and selection.start < t.end]
+
+
+@dataclass(frozen=True)
+class _Placeholder:
+    """Stands in for a result to check selections against shapes before any compute."""
+
+    interactions: torch.Tensor
+
+
+def explain_requests(
+    loaded: LoadedModel,
+    requests: Sequence[ExplainRequest],
+    *,
+    text_layer: int | None = None,
+    image_layer: int | None = None,
+    steps: int = 10,
+    precision: str = "float32",
+) -> list[list[Explanation]]:
+    """Explain every caption of every request in one engine call; one list per request.
+
+    Layers default to the last block. Bad captions, options or selections raise an
+    ``AttributionError`` subclass before anything is computed.
+    """
+    text_layer = loaded.text_layers - 1 if text_layer is None else text_layer
+    image_layer = loaded.image_layers - 1 if image_layer is None else image_layer
+    explainer = Explainer(loaded.model, loaded.tokenizer, text_layer, image_layer, steps, precision)
+
+    prepared = []  # (request index, caption, ids, tokens, image index, selections)
+    tensors, geometries = [], []
+    for r, request in enumerate(requests):
+        tensor, geometry = preprocess(request.image, loaded)
+        tensors.append(tensor)
+        geometries.append(geometry)
+        for c, caption in enumerate(request.captions):
+            ids, tokens = tokenize_caption(caption, loaded, context_length=loaded.context_length)
+            selections = request.selections_of(c)
+            placeholder = _Placeholder(torch.zeros(len(tokens), *geometry.grid))
+            for selection in selections:
+                _evaluate(selection, placeholder, tokens, geometry)
+            prepared.append((r, caption, ids, tokens, len(tensors) - 1, selections))
+
+    if not prepared:
+        return [[] for _ in requests]
+    images = torch.stack([tensors[p[4]] for p in prepared])
+    results = explainer.explain_tokens(images, [p[2] for p in prepared])
+
+    options = {"text_layer": text_layer, "image_layer": image_layer, "steps": steps, "precision": precision}
+    out: list[list[Explanation]] = [[] for _ in requests]
+    for (r, caption, _, tokens, i, selections), result in zip(prepared, results, strict=True):
+        geometry = geometries[i]
+        out[r].append(
+            Explanation(
+                caption=caption,
+                model_name=loaded.name,
+                pretrained=loaded.pretrained,
+                options=options,
+                tokens=tokens,
+                geometry=geometry,
+                result=result,
+                selections=[_evaluate(s, result, tokens, geometry) for s in selections],
+            )
+        )
+    return out
