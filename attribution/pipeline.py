@@ -19,7 +19,7 @@ from PIL import Image
 from attribution.explainer import Explainer, PairResult
 from attribution.images import ImageGeometry, preprocess
 from attribution.models import LoadedModel
-from attribution.selections import Box, Span, TokenRange, box_token_scores, span_heatmap
+from attribution.selections import Box, Span, TokenRange, box_token_scores, selected_tokens, span_heatmap
 from attribution.text import Token, tokenize_caption
 
 Selection = Span | TokenRange | Box
@@ -124,14 +124,7 @@ def _evaluate(
     if isinstance(selection, Box):
         return SelectionResult(selection, token_scores=box_token_scores(result, geometry, selection))
     heatmap = span_heatmap(result, tokens, selection)
-    return SelectionResult(selection, heatmap=heatmap, tokens=selected_tokens(selection, tokens))
-
-
-def selected_tokens(selection: Span | TokenRange, tokens: list[Token]) -> list[int]:
-    """Indices of the tokens a span (overlapping characters) or token range selects."""
-    if isinstance(selection, TokenRange):
-        return list(range(selection.start, selection.end))
-    return [t.index for t in tokens if t.start < selection.end and selection.start < t.end]
+    return SelectionResult(selection, heatmap=heatmap, tokens=selected_tokens(tokens, selection))
 
 
 @dataclass(frozen=True)
