@@ -263,3 +263,6 @@ def test_package_builds_from_exactly_the_copied_files(parsed, tmp_path):
         entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert "service/cli.py" in names and "service/settings.py" in names and "attribution/__init__.py" in names
     assert "exclip-service = service.cli:main" in entry_points
+    # The web page's assets are package data: the image serves them from the installed package.
+    static = [p.relative_to(ROOT).as_posix() for p in (ROOT / "service/web/static").rglob("*") if p.is_file()]
+    assert static and set(static) <= names, sorted(set(static) - names)
