@@ -1,0 +1,224 @@
+"""The engine next to the authors' reference (exclip 1.1), side by side in one run, on the same inputs.
+
+Each measurement runs in its own process so that its peak resident memory is its own. Models have
+random weights (seeded, identical in every process); the caption has 16 tokens; N = 10; layers 11/11.
+
+    python bench/engine_vs_reference.py                      # ViT-B-32 and ViT-B-16, reference included
+    python bench/engine_vs_reference.py --models ViT-B-32 --no-reference
+
+Prints a markdown table: wall time, peak RSS (and peak GPU memory on CUDA), the time of one plain image
+forward pass in the same process (a machine-independent yardstick), the speed-up, the max relative
+error against the reference, and the throughput of 8 captions × 4 images in one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CAPTION = "a photo of a brown dog with a red ball on the green grass"  # 16 tokens with SOT, EOT
+CAPTIONS = [
+    "a dog on the grass",
+    "a red ball",
+    "two cats sleeping on a sofa",
+    "a man riding a bicycle down a street",
+    "a bowl of fruit on a wooden table",
+    "a city skyline at night",
+    "a child flying a kite on the beach",
+    "an old car parked in front of a house",
+]
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+
+def _setup(model_name: str, device: str):
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(model_name, pretrained=None).eval().to(device)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    size = model.visual.image_size
+    size = size if isinstance(size, tuple) else (size, size)
+    image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1)).to(device)
+    assert len(tokenizer.encode(CAPTION)) + 2 == 16
+    return model, tokenizer, image
+
+
+def _forward_seconds(model, image) -> float:
+    import torch
+
+    with torch.no_grad():
+        model.encode_image(image)
+        start = time.perf_counter()
+        for _ in range(3):
+            model.encode_image(image)
+        _sync(image.device)
+        return (time.perf_counter() - start) / 3
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_ours(model_name: str, device: str, out: Path, throughput: bool) -> dict:
+    import torch
+
+    from attribution.explainer import Explainer
+
+    model, tokenizer, image = _setup(model_name, device)
+    forward = _forward_seconds(model, image)
+    explainer = Explainer(model, tokenizer, 11, 11, 10)
+    explainer.explain(image, [CAPTION])  # warm-up: reference states cached per model, as in the service
+    if image.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = explainer.explain(image, [CAPTION])[0]
+    _sync(image.device)
+    seconds = time.perf_counter() - start
+    torch.save(result.interactions.cpu(), out)
+    row = {"seconds": seconds, "forward": forward, "gap": result.completeness.integration_gap}
+    if throughput:
+        images = torch.randn(4, 3, *image.shape[-2:], generator=torch.Generator().manual_seed(2)).to(device)
+        pairs = [(i, c) for i in range(4) for c in CAPTIONS]
+        start = time.perf_counter()
+        explainer.explain(torch.stack([images[i] for i, _ in pairs]), [c for _, c in pairs])
+        _sync(image.device)
+        row["pairs_per_second"] = len(pairs) / (time.perf_counter() - start)
+    if image.device.type == "cuda":
+        row["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+    return row
+
+
+def run_reference(model_name: str, device: str, out: Path) -> dict:
+    import torch
+    from exclip.explanation import OpenClipExplainer
+
+    model, tokenizer, image = _setup(model_name, device)
+    forward = _forward_seconds(model, image)
+    explainer = OpenClipExplainer(model, image_dim=image.shape[-1], device=torch.device(device))
+    start = time.perf_counter()
+    interactions = explainer.explain(
+        tokenizer([CAPTION]).to(device), image, text_layer=11, image_layer=11, N=10
+    )
+    _sync(image.device)
+    seconds = time.perf_counter() - start
+    torch.save(interactions.cpu(), out)
+    row = {"seconds": seconds, "forward": forward}
+    if image.device.type == "cuda":
+        row["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+    return row
+
+
+def _child(args) -> None:
+    """One measurement in this process; prints one JSON line."""
+    try:
+        if args.child == "ours":
+            row = run_ours(args.model, args.device, Path(args.out), args.throughput)
+        else:
+            row = run_reference(args.model, args.device, Path(args.out))
+    except MemoryError as exc:
+        row = {"error": f"out of memory ({exc.__class__.__name__})"}
+    except RuntimeError as exc:
+        if "memory" not in str(exc).lower() and "alloc" not in str(exc).lower():
+            raise
+        row = {"error": f"out of memory: {str(exc).splitlines()[0][:120]}"}
+    row["peak_rss_gb"] = _peak_rss_gb()
+    print(json.dumps(row), flush=True)
+
+
+def _measure(
+    kind: str, model: str, device: str, out: Path, memory_limit_gb: float | None, throughput: bool
+) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--model", model, "--device", device, "--out", str(out)]
+    if throughput:
+        cmd.append("--throughput")
+
+    def limit() -> (
+        None
+    ):  # an address-space cap turns a runaway allocation into a MemoryError, not a dead machine
+        if memory_limit_gb:
+            cap = int(memory_limit_gb * 1024**3)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        return {"error": f"failed: {tail[0][:160]}"}
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument(
+        "--reference-memory-gb",
+        type=float,
+        default=20.0,
+        help="address-space cap for the reference process (it needs > 24 GB for ViT-B-16)",
+    )
+    parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--throughput", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args)
+        return
+
+    import torch
+
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
+        f"device {args.device}, {os.cpu_count()} CPUs"
+    )
+    print(
+        "| model | implementation | seconds | image forwards | peak RSS GB | peak GPU GB | speed-up | "
+        "max rel. error | pairs/s (8×4) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            ours_out, ref_out = Path(tmp, f"{model}-ours.pt"), Path(tmp, f"{model}-ref.pt")
+            ours = _measure("ours", model, args.device, ours_out, None, True)
+            ref = (
+                {"error": "not run"}
+                if args.no_reference
+                else _measure("reference", model, args.device, ref_out, args.reference_memory_gb, False)
+            )
+            error = speedup = ""
+            if "error" not in ours and "error" not in ref:
+                a, b = torch.load(ours_out), torch.load(ref_out)
+                error = f"{float((a - b).abs().max() / b.abs().max()):.1e}"
+                speedup = f"{ref['seconds'] / ours['seconds']:.0f}×"
+            for name, row in (("exclip 1.1 (reference)", ref), ("attribution (this)", ours)):
+                if "error" in row:
+                    peak = f"{row['peak_rss_gb']:.1f}" if "peak_rss_gb" in row else ""
+                    print(f"| {model} | {name} | {row['error']} |  | {peak} |  |  |  |  |")
+                    continue
+                print(
+                    f"| {model} | {name} | {row['seconds']:.2f} | {row['seconds'] / row['forward']:.1f} | "
+                    f"{row['peak_rss_gb']:.2f} | {row.get('gpu_peak_gb', float('nan')):.2f} | "
+                    f"{speedup if row is ours else ''} | {error if row is ours else ''} | "
+                    f"{row.get('pairs_per_second', float('nan')):.1f} |"
+                )
+
+
+if __name__ == "__main__":
+    main()
