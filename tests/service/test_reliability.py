@@ -1,0 +1,98 @@
+"""Reliability with real processes: worker crash and takeover, SIGTERM mid-batch, compute time limit,
+Redis going away and coming back."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+
+from tests.conftest import ServiceLauncher
+from tests.service.conftest import png_bytes
+
+SLOW_B32 = {"EXCLIP_MODEL": "ViT-B-32", "EXCLIP_PRETRAINED": "none"}  # random weights, ~1 s per caption
+
+
+def submit(url: str, captions: list[str], steps: int, **data: str) -> str:
+    r = httpx.post(url + "/jobs", files={"image": ("x.png", png_bytes(seed=11))},
+                   data={"caption": captions, "steps": str(steps), **data}, timeout=30)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def wait_status(url: str, job_id: str, statuses: set[str], timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/jobs/{job_id}", timeout=10).json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached {statuses}; last: {job['status']}")
+
+
+def test_killed_workers_job_is_taken_over_and_sigterm_finishes_the_batch(launcher, redis_server):
+    env = {**SLOW_B32, "EXCLIP_VISIBILITY_TIMEOUT_S": "2"}
+    api = launcher.api(**env)
+    first = launcher.worker(EXCLIP_WORKER_NAME="first", **env)
+    api.wait_ready(timeout_s=180)
+    job_id = submit(api.url, ["a photo of a dog"] * 8, steps=2)
+    wait_status(api.url, job_id, {"running"})
+    first.kill()  # SIGKILL mid-computation: the entry stays pending, unacknowledged
+
+    second = launcher.worker(EXCLIP_WORKER_NAME="second", **env)
+    done = wait_status(api.url, job_id, {"done", "failed"}, timeout_s=240)
+    assert done["status"] == "done", done["error"]
+    r = redis_server.client()
+    assert r.hget(f"{launcher.key_prefix}:job:{job_id}", "deliveries") == "2"
+
+    # SIGTERM while computing: the batch is finished, stored and acknowledged before the exit.
+    job_id = submit(api.url, ["a photo of a cat"] * 8, steps=2)
+    wait_status(api.url, job_id, {"running"})
+    assert second.stop(signal.SIGTERM, timeout_s=120) == 0
+    assert httpx.get(f"{api.url}/jobs/{job_id}").json()["status"] == "done"
+    assert r.xpending(f"{launcher.key_prefix}:stream:ViT-B-32", "workers")["pending"] == 0
+    assert "worker second stopped" in second.output
+
+
+def test_compute_time_limit_fails_the_job_and_the_worker_goes_on(launcher):
+    api = launcher.api(EXCLIP_MAX_STEPS="5000")
+    launcher.worker(EXCLIP_JOB_TIMEOUT_S="3", EXCLIP_MAX_STEPS="5000")
+    api.wait_ready()
+    warm = submit(api.url, ["a dog"], steps=1)  # the first call in a process is slow (may hit the limit)
+    wait_status(api.url, warm, {"done", "failed"})
+    t0 = time.monotonic()
+    slow = submit(api.url, ["a dog running on the beach near the sea"] * 16, steps=5000)  # about a minute
+    failed = wait_status(api.url, slow, {"done", "failed"})
+    assert failed["status"] == "failed" and failed["error"]["type"] == "JobTimeout"
+    assert "EXCLIP_JOB_TIMEOUT_S" in failed["error"]["message"]
+    assert time.monotonic() - t0 < 20  # stopped at the limit, not run to the end
+    after = submit(api.url, ["a cat"], steps=1)
+    last = wait_status(api.url, after, {"done", "failed"})
+    assert last["status"] == "done", last["error"]
+
+
+def test_redis_outage_gives_503_then_everything_reconnects(make_redis_server, key_prefix, tiny_checkpoint,
+                                                           tmp_path):
+    server = make_redis_server()
+    launch = ServiceLauncher(server.url, key_prefix, tiny_checkpoint, tmp_path)
+    try:
+        api = launch.api(EXCLIP_REDIS_TIMEOUT_S="1")
+        launch.worker(EXCLIP_REDIS_TIMEOUT_S="1")
+        api.wait_ready()
+        server.stop()
+        t0 = time.monotonic()
+        r = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
+                       data={"caption": "a dog"}, timeout=30)
+        assert r.status_code == 503 and "Redis" in r.json()["detail"] and r.headers["Retry-After"]
+        assert time.monotonic() - t0 < 10
+        assert httpx.get(api.url + "/readyz", timeout=30).status_code == 503
+        assert httpx.get(api.url + "/healthz", timeout=30).status_code == 200
+
+        server.start()  # same port, empty data: workers re-create their group and heartbeat
+        api.wait_ready(timeout_s=60)
+        r = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
+                       data={"caption": "a dog", "steps": "2"}, timeout=60)
+        assert r.status_code == 200 and r.json()["status"] == "done"
+    finally:
+        launch.close()
