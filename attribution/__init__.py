@@ -3,27 +3,54 @@
 A plain library: no web framework, no queue. ``service`` builds on it, never the reverse.
 """
 
-import importlib
+from attribution.errors import (
+    AttributionError,
+    CaptionError,
+    CaptionTooLong,
+    EmptyCaption,
+    InvalidImage,
+    InvalidOption,
+    InvalidSelection,
+    ModelNotAvailable,
+    UnknownModel,
+    UnsupportedModel,
+)
+from attribution.explainer import Completeness, Explainer, PairResult
+from attribution.images import ImageGeometry, decode_image, preprocess
+from attribution.models import TINY_MODEL, LoadedModel, load_model
+from attribution.pipeline import ExplainRequest, Explanation, explain_requests
+from attribution.selections import Box, Span, TokenRange, box_token_scores, selected_tokens, span_heatmap
+from attribution.text import Token, tokenize_caption
 
-# Names re-exported from the submodules, imported on first use so that importing one submodule does
-# not import the whole library.
-_EXPORTS = {
-    "attribution.errors": [
-        "AttributionError", "CaptionError", "CaptionTooLong", "EmptyCaption", "InvalidImage",
-        "InvalidOption", "InvalidSelection", "ModelNotAvailable", "UnknownModel", "UnsupportedModel",
-    ],
-    "attribution.explainer": ["Completeness", "Explainer", "PairResult"],
-    "attribution.images": ["ImageGeometry", "decode_image", "preprocess"],
-    "attribution.models": ["TINY_MODEL", "LoadedModel", "load_model"],
-    "attribution.pipeline": ["ExplainRequest", "Explanation", "explain_requests"],
-    "attribution.selections": ["Box", "Span", "TokenRange", "box_token_scores", "span_heatmap"],
-    "attribution.text": ["Token", "tokenize_caption"],
-}
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'attribution' has no attribute {name!r}")
-    return getattr(importlib.import_module(_MODULE_OF[name]), name)
+__all__ = [
+    "TINY_MODEL",
+    "AttributionError",
+    "Box",
+    "CaptionError",
+    "CaptionTooLong",
+    "Completeness",
+    "EmptyCaption",
+    "ExplainRequest",
+    "Explainer",
+    "Explanation",
+    "ImageGeometry",
+    "InvalidImage",
+    "InvalidOption",
+    "InvalidSelection",
+    "LoadedModel",
+    "ModelNotAvailable",
+    "PairResult",
+    "Span",
+    "Token",
+    "TokenRange",
+    "UnknownModel",
+    "UnsupportedModel",
+    "box_token_scores",
+    "decode_image",
+    "explain_requests",
+    "load_model",
+    "preprocess",
+    "selected_tokens",
+    "span_heatmap",
+    "tokenize_caption",
+]
