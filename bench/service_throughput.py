@@ -284,9 +284,9 @@ def run_config(procs: Processes, redis_url: str, model: str, pretrained: str, ba
             latencies, failures, stopped, seconds = asyncio.run(
                 _drive(url, n, concurrency, args.steps, images, args.time_limit))
             sum1, count1 = _batch_counters(client)
-    finally:
-        procs.stop(worker)
-        procs.stop(api)
+    finally:  # normally nothing is in flight; after an interrupt abandoned long polls would hold the API
+        procs.stop(worker, timeout_s=10)
+        procs.stop(api, timeout_s=10)
     latencies.sort()
     answered = len(latencies) + len(failures)
     return Row(model=model, batching=batching, concurrency=concurrency, requests=answered, planned=n,
@@ -384,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="exclip-bench-"))
     procs = Processes(log_dir)
     started = datetime.now(timezone.utc)
+    t_start = time.monotonic()
     load_before = os.getloadavg()
     rows: list[Row] = []
     try:
@@ -398,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
                                            n, args, images))
                     print(_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     except KeyboardInterrupt:
-        print("interrupted; stopping the processes", file=sys.stderr)
+        print(f"interrupted; stopping the processes (logs in {log_dir})", file=sys.stderr)
         return 130
+    except BaseException:
+        print(f"failed; process logs in {log_dir}", file=sys.stderr)
+        raise
     finally:
         procs.stop_all()
     load_after = os.getloadavg()
@@ -407,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"date: {started.isoformat(timespec='seconds')}; host: {os.cpu_count()} CPUs ({_cpu_model()}), "
           f"torch on CPU; load average 1 min {load_before[0]:.1f} before, {load_after[0]:.1f} after "
-          "(other jobs share this machine)")
+          f"(other jobs share this machine); whole run {time.monotonic() - t_start:.0f} s")
     print(f"command: {' '.join(['python', 'bench/service_throughput.py', *(argv or sys.argv[1:])])}")
     print(f"setup: one redis-server, one API, one worker per row, all on 127.0.0.1; weights: "
           f"{', '.join(f'{m}={p}' for m, p in pretrained.items())}; steps {args.steps}; "
