@@ -92,7 +92,9 @@ def assert_close(got: Any, want: Any, path: str = "") -> None:
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
             assert_close(g, w, f"{path}[{i}]")
     elif isinstance(want, float) and not isinstance(got, str):
-        assert math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-7), f"{path}: {got} != {want}"
+        # A gap is a difference of two sums: batching changes their rounding by about 1e-7.
+        abs_tol = 1e-6 if path.endswith("gap") else 1e-7
+        assert math.isclose(got, want, rel_tol=1e-4, abs_tol=abs_tol), f"{path}: {got} != {want}"
     else:
         assert got == want, f"{path}: {got!r} != {want!r}"
 
