@@ -1,0 +1,280 @@
+"""Fault tests with real processes and a private Redis: what tests/service/test_reliability.py and
+test_queue_limit.py do not already cover.
+
+- a worker SIGKILLed in the middle of a batch of several jobs: every job stays pending, another worker
+  claims them all after the visibility timeout, and the stream is trimmed only once they are done;
+- poison jobs: a job whose worker dies every time is failed after EXCLIP_MAX_DELIVERIES; a job that
+  fails in the worker (image deleted or replaced in Redis after the API accepted it) fails with its
+  reason while the jobs batched with it complete in the same engine call;
+- Redis hanging (SIGSTOP, connections accepted but never answered): 503 + Retry-After within the
+  socket timeout, /readyz not ready, and recovery once Redis answers again;
+- SIGTERM to the API while a long ``wait`` request is in flight: that request still gets its result;
+- the upload limit enforced while reading a chunked body (no Content-Length) and the selection count;
+- every key written by real API and worker processes expires.
+
+Slow batches use the tiny model with many integration steps (EXCLIP_MAX_STEPS raised), which costs
+seconds of compute but no model loading.
+"""
+
+from __future__ import annotations
+
+import select
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from service.keys import GROUP, METRICS_TTL_S, Keys
+from tests.conftest import ServiceLauncher
+from tests.service.conftest import b64, png_bytes
+
+STREAM_MODEL = "exclip-tiny"
+SLOW = {"EXCLIP_MAX_STEPS": "20000"}
+TTL_S = 300
+
+
+def submit(url: str, captions: list[str], steps: int, seed: int = 0, **data: str) -> str:
+    r = httpx.post(url + "/jobs", files={"image": ("x.png", png_bytes(seed=seed))},
+                   data={"caption": captions, "steps": str(steps), **data}, timeout=30)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def job(url: str, job_id: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/jobs/{job_id}", timeout=10).json()
+
+
+def wait_for(predicate, timeout_s: float, what: str, step_s: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def wait_finished(url: str, ids: list[str], timeout_s: float = 120) -> list[dict[str, Any]]:
+    def all_finished():
+        jobs = [job(url, i) for i in ids]
+        return jobs if all(j["status"] in ("done", "failed", "cancelled") for j in jobs) else None
+
+    return wait_for(all_finished, timeout_s, f"jobs {ids} to finish", 0.1)
+
+
+def assert_every_key_expires(r, prefix: str) -> list[str]:
+    """Every key under ``prefix`` has a TTL: at most EXCLIP_RESULT_TTL_S, the metrics hash 30 days."""
+    keys = list(r.scan_iter(f"{prefix}:*"))
+    ttls = {k: r.ttl(k) for k in keys}
+    metrics_key = Keys(prefix).metrics
+    assert {k: t for k, t in ttls.items() if t <= 0} == {}, "keys without expiry"
+    assert {k: t for k, t in ttls.items() if k != metrics_key and t > TTL_S} == {}
+    if metrics_key in ttls:
+        assert ttls[metrics_key] <= METRICS_TTL_S
+    return keys
+
+
+def pending(r, prefix: str) -> list[dict[str, Any]]:
+    return r.xpending_range(Keys(prefix).stream(STREAM_MODEL), GROUP, min="-", max="+", count=100)
+
+
+def test_sigkill_mid_batch_loses_no_job_and_trims_only_acknowledged_entries(launcher, redis_server):
+    prefix, r = launcher.key_prefix, redis_server.client()
+    stream = Keys(prefix).stream(STREAM_MODEL)
+    env = {"EXCLIP_VISIBILITY_TIMEOUT_S": "3", "EXCLIP_RESULT_TTL_S": str(TTL_S)}
+    api = launcher.api(**SLOW, **env)
+    first = launcher.worker(EXCLIP_WORKER_NAME="first", EXCLIP_MAX_WAIT_MS="2000", **env)
+    api.wait_ready()
+    ids = [submit(api.url, ["a dog on the grass"] * 4, steps=3000, seed=i) for i in range(4)]
+    wait_for(lambda: all(job(api.url, i)["status"] == "running" for i in ids), 60, "the batch to start")
+    first.kill()  # SIGKILL while the engine call for all four is in progress
+    assert [job(api.url, i)["status"] for i in ids] == ["running"] * 4
+    held = pending(r, prefix)
+    assert len(held) == 4 and {p["consumer"] for p in held} == {"first"}
+    assert r.xlen(stream) >= 4  # nothing pending was trimmed
+
+    launcher.worker(EXCLIP_WORKER_NAME="second", **env)
+    jobs = wait_finished(api.url, ids, timeout_s=180)
+    assert [j["status"] for j in jobs] == ["done"] * 4, [j["error"] for j in jobs]
+    assert [r.hget(Keys(prefix).job(i), "deliveries") for i in ids] == ["2"] * 4
+    assert all(len(j["result"]["captions"]) == 4 for j in jobs)
+    assert pending(r, prefix) == [] and r.xlen(stream) == 0
+    assert_every_key_expires(r, prefix)
+
+
+def test_job_failing_in_the_worker_fails_alone_and_its_batch_completes(launcher, redis_server):
+    prefix, r = launcher.key_prefix, redis_server.client()
+    keys = Keys(prefix)
+    api = launcher.api(**SLOW, EXCLIP_RESULT_TTL_S=str(TTL_S))
+    launcher.worker(EXCLIP_MAX_WAIT_MS="1000", EXCLIP_RESULT_TTL_S=str(TTL_S))
+    api.wait_ready()
+    blocker = submit(api.url, ["a long caption to keep the worker busy"] * 4, steps=3000)
+    wait_for(lambda: job(api.url, blocker)["status"] == "running", 60, "the blocker to start")
+    good1, broken, expired, good2, cancelled = (submit(api.url, ["a cat"], steps=2, seed=i) for i in range(5))
+    # The API checked these images; now they change under the worker's feet.
+    assert r.set(keys.image(broken), b"not an image any more", xx=True, keepttl=True)
+    assert r.delete(keys.image(expired)) == 1
+    assert httpx.delete(f"{api.url}/jobs/{cancelled}").json()["status"] == "cancelled"
+    assert job(api.url, blocker)["status"] == "running"  # so the five were read together afterwards
+
+    jobs = dict(zip(["good1", "broken", "expired", "good2", "cancelled"],
+                    wait_finished(api.url, [good1, broken, expired, good2, cancelled]), strict=True))
+    assert {k: j["status"] for k, j in jobs.items()} == {
+        "good1": "done", "broken": "failed", "expired": "failed", "good2": "done", "cancelled": "cancelled"}
+    assert jobs["broken"]["error"]["type"] == "InvalidImage"
+    assert "not an image in a supported format" in jobs["broken"]["error"]["message"]
+    assert jobs["expired"]["error"] == {"type": "ImageExpired",
+                                        "message": "the job's image expired before it was computed"}
+    # One engine call computed both good jobs: the failures were taken out, not retried one by one.
+    timing = [jobs[k]["result"]["captions"][0]["timings"]["compute_ms"] for k in ("good1", "good2")]
+    assert timing[0] == timing[1]
+    assert r.hget(keys.job(cancelled), "deliveries") is None  # never started
+    wait_finished(api.url, [blocker], timeout_s=120)
+    assert pending(r, prefix) == [] and r.xlen(keys.stream(STREAM_MODEL)) == 0
+    written = assert_every_key_expires(r, prefix)
+    assert {keys.job(i) for i in (blocker, good1, broken, expired, good2, cancelled)} <= set(written)
+
+
+def test_job_that_kills_its_worker_every_time_is_failed_after_max_deliveries(launcher, redis_server):
+    prefix, r = launcher.key_prefix, redis_server.client()
+    env = {"EXCLIP_VISIBILITY_TIMEOUT_S": "2", "EXCLIP_MAX_DELIVERIES": "2"}
+    api = launcher.api(**SLOW, **env)
+    workers = {name: launcher.worker(EXCLIP_WORKER_NAME=name, **env) for name in ("w1", "w2", "w3")}
+    api.wait_ready()
+    wait_for(lambda: len(httpx.get(api.url + "/metrics", timeout=10).text.split("exclip_workers 3.0")) == 2,
+             90, "three live workers")
+    poison = submit(api.url, ["this job crashes whichever worker runs it"] * 8, steps=3000)
+    for delivery in ("1", "2"):  # the crash, simulated: SIGKILL whoever computes it, twice
+        wait_for(lambda d=delivery: r.hget(Keys(prefix).job(poison), "deliveries") == d, 60,
+                 f"delivery {delivery}")
+        [holder] = {p["consumer"] for p in pending(r, prefix)}
+        workers.pop(holder).kill()
+    [failed] = wait_finished(api.url, [poison], timeout_s=60)
+    assert failed["status"] == "failed" and failed["error"]["type"] == "PoisonJob"
+    assert "delivered 2 times" in failed["error"]["message"]
+    assert "EXCLIP_MAX_DELIVERIES=2" in failed["error"]["message"]
+    assert pending(r, prefix) == []
+    [survivor] = workers.values()
+    assert survivor.alive()
+    after = submit(api.url, ["a cat"], steps=2)
+    assert wait_finished(api.url, [after])[0]["status"] == "done"
+
+
+def test_hanging_redis_gives_503_quickly_and_everything_recovers(make_redis_server, key_prefix,
+                                                                 tiny_checkpoint, tmp_path):
+    server = make_redis_server()
+    launch = ServiceLauncher(server.url, key_prefix, tiny_checkpoint, tmp_path)
+    try:
+        api = launch.api(EXCLIP_REDIS_TIMEOUT_S="1")
+        worker = launch.worker(EXCLIP_REDIS_TIMEOUT_S="1")
+        api.wait_ready()
+        server.proc.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
+        try:
+            t0 = time.monotonic()
+            r = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
+                           data={"caption": "a dog"}, timeout=30)
+            elapsed = time.monotonic() - t0
+            assert r.status_code == 503, r.text
+            assert "Redis" in r.json()["detail"] and int(r.headers["Retry-After"]) > 0
+            assert elapsed < 8, f"the API hung for {elapsed:.1f}s"
+            ready = httpx.get(api.url + "/readyz", timeout=30)
+            assert ready.status_code == 503 and "queue unreachable" in ready.json()["reason"]
+            assert httpx.get(api.url + "/healthz", timeout=5).status_code == 200
+            time.sleep(2)  # the worker meets the timeouts too
+            assert api.alive() and worker.alive()
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        api.wait_ready(timeout_s=60)
+        r = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
+                       data={"caption": "a dog", "steps": "2"}, timeout=60)
+        assert r.status_code == 200 and r.json()["status"] == "done", r.text
+        assert "queue unavailable" in worker.output  # it noticed, retried, and came back
+    finally:
+        launch.close()
+
+
+def test_sigterm_to_the_api_lets_an_in_flight_wait_request_finish(launcher, redis_server):
+    prefix, r = launcher.key_prefix, redis_server.client()
+    api = launcher.api(**SLOW)
+    launcher.worker()
+    api.wait_ready()
+    answer: dict[str, httpx.Response] = {}
+
+    def long_request() -> None:
+        answer["r"] = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
+                                 data={"caption": ["a dog on the grass"] * 4, "steps": "3000", "wait": "60"},
+                                 timeout=90)
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+
+    def running() -> bool:
+        return any(r.hget(k, "status") == "running" for k in r.scan_iter(f"{prefix}:job:*"))
+
+    wait_for(running, 60, "the job to start")
+    api.send_signal(signal.SIGTERM)
+    thread.join(90)
+    assert "r" in answer, "the in-flight request got no answer"
+    assert answer["r"].status_code == 200 and answer["r"].json()["status"] == "done", answer["r"].text
+    # uvicorn ends by re-raising the SIGTERM it handled, after "Finished server process".
+    assert api.proc.wait(30) in (0, -signal.SIGTERM)
+    assert "Finished server process" in api.output
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(api.url + "/healthz", timeout=5)
+
+
+def test_chunked_upload_is_cut_off_at_the_limit_while_it_is_sent(launcher):
+    limit = 100_000
+    api = launcher.api(EXCLIP_MAX_UPLOAD_BYTES=str(limit)).wait_healthy()
+    port = int(api.url.rsplit(":", 1)[1])
+    boundary = "b0und4ry"
+    head = (f"POST /explain HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+    piece = b"\x89" * 16_384
+    sent, reply = 0, b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32_768)
+        s.sendall(head + b"%x\r\n%s\r\n" % (len(part), part))
+        try:
+            while sent < 50 * limit:  # a 5 MB body if no one stopped it
+                s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                sent += len(piece)
+                if select.select([s], [], [], 0.002)[0]:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed while we were still sending
+        s.settimeout(10)
+        try:
+            while chunk := s.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass  # the server closed with our unread chunks in its buffer; its answer came first
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 413"), reply[:300]
+    assert b"EXCLIP_MAX_UPLOAD_BYTES" in rest
+    assert sent < 10 * limit, f"the server let {sent} bytes through before answering"
+    assert api.alive() and httpx.get(api.url + "/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["form", "json"])
+def test_too_many_selections_is_422(stack, kind):
+    before = stack.queue_state()
+    with stack.client() as c:
+        if kind == "form":
+            r = c.post("/explain", files={"image": ("x.png", png_bytes())},
+                       data={"caption": "a dog", "span": ["0:1"] * 65})
+        else:
+            selections = [{"box": [0, 0, 5, 5]}] * 40
+            r = c.post("/explain", json={"image": b64(png_bytes()), "captions": [
+                {"text": "a dog", "selections": selections}, {"text": "a cat", "selections": selections}]})
+    assert r.status_code == 422, r.text
+    count = 65 if kind == "form" else 80
+    assert f"{count} selections given; allowed: at most 64" in r.json()["detail"]
+    assert "EXCLIP_MAX_SELECTIONS" in r.json()["detail"]
+    assert stack.queue_state() == before
