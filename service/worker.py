@@ -11,9 +11,11 @@ One loop, top to bottom (``Worker.run``):
    job at a time otherwise) so one bad job cannot sink the others;
 4. store each outcome, then acknowledge (a crash before the ack means another worker redoes it).
 
-A heartbeat task advertises the models while the loop runs. ``stop()`` (SIGTERM) ends the loop after
-the current batch is stored and acknowledged. The per-job compute limit is enforced by raising
-``JobTimeout`` inside the computing thread (between tensor operations).
+A heartbeat task advertises the models while the loop runs and renews the deliveries being computed,
+so only a worker that stopped heartbeating (dead) loses its jobs to the visibility timeout.
+``stop()`` (SIGTERM) ends the loop after the current batch is stored and acknowledged. The per-job
+compute limit is enforced by raising ``JobTimeout`` inside the computing thread (between tensor
+operations).
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class Worker:
         self.name = settings.worker_name
         self._stopping = asyncio.Event()
         self._next_claim = 0.0
+        self._in_flight: list[Delivery] = []  # renewed by the heartbeat while a batch computes
         self.info = {"name": self.name, "pid": os.getpid(), "started_at": time.time(),
                      "max_batch": settings.max_batch, "models": [m.describe() for m in models]}
 
@@ -130,7 +133,11 @@ class Worker:
                 try:
                     deliveries = await self._next_deliveries()
                     if deliveries:
-                        await self._process(deliveries)
+                        self._in_flight = deliveries
+                        try:
+                            await self._process(deliveries)
+                        finally:
+                            self._in_flight = []
                     backoff = 0.2
                 except QUEUE_DOWN as exc:
                     log.warning("queue unavailable (%s); retrying in %.1f s", exc, backoff)
@@ -272,6 +279,8 @@ class Worker:
         while True:
             try:
                 await self.queue.heartbeat(self.name, {**self.info, "at": time.time()}, ttl_s=3 * period)
+                if self._in_flight:  # a batch longer than the visibility timeout stays ours
+                    await self.queue.renew(self.name, self._in_flight)
             except QUEUE_DOWN as exc:
                 log.warning("heartbeat failed (%s)", exc)
             await asyncio.sleep(period)

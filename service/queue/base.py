@@ -65,6 +65,12 @@ class JobQueue(Protocol):
                           count: int) -> list[Delivery]:
         """Take over entries delivered to any consumer but unacknowledged for ``min_idle_s`` or more."""
 
+    async def renew(self, consumer: str, deliveries: list[Delivery]) -> None:
+        """Reset the idle time of entries this consumer still holds, so a long batch is not taken over.
+
+        Entries another consumer has claimed meanwhile are left alone.
+        """
+
     async def start(self, job_id: str) -> Job | None:
         """Mark a queued (or re-delivered running) job running and count the delivery.
 

@@ -126,6 +126,13 @@ class MemoryQueue:
             p.consumer, p.delivered_at = consumer, now
         return [p.delivery for p in stale]
 
+    async def renew(self, consumer: str, deliveries: list[Delivery]) -> None:
+        now = time.monotonic()
+        for d in deliveries:
+            pending = self._pending.get(d.entry_id)
+            if pending is not None and pending.consumer == consumer:
+                pending.delivered_at = now
+
     async def start(self, job_id: str) -> Job | None:
         job = self._load(job_id)
         if job is not None and job.status in (JobStatus.QUEUED, JobStatus.RUNNING):

@@ -54,6 +54,20 @@ return 1
 """
 
 
+# Reset the idle time of the entries (ARGV[3..]) that consumer ARGV[2] of group ARGV[1] still owns.
+_RENEW = """
+local renewed = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+
+
 def _pairs(flat: list[str] | None) -> dict[str, str] | None:
     return None if not flat else dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -72,6 +86,7 @@ class RedisStreamsQueue:
         self._start = r.register_script(_START)
         self._cancel = r.register_script(_CANCEL)
         self._finish = r.register_script(_FINISH)
+        self._renew = r.register_script(_RENEW)
 
     # --- API side -------------------------------------------------------------------------------
     async def ping(self) -> None:
@@ -170,6 +185,11 @@ class RedisStreamsQueue:
             claimed += [Delivery(entry_id, fields["job_id"], model)
                         for entry_id, fields in reply[1] if fields]
         return claimed
+
+    async def renew(self, consumer: str, deliveries: list[Delivery]) -> None:
+        for model in {d.model for d in deliveries}:
+            ids = [d.entry_id for d in deliveries if d.model == model]
+            await self._renew(keys=[self.keys.stream(model)], args=[GROUP, consumer, *ids])
 
     async def start(self, job_id: str) -> Job | None:
         fields = _pairs(await self._start(keys=[self.keys.job(job_id)], args=[time.time(), self.ttl_s]))

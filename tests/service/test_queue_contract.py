@@ -118,6 +118,23 @@ async def test_unacknowledged_entries_are_claimed_after_the_visibility_timeout(q
     assert await queue.claim_stale("w3", [MODEL], min_idle_s=0.0, count=8) == []
 
 
+async def test_renewed_entries_are_not_claimed_while_their_worker_lives(queue):
+    job = await enqueue(queue)
+    [d] = await queue.read("busy-worker", [MODEL], count=8, block_ms=100)
+    await queue.start(job.id)
+    time.sleep(0.6)
+    await queue.renew("busy-worker", [d])
+    assert await queue.claim_stale("w2", [MODEL], min_idle_s=0.5, count=8) == []
+    time.sleep(0.6)
+    [claimed] = await queue.claim_stale("w2", [MODEL], min_idle_s=0.5, count=8)  # no renewal: taken over
+    assert claimed.entry_id == d.entry_id
+    await queue.renew("busy-worker", [d])  # the old holder cannot take it back
+    assert await queue.claim_stale("w3", [MODEL], min_idle_s=0.5, count=8) == []
+    time.sleep(0.6)
+    [again] = await queue.claim_stale("w3", [MODEL], min_idle_s=0.5, count=8)
+    assert again.entry_id == d.entry_id
+
+
 async def test_full_queue_refuses_and_adds_nothing(queue):
     await enqueue(queue)
     await enqueue(queue)
