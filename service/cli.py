@@ -135,7 +135,8 @@ def explain(args: argparse.Namespace) -> int:
 
 def _print_summary(caption: dict[str, Any]) -> None:
     c, grid, model = caption["completeness"], caption["grid"], caption["model"]
-    print(f"caption: {caption['caption']!r}  model: {model['name']} ({model['pretrained']})")
+    weights = model["pretrained"] or "random weights"
+    print(f"caption: {caption['caption']!r}  model: {model['name']} ({weights})")
     print(f"score (cosine): {caption['score']:.4f}  completeness: total {c['total']:.4f}, "
           f"expected {c['expected']:.4f}, gap {c['gap']:.2e}")
     print(f"tokens: {len(caption['tokens'])}  grid: {grid['rows']}x{grid['cols']}  "
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "explain":
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # the summary is the output, not request logs
         return explain(args)
     try:
         settings = _settings(args)
