@@ -18,6 +18,7 @@ seconds of compute but no model loading.
 
 from __future__ import annotations
 
+import resource
 import select
 import signal
 import socket
@@ -132,7 +133,7 @@ def test_job_failing_in_the_worker_fails_alone_and_its_batch_completes(launcher,
     # One engine call computed both good jobs: the failures were taken out, not retried one by one.
     timing = [jobs[k]["result"]["captions"][0]["timings"]["compute_ms"] for k in ("good1", "good2")]
     assert timing[0] == timing[1]
-    assert r.hget(keys.job(cancelled), "deliveries") is None  # never started
+    assert r.hget(keys.job(cancelled), "deliveries") == "0"  # never started
     wait_finished(api.url, [blocker], timeout_s=120)
     assert pending(r, prefix) == [] and r.xlen(keys.stream(STREAM_MODEL)) == 0
     written = assert_every_key_expires(r, prefix)
@@ -278,3 +279,37 @@ def test_too_many_selections_is_422(stack, kind):
     assert f"{count} selections given; allowed: at most 64" in r.json()["detail"]
     assert "EXCLIP_MAX_SELECTIONS" in r.json()["detail"]
     assert stack.queue_state() == before
+
+
+def _vm_size(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+
+def test_job_that_does_not_fit_in_memory_fails_clearly_and_the_worker_goes_on(launcher):
+    """A real allocation failure: the worker's address space is capped (RLIMIT_AS) once it is warm.
+
+    The engine bounds its memory per pass whatever the batch size, so on CPU only a job's own size
+    (here its steps) decides whether it fits; the split-on-OOM retry of a batch is not reachable here.
+    """
+    api = launcher.api(**SLOW)
+    worker = launcher.worker(EXCLIP_MAX_WAIT_MS="500", MALLOC_ARENA_MAX="2")  # few malloc arenas: stable VM
+    api.wait_ready()
+    warm = submit(api.url, ["a dog"], steps=10)
+    assert wait_finished(api.url, [warm])[0]["status"] == "done"
+    budget = 150 * 2**20  # plenty for 10 steps, far too little for 16 captions x 6000 steps (~400 MB)
+    limit = _vm_size(worker.proc.pid) + budget
+    resource.prlimit(worker.proc.pid, resource.RLIMIT_AS, (limit, limit))
+
+    small = submit(api.url, ["a cat"], steps=10, seed=1)
+    huge = submit(api.url, ["a dog running on the beach near the sea"] * 16, steps=6000, seed=2)
+    other = submit(api.url, ["a bird"], steps=10, seed=3)
+    jobs = wait_finished(api.url, [small, huge, other], timeout_s=120)
+    assert [j["status"] for j in jobs] == ["done", "failed", "done"], [j["error"] for j in jobs]
+    error = jobs[1]["error"]
+    assert error["type"] == "OutOfMemory", error
+    assert "out of memory computing this job alone" in error["message"]
+    assert "fewer steps or captions" in error["message"]
+    assert worker.alive()
+    after = submit(api.url, ["a fish"], steps=10, seed=4)
+    assert wait_finished(api.url, [after])[0]["status"] == "done"
