@@ -152,12 +152,8 @@ def _child(args) -> None:
     print(json.dumps(row), flush=True)
 
 
-def _measure(
-    kind: str, model: str, device: str, out: Path, memory_limit_gb: float | None, throughput: bool
-) -> dict:
+def _measure(kind: str, model: str, device: str, out: Path, memory_limit_gb: float | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--model", model, "--device", device, "--out", str(out)]
-    if throughput:
-        cmd.append("--throughput")
 
     def limit() -> (
         None
