@@ -313,3 +313,18 @@ def test_job_that_does_not_fit_in_memory_fails_clearly_and_the_worker_goes_on(la
     assert worker.alive()
     after = submit(api.url, ["a fish"], steps=10, seed=4)
     assert wait_finished(api.url, [after])[0]["status"] == "done"
+
+
+def test_idle_worker_survives_its_stream_expiring(launcher, redis_server):
+    """The stream expires EXCLIP_RESULT_TTL_S after its last job, while idle workers block reading it."""
+    api = launcher.api(EXCLIP_RESULT_TTL_S="2")
+    worker = launcher.worker(EXCLIP_RESULT_TTL_S="2")
+    api.wait_ready()
+    first = submit(api.url, ["a dog"], steps=2)
+    assert wait_finished(api.url, [first])[0]["status"] == "done"
+    stream = Keys(launcher.key_prefix).stream(STREAM_MODEL)
+    wait_for(lambda: not redis_server.client().exists(stream), 10, "the stream to expire")
+    time.sleep(3)  # a blocked XREADGROUP on the vanished stream has been answered by now
+    assert worker.alive(), worker.output[-3000:]
+    second = submit(api.url, ["a cat"], steps=2)
+    assert wait_finished(api.url, [second], timeout_s=30)[0]["status"] == "done"
