@@ -41,6 +41,13 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
 
 
+def _rss_gb() -> float:
+    """Resident memory now (Linux), to separate the loaded model from what an explanation adds."""
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+    return kib / 1024**2
+
+
 def _setup(model_name: str, device: str):
     import open_clip
     import torch
@@ -81,6 +88,7 @@ def run_ours(model_name: str, device: str, out: Path) -> dict:
 
     model, tokenizer, image = _setup(model_name, device)
     forward = _forward_seconds(model, image)
+    baseline = _rss_gb()
     explainer = Explainer(model, tokenizer, 11, 11, 10)
     explainer.explain(image, [CAPTION])  # warm-up: reference states cached per model, as in the service
     if image.device.type == "cuda":
@@ -90,7 +98,7 @@ def run_ours(model_name: str, device: str, out: Path) -> dict:
     _sync(image.device)
     seconds = time.perf_counter() - start
     torch.save(result.interactions.cpu(), out)
-    row = {"seconds": seconds, "forward": forward}
+    row = {"seconds": seconds, "forward": forward, "baseline_gb": baseline}
     if image.device.type == "cuda":
         row["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1024**3
     return row
@@ -119,6 +127,7 @@ def run_reference(model_name: str, device: str, out: Path) -> dict:
 
     model, tokenizer, image = _setup(model_name, device)
     forward = _forward_seconds(model, image)
+    baseline = _rss_gb()
     explainer = OpenClipExplainer(model, image_dim=image.shape[-1], device=torch.device(device))
     start = time.perf_counter()
     interactions = explainer.explain(
@@ -127,7 +136,7 @@ def run_reference(model_name: str, device: str, out: Path) -> dict:
     _sync(image.device)
     seconds = time.perf_counter() - start
     torch.save(interactions.cpu(), out)
-    row = {"seconds": seconds, "forward": forward}
+    row = {"seconds": seconds, "forward": forward, "baseline_gb": baseline}
     if image.device.type == "cuda":
         row["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1024**3
     return row
@@ -197,10 +206,10 @@ def main() -> None:
         f"device {args.device}, {os.cpu_count()} CPUs"
     )
     print(
-        "| model | implementation | seconds | image forwards | peak RSS GB | peak GPU GB | speed-up | "
-        "max rel. error | pairs/s (8×4) |"
+        "| model | implementation | seconds | image forwards | peak RSS GB | added by the call GB | "
+        "peak GPU GB | speed-up | max rel. error | pairs/s (8×4) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             ours_out, ref_out = Path(tmp, f"{model}-ours.pt"), Path(tmp, f"{model}-ref.pt")
@@ -210,7 +219,8 @@ def main() -> None:
                 if args.no_reference
                 else _measure("reference", model, args.device, ref_out, args.reference_memory_gb)
             )
-            ours.update(_measure("throughput", model, args.device, ours_out))
+            throughput = _measure("throughput", model, args.device, ours_out)
+            ours["pairs_per_second"] = throughput.get("pairs_per_second", float("nan"))
             error = speedup = ""
             if "error" not in ours and "error" not in ref:
                 a, b = torch.load(ours_out), torch.load(ref_out)
@@ -220,11 +230,12 @@ def main() -> None:
             for name, row in (("exclip 1.1 (reference)", ref), ("attribution (this)", ours)):
                 if "error" in row:
                     peak = f"{row['peak_rss_gb']:.1f}" if "peak_rss_gb" in row else ""
-                    print(f"| {model} | {name} | {row['error']} |  | {peak} |  |  |  |  |")
+                    print(f"| {model} | {name} | {row['error']} |  | {peak} |  |  |  |  |  |")
                     continue
                 print(
                     f"| {model} | {name} | {row['seconds']:.2f} | {row['seconds'] / row['forward']:.1f} | "
-                    f"{row['peak_rss_gb']:.2f} | {row.get('gpu_peak_gb', float('nan')):.2f} | "
+                    f"{row['peak_rss_gb']:.2f} | {row['peak_rss_gb'] - row['baseline_gb']:.2f} | "
+                    f"{row.get('gpu_peak_gb', float('nan')):.2f} | "
                     f"{speedup if row is ours else ''} | {error if row is ours else ''} | "
                     f"{row.get('pairs_per_second', float('nan')):.1f} |"
                 )
