@@ -315,16 +315,26 @@ def test_job_that_does_not_fit_in_memory_fails_clearly_and_the_worker_goes_on(la
     assert wait_finished(api.url, [after])[0]["status"] == "done"
 
 
-def test_idle_worker_survives_its_stream_expiring(launcher, redis_server):
-    """The stream expires EXCLIP_RESULT_TTL_S after its last job, while idle workers block reading it."""
-    api = launcher.api(EXCLIP_RESULT_TTL_S="2")
-    worker = launcher.worker(EXCLIP_RESULT_TTL_S="2")
-    api.wait_ready()
-    first = submit(api.url, ["a dog"], steps=2)
-    assert wait_finished(api.url, [first])[0]["status"] == "done"
-    stream = Keys(launcher.key_prefix).stream(STREAM_MODEL)
-    wait_for(lambda: not redis_server.client().exists(stream), 10, "the stream to expire")
-    time.sleep(3)  # a blocked XREADGROUP on the vanished stream has been answered by now
-    assert worker.alive(), worker.output[-3000:]
-    second = submit(api.url, ["a cat"], steps=2)
-    assert wait_finished(api.url, [second], timeout_s=30)[0]["status"] == "done"
+def test_idle_worker_survives_its_stream_expiring(make_redis_server, key_prefix, tiny_checkpoint, tmp_path):
+    """The stream expires EXCLIP_RESULT_TTL_S after its last job, while idle workers block reading it.
+
+    A private Redis with few keys, so its active expiry (not a later read) removes the stream while the
+    worker is blocked in XREADGROUP; checked twice, as the worker could be between two reads once.
+    """
+    server = make_redis_server()
+    launch = ServiceLauncher(server.url, key_prefix, tiny_checkpoint, tmp_path)
+    try:
+        api = launch.api(EXCLIP_RESULT_TTL_S="2")
+        worker = launch.worker(EXCLIP_RESULT_TTL_S="2")
+        api.wait_ready()
+        stream = Keys(key_prefix).stream(STREAM_MODEL)
+        for caption in ("a dog", "a cat"):
+            job_id = submit(api.url, [caption], steps=2)
+            assert wait_finished(api.url, [job_id])[0]["status"] == "done"
+            wait_for(lambda: not server.client().exists(stream), 10, "the stream to expire")
+            time.sleep(3)  # a blocked XREADGROUP on the vanished stream has been answered by now
+            assert worker.alive(), worker.output[-3000:]
+        last = submit(api.url, ["a bird"], steps=2)
+        assert wait_finished(api.url, [last], timeout_s=30)[0]["status"] == "done"
+    finally:
+        launch.close()
