@@ -1,6 +1,7 @@
 """The engine next to the authors' reference (exclip 1.1), side by side in one run, on the same inputs.
 
-Each measurement runs in its own process so that its peak resident memory is its own. Models have
+Each measurement runs in its own process so that its peak resident memory is its own. The engine's
+time is the best of five calls; the reference (minutes per call) runs once. Models have
 random weights (seeded, identical in every process); the caption has 16 tokens; N = 10; layers 11/11.
 
     python bench/engine_vs_reference.py                      # ViT-B-32 and ViT-B-16, reference included
@@ -62,16 +63,19 @@ def _setup(model_name: str, device: str):
     return model, tokenizer, image
 
 
-def _forward_seconds(model, image) -> float:
+def _forward_seconds(model, image, repeats: int = 5) -> float:
+    """The fastest of a few plain image forward passes: the yardstick for this process's speed."""
     import torch
 
+    times = []
     with torch.no_grad():
         model.encode_image(image)
-        start = time.perf_counter()
-        for _ in range(3):
+        for _ in range(repeats):
+            start = time.perf_counter()
             model.encode_image(image)
-        _sync(image.device)
-        return (time.perf_counter() - start) / 3
+            _sync(image.device)
+            times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def _sync(device) -> None:
@@ -93,10 +97,13 @@ def run_ours(model_name: str, device: str, out: Path) -> dict:
     explainer.explain(image, [CAPTION])  # warm-up: reference states cached per model, as in the service
     if image.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    result = explainer.explain(image, [CAPTION])[0]
-    _sync(image.device)
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(5):  # best of five: the machine's other tenants only ever add time
+        start = time.perf_counter()
+        result = explainer.explain(image, [CAPTION])[0]
+        _sync(image.device)
+        times.append(time.perf_counter() - start)
+    seconds = min(times)
     torch.save(result.interactions.cpu(), out)
     row = {"seconds": seconds, "forward": forward, "baseline_gb": baseline}
     if image.device.type == "cuda":
