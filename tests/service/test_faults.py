@@ -88,7 +88,7 @@ def test_sigkill_mid_batch_loses_no_job_and_trims_only_acknowledged_entries(laun
     stream = Keys(prefix).stream(STREAM_MODEL)
     env = {"EXCLIP_VISIBILITY_TIMEOUT_S": "3", "EXCLIP_RESULT_TTL_S": str(TTL_S)}
     api = launcher.api(**SLOW, **env)
-    first = launcher.worker(EXCLIP_WORKER_NAME="first", EXCLIP_MAX_WAIT_MS="2000", **env)
+    first = launcher.worker(EXCLIP_WORKER_NAME="first", EXCLIP_MAX_WAIT_MS="3000", **env)
     api.wait_ready()
     ids = [submit(api.url, ["a dog on the grass"] * 4, steps=3000, seed=i) for i in range(4)]
     wait_for(lambda: all(job(api.url, i)["status"] == "running" for i in ids), 60, "the batch to start")
