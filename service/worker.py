@@ -64,8 +64,10 @@ class _Item:
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+    # CUDA says "out of memory"; the CPU allocator says "can't allocate memory" (or MemoryError).
+    message = str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message))
 
 
 def _selection(d: dict[str, Any]) -> Span | TokenRange | Box:

@@ -163,12 +163,13 @@ class RedisStreamsQueue:
         try:
             reply = await self.r.xreadgroup(GROUP, consumer, streams, count=count, block=block)
         except ResponseError as exc:
-            # First start, Redis restarted, or the stream expired: a read blocked on a stream that
-            # vanishes is answered UNBLOCKED. Recreate the group; the caller simply reads again.
-            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+            if "UNBLOCKED" in str(exc):  # the stream expired under a blocked read: the caller reads again
+                await self._ensure_groups(models)
+                return []
+            if "NOGROUP" not in str(exc):
                 raise
-            await self._ensure_groups(models)
-            return []
+            await self._ensure_groups(models)  # first start, or the stream expired / Redis restarted
+            reply = await self.r.xreadgroup(GROUP, consumer, streams, count=count, block=block)
         return [Delivery(entry_id, fields["job_id"], by_stream[stream])
                 for stream, entries in (reply or []) for entry_id, fields in entries]
 

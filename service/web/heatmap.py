@@ -29,6 +29,7 @@ from attribution.images import ImageGeometry, decode_image
 from attribution.selections import Box, Span, TokenRange, box_token_scores, span_heatmap
 from attribution.text import Token
 from service.dependencies import Queue, owned_job
+from service.schemas import ErrorOut
 from service.web.render import render_overlay
 
 router = APIRouter()
@@ -113,7 +114,10 @@ def selection_heatmap(caption: dict[str, Any], span: str | None, tokens: str | N
 
 
 @router.get("/jobs/{job_id}/heatmap.png", response_class=Response,
-            responses={200: {"content": {"image/png": {}}, "description": "The overlay as PNG"}})
+            responses={200: {"content": {"image/png": {}}, "description": "The overlay as PNG"},
+                       401: {"model": ErrorOut, "description": "missing or wrong API key"},
+                       404: {"model": ErrorOut, "description": "unknown job, or its image expired"},
+                       409: {"model": ErrorOut, "description": "the job is not done"}})
 async def heatmap_png(
     queue: Queue,
     job: Annotated[dict[str, Any], Depends(owned_job)],
