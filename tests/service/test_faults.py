@@ -166,37 +166,43 @@ def test_job_that_kills_its_worker_every_time_is_failed_after_max_deliveries(lau
     assert wait_finished(api.url, [after])[0]["status"] == "done"
 
 
-def test_hanging_redis_gives_503_quickly_and_everything_recovers(make_redis_server, key_prefix,
-                                                                 tiny_checkpoint, tmp_path):
+@pytest.fixture
+def private_stack(make_redis_server, key_prefix, tiny_checkpoint, tmp_path):
+    """A redis-server of this test's own (to stop or to watch expire) and a launcher bound to it."""
     server = make_redis_server()
     launch = ServiceLauncher(server.url, key_prefix, tiny_checkpoint, tmp_path)
     try:
-        api = launch.api(EXCLIP_REDIS_TIMEOUT_S="1")
-        worker = launch.worker(EXCLIP_REDIS_TIMEOUT_S="1")
-        api.wait_ready()
-        server.proc.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
-        try:
-            t0 = time.monotonic()
-            r = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
-                           data={"caption": "a dog"}, timeout=30)
-            elapsed = time.monotonic() - t0
-            assert r.status_code == 503, r.text
-            assert "Redis" in r.json()["detail"] and int(r.headers["Retry-After"]) > 0
-            assert elapsed < 8, f"the API hung for {elapsed:.1f}s"
-            ready = httpx.get(api.url + "/readyz", timeout=30)
-            assert ready.status_code == 503 and "queue unreachable" in ready.json()["reason"]
-            assert httpx.get(api.url + "/healthz", timeout=5).status_code == 200
-            time.sleep(2)  # the worker meets the timeouts too
-            assert api.alive() and worker.alive()
-        finally:
-            server.proc.send_signal(signal.SIGCONT)
-        api.wait_ready(timeout_s=60)
-        r = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
-                       data={"caption": "a dog", "steps": "2"}, timeout=60)
-        assert r.status_code == 200 and r.json()["status"] == "done", r.text
-        assert "queue unavailable" in worker.output  # it noticed, retried, and came back
+        yield server, launch
     finally:
         launch.close()
+
+
+def test_hanging_redis_gives_503_quickly_and_everything_recovers(private_stack):
+    server, launch = private_stack
+    api = launch.api(EXCLIP_REDIS_TIMEOUT_S="1")
+    worker = launch.worker(EXCLIP_REDIS_TIMEOUT_S="1")
+    api.wait_ready()
+    server.proc.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
+                       data={"caption": "a dog"}, timeout=30)
+        elapsed = time.monotonic() - t0
+        assert r.status_code == 503, r.text
+        assert "Redis" in r.json()["detail"] and int(r.headers["Retry-After"]) > 0
+        assert elapsed < 8, f"the API hung for {elapsed:.1f}s"
+        ready = httpx.get(api.url + "/readyz", timeout=30)
+        assert ready.status_code == 503 and "queue unreachable" in ready.json()["reason"]
+        assert httpx.get(api.url + "/healthz", timeout=5).status_code == 200
+        time.sleep(2)  # the worker meets the timeouts too
+        assert api.alive() and worker.alive()
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    api.wait_ready(timeout_s=60)
+    r = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
+                   data={"caption": "a dog", "steps": "2"}, timeout=60)
+    assert r.status_code == 200 and r.json()["status"] == "done", r.text
+    assert "queue unavailable" in worker.output  # it noticed, retried, and came back
 
 
 def test_sigterm_to_the_api_lets_an_in_flight_wait_request_finish(launcher, redis_server):
@@ -324,26 +330,22 @@ def stream_expired(r, stream: str) -> bool:
         return True
 
 
-def test_idle_worker_survives_its_stream_expiring(make_redis_server, key_prefix, tiny_checkpoint, tmp_path):
+def test_idle_worker_survives_its_stream_expiring(private_stack):
     """The stream expires EXCLIP_RESULT_TTL_S after its last job, while idle workers block reading it.
 
     A private Redis with few keys, so its active expiry (not a later read) removes the stream while the
     worker is blocked in XREADGROUP; checked twice, as the worker could be between two reads once.
     """
-    server = make_redis_server()
-    launch = ServiceLauncher(server.url, key_prefix, tiny_checkpoint, tmp_path)
-    try:
-        api = launch.api(EXCLIP_RESULT_TTL_S="2")
-        worker = launch.worker(EXCLIP_RESULT_TTL_S="2")
-        api.wait_ready()
-        stream = Keys(key_prefix).stream(STREAM_MODEL)
-        for caption in ("a dog", "a cat"):
-            job_id = submit(api.url, [caption], steps=2)
-            assert wait_finished(api.url, [job_id])[0]["status"] == "done"
-            wait_for(lambda: stream_expired(server.client(), stream), 10, "the stream to expire")
-            time.sleep(3)  # a blocked XREADGROUP on the vanished stream has been answered by now
-            assert worker.alive(), worker.output[-3000:]
-        last = submit(api.url, ["a bird"], steps=2)
-        assert wait_finished(api.url, [last], timeout_s=30)[0]["status"] == "done"
-    finally:
-        launch.close()
+    server, launch = private_stack
+    api = launch.api(EXCLIP_RESULT_TTL_S="2")
+    worker = launch.worker(EXCLIP_RESULT_TTL_S="2")
+    api.wait_ready()
+    stream = Keys(launch.key_prefix).stream(STREAM_MODEL)
+    for caption in ("a dog", "a cat"):
+        job_id = submit(api.url, [caption], steps=2)
+        assert wait_finished(api.url, [job_id])[0]["status"] == "done"
+        wait_for(lambda: stream_expired(server.client(), stream), 10, "the stream to expire")
+        time.sleep(3)  # a blocked XREADGROUP on the vanished stream has been answered by now
+        assert worker.alive(), worker.output[-3000:]
+    last = submit(api.url, ["a bird"], steps=2)
+    assert wait_finished(api.url, [last], timeout_s=30)[0]["status"] == "done"
