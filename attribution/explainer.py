@@ -13,7 +13,6 @@ conventions of the reference (``exclip`` 1.1) that this module reproduces.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -165,7 +164,7 @@ class Explainer:
         refs = self._references(tuple(images.shape[-2:]))
         image_side = self._image_side(images[unique_images], refs)
         text_side = self._text_side([tokens[i] for i in unique_texts], refs)
-        grid = _grid(image_side.factor.shape[-1] - 1, tuple(images.shape[-2:]))
+        grid = tuple(self.image.visual.grid_size)
         return [
             self._combine(text_side, text_of[b], image_side, image_of[b], grid) for b in range(len(tokens))
         ]
@@ -241,20 +240,16 @@ class Explainer:
         embedding = embed(tail, hidden.to(dt), pool).float()
         ref_rows = max(s, int(ref_pool) + 1)
         ref_embedding = embed(tail, ref_hidden[:ref_rows].unsqueeze(0).to(dt), ref_pool).float()[0]
-        path_start = embed(tail, ref_hidden[:s].to(dt).expand(b, s, w), pool).float()
+        # Inputs pooled at the same row share their path start (all images do: the class token).
+        rows, row_of = pool.unique(return_inverse=True)
+        path_start = embed(tail, ref_hidden[:s].to(dt).expand(len(rows), s, w), rows).float()[row_of]
         return factor, embedding, ref_embedding, path_start
 
     def _last_block(self, tail: Tail, points: Tensor, deltas: Tensor, pools: Tensor) -> Tensor:
         """The closed-form last-block pass, in slices of at most ``max_tangents`` tangent rows."""
         step = max(1, self.max_tangents // points.shape[1])
-        return torch.cat(
-            [
-                last_block_token_jvps(tail, points[i : i + step], deltas[i : i + step], pools[i : i + step])[
-                    1
-                ]
-                for i in range(0, points.shape[0], step)
-            ]
-        )
+        slices = [slice(i, i + step) for i in range(0, points.shape[0], step)]
+        return torch.cat([last_block_token_jvps(tail, points[i], deltas[i], pools[i]) for i in slices])
 
     # ------------------------------------------------------------------------------- combine
 
@@ -288,12 +283,3 @@ def _unique(keys: list) -> tuple[list[int], list[int]]:
             first.append(pos)
         index.append(seen[key])
     return index, first
-
-
-def _grid(patches: int, image_shape: tuple[int, int]) -> tuple[int, int]:
-    """Patch grid (rows, cols) from the patch count and the input's aspect ratio."""
-    h, w = image_shape
-    rows = round(math.sqrt(patches * h / w))
-    if rows * (patches // max(rows, 1)) != patches:
-        raise InvalidOption(f"cannot lay out {patches} patches for an image of {h}×{w}")
-    return rows, patches // rows

@@ -176,15 +176,15 @@ def embed(tail: Tail, x: Tensor, pool: Tensor) -> Tensor:
     return tail.head(pooled_block_forward(tail.blocks[-1], x, pool, tail.mask))
 
 
-def last_block_token_jvps(tail: Tail, x: Tensor, delta: Tensor, pool: Tensor) -> tuple[Tensor, Tensor]:
-    """Embedding and per-token directional derivatives when the tail is the last block alone.
+def last_block_token_jvps(tail: Tail, x: Tensor, delta: Tensor, pool: Tensor) -> Tensor:
+    """Per-token directional derivatives of the embedding when the tail is the last block alone.
 
     For every row ``s`` the tangent is ``delta`` restricted to row ``s``. Such a tangent changes the
     pooled row only through the key and value of row ``s`` (and through its query when ``s`` is the
     pooled row), so the attention derivative has a closed form of cost O(S·W) per point instead of
     a full pass per tangent.
 
-    x, delta: (M, S, W); pool: (M,). Returns (M, E) embeddings and (M, S, E) derivatives.
+    x, delta: (M, S, W); pool: (M,). Returns (M, S, E).
     """
     (block,) = tail.blocks
     m_index = torch.arange(x.shape[0], device=x.device)
@@ -217,8 +217,8 @@ def last_block_token_jvps(tail: Tail, x: Tensor, delta: Tensor, pool: Tensor) ->
     def rest(rows: Tensor) -> Tensor:  # row-wise: MLP half of the block, then the head
         return tail.head(rows + block.scale_2(block.mlp(rows)))
 
-    embedding, d_embedding = jvp(rest, (y.unsqueeze(1).expand_as(dy).contiguous(),), (dy,))
-    return embedding[:, 0], d_embedding
+    _, d_embedding = jvp(rest, (y.unsqueeze(1).expand_as(dy).contiguous(),), (dy,))
+    return d_embedding
 
 
 def dense_token_jvps(tail: Tail, x: Tensor, delta: Tensor, pool: Tensor, chunk: int) -> Tensor:
