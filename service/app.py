@@ -19,9 +19,8 @@ from fastapi.responses import JSONResponse
 from attribution.models import LoadedModel
 from service.connections import QUEUE_DOWN, create_queue
 from service.dependencies import api_key_owner
+from service.errors import QueueFull, RequestInvalid
 from service.middleware import BodySizeLimit
-from service.parsing import RequestInvalid
-from service.queue import QueueFull
 from service.routers import health, jobs, metrics, models
 from service.settings import Settings
 

@@ -14,19 +14,12 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from service.errors import RequestInvalid
 from service.schemas import CaptionIn, ExplainInput, ExplainJSON, ExplainOptions, SelectionIn
 
 FORM_FIELDS = ("image", "caption", "span", "token_range", "box", "model", "text_layer", "image_layer",
                "steps", "precision", "format", "wait")
 REPEATABLE = ("caption", "span", "token_range", "box")
-
-
-class RequestInvalid(Exception):
-    """A request the API refuses; ``status`` is the HTTP status, the message says what is allowed."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _pydantic_message(exc: ValidationError) -> str:

@@ -16,8 +16,8 @@ from attribution.errors import AttributionError
 from attribution.images import decode_image
 from attribution.selections import Box, Span, TokenRange, selected_tokens
 from attribution.text import tokenize_caption
+from service.errors import RequestInvalid
 from service.jobs import Job
-from service.parsing import RequestInvalid
 from service.schemas import ExplainInput, SelectionIn
 from service.settings import Settings
 

@@ -39,6 +39,7 @@ from attribution.pipeline import ExplainRequest, explain_requests
 from attribution.selections import Box, Span, TokenRange
 from service import metrics
 from service.connections import QUEUE_DOWN
+from service.errors import JobTimeout
 from service.jobs import Job, JobStatus, error_dict
 from service.queue import Delivery, JobQueue
 from service.settings import Settings
@@ -46,10 +47,6 @@ from service.settings import Settings
 log = logging.getLogger("exclip.worker")
 
 T = TypeVar("T")
-
-
-class JobTimeout(Exception):
-    """Raised inside the computing thread when a batch exceeds its compute time limit."""
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Job queue back-ends: Redis Streams and in-memory, one protocol (``base``)."""
 
-from service.queue.base import Delivery, JobQueue, QueueFull, wait_finished
+from service.errors import QueueFull
+from service.queue.base import Delivery, JobQueue, wait_finished
 
 __all__ = ["Delivery", "JobQueue", "QueueFull", "wait_finished"]

@@ -15,10 +15,6 @@ from typing import Any, Protocol
 from service.jobs import Job
 
 
-class QueueFull(Exception):
-    """More jobs are queued or running than ``EXCLIP_MAX_QUEUE`` allows."""
-
-
 @dataclass(frozen=True)
 class Delivery:
     """One stream entry handed to a worker; acknowledge it once the job's outcome is stored."""

@@ -14,8 +14,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from service.errors import QueueFull
 from service.jobs import Job, JobStatus
-from service.queue.base import Delivery, QueueFull
+from service.queue.base import Delivery
 
 
 @dataclass

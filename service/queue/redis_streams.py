@@ -17,9 +17,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from service.errors import QueueFull
 from service.jobs import Job
 from service.keys import GROUP, METRICS_TTL_S, Keys
-from service.queue.base import Delivery, QueueFull
+from service.queue.base import Delivery
 
 # Mark a queued (or re-delivered running) job running and count the delivery; return the record.
 _START = """

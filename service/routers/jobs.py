@@ -11,8 +11,9 @@ from starlette.concurrency import run_in_threadpool
 from attribution import errors
 from service import metrics
 from service.dependencies import AppSettings, Owner, Queue, owned_job_record
+from service.errors import RequestInvalid
 from service.jobs import Job, JobStatus
-from service.parsing import FORM_FIELDS, RequestInvalid, parse_request
+from service.parsing import FORM_FIELDS, parse_request
 from service.queue import JobQueue, wait_finished
 from service.schemas import ErrorOut, ExplainJSON, JobOut, inline_schema
 from service.settings import Settings
