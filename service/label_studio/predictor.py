@@ -28,7 +28,6 @@ from service.label_studio import results
 from service.label_studio.config import LabelConfig, parse_label_config
 from service.label_studio.errors import ImageRefused, LabelConfigInvalid, TaskInvalid
 from service.label_studio.fetch import ImageFetcher
-from service.label_studio.offsets import from_utf16
 from service.label_studio.projects import ProjectSetup
 from service.label_studio.protocol import PredictIn, Thresholds
 from service.queue import JobQueue, wait_finished
@@ -39,7 +38,7 @@ from service.validation import build_job, default_model, image_size, served_mode
 log = logging.getLogger("exclip.label_studio")
 
 PHRASES_KEY = "phrases"
-"""Task data field with the phrases: strings found in the caption, or [start, end] UTF-16 offsets."""
+"""Task data field with the phrases: strings found in the caption, or [start, end] character offsets."""
 BOX_KEYS = ("x", "y", "width", "height")
 
 
@@ -63,7 +62,7 @@ def default_thresholds(settings: Settings) -> Thresholds:
 class Context:
     """The annotator's input in an interactive request: a caption span or an image box (percent)."""
 
-    span: tuple[int, int] | None = None  # UTF-16 offsets, as Label Studio gives them
+    span: tuple[int, int] | None = None  # character offsets (code points), as Label Studio gives them
     box: tuple[float, float, float, float] | None = None  # x, y, width, height in percent
 
 
@@ -92,7 +91,7 @@ class _Work:
 
     task: dict[str, Any]
     caption: str = ""
-    spans: list[tuple[int, int]] = field(default_factory=list)  # Python indices into the caption
+    spans: list[tuple[int, int]] = field(default_factory=list)  # character offsets into the caption
     box_pct: tuple[float, float, float, float] | None = None
     interactive: bool = False
     image_ref: Any = None
@@ -117,14 +116,11 @@ def _caption(task: dict[str, Any], config: LabelConfig) -> str:
     return caption
 
 
-def _python_span(caption: str, start: int, end: int) -> tuple[int, int]:
-    try:
-        span = from_utf16(caption, start), from_utf16(caption, end)
-    except ValueError as exc:
-        raise TaskInvalid(f"span [{start}, {end}] does not fit the caption: {exc}") from None
-    if span[0] >= span[1]:
-        raise TaskInvalid(f"span [{start}, {end}] is empty")
-    return span
+def _checked_span(caption: str, start: int, end: int) -> tuple[int, int]:
+    if not 0 <= start < end <= len(caption):
+        raise TaskInvalid(f"span [{start}, {end}] does not fit the caption: need 0 <= start < end <= "
+                          f"{len(caption)} (characters, an emoji counts one)")
+    return start, end
 
 
 def _phrase_spans(caption: str, phrases: Any, limit: int) -> list[tuple[int, int]]:
@@ -142,7 +138,7 @@ def _phrase_spans(caption: str, phrases: Any, limit: int) -> list[tuple[int, int
             span = found.span()
         elif (isinstance(phrase, list) and len(phrase) == 2
               and all(isinstance(v, int) and not isinstance(v, bool) for v in phrase)):
-            span = _python_span(caption, *phrase)
+            span = _checked_span(caption, *phrase)
         else:
             raise TaskInvalid(f"phrase {str(phrase)[:80]} is neither a string nor a [start, end] pair")
         if span not in spans:
@@ -228,7 +224,7 @@ class Predictor:
                 phrases = work.task["data"].get(PHRASES_KEY)
                 work.spans = _phrase_spans(work.caption, phrases, self.settings.max_selections)
             elif context.span is not None:
-                work.spans = [_python_span(work.caption, *context.span)]
+                work.spans = [_checked_span(work.caption, *context.span)]
             else:
                 work.box_pct = context.box
             work.interactive = context is not None

@@ -2,7 +2,9 @@
 
 Image regions use percent of the original image (``x``, ``y``, ``width``, ``height`` in 0..100) and
 carry ``original_width``/``original_height`` (the upright image, as the browser shows it); masks are
-brush RLE of an H x W RGBA image. Text regions use Label Studio's UTF-16 offsets.
+brush RLE of an H x W RGBA image. Text regions use character offsets counted in Unicode code points,
+as Python indexes a ``str``: Label Studio 1.23's editor converts the browser's UTF-16 positions to
+code points (``charsToCodePoints`` in its selection-tools.js) both ways, so an emoji counts one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from service.label_studio.config import Control, LabelConfig
-from service.label_studio.offsets import to_utf16
 from service.label_studio.rle import mask_rle
 
 
@@ -76,7 +77,7 @@ def text_region(config: LabelConfig, caption: str, start: int, end: int,
     """A ``labels`` result on the Text for Python indices [start, end) of the caption (None: no <Labels>)."""
     if config.spans is None:
         return None
-    value = {"start": to_utf16(caption, start), "end": to_utf16(caption, end), "text": caption[start:end]}
+    value = {"start": start, "end": end, "text": caption[start:end]}
     return _item(config.spans, "labels", value, **({"score": score} if score is not None else {}))
 
 

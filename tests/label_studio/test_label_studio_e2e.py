@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.label_studio.offsets import from_utf16
 from service.label_studio.rle import mask_rle
 from tests.label_studio.label_studio_server import PASSWORD, USER, LabelStudio, venv_python
 from tests.label_studio.test_config import DOCUMENTED
@@ -122,11 +121,17 @@ def _check_image_region(region: dict) -> np.ndarray | None:
     return value["rle"]
 
 
-def test_retrieve_predictions(ls, project: dict) -> None:
+@pytest.fixture(scope="module")
+def prediction(ls, project: dict) -> dict:
+    """The data-manager action "Retrieve predictions" on all tasks; the task's stored prediction."""
     reply = ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project["id"]},
                     json={"selectedItems": {"all": True, "excluded": []}})
     assert reply.status_code == 200, reply.text
-    (prediction,) = ls.get("/api/predictions", params={"task": project["task"]}).json()
+    (stored,) = ls.get("/api/predictions", params={"task": project["task"]}).json()
+    return stored
+
+
+def test_retrieve_predictions(project: dict, prediction: dict) -> None:
     assert prediction["model_version"] == project["model_version"] == "exclip-tiny/exclip-tiny.pt"
     result = prediction["result"]
     spans = [r for r in result if r["type"] == "labels"]
@@ -134,11 +139,10 @@ def test_retrieve_predictions(ls, project: dict) -> None:
     for region in spans:
         assert (region["from_name"], region["to_name"], region["value"]["labels"]) == \
             ("phrase", "caption", ["Phrase"])
-        start, end = (from_utf16(CAPTION, region["value"][k]) for k in ("start", "end"))
-        assert CAPTION[start:end] == region["value"]["text"]
+        assert CAPTION[region["value"]["start"]:region["value"]["end"]] == region["value"]["text"]
     rles = [rle for rle in map(_check_image_region, [r for r in result if r["type"] != "labels"]) if rle]
     assert len(rles) >= 1, result  # the tiny model's heatmaps have a positive patch for these phrases
-    rects = {json.dumps(r["value"], sort_keys=True) for r in result if r["type"] == "rectanglelabels"}
+    rects = [r for r in result if r["type"] == "rectanglelabels"]
     assert len(rects) == len(rles)  # one box around each mask
     for flat in _decode_with_label_studio(rles):
         rgba = np.array(flat, np.uint8).reshape(HEIGHT, WIDTH, 4)
@@ -186,7 +190,7 @@ def test_interactive_rectangle(ls, project: dict) -> None:
     scores = [r["score"] for r in result]
     assert scores == sorted(scores, reverse=True) and scores[0] == 1.0 and min(scores) >= 0.3
     for region in result:
-        start, end = (from_utf16(CAPTION, region["value"][k]) for k in ("start", "end"))
+        start, end = region["value"]["start"], region["value"]["end"]
         assert CAPTION[start:end] == region["value"]["text"] and start < end
 
 
@@ -197,8 +201,9 @@ def test_wrong_key_is_refused(ls, project: dict, backend: str) -> None:
     assert reply.status_code == 400 or reply.json().get("state") != "CO", reply.text
 
 
-def test_labeling_page_screenshot(label_studio: LabelStudio, ls, project: dict, browser) -> None:
-    """The labeling page with the pre-annotation loaded (README image: docs/label-studio.png)."""
+def test_labeling_page(label_studio: LabelStudio, ls, project: dict, prediction: dict, browser) -> None:
+    """The labeling page highlights exactly the phrases, emoji and all (Label Studio counts offsets in
+    code points); its screenshot is the README's image (docs/label-studio.png)."""
     reply = ls.patch(f"/api/projects/{project['id']}",
                      json={"show_collab_predictions": True, "model_version": project["model_version"]})
     assert reply.status_code == 200, reply.text
@@ -208,15 +213,17 @@ def test_labeling_page_screenshot(label_studio: LabelStudio, ls, project: dict, 
         page.fill("input[name=email]", USER)
         page.fill("input[name=password]", PASSWORD)
         page.click("button[type=submit]")
-        page.wait_for_url("**/projects/**", timeout=60_000)
+        page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
         page.goto(f"{label_studio.url}/projects/{project['id']}/data?task={project['task']}",
                   wait_until="domcontentloaded")
         page.get_by_text("yellow 🐕 block").first.wait_for(timeout=90_000)
-        page.wait_for_timeout(1500)  # the canvas draws masks after the image loads
+        page.wait_for_timeout(3000)  # the canvas draws masks after the image loads
+        highlighted = page.locator(".htx-highlight").all_text_contents()
+    finally:
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOT))
-    finally:
         page.close()
+    assert sorted(highlighted) == sorted(PHRASES)
     assert SCREENSHOT.stat().st_size < 300_000
     if os.environ.get("EXCLIP_UPDATE_DOCS_SCREENSHOT") == "1":
         shutil.copyfile(SCREENSHOT, DOCS_SCREENSHOT)

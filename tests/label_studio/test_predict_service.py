@@ -66,7 +66,7 @@ def stack(launcher, image_host: str):
 def test_batch_in_redis_mode(stack) -> None:
     tasks = [_task(0, phrases=["red square", "blue"]), _task(1), _task(2, phrases=["not in it"]),
              {"id": 200, "project": 1, "data": {"image": "http://169.254.169.254/x.png", "caption": CAPTION}},
-             _task(3, phrases=[[18, 25]])]  # UTF-16 offsets of "🐕 blue" (Python: 18..24; 🐕 counts 2)
+             _task(3, phrases=[[18, 24]])]  # character offsets of "🐕 blue"
     reply = _predict(stack.url, tasks)
     assert reply.status_code == 200, reply.text
     results = reply.json()["results"]

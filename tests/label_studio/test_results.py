@@ -1,4 +1,4 @@
-"""Result items: masks and boxes inside the image and on the right patches; tokens in UTF-16 offsets."""
+"""Result items: masks and boxes inside the image and on the right patches; text offsets in characters."""
 
 from __future__ import annotations
 
@@ -63,11 +63,11 @@ def test_regions_stay_inside_the_image(width, height, grid, dx, dy, level, seed)
             assert v["x"] + v["width"] <= 100 + 1e-9 and v["y"] + v["height"] <= 100 + 1e-9
 
 
-def test_text_region_uses_utf16_offsets() -> None:
+def test_text_region_counts_an_emoji_as_one_character() -> None:
+    """Label Studio 1.23 counts code points (checked in the browser by test_label_studio_e2e.py)."""
     caption = "🐕🐕 a red ball"
-    start = caption.index("red")
-    region = text_region(CONFIG, caption, start, start + 3)
-    assert region["value"] == {"start": start + 2, "end": start + 5, "text": "red", "labels": ["Phrase"]}
+    region = text_region(CONFIG, caption, 5, 8)
+    assert region["value"] == {"start": 5, "end": 8, "text": "red", "labels": ["Phrase"]}
     assert (region["from_name"], region["to_name"], region["type"]) == ("phrase", "caption", "labels")
 
 
@@ -82,5 +82,5 @@ def test_token_regions_strongest_first_above_threshold() -> None:
     scores = [9.0, 1.0, 0.2, -1.0, 2.0, 5.0]  # start/end tokens are never regions, however high
     regions = token_regions(CONFIG, caption, tokens, scores, min_score=0.4)
     assert [(r["value"]["text"], r["value"]["start"], r["value"]["end"], r["score"]) for r in regions] == \
-        [("mat", 8, 11, 1.0), ("🐈", 0, 2, 0.5)]
+        [("mat", 7, 10, 1.0), ("🐈", 0, 1, 0.5)]
     assert token_regions(CONFIG, caption, tokens, [0.0, -1, -2, -3, -4, 0], min_score=0.0) == []
