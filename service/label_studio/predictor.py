@@ -182,22 +182,20 @@ class Predictor:
         served = served_models(await self.queue.workers())
         if not served:
             raise RequestInvalid("no worker is serving a model right now; retry in a few seconds", 503)
-        name = default_model(served, self.settings)
-        version = model_version(served[name])
+        version = model_version(served[default_model(served, self.settings)])
 
         works = [_Work(task=task) for task in body.tasks]
         for work in works:
             self._read_task(work, config, context)
         self._raise_if_interactive(works, interactive)
-        await self._fetch_images([w for w in works if w.error is None])
-        for work in works:
-            if work.error is None:
-                await self._build_job(work, served, name)
-        self._raise_if_interactive(works, interactive)
-        await self._run_jobs([w for w in works if w.job is not None], served, started)
-        for work in works:
-            if work.job is not None and work.error is None and work.job.result is not None:
-                work.prediction = await run_in_threadpool(self._prediction, work, config, version)
+        readable = [w for w in works if w.error is None]
+        try:
+            fetcher = self.fetcher()
+        except RequestInvalid as exc:
+            for work in readable:
+                work.error = str(exc)
+        else:
+            await self._run_chunks(readable, fetcher, served, (config, version), started)
         self._raise_if_interactive(works, interactive)
 
         out = []
@@ -232,13 +230,10 @@ class Predictor:
         except RequestInvalid as exc:
             work.error = str(exc)
 
-    async def _fetch_images(self, works: list[_Work]) -> None:
-        if not works:
-            return
+    async def _fetch_images(self, works: list[_Work], fetcher: ImageFetcher) -> None:
         try:
-            fetcher = self.fetcher()
             images = await fetcher.fetch_all([w.image_ref for w in works])
-        except RequestInvalid as exc:
+        except RequestInvalid as exc:  # the host itself is refused or cannot be resolved
             images = [exc] * len(works)
         for work, image in zip(works, images, strict=True):
             if isinstance(image, Exception):
@@ -246,7 +241,8 @@ class Predictor:
             else:
                 work.image = image
 
-    async def _build_job(self, work: _Work, served: dict[str, dict[str, Any]], name: str) -> None:
+    async def _build_job(self, work: _Work, served: dict[str, dict[str, Any]]) -> None:
+        name = default_model(served, self.settings)
         try:
             width, height = await run_in_threadpool(image_size, work.image, self.settings)
             if work.box_pct is not None:
@@ -264,8 +260,12 @@ class Predictor:
         except ValueError as exc:  # a SelectionIn the model validator refused (e.g. a box with NaN)
             work.error = f"task {work.task_id}: {exc}"
 
-    async def _run_jobs(self, works: list[_Work], served: dict[str, dict[str, Any]], started: float) -> None:
-        """Enqueue and wait chunk by chunk, stopping before a chunk that would overrun the budget."""
+    async def _run_chunks(self, works: list[_Work], fetcher: ImageFetcher, served: dict[str, dict[str, Any]],
+                          target: tuple[LabelConfig, str], started: float) -> None:
+        """Fetch, compute and convert chunk by chunk, stopping before a chunk that would overrun the budget.
+
+        Only one chunk's images are held at a time, so memory does not grow with the number of tasks.
+        """
         budget, size = self.settings.label_studio_budget_s, self.settings.max_batch
         slowest = 0.0
         for at in range(0, len(works), size):
@@ -281,13 +281,24 @@ class Predictor:
                 return
             chunk_started = time.monotonic()
             try:
-                await self._run_chunk(chunk, served, remaining)
+                await self._fetch_images(chunk, fetcher)
+                for work in chunk:
+                    if work.error is None:
+                        await self._build_job(work, served)
+                await self._run_chunk([w for w in chunk if w.job is not None], served,
+                                      budget - (time.monotonic() - started))
+                for work in chunk:
+                    if work.error is None and work.job is not None and work.job.result is not None:
+                        work.prediction = await run_in_threadpool(self._prediction, work, *target)
             except QueueFull as exc:
                 log.warning("label-studio: queue full, %d task(s) left for the next call", left)
                 for work in works[at:]:
-                    if work.job is not None and work.job.result is None and work.error is None:
+                    if work.error is None and (work.job is None or work.job.result is None):
                         work.error = f"queue full: {exc}"
                 return
+            finally:
+                for work in chunk:
+                    work.image = None
             slowest = max(slowest, time.monotonic() - chunk_started)
 
     async def _run_chunk(self, chunk: list[_Work], served: dict[str, dict[str, Any]],
