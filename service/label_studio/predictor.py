@@ -123,6 +123,17 @@ def _checked_span(caption: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
+def _find(phrase: str, caption: str) -> re.Match | None:
+    """The first match: as a whole word if possible (so "a" is not the "a" in "cat"), exact case first."""
+    escaped = re.escape(phrase)
+    for pattern, flags in ((rf"(?<!\w){escaped}(?!\w)", 0), (rf"(?<!\w){escaped}(?!\w)", re.I),
+                           (escaped, 0), (escaped, re.I)):
+        found = re.search(pattern, caption, flags)
+        if found:
+            return found
+    return None
+
+
 def _phrase_spans(caption: str, phrases: Any, limit: int) -> list[tuple[int, int]]:
     """The phrases of a task as Python spans; the whole caption without phrases."""
     if phrases is None or phrases == []:
@@ -132,7 +143,7 @@ def _phrase_spans(caption: str, phrases: Any, limit: int) -> list[tuple[int, int
     spans: list[tuple[int, int]] = []
     for phrase in phrases:
         if isinstance(phrase, str):
-            found = re.search(re.escape(phrase), caption) or re.search(re.escape(phrase), caption, re.I)
+            found = _find(phrase, caption)
             if not phrase.strip() or found is None:
                 raise TaskInvalid(f"phrase {phrase[:80]!r} is not in the caption {caption[:80]!r}")
             span = found.span()
