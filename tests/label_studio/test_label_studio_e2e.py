@@ -47,7 +47,13 @@ def _png() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def label_studio(tmp_path_factory: pytest.TempPathFactory):
+def service(session_launcher):
+    """The embedded service, started first: it loads its model while Label Studio starts."""
+    return session_launcher.embedded(EXCLIP_API_KEYS=KEY)
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory: pytest.TempPathFactory, service):
     server = LabelStudio.from_template(tmp_path_factory.mktemp("label-studio"))
     try:
         yield server.start()
@@ -56,8 +62,7 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def backend(session_launcher) -> str:
-    service = session_launcher.embedded(EXCLIP_API_KEYS=KEY)
+def backend(service, label_studio: LabelStudio) -> str:
     service.wait_ready()
     return service.url + "/label-studio"
 
