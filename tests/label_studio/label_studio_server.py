@@ -74,8 +74,9 @@ def ensure_installation() -> tuple[Path, Path]:
             shutil.rmtree(venv, ignore_errors=True)
             log = CACHE / "install.log"
             _run([sys.executable, "-m", "venv", str(venv)], log, 120)
-            _run([str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", "-q",
-                  f"label-studio=={VERSION}"], log, 900)
+            # Few retries: without a package index this fails in about a minute instead of many.
+            _run([str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", "-q", "--retries", "2",
+                  "--timeout", "20", f"label-studio=={VERSION}"], log, 900)
             (venv / ".complete").touch()
         if not (template / ".complete").exists():
             shutil.rmtree(template, ignore_errors=True)
