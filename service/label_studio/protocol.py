@@ -47,6 +47,12 @@ class PredictIn(BaseModel):
     params: PredictParams = Field(default_factory=PredictParams)
 
 
+class ErrorOut(BaseModel):
+    """An error answer: the service's message, or FastAPI's list of body validation errors."""
+
+    detail: str | list[dict[str, Any]]
+
+
 class Thresholds(BaseModel):
     """What counts as a region. Defaults: the settings; per backend: Label Studio's ``extra_params``.
 

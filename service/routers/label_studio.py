@@ -21,7 +21,7 @@ from service.label_studio.predictor import (
     settings_model_version,
 )
 from service.label_studio.projects import Projects, ProjectSetup
-from service.label_studio.protocol import PredictIn, SetupIn
+from service.label_studio.protocol import ErrorOut, PredictIn, SetupIn
 from service.validation import default_model, served_models
 
 log = logging.getLogger("exclip.label_studio")
@@ -29,6 +29,15 @@ log = logging.getLogger("exclip.label_studio")
 PREFIX = "/label-studio"
 router = APIRouter(prefix=PREFIX, tags=["label-studio"])
 LabelStudioOwner = Annotated[str | None, Depends(basic_or_bearer_owner)]
+
+_AUTH: dict[int | str, dict[str, Any]] = {401: {"model": ErrorOut, "description": "missing or wrong API key"}}
+_BODY: dict[int | str, dict[str, Any]] = {**_AUTH, **{
+    code: {"model": ErrorOut, "description": text} for code, text in [
+        (400, "malformed body"), (413, "body too large"),
+        (422, "invalid request, label config or thresholds"), (503, "queue or workers unavailable")]}}
+_PREDICT: dict[int | str, dict[str, Any]] = {**_BODY, **{
+    code: {"model": ErrorOut, "description": text} for code, text in [
+        (429, "queue full"), (502, "Label Studio did not give the image (interactive requests)")]}}
 
 
 def _projects(request: Request) -> Projects:
@@ -50,7 +59,7 @@ async def health() -> dict[str, str]:
     return {"status": "UP", "model_class": "exclip"}
 
 
-@router.post("/setup")
+@router.post("/setup", responses=_BODY)
 async def setup(request: Request, body: Annotated[SetupIn, Body()], owner: LabelStudioOwner, queue: Queue,
                 settings: AppSettings) -> dict[str, Any]:
     """Remember the project's Label Studio host, token and extra_params; check its label config."""
@@ -62,7 +71,7 @@ async def setup(request: Request, body: Annotated[SetupIn, Body()], owner: Label
     return {"model_version": await _model_version(queue, settings)}
 
 
-@router.post("/predict")
+@router.post("/predict", responses=_PREDICT)
 async def predict(request: Request, body: Annotated[PredictIn, Body()], owner: LabelStudioOwner, queue: Queue,
                   settings: AppSettings) -> dict[str, Any]:
     """One prediction per task, in order (a batch), or the regions for the annotator's span or box."""
@@ -71,12 +80,12 @@ async def predict(request: Request, body: Annotated[PredictIn, Body()], owner: L
     return {"results": await predictor.predict(body)}
 
 
-@router.post("/webhook")
+@router.post("/webhook", responses=_AUTH)
 async def webhook(owner: LabelStudioOwner) -> dict[str, str]:
     """Label Studio's event notifications (training triggers); this backend does not train."""
     return {"status": "ignored"}
 
 
-@router.get("/versions")
+@router.get("/versions", responses=_AUTH)
 async def versions(owner: LabelStudioOwner, queue: Queue, settings: AppSettings) -> dict[str, Any]:
     return {"versions": [await _model_version(queue, settings)]}
