@@ -7,7 +7,6 @@ password. Predictions are computed by the workers through the job queue (service
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
@@ -23,8 +22,6 @@ from service.label_studio.predictor import (
 from service.label_studio.projects import Projects, ProjectSetup
 from service.label_studio.protocol import ErrorOut, PredictIn, SetupIn
 from service.validation import default_model, served_models
-
-log = logging.getLogger("exclip.label_studio")
 
 PREFIX = "/label-studio"
 router = APIRouter(prefix=PREFIX, tags=["label-studio"])
