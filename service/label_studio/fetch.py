@@ -6,7 +6,9 @@ the Label Studio URL; an absolute URL must have exactly that URL's scheme, host 
 cannot make the service request other addresses (server-side request forgery). Redirects are not
 followed (a redirect could lead anywhere), and a host that resolves to a link-local, multicast or
 unspecified address (cloud metadata endpoints live at 169.254.169.254) is refused even when it is the
-Label Studio URL. Bodies are read up to ``max_bytes`` and no further.
+Label Studio URL. Bodies are read up to ``max_bytes`` and no further. The address check runs just before
+the downloads, so a DNS name that changes its answer in between is not caught: give ``LABEL_STUDIO_URL``
+as an address or a name you control.
 """
 
 from __future__ import annotations
