@@ -21,7 +21,7 @@ from service.connections import QUEUE_DOWN, create_queue
 from service.dependencies import api_key_owner
 from service.errors import QueueFull, RequestInvalid
 from service.middleware import BodySizeLimit
-from service.routers import health, jobs, metrics, models
+from service.routers import health, jobs, label_studio, metrics, models
 from service.settings import Settings
 
 log = logging.getLogger("exclip.api")
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None, *,
     app.include_router(jobs.router, dependencies=protected)
     app.include_router(models.router, dependencies=protected)
     app.include_router(metrics.router, dependencies=protected)
+    app.include_router(label_studio.router)  # its own auth: Label Studio sends Basic credentials
 
     from service.web import router as web_router  # the page and heatmaps; owned_job applies auth itself
 

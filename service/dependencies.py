@@ -7,6 +7,8 @@ job) / 401 (missing or wrong key when keys are configured).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 from typing import Annotated, Any
@@ -43,13 +45,36 @@ def api_key_owner(request: Request, settings: Annotated[Settings, Depends(get_se
     if scheme.lower() != "bearer" or not token.strip():
         raise HTTPException(401, "missing API key: send the header 'Authorization: Bearer <key>'",
                             headers={"WWW-Authenticate": "Bearer"})
-    token = token.strip()
+    return _key_owner(token.strip(), settings, "Bearer")
+
+
+def _key_owner(token: str, settings: Settings, scheme: str) -> str:
     matched = False
     for key in settings.keys:  # compare with all keys: the time does not depend on which one matches
         matched |= hmac.compare_digest(token.encode(), key.encode())
     if not matched:
-        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": scheme})
     return key_hash(token)
+
+
+def basic_or_bearer_owner(request: Request,
+                          settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
+    """``api_key_owner`` that also takes Basic auth whose password is the key (any user name).
+
+    Label Studio can send only Basic auth to an ML backend, so the ``/label-studio`` routes use this.
+    """
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if not settings.keys or scheme.lower() != "basic":
+        return api_key_owner(request, settings)
+    try:
+        user_pass = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        user_pass = ""
+    _, colon, password = user_pass.partition(":")
+    if not colon or not password:
+        raise HTTPException(401, "malformed Basic credentials: the password must be an API key",
+                            headers={"WWW-Authenticate": "Basic"})
+    return _key_owner(password, settings, "Basic")
 
 
 Owner = Annotated[str | None, Depends(api_key_owner)]

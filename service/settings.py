@@ -64,7 +64,18 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     cors_origins: str | None = None
 
-    @field_validator("pretrained", "device", "cache_dir", "api_keys", "cors_origins", mode="before")
+    # Label Studio ML backend (/label-studio): where task images may be fetched from, and defaults
+    # for the thresholds a backend's extra_params can override (see service.label_studio.protocol).
+    label_studio_url: str | None = Field(default=None, validation_alias=AliasChoices(
+        "LABEL_STUDIO_URL", "EXCLIP_LABEL_STUDIO_URL", "label_studio_url"))
+    label_studio_api_key: str | None = Field(default=None, validation_alias=AliasChoices(
+        "LABEL_STUDIO_API_KEY", "EXCLIP_LABEL_STUDIO_API_KEY", "label_studio_api_key"))
+    label_studio_mask_level: float = Field(default=0.5, gt=0, le=1)
+    label_studio_min_token_score: float = Field(default=0.5, ge=0, le=1)
+    label_studio_budget_s: float = Field(default=80.0, gt=0, description="under Label Studio's 100 s timeout")
+
+    @field_validator("pretrained", "device", "cache_dir", "api_keys", "cors_origins", "label_studio_url",
+                     "label_studio_api_key", mode="before")
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip() == "" else value

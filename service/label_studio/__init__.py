@@ -1,0 +1,8 @@
+"""Label Studio ML backend: the protocol's formats and the logic behind ``/label-studio``.
+
+One module per concept: ``config`` (the label config: which tags the results refer to), ``rle``
+(Label Studio's brush mask encoding), ``results`` (result items), ``fetch`` (task images, from the
+Label Studio host only), ``protocol`` (request bodies and thresholds), ``projects`` (what ``/setup``
+told us), ``predictor`` (tasks -> queued jobs -> predictions), ``errors``. The HTTP routes are in
+``service.routers.label_studio``.
+"""

@@ -1,0 +1,129 @@
+"""Task images come only from the Label Studio host (no server-side request forgery), within limits.
+
+The "Label Studio host" here is a real HTTP server on 127.0.0.1 that records what it was asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from service.label_studio.errors import ImageRefused, ImageUnavailable
+from service.label_studio.fetch import ImageFetcher
+from service.label_studio.predictor import Predictor
+from service.label_studio.projects import ProjectSetup
+from service.settings import Settings
+
+IMAGE = b"\x89PNG fake image bytes" * 10
+LIMIT = 1000
+
+
+class _Host(BaseHTTPRequestHandler):
+    seen: list[tuple[str, str | None]] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        _Host.seen.append((self.path, self.headers.get("Authorization")))
+        if self.path == "/data/upload/1/img.png":
+            self._send(200, IMAGE)
+        elif self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/data/upload/1/img.png")
+            self.end_headers()
+        elif self.path == "/big":
+            self._send(200, b"x" * (LIMIT + 1))
+        elif self.path == "/big-chunked":  # no Content-Length: the limit must hold while reading
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for _ in range(50):
+                self.wfile.write(b"64\r\n" + b"y" * 100 + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            self._send(404, b"not found")
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Host)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _fetch(base: str, ref: str, token: str | None = "tok") -> bytes:
+    return asyncio.run(ImageFetcher(base, token, max_bytes=LIMIT).fetch(ref))
+
+
+def test_upload_path_and_same_origin_url_with_token(host: str) -> None:
+    _Host.seen.clear()
+    assert _fetch(host, "/data/upload/1/img.png") == IMAGE
+    assert _fetch(host + "/", f"{host}/data/upload/1/img.png") == IMAGE
+    assert _Host.seen == [("/data/upload/1/img.png", "Token tok")] * 2
+
+
+@pytest.mark.parametrize("ref", [
+    "http://example.org/img.png",  # another host
+    "http://127.0.0.2:{port}/data/upload/1/img.png",  # another address
+    "http://127.0.0.1:{other}/data/upload/1/img.png",  # another port
+    "https://127.0.0.1:{port}/data/upload/1/img.png",  # another scheme
+    "//example.org/img.png",  # protocol-relative: another host
+    "file:///etc/passwd",
+    "data:image/png;base64,iVBORw0KGgo=",
+    "ftp://127.0.0.1:{port}/img.png",
+    "http://user:pw@127.0.0.1:{port}/data/upload/1/img.png",  # credentials in the URL
+    "http://169.254.169.254/latest/meta-data/",  # cloud metadata (link-local)
+    "",
+])
+def test_other_places_are_refused_without_a_request(host: str, ref: str) -> None:
+    port = int(host.rsplit(":", 1)[1])
+    _Host.seen.clear()
+    with pytest.raises(ImageRefused):
+        _fetch(host, ref.format(port=port, other=port + 1))
+    assert _Host.seen == []
+
+
+@pytest.mark.parametrize("base", ["http://169.254.169.254", "http://[fe80::1]:8080", "http://0.0.0.0:8080",
+                                  "http://224.0.0.1", "file:///data"])
+def test_label_studio_url_on_refused_addresses(base: str) -> None:
+    """Even as the configured Label Studio URL: link-local, multicast, unspecified hosts are refused."""
+    with pytest.raises(ImageRefused):
+        _fetch(base, "/data/upload/1/img.png")
+
+
+@pytest.mark.parametrize(("ref", "error", "message"), [
+    ("/redirect", ImageRefused, "redirect"),
+    ("/big", ImageRefused, "larger than 1000 bytes"),
+    ("/big-chunked", ImageRefused, "larger than 1000 bytes"),
+    ("/data/upload/1/nothing.png", ImageUnavailable, "404"),
+])
+def test_redirects_limits_and_errors(host: str, ref: str, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        _fetch(host, ref)
+
+
+def test_configured_url_wins_and_our_key_never_goes_to_a_setup_host() -> None:
+    configured = Settings(label_studio_url="http://ls.internal:8080", label_studio_api_key="ours")
+    told = ProjectSetup(hostname="http://elsewhere:9", access_token="theirs", extra_params=None)
+    fetcher = Predictor(None, configured, None, told).fetcher()
+    assert fetcher.origin.url == "http://ls.internal:8080"
+    assert fetcher.headers == {"Authorization": "Token ours"}
+
+    unset = Settings(label_studio_api_key="ours")
+    fetcher = Predictor(None, unset, None, told).fetcher()
+    assert (fetcher.origin.url, fetcher.headers) == ("http://elsewhere:9", {"Authorization": "Token theirs"})
+    with pytest.raises(ImageRefused, match="LABEL_STUDIO_URL"):
+        Predictor(None, unset, None, None).fetcher()
