@@ -48,8 +48,54 @@ def serve(settings: Settings) -> None:
         models = _load_models(settings)
     app = create_app(settings, worker_models=models)
     # In-flight requests (long polls included) may finish after SIGTERM before the process exits.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
+    # Idle keep-alive connections close after 5 s, a request head must arrive within client_timeout_s
+    # (the body's limits are service.middleware.BodyLimits): a slow client cannot hold a connection.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_keep_alive=5,
+                http=_head_deadline_protocol(settings.client_timeout_s),
                 timeout_graceful_shutdown=int(settings.wait_max_s) + 10)
+
+
+def _head_deadline_protocol(timeout_s: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request head takes over ``timeout_s``.
+
+    uvicorn's own keep-alive timer stops at the first byte, so a client dribbling its headers would
+    hold the connection forever.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadline(H11Protocol):
+        head_timer: asyncio.TimerHandle | None = None
+
+        def _await_head(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(timeout_s, self._head_too_slow)
+
+        def _head_too_slow(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._await_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE and self.head_timer is not None:
+                self.head_timer.cancel()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self._await_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeadDeadline
 
 
 def worker(settings: Settings) -> None:

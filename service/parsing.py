@@ -12,14 +12,22 @@ import re
 
 from fastapi import Request
 from pydantic import ValidationError
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 
 from service.errors import RequestInvalid
-from service.schemas import CaptionIn, ExplainInput, ExplainJSON, ExplainOptions, SelectionIn
+from service.schemas import (
+    SELECTION_FIELDS,
+    CaptionIn,
+    ExplainInput,
+    ExplainJSON,
+    ExplainOptions,
+    SelectionIn,
+)
 
-FORM_FIELDS = ("image", "caption", "span", "token_range", "box", "model", "text_layer", "image_layer",
-               "steps", "precision", "format", "wait")
-REPEATABLE = ("caption", "span", "token_range", "box")
+OPTION_FIELDS = tuple(ExplainOptions.model_fields)
+REPEATABLE = ("caption", *SELECTION_FIELDS)
+FORM_FIELDS = ("image", *REPEATABLE, *OPTION_FIELDS)
 
 
 def _pydantic_message(exc: ValidationError) -> str:
@@ -92,7 +100,18 @@ def _box(value: str) -> tuple[int, tuple[float, float, float, float]]:
     return caption, (x0, y0, x1, y1)
 
 
+async def _check_complete(request: Request) -> None:
+    """A multipart body must end with its closing boundary: a cut-off upload is malformed, not short."""
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if boundary and b"--" + boundary + b"--" not in await request.body():
+        raise RequestInvalid("multipart body is malformed: it does not end with the closing boundary "
+                             f"--{boundary.decode(errors='replace')}-- (cut off, or not multipart)", 400)
+
+
 async def parse_form(request: Request, *, max_selections: int) -> ExplainInput:
+    if request.headers.get("content-type", "").lower().startswith("multipart/"):
+        await _check_complete(request)
     form = await request.form(max_files=1, max_fields=len(FORM_FIELDS) + 64 + max_selections)
     unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
     if unknown:
@@ -130,7 +149,7 @@ async def parse_form(request: Request, *, max_selections: int) -> ExplainInput:
         add(caption, SelectionIn(box=box), "box", str(value))
 
     # Empty HTML form fields mean "default".
-    raw = {k: str(form[k]) for k in FORM_FIELDS[5:] if k in form and str(form[k]).strip() != ""}
+    raw = {k: str(form[k]) for k in OPTION_FIELDS if k in form and str(form[k]).strip() != ""}
     try:
         options = ExplainOptions.model_validate(raw)
     except ValidationError as exc:

@@ -12,10 +12,11 @@ from functools import lru_cache
 from typing import Any
 
 from attribution import models as _models  # noqa: F401 - registers exclip-tiny with open_clip
-from attribution.errors import AttributionError
+from attribution.errors import AttributionError, CaptionTooLong
 from attribution.images import decode_image
 from attribution.selections import Box, Span, TokenRange, selected_tokens
 from attribution.text import tokenize_caption
+from service.catalog import ModelInfo, default_model
 from service.errors import RequestInvalid
 from service.jobs import Job
 from service.schemas import ExplainInput, SelectionIn
@@ -27,38 +28,6 @@ def _tokenizer(model: str) -> Any:
     import open_clip
 
     return open_clip.get_tokenizer(model)
-
-
-def served_models(workers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Model name -> ``LoadedModel.describe()`` over all live workers."""
-    out: dict[str, dict[str, Any]] = {}
-    for worker in workers:
-        for info in worker.get("models", []):
-            out.setdefault(info["name"], info)
-    return out
-
-
-def default_model(served: dict[str, dict[str, Any]], settings: Settings) -> str | None:
-    if settings.model in served:
-        return settings.model
-    return min(served) if served else None
-
-
-def option_ranges(info: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """The accepted range of every option for one model (shown by GET /models)."""
-    return {
-        "text_layer": {"min": 0, "max": info["text_layers"] - 1, "default": info["text_layers"] - 1},
-        "image_layer": {"min": 0, "max": info["image_layers"] - 1, "default": info["image_layers"] - 1},
-        "steps": {"min": 1, "max": settings.max_steps, "default": 10},
-        "precision": ["float32", "bfloat16", "float16"],
-        "format": ["json", "base64"],
-        "wait": {"min": 0, "max": settings.wait_max_s, "default": settings.wait_max_s},
-        "max_captions": settings.max_captions,
-        "max_selections": settings.max_selections,
-        "caption_tokens": {"max": info["context_length"], "note": "including start and end tokens"},
-        "max_upload_bytes": settings.max_upload_bytes,
-        "max_pixels": settings.max_pixels,
-    }
 
 
 def _layer(name: str, value: int | None, n_layers: int) -> int:
@@ -95,7 +64,7 @@ def image_size(data: bytes, settings: Settings) -> tuple[int, int]:
         raise RequestInvalid(str(exc)) from None
 
 
-def build_job(inp: ExplainInput, served: dict[str, dict[str, Any]], settings: Settings,
+def build_job(inp: ExplainInput, served: dict[str, ModelInfo], settings: Settings,
               size: tuple[int, int], owner: str | None) -> Job:
     """The job record for a valid request; raises ``RequestInvalid`` naming the first problem."""
     opts = inp.options
@@ -113,13 +82,16 @@ def build_job(inp: ExplainInput, served: dict[str, dict[str, Any]], settings: Se
                              "per request (EXCLIP_MAX_SELECTIONS)")
     if not 1 <= opts.steps <= settings.max_steps:
         raise RequestInvalid(f"steps {opts.steps} is out of range: use 1..{settings.max_steps}")
-    text_layer = _layer("text_layer", opts.text_layer, info["text_layers"])
-    image_layer = _layer("image_layer", opts.image_layer, info["image_layers"])
+    text_layer = _layer("text_layer", opts.text_layer, info.text_layers)
+    image_layer = _layer("image_layer", opts.image_layer, info.image_layers)
 
-    captions, context_length = [], info["context_length"]
+    captions, context_length = [], info.context_length
     for i, caption in enumerate(inp.captions):
         try:
             _, tokens = tokenize_caption(caption.text, _tokenizer(name), context_length=context_length)
+        except CaptionTooLong as exc:  # the library's message offers truncation, which the API has not
+            raise RequestInvalid(f"caption {i} has {exc.n_tokens} tokens including start and end tokens; "
+                                 f"the model's context length is {exc.limit}: shorten it") from None
         except AttributionError as exc:
             raise RequestInvalid(f"caption {i}: {exc}") from None
         selections = [_selection(s, f"caption {i}, selection {j}", tokens, *size)

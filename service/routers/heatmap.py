@@ -1,0 +1,154 @@
+"""``GET /jobs/{id}/heatmap.png``: a job's heatmap over its original image, for scripts and the CLI.
+
+Selections (at most one): ``span=S:E`` (character offsets of the caption), ``tokens=S:E`` (token
+indices, end exclusive), ``box=x0,y0,x1,y1`` (original pixels); none means the whole caption (the
+sum over all tokens). Span and tokens use ``attribution.selections.span_heatmap``, so the image shows
+exactly the numbers the JSON API returns for that selection. A box selects patches, which gives one
+score per token rather than a heatmap; its PNG is kept simple: the whole-caption heatmap with the box
+outlined on top (the per-token box scores are in the JSON result).
+
+The PNG has the image's size, scaled down to at most ``max_side`` px on the long side (default and
+cap: ``render.MAX_SIDE``), mode RGB; ``legend=true`` appends a colour-scale band below it; ``alpha``
+is the overlay opacity. At most ``EXCLIP_MAX_RENDERS`` renders run at once; a request waits up to
+``SLOT_WAIT_S`` for a free slot, then gets 503 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from attribution.errors import AttributionError
+from attribution.images import ImageGeometry, decode_image
+from attribution.pipeline import decode_matrix
+from attribution.selections import Box, Span, TokenRange, box_token_scores, span_heatmap
+from attribution.text import Token
+from service.dependencies import AppSettings, OwnedJob, Queue
+from service.jobs import JobStatus
+from service.schemas import ErrorOut
+from service.web.render import MAX_SIDE, render_overlay
+
+router = APIRouter(tags=["jobs"])
+SLOT_WAIT_S = 10.0
+
+
+def render_slots(request: Request, max_renders: int) -> asyncio.Semaphore:
+    """The app's render semaphore (created on first use, inside the app's event loop)."""
+    state = request.app.state
+    if getattr(state, "render_slots", None) is None:
+        state.render_slots = asyncio.Semaphore(max_renders)
+    return state.render_slots
+
+
+def _selection(span: str | None, tokens: str | None, box: str | None) -> Span | TokenRange | Box | None:
+    given = [(name, value) for name, value in (("span", span), ("tokens", tokens), ("box", box))
+             if value is not None]
+    if len(given) > 1:
+        names = " and ".join(name for name, _ in given)
+        raise HTTPException(422, f"give at most one selection (span, tokens or box), not {names}")
+    if not given:
+        return None
+    name, value = given[0]
+    try:
+        if name == "box":
+            return Box(*(float(p) for p in value.split(",")))
+        start, end = (int(p) for p in value.split(":"))
+        return Span(start, end) if name == "span" else TokenRange(start, end)
+    except (TypeError, ValueError):
+        syntax = "x0,y0,x1,y1 with four numbers in original pixels" if name == "box" else \
+            "START:END with two integers"
+        raise HTTPException(422, f"{name}={value!r} is not {syntax}") from None
+    except AttributionError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+def selection_heatmap(caption: dict[str, Any], selection: Span | TokenRange | Box | None) -> np.ndarray:
+    """The (rows, cols) heatmap to draw for a selection (a box: the whole caption's, box validated)."""
+    interactions = decode_matrix(caption["interactions"])
+    tokens = [Token(index=t["index"], id=-1, text=t["text"], start=t["start"], end=t["end"])
+              for t in caption["tokens"]]
+    image, grid = caption["image"], caption["grid"]
+    geometry = ImageGeometry(width=image["width"], height=image["height"],
+                             crop_box=tuple(image["crop_box"]), grid=(grid["rows"], grid["cols"]),
+                             patch_size=tuple(image["patch_size"]))
+
+    class _Result:
+        pass
+
+    result = _Result()
+    result.interactions = interactions
+    try:
+        if isinstance(selection, Span | TokenRange):
+            heat = span_heatmap(result, tokens, selection)
+        else:
+            if selection is not None:
+                box_token_scores(result, geometry, selection)  # validates the box
+            heat = interactions.sum(dim=0)
+    except AttributionError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return heat.to(torch.float32).numpy()
+
+
+@router.get("/jobs/{job_id}/heatmap.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "The overlay as PNG"},
+                       401: {"model": ErrorOut, "description": "missing or wrong API key"},
+                       404: {"model": ErrorOut, "description": "unknown job, or its image expired"},
+                       409: {"model": ErrorOut, "description": "the job is not done"},
+                       503: {"model": ErrorOut, "description": "every render slot is busy: retry"}})
+async def heatmap_png(
+    request: Request,
+    queue: Queue,
+    settings: AppSettings,
+    job: OwnedJob,
+    caption: int = Query(0, ge=0, description="Index of the caption in the job"),
+    span: str | None = Query(None, description="Character span START:END of the caption"),
+    tokens: str | None = Query(None, description="Token range START:END (end exclusive)"),
+    box: str | None = Query(None, description="Box x0,y0,x1,y1 in original pixels"),
+    legend: bool = Query(False, description="Append a colour-scale band below the image"),
+    alpha: float = Query(0.6, ge=0.0, le=1.0, description="Overlay opacity"),
+    max_side: int = Query(MAX_SIDE, ge=16, le=MAX_SIDE, description="Longest side of the PNG in pixels"),
+) -> Response:
+    if job.status is not JobStatus.DONE:
+        raise HTTPException(409, f"job {job.id} is {job.status.value}; a heatmap needs a done job "
+                                 "(poll GET /jobs/{id} until its status is done)")
+    captions = job.result["captions"]
+    if caption >= len(captions):
+        raise HTTPException(422, f"caption={caption} is out of range: the job has {len(captions)} "
+                                 f"caption(s), indices 0..{len(captions) - 1}")
+    chosen = captions[caption]
+    selection = _selection(span, tokens, box)
+    heat = selection_heatmap(chosen, selection)
+    outline = (selection.x0, selection.y0, selection.x1, selection.y1) if isinstance(selection, Box) else None
+    slots = render_slots(request, settings.max_renders)
+    try:
+        await asyncio.wait_for(slots.acquire(), SLOT_WAIT_S)
+    except TimeoutError:
+        raise HTTPException(503, f"{settings.max_renders} heatmaps are being rendered; retry in a moment "
+                                 "(EXCLIP_MAX_RENDERS)", headers={"Retry-After": "2"}) from None
+    try:
+        data = await queue.image(job.id)
+        if data is None:
+            raise HTTPException(404, f"the image of job {job.id} has expired; submit the job again")
+        png = await run_in_threadpool(_render_png, data, heat, chosen["image"]["crop_box"], alpha, outline,
+                                      legend, max_side, settings.max_pixels)
+    finally:
+        slots.release()
+    return Response(png, media_type="image/png")
+
+
+def _render_png(data: bytes, heat: np.ndarray, crop_box: list[float], alpha: float,
+                box: tuple[float, float, float, float] | None, legend: bool, max_side: int,
+                max_pixels: int) -> bytes:
+    """Decode, draw and encode (CPU-bound: run off the event loop)."""
+    image = decode_image(data, max_pixels=max_pixels)
+    out = io.BytesIO()
+    render_overlay(image, heat, crop_box, alpha=alpha, box=box, legend=legend, max_side=max_side).save(
+        out, format="PNG")
+    return out.getvalue()
