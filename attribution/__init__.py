@@ -19,7 +19,18 @@ from attribution.explainer import Completeness, Explainer, PairResult
 from attribution.images import ImageGeometry, decode_image, preprocess
 from attribution.models import TINY_MODEL, LoadedModel, load_model
 from attribution.pipeline import ExplainRequest, Explanation, explain_requests
-from attribution.selections import Box, Span, TokenRange, box_token_scores, selected_tokens, span_heatmap
+from attribution.selections import (
+    Box,
+    Span,
+    TokenRange,
+    box_patch_weights,
+    box_token_scores,
+    check_box,
+    check_selection,
+    parse_indexed,
+    selected_tokens,
+    span_heatmap,
+)
 from attribution.text import Token, tokenize_caption
 
 __all__ = [
@@ -45,10 +56,14 @@ __all__ = [
     "TokenRange",
     "UnknownModel",
     "UnsupportedModel",
+    "box_patch_weights",
     "box_token_scores",
+    "check_box",
+    "check_selection",
     "decode_image",
     "explain_requests",
     "load_model",
+    "parse_indexed",
     "preprocess",
     "selected_tokens",
     "span_heatmap",

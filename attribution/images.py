@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -140,39 +139,6 @@ class ImageGeometry:
         x0, y0 = self.crop_box[0] + col * pw, self.crop_box[1] + row * ph
         return (x0, y0, x0 + pw, y0 + ph)
 
-    def box_to_patch_weights(self, box: Any) -> torch.Tensor:
-        """Tensor (rows, cols): for each patch, the fraction of that patch's area the box covers.
-
-        ``box`` is (x0, y0, x1, y1) in original pixels, or any object with those attributes (``Box``).
-        The box is first clipped to the image (pixels outside it do not exist); a patch fully inside
-        the clipped box weighs 1, a patch it half covers 0.5, and a patch it misses 0. Raises
-        ``InvalidSelection`` when x0 >= x1 or y0 >= y1, when the box misses the image, or when it misses
-        the region the model sees (``crop_box``).
-        """
-        x0, y0, x1, y1 = _box_coords(box)
-        if not all(np.isfinite([x0, y0, x1, y1])):
-            raise InvalidSelection(f"box {[x0, y0, x1, y1]} has non-finite coordinates")
-        if x0 >= x1 or y0 >= y1:
-            raise InvalidSelection(f"box {[x0, y0, x1, y1]} is empty: need x0 < x1 and y0 < y1 (pixels)")
-        cx0, cy0 = max(x0, 0.0), max(y0, 0.0)
-        cx1, cy1 = min(x1, float(self.width)), min(y1, float(self.height))
-        if cx0 >= cx1 or cy0 >= cy1:
-            raise InvalidSelection(
-                f"box {[x0, y0, x1, y1]} lies outside the {self.width}x{self.height} image"
-            )
-        kx0, ky0, kx1, ky1 = self.crop_box
-        if cx0 >= kx1 or cx1 <= kx0 or cy0 >= ky1 or cy1 <= ky0:
-            crop = [round(v, 2) for v in self.crop_box]
-            raise InvalidSelection(
-                f"box {[x0, y0, x1, y1]} does not overlap the part of the image the model sees "
-                f"(crop_box {crop}); draw it inside that region"
-            )
-        rows, cols = self.grid
-        pw, ph = self.patch_size
-        fx = _overlap(kx0 + torch.arange(cols + 1, dtype=torch.float64) * pw, cx0, cx1) / pw
-        fy = _overlap(ky0 + torch.arange(rows + 1, dtype=torch.float64) * ph, cy0, cy1) / ph
-        return torch.outer(fy, fx).to(torch.float32)
-
     def to_dict(self) -> dict[str, Any]:
         """The ``image`` object of a result: width, height, crop_box, patch_size (w, h)."""
         return {
@@ -181,23 +147,6 @@ class ImageGeometry:
             "crop_box": [float(v) for v in self.crop_box],
             "patch_size": [float(v) for v in self.patch_size],
         }
-
-
-def _box_coords(box: Any) -> tuple[float, float, float, float]:
-    if all(hasattr(box, a) for a in ("x0", "y0", "x1", "y1")):
-        values: Sequence[Any] = (box.x0, box.y0, box.x1, box.y1)
-    else:
-        values = box
-    try:
-        x0, y0, x1, y1 = (float(v) for v in values)
-    except (TypeError, ValueError) as e:
-        raise InvalidSelection(f"box must be four numbers x0, y0, x1, y1 (pixels), got {box!r}") from e
-    return x0, y0, x1, y1
-
-
-def _overlap(edges: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Length of [lo, hi] inside each interval [edges[i], edges[i + 1]]."""
-    return (edges[1:].clamp(max=hi) - edges[:-1].clamp(min=lo)).clamp(min=0)
 
 
 def _crop_offset(size: int, crop: int) -> int:

@@ -19,10 +19,17 @@ from PIL import Image
 from attribution.explainer import Explainer, PairResult
 from attribution.images import ImageGeometry, preprocess
 from attribution.models import LoadedModel
-from attribution.selections import Box, Span, TokenRange, box_token_scores, selected_tokens, span_heatmap
+from attribution.selections import (
+    Box,
+    Selection,
+    Span,
+    box_token_scores,
+    check_selection,
+    selected_tokens,
+    span_heatmap,
+)
 from attribution.text import Token, tokenize_caption
 
-Selection = Span | TokenRange | Box
 MATRIX_FORMATS = ("json", "base64")
 
 
@@ -119,19 +126,12 @@ def decode_matrix(encoded: Any) -> torch.Tensor:
 
 
 def _evaluate(
-    selection: Selection, result: Any, tokens: list[Token], geometry: ImageGeometry
+    selection: Selection, interactions: torch.Tensor, tokens: list[Token], geometry: ImageGeometry
 ) -> SelectionResult:
     if isinstance(selection, Box):
-        return SelectionResult(selection, token_scores=box_token_scores(result, geometry, selection))
-    heatmap = span_heatmap(result, tokens, selection)
+        return SelectionResult(selection, token_scores=box_token_scores(interactions, geometry, selection))
+    heatmap = span_heatmap(interactions, tokens, selection)
     return SelectionResult(selection, heatmap=heatmap, tokens=selected_tokens(tokens, selection))
-
-
-@dataclass(frozen=True)
-class _Placeholder:
-    """Stands in for a result to check selections against shapes before any compute."""
-
-    interactions: torch.Tensor
 
 
 def explain_requests(
@@ -161,9 +161,8 @@ def explain_requests(
         for c, caption in enumerate(request.captions):
             ids, tokens = tokenize_caption(caption, loaded, context_length=loaded.context_length)
             selections = request.selections_of(c)
-            placeholder = _Placeholder(torch.zeros(len(tokens), *geometry.grid))
             for selection in selections:
-                _evaluate(selection, placeholder, tokens, geometry)
+                check_selection(selection, tokens, geometry)
             prepared.append((r, caption, ids, tokens, len(tensors) - 1, selections))
 
     if not prepared:
@@ -184,7 +183,7 @@ def explain_requests(
                 tokens=tokens,
                 geometry=geometry,
                 result=result,
-                selections=[_evaluate(s, result, tokens, geometry) for s in selections],
+                selections=[_evaluate(s, result.interactions, tokens, geometry) for s in selections],
             )
         )
     return out
