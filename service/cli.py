@@ -13,10 +13,12 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from attribution.errors import AttributionError
+from attribution.selections import Box, Span
 from service.settings import Settings
 
 log = logging.getLogger("exclip")
@@ -120,22 +122,16 @@ def worker(settings: Settings) -> None:
     asyncio.run(main())
 
 
-def _parse_box(value: str) -> str:
-    parts = value.split(",")
-    try:
-        [float(p) for p in parts]
-    except ValueError:
-        parts = []
-    if len(parts) != 4:
-        raise argparse.ArgumentTypeError(f"box {value!r} must be x0,y0,x1,y1 (pixels)")
-    return value
+def _syntax(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that checks a selection's syntax with the library's parser, keeping the text."""
+    def check(value: str) -> str:
+        try:
+            parse(value)
+        except AttributionError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
 
-
-def _parse_span(value: str) -> str:
-    parts = value.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"span {value!r} must be START:END (character offsets)")
-    return value
+    return check
 
 
 def explain(args: argparse.Namespace) -> int:
@@ -213,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_explain = sub.add_parser("explain", help="explain an image with a caption via a running service")
     p_explain.add_argument("image")
     p_explain.add_argument("caption")
-    p_explain.add_argument("--span", action="append", type=_parse_span, default=[], help="START:END")
-    p_explain.add_argument("--box", action="append", type=_parse_box, default=[], help="x0,y0,x1,y1")
+    p_explain.add_argument("--span", action="append", type=_syntax(Span.parse), default=[], help="START:END")
+    p_explain.add_argument("--box", action="append", type=_syntax(Box.parse), default=[], help="x0,y0,x1,y1")
     p_explain.add_argument("--json", help="write the job JSON here")
     p_explain.add_argument("--png", help="write the heatmap PNG (first selection, else the caption) here")
     p_explain.add_argument("--url", default="http://127.0.0.1:8000")

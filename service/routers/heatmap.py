@@ -20,15 +20,14 @@ import io
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from attribution.errors import AttributionError
+from attribution.errors import InvalidSelection
 from attribution.images import ImageGeometry, decode_image
 from attribution.pipeline import decode_matrix
-from attribution.selections import Box, Span, TokenRange, box_token_scores, span_heatmap
+from attribution.selections import SELECTION_KINDS, Box, Selection, Span, TokenRange, check_box, span_heatmap
 from attribution.text import Token
 from service.dependencies import AppSettings, OwnedJob, Queue
 from service.jobs import JobStatus
@@ -47,29 +46,22 @@ def render_slots(request: Request, max_renders: int) -> asyncio.Semaphore:
     return state.render_slots
 
 
-def _selection(span: str | None, tokens: str | None, box: str | None) -> Span | TokenRange | Box | None:
-    given = [(name, value) for name, value in (("span", span), ("tokens", tokens), ("box", box))
+def _selection(span: str | None, tokens: str | None, box: str | None) -> Selection | None:
+    given = [(kind, value) for kind, value in (("span", span), ("tokens", tokens), ("box", box))
              if value is not None]
     if len(given) > 1:
-        names = " and ".join(name for name, _ in given)
+        names = " and ".join(kind for kind, _ in given)
         raise HTTPException(422, f"give at most one selection (span, tokens or box), not {names}")
     if not given:
         return None
-    name, value = given[0]
+    kind, value = given[0]
     try:
-        if name == "box":
-            return Box(*(float(p) for p in value.split(",")))
-        start, end = (int(p) for p in value.split(":"))
-        return Span(start, end) if name == "span" else TokenRange(start, end)
-    except (TypeError, ValueError):
-        syntax = "x0,y0,x1,y1 with four numbers in original pixels" if name == "box" else \
-            "START:END with two integers"
-        raise HTTPException(422, f"{name}={value!r} is not {syntax}") from None
-    except AttributionError as exc:
+        return SELECTION_KINDS[kind].parse(value)
+    except InvalidSelection as exc:
         raise HTTPException(422, str(exc)) from None
 
 
-def selection_heatmap(caption: dict[str, Any], selection: Span | TokenRange | Box | None) -> np.ndarray:
+def selection_heatmap(caption: dict[str, Any], selection: Selection | None) -> np.ndarray:
     """The (rows, cols) heatmap to draw for a selection (a box: the whole caption's, box validated)."""
     interactions = decode_matrix(caption["interactions"])
     tokens = [Token(index=t["index"], id=-1, text=t["text"], start=t["start"], end=t["end"])
@@ -78,22 +70,14 @@ def selection_heatmap(caption: dict[str, Any], selection: Span | TokenRange | Bo
     geometry = ImageGeometry(width=image["width"], height=image["height"],
                              crop_box=tuple(image["crop_box"]), grid=(grid["rows"], grid["cols"]),
                              patch_size=tuple(image["patch_size"]))
-
-    class _Result:
-        pass
-
-    result = _Result()
-    result.interactions = interactions
     try:
+        if isinstance(selection, Box):
+            check_box(selection, geometry)
         if isinstance(selection, Span | TokenRange):
-            heat = span_heatmap(result, tokens, selection)
-        else:
-            if selection is not None:
-                box_token_scores(result, geometry, selection)  # validates the box
-            heat = interactions.sum(dim=0)
-    except AttributionError as exc:
+            return span_heatmap(interactions, tokens, selection).numpy()
+    except InvalidSelection as exc:
         raise HTTPException(422, str(exc)) from None
-    return heat.to(torch.float32).numpy()
+    return interactions.sum(dim=0).numpy()
 
 
 @router.get("/jobs/{job_id}/heatmap.png", response_class=Response,

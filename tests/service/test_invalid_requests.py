@@ -10,6 +10,7 @@ from PIL import Image
 from tests.service.conftest import b64, png_bytes
 
 IMAGE = png_bytes(48, 48, seed=9)
+UNCLOSED_MULTIPART = b'--XX\r\nContent-Disposition: form-data; name="caption"\r\n\r\na dog'
 
 
 def form(data: dict, image: bytes | None = IMAGE) -> dict:
@@ -35,13 +36,13 @@ CASES = {
     "caption too long": (body(captions=["dog " * 80]), 422, "context length is 77"),
     "empty caption": (body(captions=["   "]), 422, "caption 0"),
     "too many captions": (body(captions=["a dog"] * 17), 422, "EXCLIP_MAX_CAPTIONS"),
-    "malformed span": (form({"caption": "a dog", "span": "a:b"}), 422, "span='a:b' is malformed"),
+    "malformed span": (form({"caption": "a dog", "span": "a:b"}), 422, "span 'a:b' is malformed"),
     "span beyond caption": (form({"caption": "a dog", "span": "0:40"}), 422, "the caption has 5 characters"),
     "span on missing caption": (form({"caption": "a dog", "span": "3:0:1"}), 422, "refers to caption 3"),
     "malformed token range": (form({"caption": "a dog", "token_range": "1-2"}), 422, "malformed"),
     "token range beyond tokens": (body(captions=[{"text": "a dog", "selections": [{"tokens": [1, 9]}]}]),
                                   422, "the caption has 4 tokens"),
-    "malformed box": (form({"caption": "a dog", "box": "1,2,3"}), 422, "box='1,2,3' is malformed"),
+    "malformed box": (form({"caption": "a dog", "box": "1,2,3"}), 422, "box '1,2,3' is malformed"),
     "empty box": (form({"caption": "a dog", "box": "30,30,10,10"}), 422, "need x0 < x1"),
     "box outside image": (form({"caption": "a dog", "box": "100,100,200,200"}), 422,
                           "outside the 48x48 image"),
@@ -58,6 +59,13 @@ CASES = {
     "wrong content type": ({"content": b"a dog", "headers": {"content-type": "text/plain"}}, 415,
                            "unsupported content type"),
     "negative wait": (body(wait=-1), 422, "wait"),
+    "wait not a number": (form({"caption": "a dog", "wait": "NaN"}), 422,
+                          "wait: Input should be a finite number"),
+    "infinite wait": (form({"caption": "a dog", "wait": "inf"}), 422, "finite number"),
+    "caption too long offers no truncation": (body(captions=["dog " * 80]), 422, "shorten it"),
+    "unclosed multipart body": ({"content": UNCLOSED_MULTIPART,
+                                 "headers": {"content-type": "multipart/form-data; boundary=XX"}}, 400,
+                                "does not end with the closing boundary"),
 }
 
 
