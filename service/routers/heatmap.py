@@ -35,7 +35,7 @@ from service.schemas import ErrorOut
 from service.web.render import MAX_SIDE, render_overlay
 
 router = APIRouter(tags=["jobs"])
-SLOT_WAIT_S = 10.0
+SLOT_WAIT_S = 30.0
 
 
 def render_slots(request: Request, max_renders: int) -> asyncio.Semaphore:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
+import socket
+import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from tests.service.conftest import b64, png_bytes
@@ -106,3 +112,146 @@ def test_oversized_upload_is_413_with_or_without_content_length(stack):
         assert r.status_code == 413 and "EXCLIP_MAX_UPLOAD_BYTES" in r.json()["detail"]
     assert "content-length" not in streamed.request.headers
     assert stack.queue_state() == before
+
+
+# In-process checks of the HTTP surface (no worker needed): the app object itself, no queue traffic.
+
+@pytest.fixture(scope="module")
+def app_client():
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    with TestClient(create_app(Settings(redis_url=None, api_keys="k3y"))) as client:
+        yield client
+
+
+@pytest.mark.parametrize("path", ["/", "/healthz", "/readyz", "/static/app.js", "/openapi.json"])
+def test_head_answers_like_get_without_a_body(app_client, path):
+    get, head = app_client.get(path), app_client.head(path)
+    assert head.status_code == get.status_code != 405
+    assert head.content == b"" and head.headers["content-length"] == str(len(get.content))
+
+
+@pytest.mark.parametrize("path", ["/", "/healthz", "/models", "/no-such-path"])
+def test_security_headers_on_page_and_responses(app_client, path):
+    headers = app_client.get(path).headers
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["x-frame-options"] == "DENY" and headers["referrer-policy"] == "no-referrer"
+    csp = headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp
+    if path == "/":
+        assert "script-src 'self'" in csp
+
+
+@pytest.mark.parametrize("header", ["Bearer\tk3y", "Bearer   k3y", "bearer k3y", " Bearer k3y "])
+def test_bearer_with_any_whitespace_is_accepted(app_client, header):
+    assert app_client.get("/models", headers={"Authorization": header}).status_code == 200
+
+
+@pytest.mark.parametrize(("header", "words"), [
+    (None, "missing API key"), ("Bearer", "malformed Authorization header"),
+    ("Basic k3y", "malformed Authorization header"), ("Bearer\twrong", "invalid API key")])
+def test_auth_failures_say_which(app_client, header, words):
+    r = app_client.get("/models", headers={"Authorization": header} if header else {})
+    assert r.status_code == 401 and r.json()["detail"].startswith(words)
+
+
+def test_form_schema_is_generated_from_the_options_model(app_client):
+    from service.schemas import PRECISIONS, ExplainOptions
+
+    schema = app_client.get("/openapi.json").json()
+    form = schema["paths"]["/explain"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(ExplainOptions.model_fields) <= set(form["properties"])
+    assert form["properties"]["precision"]["enum"] == list(PRECISIONS)
+    assert form["properties"]["text_layer"]["type"] == "integer"  # a form field is absent, never null
+
+
+@given(field=st.sampled_from(["span", "token_range", "box"]),
+       value=st.one_of(st.text(max_size=40), st.from_regex(r"-?\d{1,4}(:-?\d{1,4}){1,2}", fullmatch=True),
+                       st.from_regex(r"(\d:)?(-?\d{1,5}(\.\d*)?,){3}-?\d{1,5}(\.\d*)?", fullmatch=True)))
+@settings(max_examples=300, deadline=None)
+def test_any_selection_string_is_a_selection_or_a_422(field, value):
+    from service.errors import RequestInvalid
+    from service.parsing import _selection
+
+    try:
+        caption, selection = _selection(field, value)
+    except RequestInvalid as exc:
+        assert exc.status == 422 and str(exc)
+        return
+    assert caption >= 0
+    given = [v for v in (selection.span, selection.tokens, selection.box) if v is not None]
+    assert len(given) == 1
+
+
+@given(kind=st.sampled_from(["span", "tokens", "box"]), value=st.text(max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_any_heatmap_selection_string_is_a_selection_or_a_422(kind, value):
+    from fastapi import HTTPException
+
+    from service.routers.heatmap import _selection
+
+    try:
+        selection = _selection(**{"span": None, "tokens": None, "box": None, kind: value})
+    except HTTPException as exc:
+        assert exc.status_code == 422 and exc.detail
+        return
+    assert selection is not None
+
+
+def _dribble(url: str, first: bytes, then: bytes, every_s: float, for_s: float) -> tuple[float, bytes]:
+    """Send ``first``, then ``then`` one byte per ``every_s``; (seconds until the server closed, reply)."""
+    host, port = url.removeprefix("http://").split(":")
+    start = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=for_s) as sock:
+        sock.sendall(first)
+        sock.settimeout(every_s)
+        for byte in itertools.cycle(then):
+            try:
+                reply = sock.recv(65536)
+                return time.monotonic() - start, reply + _read_rest(sock)
+            except TimeoutError:
+                pass
+            if time.monotonic() - start > for_s:
+                return float("inf"), b""
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:  # closed by the server
+                return time.monotonic() - start, b""
+    raise AssertionError("unreachable")
+
+
+def _read_rest(sock: socket.socket) -> bytes:
+    out = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+@pytest.fixture(scope="module")
+def impatient_service(session_launcher):
+    proc = session_launcher.embedded(EXCLIP_CLIENT_TIMEOUT_S="2", EXCLIP_BODY_TIMEOUT_S="4").wait_healthy(180)
+    yield proc.url
+    proc.stop()
+
+
+def test_client_dribbling_its_headers_is_disconnected(impatient_service):
+    took, _ = _dribble(impatient_service, b"GET /healthz HTTP/1.1\r\nHost: x\r\n", b"X-Slow: aaaa",
+                       every_s=0.3, for_s=30)
+    assert took < 30, "the server kept a connection whose headers never ended"
+
+
+def test_idle_connection_is_closed(impatient_service):
+    took, reply = _dribble(impatient_service, b"", b"", every_s=0.5, for_s=30)
+    assert took < 30 and reply == b""
+
+
+def test_client_dribbling_its_body_gets_408(impatient_service):
+    head = (b"POST /explain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n{\"captions\": [")
+    took, reply = _dribble(impatient_service, head, b'"a", ', every_s=0.3, for_s=30)
+    assert took < 30 and reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"too slowly" in reply
