@@ -50,7 +50,7 @@ class Token:
     """One token of a caption: its position, vocabulary id, readable text and original character span."""
 
     index: int
-    id: int
+    id: int | None  # None for tokens read back from a result, which leaves ids out
     text: str
     start: int
     end: int
@@ -60,6 +60,11 @@ class Token:
         d = asdict(self)
         del d["id"]
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Token:
+        """The inverse of ``to_dict``; ``id`` is None (results do not carry vocabulary ids)."""
+        return cls(int(d["index"]), None, str(d["text"]), int(d["start"]), int(d["end"]))
 
 
 def _align(old: str, old_spans: Spans, new: str) -> Spans:
