@@ -146,6 +146,30 @@ def _decode(img: Image.Image) -> Image.Image:
         raise InvalidImage(f"{img.format} image data is broken or truncated: {e}") from e
 
 
+def image_size(data: bytes, *, max_pixels: int = 64_000_000, max_aspect_ratio: float = MAX_ASPECT_RATIO
+               ) -> tuple[int, int]:
+    """The upright (width, height) of untrusted image bytes from their header, without decoding pixels.
+
+    Runs the checks ``prepare_image`` runs before decoding (format, pixel count, aspect ratio), so a
+    service can refuse such uploads, and check boxes against ``transform_geometry``, cheaply. Broken
+    pixel data is only found when decoding. EXIF orientation is read where the format keeps it in the
+    header (JPEG, WebP, TIFF); a PNG's is found only in chunks before the image data.
+    """
+    img = _open(data, max_pixels)
+    width, height = img.size
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        _refuse_elongated(width, height, max_aspect_ratio)
+    exif = img.info.get("exif") if img.format == "PNG" else None
+    if img.format == "PNG":  # getexif() would decode a PNG to look for a late eXIf chunk
+        orientation = Image.Exif()
+        if exif:
+            orientation.load(exif)
+        turned = orientation.get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    else:
+        turned = _orientation(img) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
+
+
 def decode_image(data: bytes, *, max_pixels: int = 64_000_000) -> Image.Image:
     """Decode untrusted image bytes to an upright RGB image, or raise ``InvalidImage`` saying why.
 
@@ -275,16 +299,21 @@ def _plan(width: int, height: int, transform: Any) -> _ResizeCrop:
     return _ResizeCrop(width, height, resized, offset, out, resample, fill)
 
 
-def _check_aspect_ratio(width: int, height: int, plan: _ResizeCrop, max_aspect_ratio: float) -> None:
+def _refuse_elongated(width: int, height: int, max_aspect_ratio: float, why: str = "") -> None:
     long, short = max(width, height), min(width, height)
-    if long > max_aspect_ratio * short or min(plan.resized) < 1:
+    raise InvalidImage(
+        f"image is {width}x{height} pixels, an aspect ratio of {long / short:.4g}:1; images whose long "
+        f"side exceeds {max_aspect_ratio:g} times their short side are refused{why}; crop the image to "
+        "the part to explain"
+    )
+
+
+def _check_aspect_ratio(width: int, height: int, plan: _ResizeCrop, max_aspect_ratio: float) -> None:
+    if max(width, height) > max_aspect_ratio * min(width, height) or min(plan.resized) < 1:
         (w, h), (sx, sy) = plan.out, plan.scale
-        raise InvalidImage(
-            f"image is {width}x{height} pixels, an aspect ratio of {long / short:.4g}:1; the model's input "
-            f"is a fixed {w}x{h}, which covers {min(w * sx, width):.4g}x{min(h * sy, height):.4g} original "
-            f"pixels of this image, so images whose long side exceeds {max_aspect_ratio:g} times their "
-            "short side are refused; crop the image to the part to explain"
-        )
+        seen = f"{min(w * sx, width):.4g}x{min(h * sy, height):.4g}"
+        why = f" (the model's input is a fixed {w}x{h}, which covers {seen} original pixels of this one)"
+        _refuse_elongated(width, height, max_aspect_ratio, why)
 
 
 def _geometry(plan: _ResizeCrop, patch_size: tuple[int, int], grid: tuple[int, int]) -> ImageGeometry:
@@ -398,8 +427,8 @@ def prepare_image(
     """
     img = _open(data, max_pixels)
     width, height = img.size
-    if max(width, height) > max_aspect_ratio * min(width, height):  # rotation does not change this
-        _check_aspect_ratio(width, height, _plan(width, height, loaded.transform), max_aspect_ratio)
+    if max(width, height) > max_aspect_ratio * min(width, height):  # before decoding (rotation-proof)
+        _refuse_elongated(width, height, max_aspect_ratio)
     turned = _orientation(img) in (5, 6, 7, 8)
     upright = (height, width) if turned else (width, height)
     plan = _plan(*upright, loaded.transform)

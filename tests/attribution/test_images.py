@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import Compose, RandomResizedCrop
 
 from attribution.errors import InvalidImage, InvalidSelection, UnsupportedModel
-from attribution.images import ALPHA_BACKGROUND, decode_image, prepare_image, preprocess
+from attribution.images import ALPHA_BACKGROUND, decode_image, image_size, prepare_image, preprocess
 from attribution.selections import Box, box_patch_weights
 
 # ---------------------------------------------------------------- helpers
@@ -471,3 +471,21 @@ def test_large_jpeg_is_decoded_at_a_reduced_scale(tiny_model, monkeypatch, orien
     assert float(diff.mean()) < 0.4 * one_level and float(diff.max()) < 3 * one_level
     exact = prepare_image(data, loaded, draft_oversampling=0)  # drafting off: the transform exactly
     assert torch.equal(exact.tensor, full)
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_image_size_reads_the_upright_size_from_the_header(orientation, fmt):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.new("RGB", (300, 200), (10, 200, 30)), fmt, exif=exif.tobytes())
+    assert image_size(data) == decode_image(data).size == ((300, 200) if orientation == 1 else (200, 300))
+
+
+def test_image_size_refuses_what_decoding_would(tiny_model):
+    with pytest.raises(InvalidImage, match="the limit is 5000 pixels"):
+        image_size(encode(Image.new("RGB", (100, 51))), max_pixels=5000)
+    with pytest.raises(InvalidImage, match="exceeds 16 times"):
+        image_size(png_declaring(1, 250_000))  # the header alone: its pixel data is 4x4
+    with pytest.raises(InvalidImage, match="not an image"):
+        image_size(b"hello world")
