@@ -13,6 +13,9 @@ older commit exported with ``git archive``), side by side in the same run:
     git archive 6f4c82b attribution | tar -x -C /tmp/exclip-before
     python bench/input_costs.py --before /tmp/exclip-before
 
+``--after DIR`` measures another copy instead of this tree (e.g. a snapshot, so that editing the tree
+during a long run does not mix versions).
+
 Times are also given in image-forward units: the best of three forward passes of one image through a
 random-weight ViT-B-16 image tower, measured in this process at the start.
 """
@@ -163,6 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--before", type=Path, help="directory holding an older attribution package")
+    parser.add_argument("--after", type=Path, default=ROOT, help="package to measure (default: this tree)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "exclip-input-costs")
     parser.add_argument("--cap-gb", type=float, default=3.0)
     parser.add_argument("--timeout", type=float, default=120.0)
@@ -176,7 +180,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     unit = _forward_unit()
-    impls = ([("before", args.before)] if args.before else []) + [("this", ROOT)]
+    impls = [("before", args.before)] if args.before else []
+    impls.append(("after" if args.before else "this", args.after))
     args.cache.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, "
