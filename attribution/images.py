@@ -272,10 +272,12 @@ def _plan(width: int, height: int, transform: Any) -> _ResizeCrop:
     """Read ``transform``'s resize and crop steps (open_clip's eval transforms: resize, then crop/pad)."""
     steps = transform.transforms if isinstance(transform, Compose) else [transform]
     resized, resample = (width, height), Image.Resampling.BICUBIC
+    resizes = 0
     crop: tuple[int, int] | None = None
     fill: Any = 0
     for step in steps:
-        if isinstance(step, (Resize, ResizeKeepRatio)) and crop is None and resized == (width, height):
+        if isinstance(step, (Resize, ResizeKeepRatio)) and crop is None and resizes == 0:
+            resizes += 1
             if isinstance(step, Resize):
                 # torchvision's own size arithmetic for Resize (shortest side, or exact (h, w)).
                 size = [step.size] if isinstance(step.size, int) else list(step.size)
@@ -363,7 +365,7 @@ def _crop_then_resize(image: Image.Image, plan: _ResizeCrop, source_scale: float
     (rw, rh), (ox, oy), (ow, oh) = plan.resized, plan.offset, plan.out
     ix0, iy0 = max(ox, 0), max(oy, 0)  # resized pixels inside both the image and the crop window
     ix1, iy1 = min(ox + ow, rw), min(oy + oh, rh)
-    if (rw, rh) == image.size:  # torchvision skips the resize when the size already matches
+    if (rw, rh) == (plan.width, plan.height) and source_scale == 1:  # torchvision skips such a resize
         region = image.crop((ix0, iy0, ix1, iy1))
     else:
         sx, sy = (v * source_scale for v in plan.scale)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image, ImageDraw
-from torchvision.transforms import Compose, RandomResizedCrop
+from torchvision.transforms import CenterCrop, Compose, RandomResizedCrop, Resize
 
 from attribution.errors import InvalidImage, InvalidSelection, UnsupportedModel
 from attribution.images import ALPHA_BACKGROUND, decode_image, image_size, prepare_image, preprocess
@@ -489,3 +489,9 @@ def test_image_size_refuses_what_decoding_would(tiny_model):
         image_size(png_declaring(1, 250_000))  # the header alone: its pixel data is 4x4
     with pytest.raises(InvalidImage, match="not an image"):
         image_size(b"hello world")
+
+
+def test_two_resizes_are_not_understood(tiny_model):
+    odd = dataclasses.replace(tiny_model, transform=Compose([Resize(64), Resize(32), CenterCrop(32)]))
+    with pytest.raises(UnsupportedModel, match="expected one resize, then one centre crop"):
+        preprocess(Image.new("RGB", (64, 64)), odd)
