@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attribution.explainer import Explainer, PairResult
-from attribution.images import ImageGeometry, preprocess
+from attribution.explainer import Completeness, Explainer, PairResult
+from attribution.images import ImageGeometry, ModelInput, preprocess
 from attribution.models import LoadedModel
 from attribution.selections import (
+    SELECTION_KINDS,
     Box,
     Selection,
     Span,
@@ -35,9 +36,13 @@ MATRIX_FORMATS = ("json", "base64")
 
 @dataclass
 class ExplainRequest:
-    """One image with its captions; ``selections[i]`` are the selections of caption ``i``."""
+    """One image with its captions; ``selections[i]`` are the selections of caption ``i``.
 
-    image: Image.Image
+    ``image`` is a decoded image, or one already prepared for this model (``images.prepare_image``:
+    decoded at the size the model needs, so a batch holds model inputs rather than full images).
+    """
+
+    image: Image.Image | ModelInput
     captions: list[str]
     selections: list[list[Selection]] = field(default_factory=list)
 
@@ -71,6 +76,15 @@ class SelectionResult:
             "heatmap": self.heatmap.tolist(),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SelectionResult:
+        """The inverse of ``to_dict``."""
+        if d["kind"] == "box":
+            return cls(Box(*d["box"]), token_scores=torch.tensor(d["token_scores"], dtype=torch.float32))
+        selection = SELECTION_KINDS[d["kind"]](d["start"], d["end"])
+        heatmap = torch.tensor(d["heatmap"], dtype=torch.float32)
+        return cls(selection, heatmap=heatmap, tokens=d.get("tokens"))
+
 
 @dataclass(frozen=True)
 class Explanation:
@@ -95,7 +109,7 @@ class Explanation:
             "model": {"name": self.model_name, "pretrained": self.pretrained},
             "options": dict(self.options),
             "tokens": [t.to_dict() for t in self.tokens],
-            "image": {k: v for k, v in geometry.items() if k != "grid"},
+            "image": {k: v for k, v in geometry.items() if k != "grid"},  # the grid has its own key
             "grid": {"rows": self.geometry.grid[0], "cols": self.geometry.grid[1]},
             "interactions": encode_matrix(self.result.interactions, matrix_format),
             "cls": self.result.cls.tolist(),
@@ -103,6 +117,28 @@ class Explanation:
             "completeness": asdict(self.result.completeness),
             "selections": [s.to_dict() for s in self.selections],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Explanation:
+        """The inverse of ``to_dict`` (either matrix format). Keys it does not define, such as the
+        service's ``timings``, are ignored. Tokens come back without vocabulary ids (``id`` None)."""
+        grid = d["grid"]
+        result = PairResult(
+            interactions=decode_matrix(d["interactions"]),
+            cls=torch.tensor(d["cls"], dtype=torch.float32),
+            score=float(d["score"]),
+            completeness=Completeness(**d["completeness"]),
+        )
+        return cls(
+            caption=d["caption"],
+            model_name=d["model"]["name"],
+            pretrained=d["model"]["pretrained"],
+            options=dict(d["options"]),
+            tokens=[Token.from_dict(t) for t in d["tokens"]],
+            geometry=ImageGeometry.from_dict({**d["image"], "grid": [grid["rows"], grid["cols"]]}),
+            result=result,
+            selections=[SelectionResult.from_dict(s) for s in d["selections"]],
+        )
 
 
 def encode_matrix(matrix: torch.Tensor, matrix_format: str) -> Any:
@@ -134,6 +170,23 @@ def _evaluate(
     return SelectionResult(selection, heatmap=heatmap, tokens=selected_tokens(tokens, selection))
 
 
+@dataclass(frozen=True)
+class _Pair:
+    """One (image, caption) pair of a batch, ready for the engine."""
+
+    request: int  # index into the requests (and their model inputs)
+    caption: str
+    ids: torch.Tensor
+    tokens: list[Token]
+    selections: list[Selection]
+
+
+def _model_input(image: Image.Image | ModelInput, loaded: LoadedModel) -> ModelInput:
+    if isinstance(image, ModelInput):
+        return image
+    return ModelInput(*preprocess(image, loaded))
+
+
 def explain_requests(
     loaded: LoadedModel,
     requests: Sequence[ExplainRequest],
@@ -152,38 +205,35 @@ def explain_requests(
     image_layer = loaded.image_layers - 1 if image_layer is None else image_layer
     explainer = Explainer(loaded.model, loaded.tokenizer, text_layer, image_layer, steps, precision)
 
-    prepared = []  # (request index, caption, ids, tokens, image index, selections)
-    tensors, geometries = [], []
-    for r, request in enumerate(requests):
-        tensor, geometry = preprocess(request.image, loaded)
-        tensors.append(tensor)
-        geometries.append(geometry)
+    inputs = [_model_input(request.image, loaded) for request in requests]
+    pairs: list[_Pair] = []
+    for r, (request, model_input) in enumerate(zip(requests, inputs, strict=True)):
         for c, caption in enumerate(request.captions):
             ids, tokens = tokenize_caption(caption, loaded, context_length=loaded.context_length)
             selections = request.selections_of(c)
             for selection in selections:
-                check_selection(selection, tokens, geometry)
-            prepared.append((r, caption, ids, tokens, len(tensors) - 1, selections))
+                check_selection(selection, tokens, model_input.geometry)
+            pairs.append(_Pair(r, caption, ids, tokens, selections))
 
-    if not prepared:
+    if not pairs:
         return [[] for _ in requests]
-    images = torch.stack([tensors[p[4]] for p in prepared])
-    results = explainer.explain_tokens(images, [p[2] for p in prepared])
+    images = torch.stack([inputs[p.request].tensor for p in pairs])
+    results = explainer.explain_tokens(images, [p.ids for p in pairs])
 
     options = {"text_layer": text_layer, "image_layer": image_layer, "steps": steps, "precision": precision}
     out: list[list[Explanation]] = [[] for _ in requests]
-    for (r, caption, _, tokens, i, selections), result in zip(prepared, results, strict=True):
-        geometry = geometries[i]
-        out[r].append(
+    for pair, result in zip(pairs, results, strict=True):
+        geometry, interactions = inputs[pair.request].geometry, result.interactions
+        out[pair.request].append(
             Explanation(
-                caption=caption,
+                caption=pair.caption,
                 model_name=loaded.name,
                 pretrained=loaded.pretrained,
                 options=options,
-                tokens=tokens,
+                tokens=pair.tokens,
                 geometry=geometry,
                 result=result,
-                selections=[_evaluate(s, result.interactions, tokens, geometry) for s in selections],
+                selections=[_evaluate(s, interactions, pair.tokens, geometry) for s in pair.selections],
             )
         )
     return out
