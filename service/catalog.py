@@ -58,6 +58,7 @@ def option_ranges(info: ModelInfo, settings: Settings) -> dict[str, Any]:
         "max_captions": settings.max_captions,
         "max_selections": settings.max_selections,
         "caption_tokens": {"max": info.context_length, "note": "including start and end tokens"},
+        "caption_chars": {"max": settings.max_caption_chars, "note": "checked before tokenising"},
         "max_upload_bytes": settings.max_upload_bytes,
         "max_pixels": settings.max_pixels,
     }

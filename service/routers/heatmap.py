@@ -25,10 +25,9 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from attribution.errors import InvalidSelection
-from attribution.images import ImageGeometry, decode_image
-from attribution.pipeline import decode_matrix
+from attribution.images import decode_image
+from attribution.pipeline import Explanation
 from attribution.selections import SELECTION_KINDS, Box, Selection, Span, TokenRange, check_box, span_heatmap
-from attribution.text import Token
 from service.dependencies import AppSettings, OwnedJob, Queue
 from service.jobs import JobStatus
 from service.schemas import ErrorOut
@@ -63,18 +62,13 @@ def _selection(span: str | None, tokens: str | None, box: str | None) -> Selecti
 
 def selection_heatmap(caption: dict[str, Any], selection: Selection | None) -> np.ndarray:
     """The (rows, cols) heatmap to draw for a selection (a box: the whole caption's, box validated)."""
-    interactions = decode_matrix(caption["interactions"])
-    tokens = [Token(index=t["index"], id=-1, text=t["text"], start=t["start"], end=t["end"])
-              for t in caption["tokens"]]
-    image, grid = caption["image"], caption["grid"]
-    geometry = ImageGeometry(width=image["width"], height=image["height"],
-                             crop_box=tuple(image["crop_box"]), grid=(grid["rows"], grid["cols"]),
-                             patch_size=tuple(image["patch_size"]))
+    explanation = Explanation.from_dict(caption)
+    interactions = explanation.result.interactions
     try:
         if isinstance(selection, Box):
-            check_box(selection, geometry)
+            check_box(selection, explanation.geometry)
         if isinstance(selection, Span | TokenRange):
-            return span_heatmap(interactions, tokens, selection).numpy()
+            return span_heatmap(interactions, explanation.tokens, selection).numpy()
     except InvalidSelection as exc:
         raise HTTPException(422, str(exc)) from None
     return interactions.sum(dim=0).numpy()

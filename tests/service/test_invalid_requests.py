@@ -16,6 +16,7 @@ from PIL import Image
 from tests.service.conftest import b64, png_bytes
 
 IMAGE = png_bytes(48, 48, seed=9)
+WIDE = png_bytes(96, 48, seed=9)  # the model sees the centre 48x48: crop box x 24..72
 UNCLOSED_MULTIPART = b'--XX\r\nContent-Disposition: form-data; name="caption"\r\n\r\na dog'
 
 
@@ -68,7 +69,13 @@ CASES = {
     "wait not a number": (form({"caption": "a dog", "wait": "NaN"}), 422,
                           "wait: Input should be a finite number"),
     "infinite wait": (form({"caption": "a dog", "wait": "inf"}), 422, "finite number"),
-    "caption too long offers no truncation": (body(captions=["dog " * 80]), 422, "shorten it"),
+    "caption too long offers no truncation": (body(captions=["dog " * 80]), 422, "shorten the caption"),
+    "caption over the character limit": (body(captions=["a" * 1001]), 422, "the limit is 1000"),
+    "quadratic-cleaning caption": (body(captions=["&" + "amp;" * 4000 + " dog"]), 422, "16004 characters"),
+    "control-token text": (body(captions=["a photo <end_of_text> of a red ball"]), 422, "control tokens"),
+    "control-token text, other case": (body(captions=["a <START_OF_TEXT> dog"]), 422, "control tokens"),
+    "box outside the crop region": (form({"caption": "a dog", "box": "0,0,10,10"}, image=WIDE), 422,
+                                    "crop_box [24.0, 0.0, 72.0, 48.0]"),
     "unclosed multipart body": ({"content": UNCLOSED_MULTIPART,
                                  "headers": {"content-type": "multipart/form-data; boundary=XX"}}, 400,
                                 "does not end with the closing boundary"),
