@@ -71,7 +71,7 @@ CASES = {
     "infinite wait": (form({"caption": "a dog", "wait": "inf"}), 422, "finite number"),
     "caption too long offers no truncation": (body(captions=["dog " * 80]), 422, "shorten the caption"),
     "caption over the character limit": (body(captions=["a" * 1001]), 422, "the limit is 1000"),
-    "quadratic-cleaning caption": (body(captions=["&" + "amp;" * 4000 + " dog"]), 422, "16004 characters"),
+    "quadratic-cleaning caption": (body(captions=["&" + "amp;" * 4000 + " dog"]), 422, "16005 characters"),
     "control-token text": (body(captions=["a photo <end_of_text> of a red ball"]), 422, "control tokens"),
     "control-token text, other case": (body(captions=["a <START_OF_TEXT> dog"]), 422, "control tokens"),
     "box outside the crop region": (form({"caption": "a dog", "box": "0,0,10,10"}, image=WIDE), 422,
@@ -215,7 +215,7 @@ def _dribble(url: str, first: bytes, then: bytes, every_s: float, for_s: float) 
     with socket.create_connection((host, int(port)), timeout=for_s) as sock:
         sock.sendall(first)
         sock.settimeout(every_s)
-        for byte in itertools.cycle(then):
+        for i in itertools.count():
             try:
                 reply = sock.recv(65536)
                 return time.monotonic() - start, reply + _read_rest(sock)
@@ -224,7 +224,7 @@ def _dribble(url: str, first: bytes, then: bytes, every_s: float, for_s: float) 
             if time.monotonic() - start > for_s:
                 return float("inf"), b""
             try:
-                sock.sendall(bytes([byte]))
+                sock.sendall(then[i % len(then): i % len(then) + 1] if then else b"")
             except OSError:  # closed by the server
                 return time.monotonic() - start, b""
     raise AssertionError("unreachable")
