@@ -6,8 +6,8 @@ it resets the kernel's peak-RSS counter of both processes (``/proc/PID/clear_ref
 and reads the peak (``VmHWM``) back: the table gives, per case, the time, the HTTP statuses and the
 peak RSS above the process's RSS before the case, for the API and the worker.
 
-Cases: a 6000x6000 grey PNG (explain, then four concurrent ``heatmap.png?legend=true``), a 1x250000
-PNG, a 24000x1 PNG (explain, then its legend PNG: the size of the PNG is printed), the caption
+Cases: a 6000x6000 grey PNG (explain, then one or four concurrent ``heatmap.png?legend=true``, with
+the default two render slots and with four), a 1x250000 PNG, a 24000x1 PNG, the caption
 ``'&' + 'amp;'*4000 + ' dog'``, and a caption with literal special-token text.
 
     python bench/hostile_uploads.py
@@ -85,13 +85,16 @@ async def _case(url: str, image: bytes, caption: str, heatmaps: int) -> tuple[li
     return statuses, note
 
 
+# name, image, caption, concurrent legend PNGs of the job, extra env of the API
 CASES = [
-    ("6000x6000 grey PNG + 4 concurrent legend PNGs", lambda: png(6000, 6000), "a grey square", 4),
-    ("6000x6000 grey PNG + 1 legend PNG", lambda: png(6000, 6000), "a grey square", 1),
-    ("1x250000 PNG", lambda: png(1, 250_000), "a line", 0),
-    ("24000x1 PNG + 1 legend PNG", lambda: png(24_000, 1), "a line", 1),
-    ("caption '&' + 'amp;'*4000 + ' dog'", lambda: png(64, 48), "&" + "amp;" * 4000 + " dog", 0),
-    ("caption with literal <end_of_text>", lambda: png(64, 48), "a photo <end_of_text> of a red ball", 0),
+    ("6000x6000 grey PNG + 1 legend PNG", lambda: png(6000, 6000), "a grey square", 1, {}),
+    ("6000x6000 grey PNG + 4 concurrent legend PNGs", lambda: png(6000, 6000), "a grey square", 4, {}),
+    ("same, EXCLIP_MAX_RENDERS=4 (all four at once)", lambda: png(6000, 6000), "a grey square", 4,
+     {"EXCLIP_MAX_RENDERS": "4"}),
+    ("1x250000 PNG", lambda: png(1, 250_000), "a line", 0, {}),
+    ("24000x1 PNG", lambda: png(24_000, 1), "a line", 0, {}),
+    ("caption '&' + 'amp;'*4000 + ' dog'", lambda: png(64, 48), "&" + "amp;" * 4000 + " dog", 0, {}),
+    ("caption with literal <end_of_text>", lambda: png(64, 48), "a photo <end_of_text> of a red ball", 0, {}),
 ]
 
 
@@ -102,13 +105,13 @@ def main() -> int:
     launcher = ServiceLauncher(redis.url, f"h{uuid.uuid4().hex[:8]}", save_tiny_checkpoint(work), work)
     try:
         print(f"\nHostile uploads: API + 1 worker (exclip-tiny, steps=2), fresh processes per case, private "
-              f"redis-server, {os.cpu_count()} CPUs, EXCLIP_MAX_RENDERS default\n")
+              f"redis-server, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
         print("| case | statuses | note | time s | API RSS before / peak +MiB | worker RSS before / peak +MiB"
               " |")
         print("|---|---|---|---|---|---|")
-        for name, make, caption, heatmaps in CASES:
+        for name, make, caption, heatmaps, env in CASES:
             image = make()
-            api, worker = launcher.api(), launcher.worker()  # fresh: freed memory is not reused
+            api, worker = launcher.api(**env), launcher.worker()  # fresh: freed memory is not reused
             api.wait_ready(180)
             with Peak(api.proc.pid) as api_peak, Peak(worker.proc.pid) as worker_peak:
                 t0 = time.monotonic()
