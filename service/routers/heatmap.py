@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from attribution.errors import InvalidSelection
 from attribution.images import decode_image
 from attribution.pipeline import Explanation
-from attribution.selections import SELECTION_KINDS, Box, Selection, Span, TokenRange, check_box, span_heatmap
+from attribution.selections import SELECTION_KINDS, Box, check_box, span_heatmap
 from service.dependencies import AppSettings, OwnedJob, Queue
 from service.jobs import JobStatus
 from service.schemas import ErrorOut
@@ -37,41 +37,25 @@ router = APIRouter(tags=["jobs"])
 SLOT_WAIT_S = 30.0
 
 
-def render_slots(request: Request, max_renders: int) -> asyncio.Semaphore:
-    """The app's render semaphore (created on first use, inside the app's event loop)."""
-    state = request.app.state
-    if getattr(state, "render_slots", None) is None:
-        state.render_slots = asyncio.Semaphore(max_renders)
-    return state.render_slots
-
-
-def _selection(span: str | None, tokens: str | None, box: str | None) -> Selection | None:
-    given = [(kind, value) for kind, value in (("span", span), ("tokens", tokens), ("box", box))
-             if value is not None]
+def selection_heatmap(caption: dict[str, Any], span: str | None, tokens: str | None,
+                      box: str | None) -> tuple[np.ndarray, Box | None]:
+    """The (rows, cols) heatmap to draw and the box to outline: a span's or token range's heatmap, else
+    the whole caption's (a box is validated, then outlined)."""
+    given = {k: v for k, v in (("span", span), ("tokens", tokens), ("box", box)) if v is not None}
     if len(given) > 1:
-        names = " and ".join(kind for kind, _ in given)
+        names = " and ".join(given)
         raise HTTPException(422, f"give at most one selection (span, tokens or box), not {names}")
-    if not given:
-        return None
-    kind, value = given[0]
-    try:
-        return SELECTION_KINDS[kind].parse(value)
-    except InvalidSelection as exc:
-        raise HTTPException(422, str(exc)) from None
-
-
-def selection_heatmap(caption: dict[str, Any], selection: Selection | None) -> np.ndarray:
-    """The (rows, cols) heatmap to draw for a selection (a box: the whole caption's, box validated)."""
     explanation = Explanation.from_dict(caption)
     interactions = explanation.result.interactions
     try:
+        selection = next((SELECTION_KINDS[kind].parse(value) for kind, value in given.items()), None)
         if isinstance(selection, Box):
             check_box(selection, explanation.geometry)
-        if isinstance(selection, Span | TokenRange):
-            return span_heatmap(interactions, explanation.tokens, selection).numpy()
+        elif selection is not None:
+            return span_heatmap(interactions, explanation.tokens, selection).numpy(), None
     except InvalidSelection as exc:
         raise HTTPException(422, str(exc)) from None
-    return interactions.sum(dim=0).numpy()
+    return interactions.sum(dim=0).numpy(), selection
 
 
 @router.get("/jobs/{job_id}/heatmap.png", response_class=Response,
@@ -101,10 +85,11 @@ async def heatmap_png(
         raise HTTPException(422, f"caption={caption} is out of range: the job has {len(captions)} "
                                  f"caption(s), indices 0..{len(captions) - 1}")
     chosen = captions[caption]
-    selection = _selection(span, tokens, box)
-    heat = selection_heatmap(chosen, selection)
-    outline = (selection.x0, selection.y0, selection.x1, selection.y1) if isinstance(selection, Box) else None
-    slots = render_slots(request, settings.max_renders)
+    heat, outline = selection_heatmap(chosen, span, tokens, box)
+    state = request.app.state  # one semaphore per app, made inside the app's event loop
+    if getattr(state, "render_slots", None) is None:
+        state.render_slots = asyncio.Semaphore(settings.max_renders)
+    slots = state.render_slots
     try:
         await asyncio.wait_for(slots.acquire(), SLOT_WAIT_S)
     except TimeoutError:
@@ -114,7 +99,8 @@ async def heatmap_png(
         data = await queue.image(job.id)
         if data is None:
             raise HTTPException(404, f"the image of job {job.id} has expired; submit the job again")
-        png = await run_in_threadpool(_render_png, data, heat, chosen["image"]["crop_box"], alpha, outline,
+        box_coords = None if outline is None else (outline.x0, outline.y0, outline.x1, outline.y1)
+        png = await run_in_threadpool(_render_png, data, heat, chosen["image"]["crop_box"], alpha, box_coords,
                                       legend, max_side, settings.max_pixels)
     finally:
         slots.release()

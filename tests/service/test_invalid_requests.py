@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import socket
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from attribution.explainer import Completeness
 from tests.service.conftest import b64, png_bytes
 
 IMAGE = png_bytes(48, 48, seed=9)
@@ -198,14 +200,24 @@ def test_any_selection_string_is_a_selection_or_a_422(field, value):
 def test_any_heatmap_selection_string_is_a_selection_or_a_422(kind, value):
     from fastapi import HTTPException
 
-    from service.routers.heatmap import _selection
+    from service.routers.heatmap import selection_heatmap
 
     try:
-        selection = _selection(**{"span": None, "tokens": None, "box": None, kind: value})
+        heat, outline = selection_heatmap(CAPTION_RESULT, **{"span": None, "tokens": None, "box": None,
+                                                             kind: value})
     except HTTPException as exc:
         assert exc.status_code == 422 and exc.detail
         return
-    assert selection is not None
+    assert heat.shape == (4, 4) and (outline is not None) == (kind == "box")
+
+
+CAPTION_RESULT = {  # one caption of a result (as Explanation.to_dict gives it): "a dog", a 4x4 grid
+    "caption": "a dog", "model": {"name": "exclip-tiny", "pretrained": None}, "options": {},
+    "tokens": [{"index": i, "text": text, "start": start, "end": end} for i, (text, start, end) in
+               enumerate([("<start_of_text>", 0, 0), ("a", 0, 1), ("dog", 2, 5), ("<end_of_text>", 5, 5)])],
+    "image": {"width": 96, "height": 48, "crop_box": [24.0, 0.0, 72.0, 48.0], "patch_size": [12.0, 12.0]},
+    "grid": {"rows": 4, "cols": 4}, "interactions": [[[0.5] * 4] * 4] * 4, "cls": [0.0] * 4, "score": 0.1,
+    "completeness": {f.name: 0.0 for f in dataclasses.fields(Completeness)}, "selections": []}
 
 
 def _dribble(url: str, first: bytes, then: bytes, every_s: float, for_s: float) -> tuple[float, bytes]:
