@@ -11,13 +11,19 @@ the default two render slots and with four), a 1x250000 PNG, a 24000x1 PNG, the 
 ``'&' + 'amp;'*4000 + ' dog'``, and a caption with literal special-token text.
 
     python bench/hostile_uploads.py
+    python bench/hostile_uploads.py --baseline-ref 6f4c82b   # also: one render, old vs new renderer
+
+``--baseline-ref`` first renders the 6000x6000 legend PNG in a fresh process with the renderer of
+that git revision and with the current one (decode + render + PNG encode, same input), side by side.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -98,8 +104,46 @@ CASES = [
 ]
 
 
+RENDER_ONE = """
+import io, resource, sys, time
+import numpy as np
+from PIL import Image
+from attribution.images import decode_image
+sys.path.insert(0, sys.argv[1])
+from render import render_overlay
+buf = io.BytesIO(); Image.new("L", (6000, 6000), 128).save(buf, "PNG")
+heat = np.random.default_rng(0).normal(size=(14, 14))
+start, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+out = io.BytesIO()
+render_overlay(decode_image(buf.getvalue()), heat, (0, 0, 6000, 6000), legend=True).save(out, "PNG")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024, time.monotonic() - t0,
+      *Image.open(out).size)
+"""
+
+
+def render_only(ref: str, work: Path) -> None:
+    """One 6000x6000 legend render in a fresh process: the renderer at ``ref`` and the current one."""
+    print(f"\nOne render of a 6000x6000 grey PNG with legend, fresh process each (renderer at {ref} "
+          "vs now)\n")
+    print("| renderer | peak RSS +MiB | time s | PNG size |\n|---|---|---|---|")
+    old = work / "old"
+    old.mkdir()
+    (old / "render.py").write_text(subprocess.run(["git", "show", f"{ref}:service/web/render.py"], cwd=ROOT,
+                                                  check=True, capture_output=True, text=True).stdout)
+    for name, directory in ((ref, old), ("current", ROOT / "service" / "web")):
+        reply = subprocess.run([sys.executable, "-c", RENDER_ONE, str(directory)], cwd=ROOT, check=True,
+                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        added, seconds, width, height = reply.stdout.split()
+        print(f"| {name} | {float(added):.0f} | {float(seconds):.1f} | {width}x{height} |")
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline-ref", help="git revision whose renderer to compare with (one render)")
+    args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="exclip-hostile-"))
+    if args.baseline_ref:
+        render_only(args.baseline_ref, work)
     redis = RedisServer()
     redis.start()
     launcher = ServiceLauncher(redis.url, f"h{uuid.uuid4().hex[:8]}", save_tiny_checkpoint(work), work)

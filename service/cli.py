@@ -74,7 +74,7 @@ def _head_deadline_protocol(timeout_s: float) -> type:
                 self.head_timer.cancel()
             self.head_timer = self.loop.call_later(timeout_s, self._head_too_slow)
 
-        def _head_too_slow(self) -> None:
+        def _head_too_slow(self) -> None:  # still IDLE: the request line and headers are not all in
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
                 self.transport.close()
 
@@ -82,20 +82,9 @@ def _head_deadline_protocol(timeout_s: float) -> type:
             super().connection_made(transport)
             self._await_head()
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self.conn.their_state is not h11.IDLE and self.head_timer is not None:
-                self.head_timer.cancel()
-
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self._await_head()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-            super().connection_lost(exc)
+            self._await_head()
 
     return HeadDeadline
 
