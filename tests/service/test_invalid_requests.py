@@ -274,3 +274,15 @@ def test_client_dribbling_its_body_gets_408(impatient_service):
     took, reply = _dribble(impatient_service, head, b'"a", ', every_s=0.3, for_s=30)
     assert took < 30 and reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert b"too slowly" in reply
+
+
+@pytest.mark.parametrize(("flag", "value", "words"), [("--span", "2:a", "span '2:a' is malformed"),
+                                                      ("--span", "5:2", "empty or negative"),
+                                                      ("--box", "1,2,3", "box '1,2,3' is malformed")])
+def test_cli_checks_selections_with_the_library_syntax(capsys, flag, value, words):
+    from service.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["explain", "photo.jpg", "a dog", flag, value])
+    assert words in capsys.readouterr().err
+    assert build_parser().parse_args(["explain", "p.jpg", "a dog", "--span", "2:5"]).span == ["2:5"]
