@@ -49,8 +49,15 @@ _PIXEL_STEPS = (MaybeConvertMode, MaybeToTensor, ToTensor, Normalize)  # no geom
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB version of ``img``; the rules for each source mode are the module's documented behaviour."""
+    out = _to_rgb_or_grey(img)
+    return out if out.mode == "RGB" else out.convert("RGB")
+
+
+def _to_rgb_or_grey(img: Image.Image) -> Image.Image:
+    """``_to_rgb``, except that greyscale sources stay one-channel ``L`` (a third of the memory; resizing
+    commutes with copying L into three channels, so it can come after)."""
     mode = img.mode
-    if mode == "RGB":
+    if mode in ("RGB", "L"):
         return img
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -72,10 +79,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
             if not np.isnan(arr).all():
                 lo, hi = min(lo, float(np.nanmin(arr))), max(hi, float(np.nanmax(arr)))
         if not hi > lo:
-            return Image.new("RGB", img.size, (0, 0, 0))
+            return Image.new("L", img.size, 0)
         return _rows_to_grey(img, lambda a: np.nan_to_num((a.astype(np.float64) - lo) / (hi - lo) * 255.0))
-    try:  # 1, L, CMYK, YCbCr, ...: Pillow's own conversion
-        return img.convert("RGB")
+    try:  # 1, CMYK, YCbCr, ...: Pillow's own conversion
+        return img.convert("L" if mode == "1" else "RGB")
     except ValueError as e:
         raise InvalidImage(f"image mode {mode!r} cannot be converted to RGB; send RGB or greyscale") from e
 
@@ -90,14 +97,14 @@ def _row_chunks(img: Image.Image) -> Iterator[Image.Image]:
 
 
 def _rows_to_grey(img: Image.Image, to_byte: Callable[[np.ndarray], np.ndarray]) -> Image.Image:
-    """RGB image of ``to_byte(samples)`` (clipped to 0..255), computed a band of rows at a time."""
+    """``L`` image of ``to_byte(samples)`` (clipped to 0..255), computed a band of rows at a time."""
     grey = Image.new("L", img.size)
     top = 0
     for rows in _row_chunks(img):
         band = np.clip(to_byte(np.asarray(rows)), 0, 255).astype(np.uint8)
         grey.paste(Image.fromarray(band, "L"), (0, top))
         top += rows.height
-    return grey.convert("RGB")
+    return grey
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -132,14 +139,15 @@ def _orientation(img: Image.Image) -> int:
         return 1  # unreadable EXIF: take the pixels as stored, as viewers do
 
 
-def _decode(img: Image.Image) -> Image.Image:
-    """Decode an opened image to upright RGB; ``InvalidImage`` for broken data."""
+def _decode(img: Image.Image, *, keep_grey: bool = False) -> Image.Image:
+    """Decode an opened image to upright RGB (or ``L`` for greyscale if ``keep_grey``); ``InvalidImage``
+    for broken data."""
     try:
         img.seek(0)  # first frame of animated GIF/WebP/TIFF
         img.load()
         if _orientation(img) != 1:  # exif_transpose copies even an upright image: only call it to turn
             img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        return _to_rgb_or_grey(img) if keep_grey else _to_rgb(img)
     except InvalidImage:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
@@ -443,5 +451,5 @@ def prepare_image(
         drafted = img.draft("RGB", tuple(want[::-1] if turned else want))
         if drafted is not None:
             source_scale = drafted[1][2] / width  # the draft's exact factor (1/2, 1/4 or 1/8)
-    image = _decode(img)
-    return ModelInput(_to_tensor(_crop_then_resize(image, plan, source_scale), loaded.transform), geometry)
+    pixels = _crop_then_resize(_decode(img, keep_grey=True), plan, source_scale)
+    return ModelInput(_to_tensor(pixels.convert("RGB"), loaded.transform), geometry)

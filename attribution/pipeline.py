@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from attribution.explainer import Completeness, Explainer, PairResult
-from attribution.images import ImageGeometry, ModelInput, preprocess
+from attribution.images import MAX_ASPECT_RATIO, ImageGeometry, ModelInput, preprocess
 from attribution.models import LoadedModel
 from attribution.selections import (
     SELECTION_KINDS,
@@ -29,7 +29,7 @@ from attribution.selections import (
     selected_tokens,
     span_heatmap,
 )
-from attribution.text import Token, tokenize_caption
+from attribution.text import MAX_CAPTION_CHARS, Token, tokenize_caption
 
 MATRIX_FORMATS = ("json", "base64")
 
@@ -181,10 +181,10 @@ class _Pair:
     selections: list[Selection]
 
 
-def _model_input(image: Image.Image | ModelInput, loaded: LoadedModel) -> ModelInput:
+def _model_input(image: Image.Image | ModelInput, loaded: LoadedModel, max_aspect_ratio: float) -> ModelInput:
     if isinstance(image, ModelInput):
         return image
-    return ModelInput(*preprocess(image, loaded))
+    return ModelInput(*preprocess(image, loaded, max_aspect_ratio=max_aspect_ratio))
 
 
 def explain_requests(
@@ -195,21 +195,26 @@ def explain_requests(
     image_layer: int | None = None,
     steps: int = 10,
     precision: str = "float32",
+    max_caption_chars: int = MAX_CAPTION_CHARS,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
 ) -> list[list[Explanation]]:
     """Explain every caption of every request in one engine call; one list per request.
 
     Layers default to the last block. Bad captions, options or selections raise an
-    ``AttributionError`` subclass before anything is computed.
+    ``AttributionError`` subclass before anything is computed. The two limits are those of
+    ``tokenize_caption`` and ``preprocess`` (for images not yet prepared).
     """
     text_layer = loaded.text_layers - 1 if text_layer is None else text_layer
     image_layer = loaded.image_layers - 1 if image_layer is None else image_layer
     explainer = Explainer(loaded.model, loaded.tokenizer, text_layer, image_layer, steps, precision)
 
-    inputs = [_model_input(request.image, loaded) for request in requests]
+    inputs = [_model_input(request.image, loaded, max_aspect_ratio) for request in requests]
     pairs: list[_Pair] = []
     for r, (request, model_input) in enumerate(zip(requests, inputs, strict=True)):
         for c, caption in enumerate(request.captions):
-            ids, tokens = tokenize_caption(caption, loaded, context_length=loaded.context_length)
+            ids, tokens = tokenize_caption(
+                caption, loaded, context_length=loaded.context_length, max_chars=max_caption_chars
+            )
             selections = request.selections_of(c)
             for selection in selections:
                 check_selection(selection, tokens, model_input.geometry)

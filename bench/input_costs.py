@@ -1,11 +1,12 @@
 """Library-level cost of hostile inputs: image decode + preprocess, and caption tokenisation.
 
-Each measurement runs in its own process (so peak memory is its own): the process imports the library,
-builds the model's transform, reads the input, records its peak RSS, then times the work and reports
-how much the peak grew ("added MB"). Image work is ``decode_image`` + ``preprocess`` (or the fused
-``prepare_image`` where the library has it); caption work is ``tokenize_caption``. Each child is capped at
-its address space after imports + ``--cap-gb`` (default 3 GB), so a blow-up shows as "out of memory at
-the cap" instead of taking the machine down, and at ``--timeout`` seconds.
+Each measurement runs in its own process: the process imports the library, builds the model's
+transform and reads the input, then resets its peak resident size (Linux ``clear_refs``), times the
+work (best of up to three runs while they take under a second) and reports how far the peak rose above
+the resident size before the work ("added peak MB"). Image work is ``decode_image`` + ``preprocess``
+(or the fused ``prepare_image`` where the library has it); caption work is ``tokenize_caption``. Each
+child is capped at its address space after imports + ``--cap-gb`` (default 3 GB), so a blow-up shows as
+"out of memory at the cap" instead of taking the machine down, and at ``--timeout`` seconds.
 
 ``--before DIR`` runs the same cases against another copy of the ``attribution`` package (e.g. an
 older commit exported with ``git archive``), side by side in the same run:
@@ -50,7 +51,7 @@ IMAGES = [
 CAPTIONS = [
     ("plain 16 words", "a photo of a brown dog with a red ball on the green grass in the park today"),
     ("'&' + 'amp;'*4000 + ' dog' (16 KB)", "&" + "amp;" * 4000 + " dog"),
-    ("'&amp;'*200 + ' dog' (1 KB)", "&amp;" * 200 + " dog"),
+    ("'&' + 'amp;'*248 + ' dog' (997 chars: the worst accepted)", "&" + "amp;" * 248 + " dog"),
     ("'a'*16000 (16 KB, one word)", "a" * 16000),
     ("'&#38;'*2000 (10 KB)", "&#38;" * 2000),
 ]
@@ -119,17 +120,29 @@ def _child(spec: dict) -> dict:
     vm_size_kb = int(status.split("VmSize:")[1].split()[0])
     cap = vm_size_kb * 1024 + int(spec["cap_gb"] * 1024**3)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    try:
-        outcome = work()
-    except AttributionError as exc:
-        outcome = f"refused: {type(exc).__name__}: {str(exc)[:90]}"
-    except MemoryError:
-        outcome = f"out of memory at the cap (+{spec['cap_gb']} GB address space)"
-    seconds = time.perf_counter() - start
-    added = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    seconds, outcome, added = float("inf"), "", 0.0
+    for attempt in range(3):  # best of up to three runs, while they are quick
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the peak resident size (VmHWM) to the current one
+        before = _status_kb("VmRSS")
+        start = time.perf_counter()
+        try:
+            outcome = work()
+        except AttributionError as exc:
+            outcome = f"refused: {type(exc).__name__}: {str(exc)[:90]}"
+        except MemoryError:
+            outcome = f"out of memory at the cap (+{spec['cap_gb']} GB address space)"
+        elapsed = time.perf_counter() - start
+        seconds = min(seconds, elapsed)
+        added = max(added, (_status_kb("VmHWM") - before) / 1024)
+        if elapsed > 1.0 or attempt == 2 or "out of memory" in outcome:
+            break
     return {"seconds": seconds, "added_mb": added, "outcome": outcome}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(f.read().split(f"{field}:")[1].split()[0])
 
 
 def _measure(src: Path, spec: dict, timeout: float) -> dict:

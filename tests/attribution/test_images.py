@@ -495,3 +495,20 @@ def test_two_resizes_are_not_understood(tiny_model):
     odd = dataclasses.replace(tiny_model, transform=Compose([Resize(64), Resize(32), CenterCrop(32)]))
     with pytest.raises(UnsupportedModel, match="expected one resize, then one centre crop"):
         preprocess(Image.new("RGB", (64, 64)), odd)
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "I;16", "F"])
+def test_greyscale_is_resized_in_one_channel_with_the_same_result(tiny_model, mode):
+    loaded = with_transform(tiny_model, (224, 224), "shortest", "bicubic")
+    rng = np.random.default_rng(2)
+    grey = Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8)).resize((400, 300))
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(grey).astype(np.uint16) * 257)
+    elif mode == "F":
+        image = Image.fromarray(np.asarray(grey).astype(np.float32) / 7.0 - 3.0)
+    else:
+        image = grey.convert(mode)
+    data = encode(image, "TIFF" if mode == "F" else "PNG")
+    tensor, geometry = preprocess(decode_image(data), loaded)
+    prepared = prepare_image(data, loaded)
+    assert torch.equal(prepared.tensor, tensor) and prepared.geometry == geometry

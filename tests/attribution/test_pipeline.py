@@ -16,6 +16,7 @@ from attribution.errors import (
     CaptionTooLong,
     CaptionTooManyCharacters,
     EmptyCaption,
+    InvalidImage,
     InvalidSelection,
     SpecialTokenText,
 )
@@ -105,3 +106,14 @@ def test_every_accepted_caption_has_one_row_per_token(caption, tiny_model):
     n = len(d["tokens"])
     assert n == len(d["interactions"]) == len(d["cls"]) == len(d["selections"][0]["token_scores"])
     assert d["tokens"][0]["index"] == 0 and d["tokens"][-1]["index"] == n - 1
+
+
+def test_limits_pass_through(tiny_model):
+    image = Image.new("RGB", (64, 32))
+    request = ExplainRequest(image, ["a red ball"])
+    with pytest.raises(CaptionTooManyCharacters, match="limit is 5"):
+        explain_requests(tiny_model, [request], steps=1, max_caption_chars=5)
+    [[e]] = explain_requests(tiny_model, [request], steps=1, max_caption_chars=10)
+    assert e.caption == "a red ball"
+    with pytest.raises(InvalidImage, match="exceeds 1.5 times"):
+        explain_requests(tiny_model, [ExplainRequest(image, ["a dog"])], steps=1, max_aspect_ratio=1.5)
