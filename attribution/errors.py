@@ -44,7 +44,30 @@ class CaptionTooLong(CaptionError):
         self.limit = limit
         super().__init__(
             f"caption has {n_tokens} tokens including start and end tokens; "
-            f"the model's context length is {limit} (shorten it or ask for truncation)"
+            f"the model's context length is {limit} tokens: shorten the caption"
+        )
+
+
+class CaptionTooManyCharacters(CaptionError):
+    """The caption is longer, in characters, than the limit checked before any text processing."""
+
+    def __init__(self, n_chars: int, limit: int) -> None:
+        self.n_chars = n_chars
+        self.limit = limit
+        super().__init__(f"caption has {n_chars} characters; the limit is {limit}: shorten the caption")
+
+
+class SpecialTokenText(CaptionError):
+    """The caption spells one of the tokenizer's control tokens (e.g. ``<end_of_text>``)."""
+
+    def __init__(self, text: str, start: int, end: int) -> None:
+        self.text = text
+        self.start = start
+        self.end = end
+        super().__init__(
+            f"caption contains {text!r} (characters {start}:{end}), the text of one of the model's "
+            "control tokens; the tokenizer would read it as that token, not as words. Remove it or "
+            "write it differently (e.g. without the angle brackets)"
         )
 
 

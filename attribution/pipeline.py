@@ -16,21 +16,33 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attribution.explainer import Explainer, PairResult
-from attribution.images import ImageGeometry, preprocess
+from attribution.explainer import Completeness, Explainer, PairResult
+from attribution.images import MAX_ASPECT_RATIO, ImageGeometry, ModelInput, preprocess
 from attribution.models import LoadedModel
-from attribution.selections import Box, Span, TokenRange, box_token_scores, selected_tokens, span_heatmap
-from attribution.text import Token, tokenize_caption
+from attribution.selections import (
+    SELECTION_KINDS,
+    Box,
+    Selection,
+    Span,
+    box_token_scores,
+    check_selection,
+    selected_tokens,
+    span_heatmap,
+)
+from attribution.text import MAX_CAPTION_CHARS, Token, tokenize_caption
 
-Selection = Span | TokenRange | Box
 MATRIX_FORMATS = ("json", "base64")
 
 
 @dataclass
 class ExplainRequest:
-    """One image with its captions; ``selections[i]`` are the selections of caption ``i``."""
+    """One image with its captions; ``selections[i]`` are the selections of caption ``i``.
 
-    image: Image.Image
+    ``image`` is a decoded image, or one already prepared for this model (``images.prepare_image``:
+    decoded at the size the model needs, so a batch holds model inputs rather than full images).
+    """
+
+    image: Image.Image | ModelInput
     captions: list[str]
     selections: list[list[Selection]] = field(default_factory=list)
 
@@ -64,6 +76,15 @@ class SelectionResult:
             "heatmap": self.heatmap.tolist(),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SelectionResult:
+        """The inverse of ``to_dict``."""
+        if d["kind"] == "box":
+            return cls(Box(*d["box"]), token_scores=torch.tensor(d["token_scores"], dtype=torch.float32))
+        selection = SELECTION_KINDS[d["kind"]](d["start"], d["end"])
+        heatmap = torch.tensor(d["heatmap"], dtype=torch.float32)
+        return cls(selection, heatmap=heatmap, tokens=d.get("tokens"))
+
 
 @dataclass(frozen=True)
 class Explanation:
@@ -88,7 +109,7 @@ class Explanation:
             "model": {"name": self.model_name, "pretrained": self.pretrained},
             "options": dict(self.options),
             "tokens": [t.to_dict() for t in self.tokens],
-            "image": {k: v for k, v in geometry.items() if k != "grid"},
+            "image": {k: v for k, v in geometry.items() if k != "grid"},  # the grid has its own key
             "grid": {"rows": self.geometry.grid[0], "cols": self.geometry.grid[1]},
             "interactions": encode_matrix(self.result.interactions, matrix_format),
             "cls": self.result.cls.tolist(),
@@ -96,6 +117,28 @@ class Explanation:
             "completeness": asdict(self.result.completeness),
             "selections": [s.to_dict() for s in self.selections],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Explanation:
+        """The inverse of ``to_dict`` (either matrix format). Keys it does not define, such as the
+        service's ``timings``, are ignored. Tokens come back without vocabulary ids (``id`` None)."""
+        grid = d["grid"]
+        result = PairResult(
+            interactions=decode_matrix(d["interactions"]),
+            cls=torch.tensor(d["cls"], dtype=torch.float32),
+            score=float(d["score"]),
+            completeness=Completeness(**d["completeness"]),
+        )
+        return cls(
+            caption=d["caption"],
+            model_name=d["model"]["name"],
+            pretrained=d["model"]["pretrained"],
+            options=dict(d["options"]),
+            tokens=[Token.from_dict(t) for t in d["tokens"]],
+            geometry=ImageGeometry.from_dict({**d["image"], "grid": [grid["rows"], grid["cols"]]}),
+            result=result,
+            selections=[SelectionResult.from_dict(s) for s in d["selections"]],
+        )
 
 
 def encode_matrix(matrix: torch.Tensor, matrix_format: str) -> Any:
@@ -119,19 +162,29 @@ def decode_matrix(encoded: Any) -> torch.Tensor:
 
 
 def _evaluate(
-    selection: Selection, result: Any, tokens: list[Token], geometry: ImageGeometry
+    selection: Selection, interactions: torch.Tensor, tokens: list[Token], geometry: ImageGeometry
 ) -> SelectionResult:
     if isinstance(selection, Box):
-        return SelectionResult(selection, token_scores=box_token_scores(result, geometry, selection))
-    heatmap = span_heatmap(result, tokens, selection)
+        return SelectionResult(selection, token_scores=box_token_scores(interactions, geometry, selection))
+    heatmap = span_heatmap(interactions, tokens, selection)
     return SelectionResult(selection, heatmap=heatmap, tokens=selected_tokens(tokens, selection))
 
 
 @dataclass(frozen=True)
-class _Placeholder:
-    """Stands in for a result to check selections against shapes before any compute."""
+class _Pair:
+    """One (image, caption) pair of a batch, ready for the engine."""
 
-    interactions: torch.Tensor
+    request: int  # index into the requests (and their model inputs)
+    caption: str
+    ids: torch.Tensor
+    tokens: list[Token]
+    selections: list[Selection]
+
+
+def _model_input(image: Image.Image | ModelInput, loaded: LoadedModel, max_aspect_ratio: float) -> ModelInput:
+    if isinstance(image, ModelInput):
+        return image
+    return ModelInput(*preprocess(image, loaded, max_aspect_ratio=max_aspect_ratio))
 
 
 def explain_requests(
@@ -142,49 +195,50 @@ def explain_requests(
     image_layer: int | None = None,
     steps: int = 10,
     precision: str = "float32",
+    max_caption_chars: int = MAX_CAPTION_CHARS,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
 ) -> list[list[Explanation]]:
     """Explain every caption of every request in one engine call; one list per request.
 
     Layers default to the last block. Bad captions, options or selections raise an
-    ``AttributionError`` subclass before anything is computed.
+    ``AttributionError`` subclass before anything is computed. The two limits are those of
+    ``tokenize_caption`` and ``preprocess`` (for images not yet prepared).
     """
     text_layer = loaded.text_layers - 1 if text_layer is None else text_layer
     image_layer = loaded.image_layers - 1 if image_layer is None else image_layer
     explainer = Explainer(loaded.model, loaded.tokenizer, text_layer, image_layer, steps, precision)
 
-    prepared = []  # (request index, caption, ids, tokens, image index, selections)
-    tensors, geometries = [], []
-    for r, request in enumerate(requests):
-        tensor, geometry = preprocess(request.image, loaded)
-        tensors.append(tensor)
-        geometries.append(geometry)
+    inputs = [_model_input(request.image, loaded, max_aspect_ratio) for request in requests]
+    pairs: list[_Pair] = []
+    for r, (request, model_input) in enumerate(zip(requests, inputs, strict=True)):
         for c, caption in enumerate(request.captions):
-            ids, tokens = tokenize_caption(caption, loaded, context_length=loaded.context_length)
+            ids, tokens = tokenize_caption(
+                caption, loaded, context_length=loaded.context_length, max_chars=max_caption_chars
+            )
             selections = request.selections_of(c)
-            placeholder = _Placeholder(torch.zeros(len(tokens), *geometry.grid))
             for selection in selections:
-                _evaluate(selection, placeholder, tokens, geometry)
-            prepared.append((r, caption, ids, tokens, len(tensors) - 1, selections))
+                check_selection(selection, tokens, model_input.geometry)
+            pairs.append(_Pair(r, caption, ids, tokens, selections))
 
-    if not prepared:
+    if not pairs:
         return [[] for _ in requests]
-    images = torch.stack([tensors[p[4]] for p in prepared])
-    results = explainer.explain_tokens(images, [p[2] for p in prepared])
+    images = torch.stack([inputs[p.request].tensor for p in pairs])
+    results = explainer.explain_tokens(images, [p.ids for p in pairs])
 
     options = {"text_layer": text_layer, "image_layer": image_layer, "steps": steps, "precision": precision}
     out: list[list[Explanation]] = [[] for _ in requests]
-    for (r, caption, _, tokens, i, selections), result in zip(prepared, results, strict=True):
-        geometry = geometries[i]
-        out[r].append(
+    for pair, result in zip(pairs, results, strict=True):
+        geometry, interactions = inputs[pair.request].geometry, result.interactions
+        out[pair.request].append(
             Explanation(
-                caption=caption,
+                caption=pair.caption,
                 model_name=loaded.name,
                 pretrained=loaded.pretrained,
                 options=options,
-                tokens=tokens,
+                tokens=pair.tokens,
                 geometry=geometry,
                 result=result,
-                selections=[_evaluate(s, result, tokens, geometry) for s in selections],
+                selections=[_evaluate(s, interactions, pair.tokens, geometry) for s in pair.selections],
             )
         )
     return out

@@ -1,10 +1,15 @@
 """Caption tokenisation that keeps, for every token, the characters of the original caption it covers.
 
 open_clip's ``SimpleTokenizer`` first cleans the caption (ftfy fix, HTML unescape twice, whitespace
-collapse, lower-casing), then splits it with a regex and byte-pair-encodes each piece. Here the same
-steps run while tracking, for every character of the cleaned text, the span of the original caption it
-came from, so each BPE token can be mapped back to ``caption[start:end]``. The ids are the model
-tokenizer's own output; the offsets are checked to reproduce exactly the same ids.
+collapse, lower-casing), then splits it with a regex and byte-pair-encodes each piece. Here the
+tokenizer's own cleaning runs once; a mirror of its steps tracks, for every character of the cleaned
+text, the span of the original caption it came from (or, where the mirror disagrees, an alignment
+does), so each BPE token can be mapped back to ``caption[start:end]``. The regex and BPE are the
+tokenizer's own, run once, so the ids are exactly what the tokenizer gives.
+
+Literal special-token text (``<end_of_text>``, in any case the cleaning lowers) is refused with
+``SpecialTokenText`` rather than encoded: the tokenizer turns it into its control token, and the model
+then reads the caption as ending there, so the explanation could not cover the words after it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,21 @@ from typing import Any
 import ftfy
 import torch
 
-from attribution.errors import CaptionError, CaptionTooLong, EmptyCaption, UnsupportedModel
+from attribution.errors import (
+    CaptionError,
+    CaptionTooLong,
+    CaptionTooManyCharacters,
+    EmptyCaption,
+    SpecialTokenText,
+    UnsupportedModel,
+)
+
+# Longest caption accepted, in characters, checked before any cleaning: open_clip's cleaning (ftfy's
+# fixed point over HTML entities) costs more than linear time in the worst case, and no caption that
+# fits a 77-token context needs more (a full context of English is about 350 characters).
+MAX_CAPTION_CHARS = 1000
+# Words kept in the tokenizer's BPE memo before it is reset (open_clip's grows without bound).
+BPE_CACHE_ENTRIES = 100_000
 
 SOT_TEXT = "<start_of_text>"
 EOT_TEXT = "<end_of_text>"
@@ -31,7 +50,7 @@ class Token:
     """One token of a caption: its position, vocabulary id, readable text and original character span."""
 
     index: int
-    id: int
+    id: int | None  # None for tokens read back from a result, which leaves ids out
     text: str
     start: int
     end: int
@@ -41,6 +60,11 @@ class Token:
         d = asdict(self)
         del d["id"]
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Token:
+        """The inverse of ``to_dict``; ``id`` is None (results do not carry vocabulary ids)."""
+        return cls(int(d["index"]), None, str(d["text"]), int(d["start"]), int(d["end"]))
 
 
 def _align(old: str, old_spans: Spans, new: str) -> Spans:
@@ -107,8 +131,8 @@ def _lower(text: str, spans: Spans) -> tuple[str, Spans]:
     return text.lower(), out_spans
 
 
-def _clean_with_spans(caption: str, tokenizer: Any) -> tuple[str, Spans]:
-    """The tokenizer's own cleaning of ``caption``, with each cleaned character's original span."""
+def _mirror_cleaning(caption: str, tokenizer: Any) -> tuple[str, Spans]:
+    """open_clip's ``basic_clean`` + whitespace clean (+ lower), step by step, tracking spans."""
     text, spans = caption, [(i, i + 1) for i in range(len(caption))]
     if "<" not in text:  # ftfy's default unescape_html="auto" unescapes, repeatedly, text without "<"
         previous = None
@@ -121,23 +145,51 @@ def _clean_with_spans(caption: str, tokenizer: Any) -> tuple[str, Spans]:
     text, spans = _collapse_whitespace(text, spans)
     if tokenizer.clean_fn.__name__ == "_clean_lower":
         text, spans = _lower(text, spans)
-    expected = tokenizer.clean_fn(caption)
-    if text != expected:  # a cleaning step we do not mirror exactly: fall back to a generic alignment
-        return expected, _align(caption, [(i, i + 1) for i in range(len(caption))], expected)
     return text, spans
 
 
+def _clean_with_spans(caption: str, tokenizer: Any) -> tuple[str, Spans]:
+    """The tokenizer's own cleaning of ``caption`` (run once), with each cleaned character's span."""
+    cleaned = tokenizer.clean_fn(caption)
+    text, spans = _mirror_cleaning(caption, tokenizer)
+    if text != cleaned:  # a cleaning step we do not mirror exactly: fall back to a generic alignment
+        return cleaned, _align(caption, [(i, i + 1) for i in range(len(caption))], cleaned)
+    return text, spans
+
+
+def _special_texts(tokenizer: Any) -> set[str]:
+    return {tokenizer.decoder[i] for i in tokenizer.all_special_ids}
+
+
+def _bpe(tokenizer: Any, word: str) -> str:
+    """``tokenizer.bpe`` with its memo cache kept bounded (it otherwise keeps every word ever seen)."""
+    pieces = tokenizer.bpe(word)
+    if len(tokenizer.cache) > BPE_CACHE_ENTRIES:
+        specials = _special_texts(tokenizer)
+        tokenizer.cache = {t: t for t in specials}
+    return pieces
+
+
 def _encode_with_offsets(caption: str, tokenizer: Any) -> list[tuple[int, int, int]]:
-    """(id, start, end) for each BPE token of ``caption`` (without SOT/EOT), in order."""
+    """(id, start, end) for each BPE token of ``caption`` (without SOT/EOT), in order.
+
+    This is ``tokenizer.encode`` (the same regex and BPE over the tokenizer's own cleaning), keeping
+    offsets. Text that spells a special token (``<end_of_text>``, after cleaning) is refused: the
+    tokenizer would turn it into that control token, which ends the caption for the model.
+    """
     cleaned, spans = _clean_with_spans(caption, tokenizer)
+    specials = _special_texts(tokenizer)
     result: list[tuple[int, int, int]] = []
     for m in tokenizer.pat.finditer(cleaned):
         word = m.group()
+        byte_word = "".join(tokenizer.byte_encoder[b] for b in word.encode("utf-8"))
+        if byte_word in specials:
+            start, end = spans[m.start()][0], spans[m.end() - 1][1]
+            raise SpecialTokenText(caption[start:end], start, end)
         # BPE runs over UTF-8 bytes; remember which character of the word each byte belongs to.
         byte_char = [k for k, ch in enumerate(word) for _ in ch.encode("utf-8")]
         byte_pos = 0
-        byte_word = "".join(tokenizer.byte_encoder[b] for b in word.encode("utf-8"))
-        for piece in tokenizer.bpe(byte_word).split(" "):
+        for piece in _bpe(tokenizer, byte_word).split(" "):
             n_bytes = len(piece[:-4] if piece.endswith("</w>") else piece)
             first = m.start() + byte_char[byte_pos]
             last = m.start() + byte_char[byte_pos + n_bytes - 1]
@@ -148,7 +200,8 @@ def _encode_with_offsets(caption: str, tokenizer: Any) -> list[tuple[int, int, i
 
 def _tokenizer_of(loaded_or_tokenizer: Any) -> Any:
     tokenizer = getattr(loaded_or_tokenizer, "tokenizer", loaded_or_tokenizer)
-    needed = ("pat", "bpe", "encoder", "byte_encoder", "clean_fn", "sot_token_id", "eot_token_id")
+    needed = ("pat", "bpe", "encoder", "decoder", "byte_encoder", "clean_fn", "all_special_ids",
+              "sot_token_id", "eot_token_id")
     if not all(hasattr(tokenizer, a) for a in needed) or getattr(tokenizer, "reduction_fn", None):
         raise UnsupportedModel(
             f"tokenizer {type(tokenizer).__name__} is not open_clip's CLIP BPE tokenizer; "
@@ -163,20 +216,26 @@ def tokenize_caption(
     *,
     context_length: int | None = None,
     truncate: bool = False,
+    max_chars: int = MAX_CAPTION_CHARS,
 ) -> tuple[torch.Tensor, list[Token]]:
     """Token ids (``context_length``,) exactly as the model's tokenizer gives them, and the tokens.
 
     ``loaded_or_tokenizer`` is a ``LoadedModel`` or an open_clip ``SimpleTokenizer``; ``context_length``
     defaults to the model's (or tokenizer's). Tokens run from SOT (span (0, 0)) to EOT (span
-    (len, len)); padding is not listed. Raises ``EmptyCaption`` for a caption without tokens and
-    ``CaptionTooLong`` when SOT + tokens + EOT exceed the context, unless ``truncate`` (then the tail is
-    dropped as open_clip does, EOT kept last).
+    (len, len)); padding is not listed. The caption is cleaned once (the tokenizer's own ``clean_fn``)
+    and byte-pair encoded once. Raises ``CaptionTooManyCharacters`` for a caption over ``max_chars``
+    characters (checked first: cleaning costs grow faster than the length), ``EmptyCaption`` for one
+    without tokens, ``SpecialTokenText`` for one that spells a control token, and ``CaptionTooLong``
+    when SOT + tokens + EOT exceed the context, unless ``truncate`` (then the tail is dropped as
+    open_clip does, EOT kept last).
     """
     tokenizer = _tokenizer_of(loaded_or_tokenizer)
     if context_length is None:
         context_length = getattr(loaded_or_tokenizer, "context_length", None) or tokenizer.context_length
     if not isinstance(caption, str):
         raise CaptionError(f"caption must be a string, got {type(caption).__name__}")
+    if len(caption) > max_chars:
+        raise CaptionTooManyCharacters(len(caption), max_chars)
     body = _encode_with_offsets(caption, tokenizer)
     if not body:
         raise EmptyCaption("caption is empty or only whitespace; give at least one word")
@@ -193,7 +252,6 @@ def tokenize_caption(
         tokens.append(Token(i, tid, text, start, stop))
     tokens.append(Token(len(tokens), tokenizer.eot_token_id, EOT_TEXT, end, end))
 
-    ids = tokenizer([caption], context_length=context_length)[0]
-    if ids[: len(tokens)].tolist() != [t.id for t in tokens]:
-        raise RuntimeError(f"internal error: token offsets disagree with the tokenizer for {caption!r}")
+    ids = torch.zeros(context_length, dtype=torch.long)  # open_clip pads with 0
+    ids[: len(tokens)] = torch.tensor([t.id for t in tokens], dtype=torch.long)
     return ids, tokens

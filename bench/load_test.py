@@ -20,11 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,15 +34,12 @@ import redis
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+sys.path.insert(0, str(ROOT))
+
+from tests.harness import RedisServer, ServiceLauncher, save_tiny_checkpoint  # noqa: E402
+
 CAPTIONS = ["a dog", "a photo of a cat on a sofa", "two people riding bicycles", "a red car at night",
             "an aerial view of a city"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _images() -> list[bytes]:
@@ -56,46 +50,6 @@ def _images() -> list[bytes]:
         img.save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
-
-
-def _tiny_checkpoint(directory: Path) -> str:
-    import open_clip
-    import torch
-
-    from attribution.models import TINY_MODEL  # registers the architecture
-
-    torch.manual_seed(0)
-    path = directory / "exclip-tiny.pt"
-    torch.save(open_clip.create_model(TINY_MODEL, pretrained=None).state_dict(), path)
-    return str(path)
-
-
-class Processes:
-    """Every subprocess started here, with its output in a log file; all stopped by ``stop_all``."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir, self.procs = log_dir, {}
-
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - the child writes to it
-        proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        self.procs[name] = proc
-        return proc
-
-    def tail(self, name: str, lines: int = 20) -> str:
-        text = (self.log_dir / f"{name}.log").read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 @dataclass
@@ -129,12 +83,11 @@ async def _one(client: httpx.AsyncClient, i: int, images: list[bytes], steps: in
     try:
         r = await client.post("/explain", files={"image": (f"{i}.png", images[i % len(images)])}, data=data)
         job = r.json()
-        while r.status_code == 202 and time.monotonic() < deadline:  # not done within `wait`: poll
+        while r.status_code in (200, 202) and job.get("status") in ("queued", "running") \
+                and time.monotonic() < deadline:  # not done within `wait`: poll until it is
             await asyncio.sleep(0.5)
             r = await client.get(f"/jobs/{job['id']}")
             job = r.json()
-            if job["status"] not in ("queued", "running"):
-                break
     except httpx.HTTPError as exc:
         out.failed.append(f"request {i}: {type(exc).__name__}: {exc}")
         return
@@ -170,24 +123,12 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-def run(args: argparse.Namespace, procs: Processes, work: Path) -> int:
-    checkpoint = _tiny_checkpoint(work)
-    redis_port, api_port = _free_port(), _free_port()
-    procs.start("redis", [REDIS_SERVER, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                          "--appendonly", "no"])
-    r = redis.Redis(port=redis_port, decode_responses=True, socket_timeout=5)
-    _wait("redis-server", r.ping, 10)
-    prefix = f"load{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "EXCLIP_KEY_PREFIX": prefix,
-           "EXCLIP_MODEL": "exclip-tiny", "EXCLIP_PRETRAINED": checkpoint, "EXCLIP_DEVICE": "cpu",
-           "EXCLIP_RESULT_TTL_S": str(args.result_ttl), "EXCLIP_VISIBILITY_TIMEOUT_S": str(args.visibility),
-           "EXCLIP_HEARTBEAT_S": "1", "EXCLIP_MAX_QUEUE": str(args.requests * 2),
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cli = [sys.executable, "-m", "service.cli"]
-    procs.start("api", [*cli, "serve", "--port", str(api_port)], env)
-    for name in ("w1", "w2"):
-        procs.start(name, [*cli, "worker"], {**env, "EXCLIP_WORKER_NAME": name})
-    url = f"http://127.0.0.1:{api_port}"
+def run(args: argparse.Namespace, server: RedisServer, launcher: ServiceLauncher) -> int:
+    r, prefix = server.client(), launcher.key_prefix
+    env = {"EXCLIP_RESULT_TTL_S": str(args.result_ttl), "EXCLIP_VISIBILITY_TIMEOUT_S": str(args.visibility),
+           "EXCLIP_HEARTBEAT_S": "1", "EXCLIP_MAX_QUEUE": str(args.requests * 2)}
+    url = launcher.api(**env).url
+    workers = {name: launcher.worker(**env, EXCLIP_WORKER_NAME=name) for name in ("w1", "w2")}
 
     def two_workers() -> bool:
         return httpx.get(url + "/readyz", timeout=5).status_code == 200 and \
@@ -198,7 +139,7 @@ def run(args: argparse.Namespace, procs: Processes, work: Path) -> int:
     killed_at: list[float] = []
 
     def kill_w1() -> None:
-        procs.procs["w1"].send_signal(signal.SIGKILL)
+        workers["w1"].send_signal(signal.SIGKILL)
         killed_at.append(time.monotonic())
 
     t0 = time.monotonic()
@@ -236,7 +177,7 @@ def run(args: argparse.Namespace, procs: Processes, work: Path) -> int:
         print(f"| {name} | {value} |")
     for line in out.failed[:10]:
         print("failed:", line)
-    took_over = "took over" in (work / "logs" / "w2.log").read_text(errors="replace")
+    took_over = "took over" in workers["w2"].output
     print(f"\nw2 took over w1's unacknowledged jobs: {'yes' if took_over else 'no (none were pending)'}")
     return 1 if lost or out.failed else 0
 
@@ -256,21 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="exclip-load-"))
-    (work / "logs").mkdir()
-    procs = Processes(work / "logs")
+    server = RedisServer()
+    launcher = ServiceLauncher(server.url, f"load{uuid.uuid4().hex[:8]}", save_tiny_checkpoint(work), work)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     try:
-        return run(args, procs, work)
+        server.start()
+        return run(args, server, launcher)
     except (RuntimeError, KeyboardInterrupt) as exc:
         print(f"load test aborted: {exc}", file=sys.stderr)
-        for name in procs.procs:
-            print(f"--- {name} ---\n{procs.tail(name)}", file=sys.stderr)
+        for proc in launcher.processes:
+            print(f"--- {' '.join(proc.args)} ---\n{proc.output[-3000:]}", file=sys.stderr)
         return 2
     finally:
-        procs.stop_all()
+        launcher.close()
+        server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -30,7 +30,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,9 @@ import httpx
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+sys.path.insert(0, str(ROOT))
+
+from tests.harness import REDIS_SERVER, RedisServer, free_port  # noqa: E402  (the harness shared with tests/)
 
 # Defaults sized so the whole default run stays under ~10 minutes on 2 busy CPU cores.
 DEFAULT_REQUESTS = {"exclip-tiny": 96}
@@ -78,12 +79,6 @@ def _images() -> list[bytes]:
         img.save(buf, format="JPEG", quality=85)
         out.append(buf.getvalue())
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _service_command() -> list[str]:
@@ -140,24 +135,6 @@ def _wait_http(url: str, proc: subprocess.Popen, procs: Processes, name: str, ti
             pass
         time.sleep(0.2)
     raise RuntimeError(f"{url} not 200 after {timeout_s:.0f}s:\n{procs.log_tail(name)}")
-
-
-def start_redis(procs: Processes) -> str:
-    port = _free_port()
-    proc = procs.start("redis", [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--protected-mode", "no"])
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"redis-server on port {port} did not start")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -255,7 +232,7 @@ def run_config(procs: Processes, redis_url: str, model: str, pretrained: str, ba
            "EXCLIP_MAX_WAIT_MS": str(args.max_wait_ms), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            **BATCHING[batching]}
-    port = _free_port()
+    port = free_port()
     tag = f"{model}-{batching}-c{concurrency}"
     cmd = _service_command()
     api = procs.start(f"api-{tag}", [*cmd, "serve", "--host", "127.0.0.1", "--port", str(port)], env)
@@ -387,8 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     load_before = os.getloadavg()
     rows: list[Row] = []
+    redis = RedisServer()
     try:
-        redis_url = start_redis(procs)
+        redis.start()
+        redis_url = redis.url
         for model in models:
             n = args.requests or DEFAULT_REQUESTS.get(model, OTHER_MODELS_REQUESTS)
             for mode in modes:
@@ -406,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         procs.stop_all()
+        redis.stop()
     load_after = os.getloadavg()
     shutil.rmtree(log_dir, ignore_errors=True)
 

@@ -20,9 +20,10 @@ from attribution.models import LoadedModel
 from service.connections import QUEUE_DOWN, create_queue
 from service.dependencies import api_key_owner
 from service.errors import QueueFull, RequestInvalid
-from service.middleware import BodySizeLimit
-from service.routers import health, jobs, label_studio, metrics, models
+from service.middleware import BodyLimits, HeadAndSecurityHeaders
+from service.routers import health, heatmap, jobs, label_studio, metrics, models
 from service.settings import Settings
+from service.web import pages
 
 log = logging.getLogger("exclip.api")
 
@@ -54,11 +55,13 @@ def create_app(settings: Settings | None = None, *,
                               "open_clip CLIP models.")
     app.state.settings, app.state.queue = settings, queue
 
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_upload_bytes,
+                       client_timeout_s=settings.client_timeout_s, body_timeout_s=settings.body_timeout_s)
     if settings.cors_origin_list:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(HeadAndSecurityHeaders)
 
     @app.exception_handler(RequestInvalid)
     async def _invalid(request: Request, exc: RequestInvalid) -> JSONResponse:
@@ -84,7 +87,6 @@ def create_app(settings: Settings | None = None, *,
     app.include_router(metrics.router, dependencies=protected)
     app.include_router(label_studio.router)  # its own auth: Label Studio sends Basic credentials
 
-    from service.web import router as web_router  # the page and heatmaps; owned_job applies auth itself
-
-    app.include_router(web_router)
+    app.include_router(heatmap.router)  # OwnedJob applies auth itself
+    app.include_router(pages.router)
     return app

@@ -13,10 +13,12 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from attribution.errors import AttributionError
+from attribution.selections import Box, Span
 from service.settings import Settings
 
 log = logging.getLogger("exclip")
@@ -48,8 +50,43 @@ def serve(settings: Settings) -> None:
         models = _load_models(settings)
     app = create_app(settings, worker_models=models)
     # In-flight requests (long polls included) may finish after SIGTERM before the process exits.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
+    # Idle keep-alive connections close after 5 s, a request head must arrive within client_timeout_s
+    # (the body's limits are service.middleware.BodyLimits): a slow client cannot hold a connection.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_keep_alive=5,
+                http=_head_deadline_protocol(settings.client_timeout_s),
                 timeout_graceful_shutdown=int(settings.wait_max_s) + 10)
+
+
+def _head_deadline_protocol(timeout_s: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request head takes over ``timeout_s``.
+
+    uvicorn's own keep-alive timer stops at the first byte, so a client dribbling its headers would
+    hold the connection forever.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadline(H11Protocol):
+        head_timer: asyncio.TimerHandle | None = None
+
+        def _await_head(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(timeout_s, self._head_too_slow)
+
+        def _head_too_slow(self) -> None:  # still IDLE: the request line and headers are not all in
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._await_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._await_head()
+
+    return HeadDeadline
 
 
 def worker(settings: Settings) -> None:
@@ -74,22 +111,16 @@ def worker(settings: Settings) -> None:
     asyncio.run(main())
 
 
-def _parse_box(value: str) -> str:
-    parts = value.split(",")
-    try:
-        [float(p) for p in parts]
-    except ValueError:
-        parts = []
-    if len(parts) != 4:
-        raise argparse.ArgumentTypeError(f"box {value!r} must be x0,y0,x1,y1 (pixels)")
-    return value
+def _syntax(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that checks a selection's syntax with the library's parser, keeping the text."""
+    def check(value: str) -> str:
+        try:
+            parse(value)
+        except AttributionError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
 
-
-def _parse_span(value: str) -> str:
-    parts = value.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"span {value!r} must be START:END (character offsets)")
-    return value
+    return check
 
 
 def explain(args: argparse.Namespace) -> int:
@@ -167,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_explain = sub.add_parser("explain", help="explain an image with a caption via a running service")
     p_explain.add_argument("image")
     p_explain.add_argument("caption")
-    p_explain.add_argument("--span", action="append", type=_parse_span, default=[], help="START:END")
-    p_explain.add_argument("--box", action="append", type=_parse_box, default=[], help="x0,y0,x1,y1")
+    p_explain.add_argument("--span", action="append", type=_syntax(Span.parse), default=[], help="START:END")
+    p_explain.add_argument("--box", action="append", type=_syntax(Box.parse), default=[], help="x0,y0,x1,y1")
     p_explain.add_argument("--json", help="write the job JSON here")
     p_explain.add_argument("--png", help="write the heatmap PNG (first selection, else the caption) here")
     p_explain.add_argument("--url", default="http://127.0.0.1:8000")

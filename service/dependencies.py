@@ -1,8 +1,8 @@
 """FastAPI dependencies: settings, queue, API-key auth and job ownership.
 
-``owned_job`` is what other routers (service.web's heatmap) use to read a job: it applies auth
-and returns the Job JSON with the full result, or raises 404 (unknown, expired, or another key's
-job) / 401 (missing or wrong key when keys are configured).
+``OwnedJob`` is how a route reads a job: it applies auth and gives the ``Job`` (with its result),
+or raises 404 (unknown, expired, or another key's job) / 401 (missing or wrong key when keys are
+configured).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request
 
@@ -41,11 +41,17 @@ def api_key_owner(request: Request, settings: Annotated[Settings, Depends(get_se
     """
     if not settings.keys:
         return None
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    header = request.headers.get("authorization")
+    if header is None or not header.strip():
         raise HTTPException(401, "missing API key: send the header 'Authorization: Bearer <key>'",
                             headers={"WWW-Authenticate": "Bearer"})
-    return _key_owner(token.strip(), settings, "Bearer")
+    # RFC 7235: scheme, then one or more spaces or tabs, then the credentials.
+    scheme, _, token = header.strip().replace("\t", " ").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise HTTPException(401, "malformed Authorization header: use 'Authorization: Bearer <key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return _key_owner(token, settings, "Bearer")
 
 
 def _key_owner(token: str, settings: Settings, scheme: str) -> str:
@@ -82,13 +88,12 @@ Queue = Annotated[JobQueue, Depends(get_queue)]
 AppSettings = Annotated[Settings, Depends(get_settings)]
 
 
-async def owned_job_record(job_id: Annotated[str, Path(max_length=64)], owner: Owner, queue: Queue) -> Job:
+async def owned_job(job_id: Annotated[str, Path(max_length=64)], owner: Owner, queue: Queue) -> Job:
+    """The job, if the caller may read it."""
     job = await queue.get(job_id)
     if job is None or not hmac.compare_digest(job.owner or "", owner or ""):
         raise HTTPException(404, f"no job {job_id!r}: unknown, expired, or created with another API key")
     return job
 
 
-async def owned_job(job: Annotated[Job, Depends(owned_job_record)]) -> dict[str, Any]:
-    """The Job JSON (with the full result) of a job the caller may read."""
-    return job.to_public()
+OwnedJob = Annotated[Job, Depends(owned_job)]

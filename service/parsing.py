@@ -12,14 +12,25 @@ import re
 
 from fastapi import Request
 from pydantic import ValidationError
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 
+from attribution.errors import InvalidSelection
+from attribution.selections import Box, Span, parse_indexed
 from service.errors import RequestInvalid
-from service.schemas import CaptionIn, ExplainInput, ExplainJSON, ExplainOptions, SelectionIn
+from service.schemas import (
+    SELECTION_FIELDS,
+    CaptionIn,
+    ExplainInput,
+    ExplainJSON,
+    ExplainOptions,
+    SelectionIn,
+)
 
-FORM_FIELDS = ("image", "caption", "span", "token_range", "box", "model", "text_layer", "image_layer",
-               "steps", "precision", "format", "wait")
-REPEATABLE = ("caption", "span", "token_range", "box")
+OPTION_FIELDS = tuple(ExplainOptions.model_fields)
+REPEATABLE = ("caption", *SELECTION_FIELDS)
+FORM_FIELDS = ("image", *REPEATABLE, *OPTION_FIELDS)
+FORM_KINDS = {"span": "span", "token_range": "tokens", "box": "box"}  # form field -> selection kind
 
 
 def _pydantic_message(exc: ValidationError) -> str:
@@ -60,39 +71,30 @@ def parse_json(body: bytes) -> ExplainInput:
     return ExplainInput(image=image, captions=captions, options=options)
 
 
-def _caption_and_rest(field: str, value: str, n_parts: int | None) -> tuple[int, str]:
-    """``C:REST`` → (C, REST); plain ``REST`` → (0, REST). ``n_parts``: colon parts REST has."""
-    parts = value.split(":")
-    if (n_parts is not None and len(parts) == n_parts + 1) or (n_parts is None and len(parts) == 2):
-        head, rest = value.split(":", 1)
-        try:
-            return int(head), rest
-        except ValueError:
-            raise RequestInvalid(f"{field}={value!r}: caption index {head!r} is not an integer") from None
-    return 0, value
-
-
-def _pair(field: str, value: str) -> tuple[int, tuple[int, int]]:
-    caption, rest = _caption_and_rest(field, value, 2)
+def _selection(field: str, value: str) -> tuple[int, SelectionIn]:
+    """A ``[C:]...`` form field -> (caption index, default 0; the selection), with the library's syntax."""
     try:
-        start, end = (int(p) for p in rest.split(":"))
-    except ValueError:
-        raise RequestInvalid(f"{field}={value!r} is malformed: use START:END or C:START:END with integers "
-                             f"(C is the caption index, e.g. {field}=0:2:5)") from None
-    return caption, (start, end)
+        caption, selection = parse_indexed(FORM_KINDS[field], value)
+    except InvalidSelection as exc:
+        raise RequestInvalid(str(exc)) from None
+    if isinstance(selection, Box):
+        return caption or 0, SelectionIn(box=(selection.x0, selection.y0, selection.x1, selection.y1))
+    pair = (selection.start, selection.end)
+    return caption or 0, SelectionIn(span=pair) if isinstance(selection, Span) else SelectionIn(tokens=pair)
 
 
-def _box(value: str) -> tuple[int, tuple[float, float, float, float]]:
-    caption, rest = _caption_and_rest("box", value, None)
-    try:
-        x0, y0, x1, y1 = (float(p) for p in rest.split(","))
-    except ValueError:
-        raise RequestInvalid(f"box={value!r} is malformed: use x0,y0,x1,y1 or C:x0,y0,x1,y1 with numbers "
-                             "(original-image pixels, C is the caption index)") from None
-    return caption, (x0, y0, x1, y1)
+async def _check_complete(request: Request) -> None:
+    """A multipart body must end with its closing boundary: a cut-off upload is malformed, not short."""
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if boundary and b"--" + boundary + b"--" not in await request.body():
+        raise RequestInvalid("multipart body is malformed: it does not end with the closing boundary "
+                             f"--{boundary.decode(errors='replace')}-- (cut off, or not multipart)", 400)
 
 
 async def parse_form(request: Request, *, max_selections: int) -> ExplainInput:
+    if request.headers.get("content-type", "").lower().startswith("multipart/"):
+        await _check_complete(request)
     form = await request.form(max_files=1, max_fields=len(FORM_FIELDS) + 64 + max_selections)
     unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
     if unknown:
@@ -113,24 +115,16 @@ async def parse_form(request: Request, *, max_selections: int) -> ExplainInput:
         raise RequestInvalid("missing caption: give at least one form field 'caption' (-F caption='a dog')")
     selections: list[list[SelectionIn]] = [[] for _ in texts]
 
-    def add(caption: int, selection: SelectionIn, field: str, value: str) -> None:
-        if not 0 <= caption < len(texts):
-            raise RequestInvalid(f"{field}={value!r} refers to caption {caption}, but there are "
-                                 f"{len(texts)} caption(s) (0..{len(texts) - 1})")
-        selections[caption].append(selection)
-
-    for value in form.getlist("span"):
-        caption, pair = _pair("span", str(value))
-        add(caption, SelectionIn(span=pair), "span", str(value))
-    for value in form.getlist("token_range"):
-        caption, pair = _pair("token_range", str(value))
-        add(caption, SelectionIn(tokens=pair), "token_range", str(value))
-    for value in form.getlist("box"):
-        caption, box = _box(str(value))
-        add(caption, SelectionIn(box=box), "box", str(value))
+    for field in SELECTION_FIELDS:
+        for value in map(str, form.getlist(field)):
+            caption, selection = _selection(field, value)
+            if not 0 <= caption < len(texts):
+                raise RequestInvalid(f"{field}={value!r} refers to caption {caption}, but there are "
+                                     f"{len(texts)} caption(s) (0..{len(texts) - 1})")
+            selections[caption].append(selection)
 
     # Empty HTML form fields mean "default".
-    raw = {k: str(form[k]) for k in FORM_FIELDS[5:] if k in form and str(form[k]).strip() != ""}
+    raw = {k: str(form[k]) for k in OPTION_FIELDS if k in form and str(form[k]).strip() != ""}
     try:
         options = ExplainOptions.model_validate(raw)
     except ValidationError as exc:

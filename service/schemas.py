@@ -12,8 +12,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Precision = Literal["float32", "bfloat16", "float16"]
-MatrixFormat = Literal["json", "base64"]
+from attribution.explainer import PRECISIONS
+from attribution.pipeline import MATRIX_FORMATS
+
+Precision = Literal[tuple(PRECISIONS)]  # type: ignore[valid-type]
+MatrixFormat = Literal[MATRIX_FORMATS]  # type: ignore[valid-type]
+# Multipart selection fields (repeatable) and their syntax; JSON bodies give them as lists instead.
+SELECTION_FIELDS = {"span": "START:END or C:START:END (characters of caption C)",
+                    "token_range": "START:END or C:START:END (token indices, end exclusive)",
+                    "box": "x0,y0,x1,y1 or C:x0,y0,x1,y1 (original-image pixels)"}
 
 
 class SelectionIn(BaseModel):
@@ -49,8 +56,8 @@ class ExplainOptions(BaseModel):
     steps: int = Field(10, description="integration steps (1..EXCLIP_MAX_STEPS)")
     precision: Precision = "float32"
     format: MatrixFormat = Field("json", description="interaction matrix as nested lists or base64 float32")
-    wait: float | None = Field(None, ge=0, description="seconds POST /explain waits for the result "
-                               "(bounded by EXCLIP_WAIT_MAX_S); default: the bound")
+    wait: float | None = Field(None, ge=0, allow_inf_nan=False, description="seconds POST /explain waits "
+                               "for the result (bounded by EXCLIP_WAIT_MAX_S); default: the bound")
 
 
 class ExplainJSON(ExplainOptions):
@@ -88,7 +95,7 @@ class ErrorOut(BaseModel):
 
 
 class ModelsOut(BaseModel):
-    models: list[dict[str, Any]]
+    models: list[dict[str, Any]]  # service.catalog.ModelInfo fields plus "options" (their ranges)
     default: str | None
 
 
@@ -107,3 +114,21 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
         return node
 
     return resolve(schema)
+
+
+def form_schema() -> dict[str, Any]:
+    """The multipart form of ``POST /explain``: image, captions, selections and the options model's fields."""
+    def repeatable(description: str) -> dict[str, Any]:
+        return {"type": "array", "items": {"type": "string"}, "description": description}
+
+    def not_null(field: dict[str, Any]) -> dict[str, Any]:  # a form field is absent, never null
+        variants = [v for v in field.get("anyOf", []) if v.get("type") != "null"]
+        rest = {k: v for k, v in field.items() if k != "anyOf"}
+        return {**rest, **variants[0]} if len(variants) == 1 else field
+
+    return {"type": "object", "required": ["image", "caption"], "properties": {
+        "image": {"type": "string", "format": "binary", "description": "the image file"},
+        "caption": repeatable("the caption; repeatable"),
+        **{name: repeatable(syntax) for name, syntax in SELECTION_FIELDS.items()},
+        **{name: not_null(field) for name, field in inline_schema(ExplainOptions)["properties"].items()},
+    }}

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PRECISIONS = ("float32", "bfloat16", "float16")
+from attribution.text import MAX_CAPTION_CHARS
 
 
 def _default_worker_name() -> str:
@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     max_captions: int = Field(default=16, ge=1)
     max_selections: int = Field(default=64, ge=0)
     max_steps: int = Field(default=100, ge=1)
+    max_caption_chars: int = Field(default=MAX_CAPTION_CHARS, ge=1, le=MAX_CAPTION_CHARS,
+                                   description="longest caption, checked before any text processing")
+    max_renders: int = Field(default=2, ge=1, description="heatmap PNGs rendered at once")
+    client_timeout_s: float = Field(default=20.0, gt=0, description="to send a request's head, or the "
+                                    "next part of its body")
+    body_timeout_s: float = Field(default=120.0, gt=0, description="to send a whole request body")
 
     # Security.
     api_keys: str | None = None

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from service.catalog import ModelInfo, default_model, served_models
 from service.errors import QueueFull, RequestInvalid
 from service.jobs import Job, JobStatus
 from service.label_studio import results
@@ -33,7 +34,7 @@ from service.label_studio.protocol import PredictIn, Thresholds
 from service.queue import JobQueue, wait_finished
 from service.schemas import CaptionIn, ExplainInput, ExplainOptions, SelectionIn
 from service.settings import Settings
-from service.validation import build_job, default_model, image_size, served_models
+from service.validation import build_job, image_size
 
 log = logging.getLogger("exclip.label_studio")
 
@@ -42,15 +43,14 @@ PHRASES_KEY = "phrases"
 BOX_KEYS = ("x", "y", "width", "height")
 
 
-def model_version(info: dict[str, Any]) -> str:
+def model_version(name: str, pretrained: str | None) -> str:
     """``name/weights``: changes when the served weights change, so Label Studio predicts again."""
-    pretrained = info.get("pretrained")
     weights = PurePath(pretrained).name if pretrained else "random"
-    return f"{info['name']}/{weights}"
+    return f"{name}/{weights}"
 
 
 def settings_model_version(settings: Settings) -> str:
-    return model_version({"name": settings.model, "pretrained": settings.pretrained})
+    return model_version(settings.model, settings.pretrained)
 
 
 def default_thresholds(settings: Settings) -> Thresholds:
@@ -193,7 +193,8 @@ class Predictor:
         served = served_models(await self.queue.workers())
         if not served:
             raise RequestInvalid("no worker is serving a model right now; retry in a few seconds", 503)
-        version = model_version(served[default_model(served, self.settings)])
+        info = served[default_model(served, self.settings)]
+        version = model_version(info.name, info.pretrained)
 
         works = [_Work(task=task) for task in body.tasks]
         for work in works:
@@ -252,7 +253,7 @@ class Predictor:
             else:
                 work.image = image
 
-    async def _build_job(self, work: _Work, served: dict[str, dict[str, Any]]) -> None:
+    async def _build_job(self, work: _Work, served: dict[str, ModelInfo]) -> None:
         name = default_model(served, self.settings)
         try:
             width, height = await run_in_threadpool(image_size, work.image, self.settings)
@@ -271,7 +272,7 @@ class Predictor:
         except ValueError as exc:  # a SelectionIn the model validator refused (e.g. a box with NaN)
             work.error = f"task {work.task_id}: {exc}"
 
-    async def _run_chunks(self, works: list[_Work], fetcher: ImageFetcher, served: dict[str, dict[str, Any]],
+    async def _run_chunks(self, works: list[_Work], fetcher: ImageFetcher, served: dict[str, ModelInfo],
                           target: tuple[LabelConfig, str], started: float) -> None:
         """Fetch, compute and convert chunk by chunk, stopping before a chunk that would overrun the budget.
 
@@ -312,7 +313,7 @@ class Predictor:
                     work.image = None
             slowest = max(slowest, time.monotonic() - chunk_started)
 
-    async def _run_chunk(self, chunk: list[_Work], served: dict[str, dict[str, Any]],
+    async def _run_chunk(self, chunk: list[_Work], served: dict[str, ModelInfo],
                          timeout_s: float) -> None:
         for work in chunk:
             await self.queue.enqueue(work.job, work.image, max_depth=self.settings.max_queue,

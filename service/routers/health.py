@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from service.catalog import served_models
 from service.connections import QUEUE_DOWN
 from service.dependencies import Queue
-from service.validation import served_models
 
 router = APIRouter(tags=["health"])
 

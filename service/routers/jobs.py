@@ -2,48 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from attribution import errors
 from service import metrics
-from service.dependencies import AppSettings, Owner, Queue, owned_job_record
+from service.catalog import served_models
+from service.dependencies import AppSettings, OwnedJob, Owner, Queue
 from service.errors import RequestInvalid
 from service.jobs import Job, JobStatus
-from service.parsing import FORM_FIELDS, parse_request
+from service.parsing import parse_request
 from service.queue import JobQueue, wait_finished
-from service.schemas import ErrorOut, ExplainJSON, JobOut, inline_schema
+from service.schemas import ErrorOut, ExplainJSON, JobOut, form_schema, inline_schema
 from service.settings import Settings
-from service.validation import build_job, image_size, served_models
+from service.validation import build_job, image_size
 
 router = APIRouter(tags=["jobs"])
 
-_FORM_SCHEMA = {
-    "type": "object",
-    "required": ["image", "caption"],
-    "properties": {
-        "image": {"type": "string", "format": "binary", "description": "the image file"},
-        "caption": {"type": "array", "items": {"type": "string"}, "description": "repeatable"},
-        "span": {"type": "array", "items": {"type": "string"}, "description": "START:END or C:START:END"},
-        "token_range": {"type": "array", "items": {"type": "string"},
-                        "description": "START:END or C:START:END"},
-        "box": {"type": "array", "items": {"type": "string"}, "description": "x0,y0,x1,y1 or C:x0,y0,x1,y1"},
-        "model": {"type": "string"},
-        "text_layer": {"type": "integer"},
-        "image_layer": {"type": "integer"},
-        "steps": {"type": "integer", "default": 10},
-        "precision": {"type": "string", "enum": ["float32", "bfloat16", "float16"]},
-        "format": {"type": "string", "enum": ["json", "base64"]},
-        "wait": {"type": "number", "minimum": 0},
-    },
-}
-assert set(_FORM_SCHEMA["properties"]) == set(FORM_FIELDS)
-
 _BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": _FORM_SCHEMA},
+    "multipart/form-data": {"schema": form_schema()},
     "application/json": {"schema": inline_schema(ExplainJSON)},
 }}}
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -99,9 +79,6 @@ async def submit_job(request: Request, owner: Owner, queue: Queue, settings: App
     """Queue an explanation and return at once (same body as POST /explain)."""
     job, _ = await _submit(request, owner, queue, settings)
     return _accepted(job)
-
-
-OwnedJob = Annotated[Job, Depends(owned_job_record)]
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}})

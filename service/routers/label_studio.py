@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
 
+from service.catalog import default_model, served_models
 from service.dependencies import AppSettings, Queue, basic_or_bearer_owner
 from service.label_studio.config import parse_label_config
 from service.label_studio.predictor import (
@@ -21,7 +22,6 @@ from service.label_studio.predictor import (
 )
 from service.label_studio.projects import Projects, ProjectSetup
 from service.label_studio.protocol import ErrorOut, PredictIn, SetupIn
-from service.validation import default_model, served_models
 
 PREFIX = "/label-studio"
 router = APIRouter(prefix=PREFIX, tags=["label-studio"])
@@ -47,7 +47,7 @@ def _projects(request: Request) -> Projects:
 async def _model_version(queue: Queue, settings: AppSettings) -> str:
     served = served_models(await queue.workers())
     name = default_model(served, settings)
-    return model_version(served[name]) if name else settings_model_version(settings)
+    return model_version(served[name].name, served[name].pretrained) if name else settings_model_version(settings)
 
 
 @router.get("/health")

@@ -7,8 +7,8 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import metrics
+from service.catalog import served_models
 from service.dependencies import AppSettings, Queue
-from service.validation import served_models
 
 router = APIRouter(tags=["metrics"])
 

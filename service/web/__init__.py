@@ -1,12 +1,5 @@
-"""The web page, its static assets and the heatmap PNG endpoint, as one router: ``service.web.router``."""
+"""The web page and its static assets (``service.web.router``), and the heatmap renderer (render.py)."""
 
-from fastapi import APIRouter
-
-from service.web.heatmap import router as heatmap_router
-from service.web.pages import router as pages_router
-
-router = APIRouter()
-router.include_router(pages_router)
-router.include_router(heatmap_router)
+from service.web.pages import router
 
 __all__ = ["router"]

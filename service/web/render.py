@@ -16,7 +16,7 @@ no overlay.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -29,6 +29,9 @@ COLORMAP_STOPS: tuple[tuple[float, tuple[int, int, int]], ...] = (
 )
 
 BoxCoords = tuple[float, float, float, float]
+MAX_SIDE = 2048  # default and largest long side of a rendered PNG: memory is bounded by this, not the upload
+LEGEND_MAX_HEIGHT = 96
+ROWS_PER_BLOCK = 256  # rows blended at a time: float temporaries stay at a few MB whatever the width
 
 
 def colormap_json() -> dict:
@@ -49,24 +52,50 @@ def symmetric_limit(values: np.ndarray) -> float:
 
 def colormap(values: np.ndarray, limit: float) -> np.ndarray:
     """Map values to uint8 RGB (shape ``values.shape + (3,)``) with the shared diverging colormap."""
-    t = np.clip(np.asarray(values, dtype=np.float64) / limit, -1.0, 1.0)
-    stops_t = np.array([s[0] for s in COLORMAP_STOPS])
-    stops_rgb = np.array([s[1] for s in COLORMAP_STOPS], dtype=np.float64)
+    t = np.clip(np.asarray(values, dtype=np.float32) / np.float32(limit), -1.0, 1.0)
+    out = np.zeros(t.shape + (3,), dtype=np.uint8)
     # Segment i holds t0 < t <= t1 (the first also t = -1), as the page's loop picks it.
-    seg = np.clip(np.searchsorted(stops_t, t, side="left") - 1, 0, len(stops_t) - 2)
-    t0, t1 = stops_t[seg], stops_t[seg + 1]
-    frac = ((t - t0) / (t1 - t0))[..., None]
-    c0, c1 = stops_rgb[seg], stops_rgb[seg + 1]
-    return np.floor(c0 + (c1 - c0) * frac + 0.5).astype(np.uint8)
+    for i, ((t0, c0), (t1, c1)) in enumerate(zip(COLORMAP_STOPS, COLORMAP_STOPS[1:], strict=False)):
+        segment = (t <= t1) if i == 0 else (t > t0) & (t <= t1)
+        frac = (t[segment] - np.float32(t0)) / np.float32(t1 - t0)
+        for channel in range(3):
+            start, end = np.float32(c0[channel]), np.float32(c1[channel])
+            out[..., channel][segment] = np.floor(start + (end - start) * frac + np.float32(0.5))
+    return out
+
+
+def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """``(width, height)`` scaled down (never up) so that the long side is at most ``max_side``."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _axis(n: int, start: float, end: float, cells: int) -> tuple[np.ndarray, ...]:
     """Per pixel along one axis: inside the crop box?, lower and upper cell index, fraction."""
-    centre = np.arange(n) + 0.5
+    centre = np.arange(n, dtype=np.float64) + 0.5
     inside = (centre >= start) & (centre < end)
     u = np.clip((centre - start) / ((end - start) / cells) - 0.5, 0, cells - 1)
-    lo = np.floor(u).astype(int)
-    return inside, lo, np.minimum(lo + 1, cells - 1), u - lo
+    lo = np.floor(u).astype(np.intp)
+    return inside, lo, np.minimum(lo + 1, cells - 1), (u - lo).astype(np.float32)
+
+
+def _row_blocks(grid: np.ndarray, crop_box: Sequence[float], width: int, height: int,
+                rows_per_block: int = ROWS_PER_BLOCK) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """``upsample`` by blocks of rows: (rows, float32 values, inside mask), so memory stays small."""
+    grid = np.asarray(grid, dtype=np.float32)
+    rows, cols = grid.shape
+    x0, y0, x1, y1 = (float(v) for v in crop_box)
+    in_x, c0, c1, fu = _axis(width, x0, x1, cols)
+    in_y, r0, r1, fv = _axis(height, y0, y1, rows)
+    # Separable: along x on the small grid first, then along y one block of rows at a time.
+    across = grid[:, c0] * (1 - fu) + grid[:, c1] * fu  # (grid rows, width)
+    for top in range(0, height, rows_per_block):
+        block = slice(top, min(height, top + rows_per_block))
+        v = fv[block, None]
+        values = across[r0[block]] * (1 - v) + across[r1[block]] * v
+        inside = in_y[block, None] & in_x[None, :]
+        values[~inside] = 0.0
+        yield block, values, inside
 
 
 def upsample(
@@ -74,20 +103,11 @@ def upsample(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bilinearly upsample a (rows, cols) grid placed over ``crop_box`` to a ``height x width`` image.
 
-    Returns ``(values, inside)``: float64 values (0 outside the crop box) and a boolean mask of the
+    Returns ``(values, inside)``: float32 values (0 outside the crop box) and a boolean mask of the
     pixels whose centre lies inside the crop box.
     """
-    grid = np.asarray(grid, dtype=np.float64)
-    rows, cols = grid.shape
-    x0, y0, x1, y1 = (float(v) for v in crop_box)
-    in_x, c0, c1, fu = _axis(width, x0, x1, cols)
-    in_y, r0, r1, fv = _axis(height, y0, y1, rows)
-    # Separable: along x on the small grid first, then along y at full size.
-    across = grid[:, c0] * (1 - fu) + grid[:, c1] * fu  # (rows, width)
-    values = across[r0] * (1 - fv)[:, None] + across[r1] * fv[:, None]
-    inside = in_y[:, None] & in_x[None, :]
-    values[~inside] = 0.0
-    return values, inside
+    blocks = list(_row_blocks(grid, crop_box, width, height))
+    return np.concatenate([b[1] for b in blocks]), np.concatenate([b[2] for b in blocks])
 
 
 def render_overlay(
@@ -98,26 +118,32 @@ def render_overlay(
     alpha: float = 0.6,
     box: BoxCoords | None = None,
     legend: bool = False,
+    max_side: int = MAX_SIDE,
 ) -> Image.Image:
-    """The heatmap over ``image`` (RGB, original size) blended with opacity ``alpha``.
+    """The heatmap over ``image`` (RGB) blended with opacity ``alpha``, at most ``max_side`` px a side.
 
-    ``box`` draws that box's outline; ``legend`` appends a colour-scale band below the image (the
-    only case in which the result is taller than the original image).
+    An image larger than ``max_side`` is scaled down first (``crop_box`` and ``box`` with it), so the
+    memory used is bounded by ``max_side``, not by the upload. ``box`` draws that box's outline;
+    ``legend`` appends a colour-scale band below the image (the only case in which the result is
+    taller than the image).
     """
+    scale_x = scale_y = 1.0
+    size = fit_size(*image.size, max_side)
+    if size != image.size:
+        scale_x, scale_y = size[0] / image.size[0], size[1] / image.size[1]
+        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
     pixels = np.array(image.convert("RGB"))
     height, width = pixels.shape[:2]
     limit = symmetric_limit(heatmap)
-    values, inside = upsample(heatmap, crop_box, width, height)
-    # Only the pixels inside the crop box change; work on that rectangle alone.
-    ys, xs = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
-    if ys.size and xs.size:
-        window = np.s_[ys[0]: ys[-1] + 1, xs[0]: xs[-1] + 1]
-        colours = colormap(values[window], limit).astype(np.float32)
-        base = pixels[window].astype(np.float32)
-        pixels[window] = np.floor(base * (1 - alpha) + colours * alpha + 0.5).astype(np.uint8)
+    crop = [crop_box[0] * scale_x, crop_box[1] * scale_y, crop_box[2] * scale_x, crop_box[3] * scale_y]
+    for rows, values, inside in _row_blocks(heatmap, crop, width, height):
+        colours = colormap(values, limit).astype(np.float32)
+        base = pixels[rows].astype(np.float32)
+        blended = np.floor(base * (1 - alpha) + colours * alpha + 0.5).astype(np.uint8)
+        pixels[rows][inside] = blended[inside]  # only pixels inside the crop box change
     out = Image.fromarray(pixels, "RGB")
     if box is not None:
-        _draw_box(out, box)
+        _draw_box(out, (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y))
     if legend:
         out = _with_legend(out, limit)
     return out
@@ -133,16 +159,19 @@ def _draw_box(image: Image.Image, box: BoxCoords) -> None:
 
 
 def _with_legend(image: Image.Image, limit: float) -> Image.Image:
-    """Append a band with the colour bar from -limit to +limit and its value labels."""
+    """Append a band with the colour bar from -limit to +limit and its value labels.
+
+    Its height grows with the width (readable at any size) but is capped at ``LEGEND_MAX_HEIGHT``.
+    """
     width, height = image.size
-    band = max(36, width // 12)
+    band = min(LEGEND_MAX_HEIGHT, max(36, width // 12))
     font = ImageFont.load_default(size=max(10, band // 3))
     out = Image.new("RGB", (width, height + band), (255, 255, 255))
     out.paste(image, (0, 0))
     margin = max(4, width // 40)
     bar_w = max(1, width - 2 * margin)
     bar_h = max(6, band // 3)
-    ramp = colormap(np.linspace(-limit, limit, bar_w)[None, :].repeat(bar_h, axis=0), limit)
+    ramp = colormap(np.linspace(-limit, limit, bar_w, dtype=np.float32)[None, :].repeat(bar_h, axis=0), limit)
     out.paste(Image.fromarray(ramp, "RGB"), (margin, height + 4))
     draw = ImageDraw.Draw(out)
     label_y = height + 6 + bar_h

@@ -18,7 +18,7 @@ def tiny_model() -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+def tiny_state_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
     """A state_dict of a fresh random exclip-tiny saved with torch.save, and the saved tensors."""
     torch.manual_seed(1234)
     state = load_model(TINY_MODEL, None).model.state_dict()

@@ -54,8 +54,8 @@ def test_no_weights_is_explicit_and_logged(pretrained, caplog):
     assert any("RANDOM weights" in r.getMessage() for r in caplog.records if r.name == "attribution.models")
 
 
-def test_checkpoint_reloads_identical_weights(tiny_checkpoint):
-    path, saved = tiny_checkpoint
+def test_checkpoint_reloads_identical_weights(tiny_state_file):
+    path, saved = tiny_state_file
     loaded = load_model(TINY_MODEL, str(path))
     assert loaded.pretrained == str(path)
     state = loaded.model.state_dict()
@@ -66,9 +66,9 @@ def test_checkpoint_reloads_identical_weights(tiny_checkpoint):
     assert not torch.equal(other["visual.conv1.weight"], saved["visual.conv1.weight"])
 
 
-def test_training_checkpoint_format_is_accepted(tiny_checkpoint, tmp_path):
+def test_training_checkpoint_format_is_accepted(tiny_state_file, tmp_path):
     # open_clip's training script saves {"epoch", "state_dict" (DDP "module." prefixed), ...}
-    _, saved = tiny_checkpoint
+    _, saved = tiny_state_file
     path = tmp_path / "epoch_3.pt"
     torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in saved.items()}}, path)
     state = load_model(TINY_MODEL, str(path)).model.state_dict()
@@ -83,8 +83,8 @@ def test_missing_checkpoint_path(tmp_path):
     assert "--pretrained /path/to/checkpoint.pt" in str(e.value) and "--pretrained none" in str(e.value)
 
 
-def test_checkpoint_that_does_not_fit(tiny_checkpoint, tmp_path):
-    _, saved = tiny_checkpoint
+def test_checkpoint_that_does_not_fit(tiny_state_file, tmp_path):
+    _, saved = tiny_state_file
     wrong = dict(saved)
     wrong["visual.conv1.weight"] = torch.zeros(1, 2, 3, 4)  # wrong shape for this architecture
     path = tmp_path / "wrong.pt"
@@ -167,8 +167,8 @@ _OFFLINE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_tags_offline_never_fall_back_to_random(tiny_checkpoint, tmp_path):
-    ckpt, _ = tiny_checkpoint
+def test_tags_offline_never_fall_back_to_random(tiny_state_file, tmp_path):
+    ckpt, _ = tiny_state_file
     cache = tmp_path / "hf-cache"
     snapshot = cache / "models--exclip--tiny-test" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)

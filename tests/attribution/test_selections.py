@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from PIL import Image
 
 from attribution.errors import InvalidSelection
 from attribution.images import preprocess
-from attribution.selections import Box, Span, TokenRange, box_token_scores, selected_tokens, span_heatmap
+from attribution.selections import (
+    Box,
+    Span,
+    TokenRange,
+    box_token_scores,
+    check_box,
+    check_selection,
+    parse_indexed,
+    selected_tokens,
+    span_heatmap,
+)
 from attribution.text import tokenize_caption
 
 CAPTION = "a big  dog, on grass"  # tokens: SOT a big dog , on grass EOT
@@ -21,7 +29,7 @@ def setup(tiny_model):
     _, tokens = tokenize_caption(CAPTION, tiny_model)
     _, geometry = preprocess(Image.new("RGB", (320, 320)), tiny_model)  # 4x4 patches of 80x80 pixels
     torch.manual_seed(0)
-    result = SimpleNamespace(interactions=torch.randn(len(tokens), 4, 4))
+    result = torch.randn(len(tokens), 4, 4)
     return tokens, geometry, result
 
 
@@ -34,16 +42,16 @@ def test_span_selects_the_overlapping_tokens(setup):
     assert selected_tokens(tokens, Span(0, len(CAPTION))) == [1, 2, 3, 4, 5, 6]  # never SOT / EOT
     heat = span_heatmap(result, tokens, Span(4, 9))
     assert heat.shape == (4, 4)
-    assert torch.allclose(heat, result.interactions[2] + result.interactions[3])
+    assert torch.allclose(heat, result[2] + result[3])
 
 
 def test_token_range(setup):
     tokens, _, result = setup
     assert selected_tokens(tokens, TokenRange(0, 1)) == [0]
     heat = span_heatmap(result, tokens, TokenRange(1, 4))
-    assert torch.allclose(heat, result.interactions[1:4].sum(0))
+    assert torch.allclose(heat, result[1:4].sum(0))
     everything = span_heatmap(result, tokens, TokenRange(0, len(tokens)))
-    assert torch.allclose(everything, result.interactions.sum(0))
+    assert torch.allclose(everything, result.sum(0))
 
 
 @pytest.mark.parametrize(
@@ -82,7 +90,7 @@ def test_selections_that_do_not_fit_the_caption(setup, selection, message):
 def test_span_in_truncated_text_covers_no_token(tiny_model):
     caption = "dog " * 80
     _, tokens = tokenize_caption(caption, tiny_model, truncate=True)
-    result = SimpleNamespace(interactions=torch.zeros(len(tokens), 4, 4))
+    result = torch.zeros(len(tokens), 4, 4)
     with pytest.raises(InvalidSelection, match="covers no token"):
         span_heatmap(result, tokens, Span(len(caption) - 4, len(caption) - 1))
 
@@ -90,7 +98,7 @@ def test_span_in_truncated_text_covers_no_token(tiny_model):
 def test_box_scores_weight_patches_by_covered_area(setup):
     tokens, geometry, result = setup
     scores = box_token_scores(result, geometry, Box(40, 0, 200, 80))  # half, full, half of row 0
-    inter = result.interactions
+    inter = result
     expected = 0.5 * inter[:, 0, 0] + inter[:, 0, 1] + 0.5 * inter[:, 0, 2]
     assert scores.shape == (len(tokens),)
     assert torch.allclose(scores, expected, atol=1e-6)
@@ -101,14 +109,14 @@ def test_box_scores_weight_patches_by_covered_area(setup):
 def test_box_is_in_original_pixels_of_a_cropped_image(tiny_model):
     # 640x480 landscape: the model sees x in [76.19, 563.81]; a box on the left margin misses it
     _, geometry = preprocess(Image.new("RGB", (640, 480)), tiny_model)
-    result = SimpleNamespace(interactions=torch.ones(3, 4, 4))
+    result = torch.ones(3, 4, 4)
     with pytest.raises(InvalidSelection, match="does not overlap the part of the image the model sees"):
         box_token_scores(result, geometry, Box(0, 0, 60, 480))
     with pytest.raises(InvalidSelection, match="outside the 640x480 image"):
         box_token_scores(result, geometry, Box(650, 0, 700, 10))
     # one full patch in original pixels -> exactly that patch's interactions
     x0, y0, x1, y1 = geometry.patch_box(2, 1)
-    result.interactions[:, 2, 1] = torch.tensor([1.0, 2.0, 3.0])
+    result[:, 2, 1] = torch.tensor([1.0, 2.0, 3.0])
     scores = box_token_scores(result, geometry, Box(x0, y0, x1, y1))
     assert torch.allclose(scores, torch.tensor([1.0, 2.0, 3.0]))
 
@@ -116,6 +124,108 @@ def test_box_is_in_original_pixels_of_a_cropped_image(tiny_model):
 def test_interactions_of_the_wrong_shape_are_a_programming_error(setup):
     tokens, geometry, _ = setup
     with pytest.raises(ValueError, match="expected"):
-        span_heatmap(SimpleNamespace(interactions=torch.zeros(3, 4, 4)), tokens, Span(0, 1))
+        span_heatmap(torch.zeros(3, 4, 4), tokens, Span(0, 1))
     with pytest.raises(ValueError, match="grid"):
-        box_token_scores(SimpleNamespace(interactions=torch.zeros(8, 5, 5)), geometry, Box(0, 0, 10, 10))
+        box_token_scores(torch.zeros(8, 5, 5), geometry, Box(0, 0, 10, 10))
+
+
+@pytest.mark.parametrize(
+    ("box", "message"),
+    [
+        (Box(700, 0, 800, 100), "outside the 640x480 image"),
+        (Box(-50, -50, -1, -1), "outside the 640x480 image"),
+        (Box(640, 0, 700, 480), "outside the 640x480 image"),  # touches the right edge only
+        # inside the image, but left of the region the model sees (x in [76.19, 563.81])
+        (Box(0, 0, 50, 50), "does not overlap the part of the image the model sees"),
+        (Box(570, 100, 640, 480), "does not overlap the part of the image the model sees"),
+    ],
+)
+def test_check_box_refuses_boxes_the_model_does_not_see(tiny_model, box, message):
+    _, geometry = preprocess(Image.new("RGB", (640, 480)), tiny_model)
+    with pytest.raises(InvalidSelection, match=message):
+        check_box(box, geometry)
+    with pytest.raises(InvalidSelection, match=message):  # the same rule wherever a box is used
+        box_token_scores(torch.zeros(3, 4, 4), geometry, box)
+    _, tokens = tokenize_caption("a dog", tiny_model)
+    with pytest.raises(InvalidSelection, match=message):
+        check_selection(box, tokens, geometry)
+
+
+def test_check_box_clips_to_the_image(tiny_model):
+    _, geometry = preprocess(Image.new("RGB", (640, 480)), tiny_model)
+    assert check_box(Box(-10, -10, 100, 1000), geometry) == (0.0, 0.0, 100.0, 480.0)
+    assert check_box(Box(60, 0, 80, 10), geometry) == (60.0, 0.0, 80.0, 10.0)  # overlaps the crop a bit
+
+
+def test_check_selection_on_spans_matches_selected_tokens(setup):
+    tokens, geometry, _ = setup
+    check_selection(Span(2, 5), tokens, geometry)
+    with pytest.raises(InvalidSelection, match="out of range"):
+        check_selection(TokenRange(0, 99), tokens, geometry)
+
+
+@pytest.mark.parametrize(
+    ("cls", "text", "expected"),
+    [
+        (Span, "2:5", Span(2, 5)),
+        (Span, " 2 : 5 ", Span(2, 5)),
+        (TokenRange, "0:1", TokenRange(0, 1)),
+        (Box, "10,20,110,80", Box(10, 20, 110, 80)),
+        (Box, "0.5, 1e1 ,+3,.75e2", Box(0.5, 10, 3, 75)),
+    ],
+)
+def test_parse(cls, text, expected):
+    assert cls.parse(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("cls", "text", "message"),
+    [
+        (Span, "2-5", "malformed: use START:END"),
+        (Span, "2:5:7", "malformed"),
+        (Span, "1.5:3", "malformed"),
+        (Span, "٣:٥", "malformed"),  # non-ASCII digits are not accepted by any of the three parsers
+        (Span, "", "malformed"),
+        (Span, "5:2", "need 0 <= start < end"),
+        (Span, "-1:2", "need 0 <= start < end"),
+        (TokenRange, "a:b", "malformed: use START:END with two integers \\(token indices"),
+        (TokenRange, "3:3", "empty"),
+        (Box, "1,2,3", "malformed: use x0,y0,x1,y1"),
+        (Box, "nan,0,1,1", "malformed"),
+        (Box, "inf,0,1,1", "malformed"),
+        (Box, "1_0,0,20,20", "malformed"),
+        (Box, "10,10,5,20", "empty"),
+    ],
+)
+def test_parse_refuses_with_a_message(cls, text, message):
+    with pytest.raises(InvalidSelection, match=message):
+        cls.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "expected"),
+    [
+        ("span", "2:5", (None, Span(2, 5))),
+        ("span", "1:2:5", (1, Span(2, 5))),
+        ("tokens", "0:1:3", (0, TokenRange(1, 3))),
+        ("box", "1,2,3,4", (None, Box(1, 2, 3, 4))),
+        ("box", "3:1,2,3,4", (3, Box(1, 2, 3, 4))),
+    ],
+)
+def test_parse_indexed(kind, text, expected):
+    assert parse_indexed(kind, text) == expected
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "message"),
+    [
+        ("span", "x:2:5", "caption index 'x' is not a non-negative integer"),
+        ("span", "-1:2:5", "caption index '-1'"),
+        ("box", "a:1,2,3,4", "caption index 'a'"),
+        ("box", "0:1:1,2,3,4", "malformed"),
+        ("tokens", "0:1:2:3", "malformed"),
+    ],
+)
+def test_parse_indexed_refuses(kind, text, message):
+    with pytest.raises(InvalidSelection, match=message):
+        parse_indexed(kind, text)

@@ -7,9 +7,19 @@ import random
 import open_clip
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from attribution.errors import CaptionError, CaptionTooLong, EmptyCaption, UnsupportedModel
-from attribution.text import EOT_TEXT, SOT_TEXT, Token, tokenize_caption
+from attribution import text as text_module
+from attribution.errors import (
+    CaptionError,
+    CaptionTooLong,
+    CaptionTooManyCharacters,
+    EmptyCaption,
+    SpecialTokenText,
+    UnsupportedModel,
+)
+from attribution.text import EOT_TEXT, MAX_CAPTION_CHARS, SOT_TEXT, Token, tokenize_caption
 
 CAPTIONS = [
     "a dog",
@@ -27,7 +37,7 @@ CAPTIONS = [
     "e\u0301cole combining accent",
     "Ã©t mojibake",
     "tabs\tand\nnewlines\r\nand\u00a0nbsp",
-    "<start_of_text> literal special",
+    "< start_of_text > spaced-out special text, <end_of_text without its bracket",
     "!!!???...---",
     "UPPER lower MiXeD",
 ]
@@ -47,7 +57,7 @@ def check_invariants(caption: str, ids: torch.Tensor, tokens: list[Token], token
     for t in tokens[1:-1]:
         assert 0 <= t.start < t.end <= len(caption)
         assert t.text == caption[t.start : t.end]
-        assert not t.text.isspace()
+        assert not t.text.isspace() or tokenizer.clean_fn(t.text)  # e.g. U+0085, which ftfy makes "…"
 
 
 @pytest.mark.parametrize("caption", CAPTIONS)
@@ -102,6 +112,7 @@ def test_caption_too_long(tiny_model):
         tokenize_caption(caption, tiny_model)
     assert (e.value.n_tokens, e.value.limit) == (102, 77)
     assert "102 tokens" in str(e.value) and "77" in str(e.value)
+    assert "truncat" not in str(e.value)  # callers (the API) have no truncation option to point to
     # a caption of exactly the context length is fine
     ids, tokens = tokenize_caption("word " * 75, tiny_model)
     assert len(tokens) == 77
@@ -176,3 +187,91 @@ def test_unmirrored_cleaning_falls_back_to_alignment():
     ids, tokens = tokenize_caption(caption, tokenizer)
     check_invariants(caption, ids, tokens, tokenizer)
     assert [t.text for t in tokens[1:-1]] == ["The", "Colour", "of", "the", "sky"]
+
+
+@pytest.mark.parametrize(
+    ("caption", "text", "start"),
+    [
+        ("a photo <end_of_text> of a red ball", "<end_of_text>", 8),
+        ("<start_of_text> literal special", "<start_of_text>", 0),
+        ("shouting <END_OF_TEXT> too", "<END_OF_TEXT>", 9),  # lower-cased by the cleaning first
+        ("&lt;end_of_text&gt; escaped", "&lt;end_of_text&gt;", 0),  # unescaped by the cleaning first
+    ],
+)
+def test_special_token_text_is_refused(caption, text, start, tiny_model):
+    with pytest.raises(SpecialTokenText, match="control tokens") as e:
+        tokenize_caption(caption, tiny_model)
+    assert (e.value.text, e.value.start, e.value.end) == (text, start, start + len(text))
+    assert caption[e.value.start : e.value.end] == text
+
+
+def test_special_token_text_in_another_case_is_plain_text_for_a_case_keeping_tokenizer():
+    tokenizer = open_clip.SimpleTokenizer(clean="whitespace")
+    caption = "a photo <END_OF_TEXT> of a red ball"  # no cache hit in open_clip's BPE: ordinary pieces
+    ids, tokens = tokenize_caption(caption, tokenizer)
+    check_invariants(caption, ids, tokens, tokenizer)
+    assert tokenizer.eot_token_id not in [t.id for t in tokens[:-1]]
+
+
+def test_character_limit_comes_before_any_cleaning(tiny_model):
+    hostile = "&" + "amp;" * 4000 + " dog"  # 16 KB whose cleaning takes seconds (issue 10)
+    with pytest.raises(CaptionTooManyCharacters) as e:
+        tokenize_caption(hostile, tiny_model)
+    assert (e.value.n_chars, e.value.limit) == (16005, MAX_CAPTION_CHARS)
+    assert "16005 characters" in str(e.value) and f"limit is {MAX_CAPTION_CHARS}" in str(e.value)
+    # only spaces would be an EmptyCaption after cleaning: the length is refused first
+    with pytest.raises(CaptionTooManyCharacters):
+        tokenize_caption(" " * (MAX_CAPTION_CHARS + 1), tiny_model)
+    _, tokens = tokenize_caption("dog" + " " * (MAX_CAPTION_CHARS - 3), tiny_model)  # at the limit: fine
+    assert len(tokens) == 3
+    with pytest.raises(CaptionTooManyCharacters, match="limit is 10"):
+        tokenize_caption("a dog on a mat", tiny_model, max_chars=10)
+
+
+def test_entity_chain_at_the_limit_is_cleaned_exactly(tiny_model):
+    caption = "&" + "amp;" * ((MAX_CAPTION_CHARS - 5) // 4) + " dog"  # the worst case that is accepted
+    ids, tokens = tokenize_caption(caption, tiny_model)
+    check_invariants(caption, ids, tokens, tiny_model.tokenizer)
+    assert [t.text for t in tokens[1:-1]] == [caption[:-4], "dog"]
+
+
+def test_bpe_memo_stays_bounded(tiny_model, monkeypatch):
+    tokenizer = open_clip.SimpleTokenizer()
+    monkeypatch.setattr(text_module, "BPE_CACHE_ENTRIES", 50)
+    for i in range(40):
+        caption = " ".join(f"w{i}x{j}q" for j in range(10))
+        ids, tokens = tokenize_caption(caption, tokenizer)
+        check_invariants(caption, ids, tokens, tokenizer)
+        assert len(tokenizer.cache) <= 50 + 10 * 3
+    assert "<end_of_text>" in tokenizer.cache  # special tokens survive a reset
+
+
+# Captions from anywhere in unicode, plus pieces that exercise the cleaning (entities, quotes, spaces).
+_PIECES = ["&amp;", "&lt;", "&gt;", "&#39;", "&#x27;", "&nbsp;", "&AMP;", "&amp", "&", "<", ">", ";", "#",
+           "amp", "’", "“", "Ã©", "\u0301", " ", "\t", "\n", "dog", "DOG", "'s", "<end_of_text>", "🐶"]
+CAPTION_TEXT = st.one_of(
+    st.text(max_size=80),
+    st.lists(st.sampled_from(_PIECES) | st.text(max_size=3), max_size=25).map("".join),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(caption=CAPTION_TEXT)
+def test_any_caption_is_tokenized_exactly_or_refused_with_a_reason(caption, tiny_model):
+    tokenizer = tiny_model.tokenizer
+    try:
+        ids, tokens = tokenize_caption(caption, tiny_model)
+    except SpecialTokenText as e:
+        assert caption[e.start : e.end] == e.text
+        ref = tokenizer([caption])[0].tolist()
+        specials = {tokenizer.sot_token_id, tokenizer.eot_token_id}
+        truncated = ref[-1] != 0
+        assert sum(i in specials for i in ref) >= 3 or truncated  # the tokenizer made a control token
+        return
+    except EmptyCaption:
+        assert tokenizer([caption])[0][1] == tokenizer.eot_token_id
+        return
+    except CaptionTooLong:
+        assert int(tokenizer([caption])[0][-1]) == tokenizer.eot_token_id  # truncated by open_clip
+        return
+    check_invariants(caption, ids, tokens, tokenizer)

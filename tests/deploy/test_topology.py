@@ -14,8 +14,6 @@ import io
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +26,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.harness import Process, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 N_JOBS = 60
 N_WORKERS = 3
@@ -35,12 +35,6 @@ VISIBILITY_TIMEOUT_S = 3
 CAPTIONS = ["a photo of a dog", "a red car parked on the street", "two cats sleeping"]
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli() -> list[str]:
@@ -58,27 +52,6 @@ def _with_flag(argv: list[str], name: str, value: str) -> list[str]:
     out = list(argv)
     out[out.index(name) + 1] = value
     return out
-
-
-class Proc:
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=self._fh, stderr=subprocess.STDOUT)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
-        self._fh.close()
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
 
 
 def _image(seed: int) -> bytes:
@@ -125,7 +98,7 @@ def test_api_and_three_workers_survive_a_sigkilled_worker(
 
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     api_service, worker_service = compose["api"], compose["worker-cpu"]
-    port = _free_port()
+    port = free_port()
     cache = tmp_path / "cache"
 
     def env_of(service: dict) -> dict[str, str]:
@@ -157,19 +130,20 @@ def test_api_and_three_workers_survive_a_sigkilled_worker(
         "the worker health check passes with no worker running"
     )
 
-    procs: list[Proc] = []
+    procs: list[Process] = []
     try:
-        api = Proc([*_cli(), *api_argv], env_of(api_service), tmp_path / "api.log")
+        api = Process([], env_of(api_service), tmp_path, argv=[*_cli(), *api_argv], name="api")
         procs.append(api)
         workers = [
-            Proc([*_cli(), *worker_service["command"]], env_of(worker_service), tmp_path / f"w{i}.log")
+            Process([], env_of(worker_service), tmp_path, argv=[*_cli(), *worker_service["command"]],
+                    name=f"w{i}")
             for i in range(N_WORKERS)
         ]
         procs += workers
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
         while True:
-            assert all(p.popen.poll() is None for p in procs), "\n".join(p.output for p in procs)
+            assert all(p.proc.poll() is None for p in procs), "\n".join(p.output for p in procs)
             try:
                 live = redis.zrangebyscore(keys.workers, time.time(), "+inf")
                 if len(live) == N_WORKERS and httpx.get(base + "/readyz", timeout=2).status_code == 200:
@@ -178,7 +152,7 @@ def test_api_and_three_workers_survive_a_sigkilled_worker(
                 pass
             assert time.monotonic() < deadline, "topology not ready:\n" + "\n".join(p.output for p in procs)
             time.sleep(0.2)
-        consumer_of = {p.popen.pid: n for n in live for p in workers if n.endswith(f"-{p.popen.pid}")}
+        consumer_of = {p.proc.pid: n for n in live for p in workers if n.endswith(f"-{p.proc.pid}")}
         assert len(consumer_of) == N_WORKERS, f"worker names {live} do not end with the worker pids"
 
         # The image's and compose's health checks pass against the running processes.
@@ -211,7 +185,7 @@ def test_api_and_three_workers_survive_a_sigkilled_worker(
             # Kill a worker midway: once a quarter of the jobs are finished, the victim finished some of
             # them and holds at least one unacknowledged.
             victim = workers[0]
-            victim_name = consumer_of[victim.popen.pid]
+            victim_name = consumer_of[victim.proc.pid]
             deadline = time.monotonic() + 60
             while True:
                 held_now = sampler.snapshot()
@@ -220,8 +194,8 @@ def test_api_and_three_workers_survive_a_sigkilled_worker(
                     finished = set(sampler.holders) - set(held_now)
                 in_flight = {e for e, c in held_now.items() if c == victim_name}
                 if in_flight and seen - in_flight and len(finished) >= N_JOBS // 4:
-                    victim.popen.kill()  # SIGKILL: no cleanup, no ack
-                    victim.popen.wait(10)
+                    victim.proc.kill()  # SIGKILL: no cleanup, no ack
+                    victim.proc.wait(10)
                     break
                 assert time.monotonic() < deadline, "the victim never held a job:\n" + victim.output
                 time.sleep(0.002)
@@ -266,7 +240,7 @@ def test_api_and_three_workers_survive_a_sigkilled_worker(
             job_id = sampler.job_of[entry_id]
             assert statuses[job_id]["status"] == "done"
         survivors = [p for p in workers if p is not victim]
-        assert all(p.popen.poll() is None for p in survivors + [api])
+        assert all(p.proc.poll() is None for p in survivors + [api])
 
         # Results equal a direct engine call on the same checkpoint.
         options = statuses[job_ids[0]]["result"]["captions"][0]["options"]

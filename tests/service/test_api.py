@@ -144,6 +144,8 @@ def test_models_lists_the_workers_model_with_option_ranges(stack):
         "exclip-tiny", [4, 4], [32, 32], 77)
     assert model["options"]["text_layer"] == {"min": 0, "max": 2, "default": 2}
     assert model["options"]["steps"]["max"] == 100
+    assert model["options"]["caption_chars"]["max"] == 1000  # EXCLIP_MAX_CAPTION_CHARS
+    assert model["options"]["precision"] == ["float32", "bfloat16", "float16"]
 
 
 def test_health_ready_and_docs(stack):

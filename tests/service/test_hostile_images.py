@@ -104,13 +104,15 @@ ACCEPTED: dict[str, tuple[str, Callable[[], bytes], tuple[int, int]]] = {
     "EXIF-rotated JPEG": ("rotated.jpg", exif_rotated_jpeg, (40, 60)),
     "RGBA PNG": ("alpha.png", lambda: _encode(_photo(30, 30, "RGBA"), "PNG"), (30, 30)),
     "1x1 pixel PNG": ("dot.png", lambda: _encode(Image.new("RGB", (1, 1), "white"), "PNG"), (1, 1)),
-    "very wide 3000x2 PNG": ("strip.png", lambda: _encode(Image.new("RGB", (3000, 2), "gray"), "PNG"),
-                             (3000, 2)),
+    "wide 320x20 PNG (16:1, the most elongated allowed)": (
+        "strip.png", lambda: _encode(Image.new("RGB", (320, 20), "gray"), "PNG"), (320, 20)),
     "JPEG sent as .png": ("photo.png", lambda: _encode(_photo(), "JPEG"), (60, 40)),
 }
 REFUSED: dict[str, tuple[str, Callable[[], bytes], str]] = {
-    "truncated JPEG": ("cut.jpg", lambda: _encode(_photo(200, 200), "JPEG")[:900],
-                       "image data is broken or truncated"),
+    "3000x2 PNG": ("strip.png", lambda: _encode(Image.new("RGB", (3000, 2), "gray"), "PNG"), "1500:1"),
+    "566-byte 1x250000 PNG": ("line.png", lambda: _encode(Image.new("L", (1, 250_000), 128), "PNG"),
+                              "exceeds 16 times their short side"),
+    "24000x1 PNG": ("line.png", lambda: _encode(Image.new("L", (24_000, 1), 128), "PNG"), "exceeds 16 times"),
     "wrong magic bytes": ("x.png", wrong_magic, "is not an image in a supported format"),
     "30000x30000 PNG bomb": ("bomb.png", png_bomb, "the limit is 40000000 pixels"),
     "GIF declaring a 65535x65535 canvas": ("canvas.gif", gif_huge_canvas, "the limit is 40000000 pixels"),
@@ -164,3 +166,13 @@ def test_hostile_file_is_refused_with_a_specific_message(stack, case):
     assert message in r.json()["detail"]
     assert time.monotonic() - t0 < 10
     assert stack.queue_state() == before
+
+
+def test_truncated_pixel_data_fails_the_job_with_a_422(stack):
+    """The API reads only the header (no pixel is decoded there); the worker finds the cut-off data."""
+    data = _encode(_photo(200, 200), "JPEG")[:900]
+    with stack.client() as c:
+        r = c.post("/explain", files={"image": ("cut.jpg", data)}, data={"caption": "a thing"})
+    assert r.status_code == 422, r.text
+    assert "image data is broken or truncated" in r.json()["detail"]
+    assert r.json()["status"] == "failed" and r.json()["error"]["type"] == "InvalidImage"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.web.render import colormap, symmetric_limit, upsample
+from service.web.render import COLORMAP_STOPS, colormap, symmetric_limit, upsample
 
 CAPTION = "a yellow block on a gradient"
 
@@ -77,8 +77,25 @@ def test_outside_crop_box_and_alpha(api, job, image_png):
 def test_box_outline_and_legend(api, job):
     image = np.asarray(png(api, job["id"], box="20,10,60,50", alpha=0))
     assert (image[10, 30] == 0).all() and (image[30, 20] == 0).all()  # black outline edges
-    with_legend = png(api, job["id"], legend="true")
+    with_legend = png(api, job["id"], legend="true", alpha=0.5)
     assert with_legend.size[0] == 96 and with_legend.size[1] > 64
+    # Above the band: the same picture as without the legend; in the band: the bar from blue to red.
+    plain = np.asarray(png(api, job["id"], alpha=0.5))
+    assert (np.asarray(with_legend)[:64] == plain).all()
+    bar_row = np.asarray(with_legend)[64 + 6].astype(int)
+    blue, red = (np.array(s[1]) for s in (COLORMAP_STOPS[0], COLORMAP_STOPS[-1]))
+    assert (bar_row[4] == blue).all() and (bar_row[96 - 4 - 1] == red).all()
+
+
+def test_max_side_scales_the_png_down(api, job):
+    small = png(api, job["id"], max_side=48, alpha=1)
+    assert small.size == (48, 32)
+    full = np.asarray(png(api, job["id"], alpha=1)).astype(int)
+    # The small PNG is the full one at half size: compare with a 2x2 mean, colours within rounding.
+    halved = full.reshape(32, 2, 48, 2, 3).mean(axis=(1, 3))
+    assert np.abs(np.asarray(small).astype(int) - halved).mean() < 6
+    response = api.get(f"/jobs/{job['id']}/heatmap.png", params={"max_side": 5000})
+    assert response.status_code == 422 and "max_side" in response.text
 
 
 def test_base64_job_gives_the_same_png(api, explain, image_png, job):
@@ -96,6 +113,7 @@ def test_base64_job_gives_the_same_png(api, explain, image_png, job):
     ({"tokens": "5:2"}, "token"),
     ({"tokens": "1:999"}, "token"),
     ({"span": "abc"}, "START:END"),
+    ({"tokens": "1:2:3"}, "malformed"),
     ({"box": "1,2,3"}, "x0,y0,x1,y1"),
     ({"box": "500,500,600,600"}, "outside"),
     ({"box": "0,0,10,64"}, "crop_box"),

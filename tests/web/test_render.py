@@ -81,3 +81,39 @@ def test_box_outline_and_legend_band():
     assert with_legend.size[0] == 120 and with_legend.size[1] > 80
     band = np.asarray(with_legend)[80:]
     assert (band.astype(int)[..., 2] - band[..., 0] > 100).any()  # the blue end of the colour bar
+
+
+def test_large_image_is_rendered_at_max_side_with_the_same_picture():
+    """A 6000x3000 image gives a 2048x1024 PNG (default bound), the same as rendering it pre-scaled."""
+    from service.web.render import MAX_SIDE
+
+    rng = np.random.default_rng(1)
+    heat = rng.normal(size=(4, 4))
+    big = Image.new("RGB", (6000, 3000), (100, 150, 200))
+    out = render_overlay(big, heat, (1500, 0, 4500, 3000), alpha=1.0)
+    assert out.size == (MAX_SIDE, MAX_SIDE // 2)
+    small = render_overlay(Image.new("RGB", (2048, 1024), (100, 150, 200)), heat, (512, 0, 1536, 1024),
+                           alpha=1.0)
+    assert np.abs(np.asarray(out).astype(int) - np.asarray(small)).max() <= 1
+    assert render_overlay(big, heat, (1500, 0, 4500, 3000), max_side=300).size == (300, 150)
+
+
+def test_legend_of_an_extreme_aspect_ratio_is_bounded():
+    """24000x1 used to give a 24000x2001 PNG: now the long side is bounded and so is the band."""
+    from service.web.render import LEGEND_MAX_HEIGHT, MAX_SIDE
+
+    out = render_overlay(Image.new("RGB", (24000, 1)), np.ones((2, 2)), (0, 0, 24000, 1), legend=True)
+    assert out.size[0] == MAX_SIDE and out.size[1] <= 1 + LEGEND_MAX_HEIGHT
+
+
+def test_legend_bar_runs_from_blue_to_red_with_labels():
+    image = Image.new("RGB", (240, 100), (128, 128, 128))
+    heat = np.array([[-2.0, 0.5], [1.0, 0.0]])
+    band = np.asarray(render_overlay(image, heat, (0, 0, 240, 100), legend=True))[100:].astype(int)
+    margin = max(4, 240 // 40)
+    bar_row = band[6]
+    blue, white, red = (np.array(s[1]) for s in COLORMAP_STOPS)
+    assert (bar_row[margin] == blue).all() and (bar_row[240 - margin - 1] == red).all()
+    assert np.abs(bar_row[120] - white).max() <= 8  # the middle of the bar is zero: white
+    labels = band[6 + max(6, band.shape[0] // 3):]
+    assert (labels.sum(axis=2) < 200).any()  # dark label text below the bar (-2, 0, 2)

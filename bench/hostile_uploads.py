@@ -1,0 +1,176 @@
+"""Peak memory of the API and the worker under the hostile uploads of issue 10.
+
+Starts its own processes on loopback with the shared harness (tests/harness.py): a private
+``redis-server``, the API (``serve`` with REDIS_URL) and one worker with the tiny model. For each case
+it resets the kernel's peak-RSS counter of both processes (``/proc/PID/clear_refs``), runs the case,
+and reads the peak (``VmHWM``) back: the table gives, per case, the time, the HTTP statuses and the
+peak RSS above the process's RSS before the case, for the API and the worker.
+
+Cases: a 6000x6000 grey PNG (explain, then one or four concurrent ``heatmap.png?legend=true``, with
+the default two render slots and with four), a 1x250000 PNG, a 24000x1 PNG, the caption
+``'&' + 'amp;'*4000 + ' dog'``, and a caption with literal special-token text.
+
+    python bench/hostile_uploads.py
+    python bench/hostile_uploads.py --baseline-ref 6f4c82b   # also: one render, old vs new renderer
+
+``--baseline-ref`` first renders the 6000x6000 legend PNG in a fresh process with the renderer of
+that git revision and with the current one (decode + render + PNG encode, same input), side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.harness import RedisServer, ServiceLauncher, save_tiny_checkpoint  # noqa: E402
+
+MIB = 2 ** 20
+
+
+def png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (width, height), 128).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class Peak:
+    """Peak RSS of a process over a block, above its RSS at the start (kernel counters, no sampling)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def __enter__(self) -> Peak:
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        self.start = _status_kib(self.pid, "VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.added_mib = (_status_kib(self.pid, "VmHWM") - self.start) / 1024
+
+
+async def _explain(client: httpx.AsyncClient, image: bytes, caption: str) -> httpx.Response:
+    files = {"image": ("x.png", image, "image/png")}
+    return await client.post("/explain", files=files, data={"caption": caption, "steps": "2", "wait": "60"})
+
+
+async def _case(url: str, image: bytes, caption: str, heatmaps: int) -> tuple[list[int], str]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        first = await _explain(client, image, caption)
+        statuses, note = [first.status_code], ""
+        if first.status_code == 200 and heatmaps:
+            job = first.json()["id"]
+            replies = await asyncio.gather(*(client.get(f"/jobs/{job}/heatmap.png", params={"legend": "true"})
+                                             for _ in range(heatmaps)))
+            statuses += [r.status_code for r in replies]
+            if replies[0].status_code == 200:
+                width, height = Image.open(io.BytesIO(replies[0].content)).size
+                note = f"PNG {width}x{height}"
+        elif first.status_code != 200:
+            note = first.json().get("detail", "")[:70]
+    return statuses, note
+
+
+# name, image, caption, concurrent legend PNGs of the job, extra env of the API
+CASES = [
+    ("6000x6000 grey PNG + 1 legend PNG", lambda: png(6000, 6000), "a grey square", 1, {}),
+    ("6000x6000 grey PNG + 4 concurrent legend PNGs", lambda: png(6000, 6000), "a grey square", 4, {}),
+    ("same, EXCLIP_MAX_RENDERS=4 (all four at once)", lambda: png(6000, 6000), "a grey square", 4,
+     {"EXCLIP_MAX_RENDERS": "4"}),
+    ("1x250000 PNG", lambda: png(1, 250_000), "a line", 0, {}),
+    ("24000x1 PNG", lambda: png(24_000, 1), "a line", 0, {}),
+    ("caption '&' + 'amp;'*4000 + ' dog'", lambda: png(64, 48), "&" + "amp;" * 4000 + " dog", 0, {}),
+    ("caption with literal <end_of_text>", lambda: png(64, 48), "a photo <end_of_text> of a red ball", 0, {}),
+]
+
+
+RENDER_ONE = """
+import io, resource, sys, time
+import numpy as np
+from PIL import Image
+from attribution.images import decode_image
+sys.path.insert(0, sys.argv[1])
+from render import render_overlay
+buf = io.BytesIO(); Image.new("L", (6000, 6000), 128).save(buf, "PNG")
+heat = np.random.default_rng(0).normal(size=(14, 14))
+start, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+out = io.BytesIO()
+render_overlay(decode_image(buf.getvalue()), heat, (0, 0, 6000, 6000), legend=True).save(out, "PNG")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024, time.monotonic() - t0,
+      *Image.open(out).size)
+"""
+
+
+def render_only(ref: str, work: Path) -> None:
+    """One 6000x6000 legend render in a fresh process: the renderer at ``ref`` and the current one."""
+    print(f"\nOne render of a 6000x6000 grey PNG with legend, fresh process each (renderer at {ref} "
+          "vs now)\n")
+    print("| renderer | peak RSS +MiB | time s | PNG size |\n|---|---|---|---|")
+    old = work / "old"
+    old.mkdir()
+    (old / "render.py").write_text(subprocess.run(["git", "show", f"{ref}:service/web/render.py"], cwd=ROOT,
+                                                  check=True, capture_output=True, text=True).stdout)
+    for name, directory in ((ref, old), ("current", ROOT / "service" / "web")):
+        reply = subprocess.run([sys.executable, "-c", RENDER_ONE, str(directory)], cwd=ROOT, check=True,
+                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        added, seconds, width, height = reply.stdout.split()
+        print(f"| {name} | {float(added):.0f} | {float(seconds):.1f} | {width}x{height} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline-ref", help="git revision whose renderer to compare with (one render)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="exclip-hostile-"))
+    if args.baseline_ref:
+        render_only(args.baseline_ref, work)
+    redis = RedisServer()
+    redis.start()
+    launcher = ServiceLauncher(redis.url, f"h{uuid.uuid4().hex[:8]}", save_tiny_checkpoint(work), work)
+    try:
+        print(f"\nHostile uploads: API + 1 worker (exclip-tiny, steps=2), fresh processes per case, private "
+              f"redis-server, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
+        print("| case | statuses | note | time s | API RSS before / peak +MiB | worker RSS before / peak +MiB"
+              " |")
+        print("|---|---|---|---|---|---|")
+        for name, make, caption, heatmaps, env in CASES:
+            image = make()
+            api, worker = launcher.api(**env), launcher.worker()  # fresh: freed memory is not reused
+            api.wait_ready(180)
+            with Peak(api.proc.pid) as api_peak, Peak(worker.proc.pid) as worker_peak:
+                t0 = time.monotonic()
+                statuses, note = asyncio.run(_case(api.url, image, caption, heatmaps))
+                elapsed = time.monotonic() - t0
+            print(f"| {name} ({len(image)} B) | {' '.join(map(str, statuses))} | {note} | {elapsed:.1f} | "
+                  f"{api_peak.start / 1024:.0f} / +{api_peak.added_mib:.0f} | "
+                  f"{worker_peak.start / 1024:.0f} / +{worker_peak.added_mib:.0f} |")
+            for proc in (worker, api):
+                proc.stop()
+    finally:
+        launcher.close()
+        redis.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

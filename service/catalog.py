@@ -1,0 +1,64 @@
+"""The model catalogue: which models the live workers hold, the default one, and each option's range.
+
+The API holds no weights; it knows the models from the workers' heartbeats, each model described by
+``LoadedModel.describe()`` and read here into a typed ``ModelInfo``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from service.schemas import MATRIX_FORMATS, PRECISIONS
+from service.settings import Settings
+
+
+class ModelInfo(BaseModel):
+    """One served model, as a worker describes it (``LoadedModel.describe()``)."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    name: str
+    pretrained: str | None
+    image_size: list[int]
+    patch_size: list[int]
+    grid: list[int]
+    context_length: int
+    text_layers: int
+    image_layers: int
+    embed_dim: int
+    device: str
+
+
+def served_models(workers: list[dict[str, Any]]) -> dict[str, ModelInfo]:
+    """Model name -> its ``ModelInfo``, over all live workers."""
+    out: dict[str, ModelInfo] = {}
+    for worker in workers:
+        for info in worker.get("models", []):
+            if info["name"] not in out:
+                out[info["name"]] = ModelInfo.model_validate(info)
+    return out
+
+
+def default_model(served: dict[str, ModelInfo], settings: Settings) -> str | None:
+    if settings.model in served:
+        return settings.model
+    return min(served) if served else None
+
+
+def option_ranges(info: ModelInfo, settings: Settings) -> dict[str, Any]:
+    """The accepted range of every option for one model (shown by GET /models)."""
+    return {
+        "text_layer": {"min": 0, "max": info.text_layers - 1, "default": info.text_layers - 1},
+        "image_layer": {"min": 0, "max": info.image_layers - 1, "default": info.image_layers - 1},
+        "steps": {"min": 1, "max": settings.max_steps, "default": 10},
+        "precision": list(PRECISIONS),
+        "format": list(MATRIX_FORMATS),
+        "wait": {"min": 0, "max": settings.wait_max_s, "default": settings.wait_max_s},
+        "max_captions": settings.max_captions,
+        "max_selections": settings.max_selections,
+        "caption_tokens": {"max": info.context_length, "note": "including start and end tokens"},
+        "caption_chars": {"max": settings.max_caption_chars, "note": "checked before tokenising"},
+        "max_upload_bytes": settings.max_upload_bytes,
+        "max_pixels": settings.max_pixels,
+    }

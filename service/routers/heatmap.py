@@ -1,0 +1,118 @@
+"""``GET /jobs/{id}/heatmap.png``: a job's heatmap over its original image, for scripts and the CLI.
+
+Selections (at most one): ``span=S:E`` (character offsets of the caption), ``tokens=S:E`` (token
+indices, end exclusive), ``box=x0,y0,x1,y1`` (original pixels); none means the whole caption (the
+sum over all tokens). Span and tokens use ``attribution.selections.span_heatmap``, so the image shows
+exactly the numbers the JSON API returns for that selection. A box selects patches, which gives one
+score per token rather than a heatmap; its PNG is kept simple: the whole-caption heatmap with the box
+outlined on top (the per-token box scores are in the JSON result).
+
+The PNG has the image's size, scaled down to at most ``max_side`` px on the long side (default and
+cap: ``render.MAX_SIDE``), mode RGB; ``legend=true`` appends a colour-scale band below it; ``alpha``
+is the overlay opacity. At most ``EXCLIP_MAX_RENDERS`` renders run at once; a request waits up to
+``SLOT_WAIT_S`` for a free slot, then gets 503 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from attribution.errors import InvalidSelection
+from attribution.images import decode_image
+from attribution.pipeline import Explanation
+from attribution.selections import SELECTION_KINDS, Box, check_box, span_heatmap
+from service.dependencies import AppSettings, OwnedJob, Queue
+from service.jobs import JobStatus
+from service.schemas import ErrorOut
+from service.web.render import MAX_SIDE, render_overlay
+
+router = APIRouter(tags=["jobs"])
+SLOT_WAIT_S = 30.0
+
+
+def selection_heatmap(caption: dict[str, Any], span: str | None, tokens: str | None,
+                      box: str | None) -> tuple[np.ndarray, Box | None]:
+    """The (rows, cols) heatmap to draw and the box to outline: a span's or token range's heatmap, else
+    the whole caption's (a box is validated, then outlined)."""
+    given = {k: v for k, v in (("span", span), ("tokens", tokens), ("box", box)) if v is not None}
+    if len(given) > 1:
+        names = " and ".join(given)
+        raise HTTPException(422, f"give at most one selection (span, tokens or box), not {names}")
+    explanation = Explanation.from_dict(caption)
+    interactions = explanation.result.interactions
+    try:
+        selection = next((SELECTION_KINDS[kind].parse(value) for kind, value in given.items()), None)
+        if isinstance(selection, Box):
+            check_box(selection, explanation.geometry)
+        elif selection is not None:
+            return span_heatmap(interactions, explanation.tokens, selection).numpy(), None
+    except InvalidSelection as exc:
+        raise HTTPException(422, str(exc)) from None
+    return interactions.sum(dim=0).numpy(), selection
+
+
+@router.get("/jobs/{job_id}/heatmap.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "The overlay as PNG"},
+                       401: {"model": ErrorOut, "description": "missing or wrong API key"},
+                       404: {"model": ErrorOut, "description": "unknown job, or its image expired"},
+                       409: {"model": ErrorOut, "description": "the job is not done"},
+                       503: {"model": ErrorOut, "description": "every render slot is busy: retry"}})
+async def heatmap_png(
+    request: Request,
+    queue: Queue,
+    settings: AppSettings,
+    job: OwnedJob,
+    caption: int = Query(0, ge=0, description="Index of the caption in the job"),
+    span: str | None = Query(None, description="Character span START:END of the caption"),
+    tokens: str | None = Query(None, description="Token range START:END (end exclusive)"),
+    box: str | None = Query(None, description="Box x0,y0,x1,y1 in original pixels"),
+    legend: bool = Query(False, description="Append a colour-scale band below the image"),
+    alpha: float = Query(0.6, ge=0.0, le=1.0, description="Overlay opacity"),
+    max_side: int = Query(MAX_SIDE, ge=16, le=MAX_SIDE, description="Longest side of the PNG in pixels"),
+) -> Response:
+    if job.status is not JobStatus.DONE:
+        raise HTTPException(409, f"job {job.id} is {job.status.value}; a heatmap needs a done job "
+                                 "(poll GET /jobs/{id} until its status is done)")
+    captions = job.result["captions"]
+    if caption >= len(captions):
+        raise HTTPException(422, f"caption={caption} is out of range: the job has {len(captions)} "
+                                 f"caption(s), indices 0..{len(captions) - 1}")
+    chosen = captions[caption]
+    heat, outline = selection_heatmap(chosen, span, tokens, box)
+    state = request.app.state  # one semaphore per app, made inside the app's event loop
+    if getattr(state, "render_slots", None) is None:
+        state.render_slots = asyncio.Semaphore(settings.max_renders)
+    slots = state.render_slots
+    try:
+        await asyncio.wait_for(slots.acquire(), SLOT_WAIT_S)
+    except TimeoutError:
+        raise HTTPException(503, f"{settings.max_renders} heatmaps are being rendered; retry in a moment "
+                                 "(EXCLIP_MAX_RENDERS)", headers={"Retry-After": "2"}) from None
+    try:
+        data = await queue.image(job.id)
+        if data is None:
+            raise HTTPException(404, f"the image of job {job.id} has expired; submit the job again")
+        box_coords = None if outline is None else (outline.x0, outline.y0, outline.x1, outline.y1)
+        png = await run_in_threadpool(_render_png, data, heat, chosen["image"]["crop_box"], alpha, box_coords,
+                                      legend, max_side, settings.max_pixels)
+    finally:
+        slots.release()
+    return Response(png, media_type="image/png")
+
+
+def _render_png(data: bytes, heat: np.ndarray, crop_box: list[float], alpha: float,
+                box: tuple[float, float, float, float] | None, legend: bool, max_side: int,
+                max_pixels: int) -> bytes:
+    """Decode, draw and encode (CPU-bound: run off the event loop)."""
+    image = decode_image(data, max_pixels=max_pixels)
+    out = io.BytesIO()
+    render_overlay(image, heat, crop_box, alpha=alpha, box=box, legend=legend, max_side=max_side).save(
+        out, format="PNG")
+    return out.getvalue()
