@@ -47,7 +47,9 @@ def _projects(request: Request) -> Projects:
 async def _model_version(queue: Queue, settings: AppSettings) -> str:
     served = served_models(await queue.workers())
     name = default_model(served, settings)
-    return model_version(served[name].name, served[name].pretrained) if name else settings_model_version(settings)
+    if name is None:
+        return settings_model_version(settings)
+    return model_version(served[name].name, served[name].pretrained)
 
 
 @router.get("/health")
