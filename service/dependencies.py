@@ -26,9 +26,10 @@ def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
 
 
-def key_hash(key: str) -> str:
-    """What a job stores about the key that created it (never the key itself)."""
-    return hashlib.sha256(key.encode()).hexdigest()
+def owner_tag(key: str, secret: bytes) -> str:
+    """What a job stores about the key that created it: an HMAC with the server's secret, so a copy
+    of Redis does not let anyone test guesses of the keys."""
+    return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
 
 
 def api_key_owner(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
@@ -49,7 +50,7 @@ def api_key_owner(request: Request, settings: Annotated[Settings, Depends(get_se
         matched |= hmac.compare_digest(token.encode(), key.encode())
     if not matched:
         raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
-    return key_hash(token)
+    return owner_tag(token, settings.owner_key)
 
 
 Owner = Annotated[str | None, Depends(api_key_owner)]
@@ -60,7 +61,8 @@ AppSettings = Annotated[Settings, Depends(get_settings)]
 async def owned_job_record(job_id: Annotated[str, Path(max_length=64)], owner: Owner, queue: Queue) -> Job:
     job = await queue.get(job_id)
     if job is None or not hmac.compare_digest(job.owner or "", owner or ""):
-        raise HTTPException(404, f"no job {job_id!r}: unknown, expired, or created with another API key")
+        raise HTTPException(404, f"no job {job_id!r}: unknown, expired or lost, or created with another "
+                                 "API key")
     return job
 
 

@@ -14,10 +14,11 @@ from typing import Any
 from attribution import models as _models  # noqa: F401 - registers exclip-tiny with open_clip
 from attribution.errors import AttributionError
 from attribution.images import decode_image
+from attribution.pipeline import Selection
 from attribution.selections import Box, Span, TokenRange, selected_tokens
 from attribution.text import tokenize_caption
 from service.errors import RequestInvalid
-from service.jobs import Job
+from service.jobs import CaptionRequest, Job, JobRequest
 from service.schemas import ExplainInput, SelectionIn
 from service.settings import Settings
 
@@ -70,21 +71,19 @@ def _layer(name: str, value: int | None, n_layers: int) -> int:
     return value
 
 
-def _selection(sel: SelectionIn, where: str, tokens: list, width: int, height: int) -> dict[str, Any]:
+def _selection(sel: SelectionIn, where: str, tokens: list, width: int, height: int) -> Selection:
     try:
-        if sel.span is not None:
-            selected_tokens(tokens, Span(*sel.span))
-            return {"kind": "span", "start": sel.span[0], "end": sel.span[1]}
-        if sel.tokens is not None:
-            selected_tokens(tokens, TokenRange(*sel.tokens))
-            return {"kind": "tokens", "start": sel.tokens[0], "end": sel.tokens[1]}
+        if sel.span is not None or sel.tokens is not None:
+            chosen = Span(*sel.span) if sel.span is not None else TokenRange(*sel.tokens)
+            selected_tokens(tokens, chosen)
+            return chosen
         box = Box(*sel.box)
     except AttributionError as exc:
         raise RequestInvalid(f"{where}: {exc}") from None
     if box.x1 <= 0 or box.y1 <= 0 or box.x0 >= width or box.y0 >= height:
         raise RequestInvalid(f"{where}: box {list(sel.box)} lies outside the {width}x{height} image; "
                              f"give original-image pixels with 0 <= x < {width}, 0 <= y < {height}")
-    return {"kind": "box", "box": list(sel.box)}
+    return box
 
 
 def image_size(data: bytes, settings: Settings) -> tuple[int, int]:
@@ -124,8 +123,8 @@ def build_job(inp: ExplainInput, served: dict[str, dict[str, Any]], settings: Se
             raise RequestInvalid(f"caption {i}: {exc}") from None
         selections = [_selection(s, f"caption {i}, selection {j}", tokens, *size)
                       for j, s in enumerate(caption.selections)]
-        captions.append({"text": caption.text, "selections": selections})
+        captions.append(CaptionRequest(caption.text, tuple(selections)))
 
-    request = {"model": name, "text_layer": text_layer, "image_layer": image_layer, "steps": opts.steps,
-               "precision": opts.precision, "format": opts.format, "captions": captions}
-    return Job(model=name, request=request, owner=owner)
+    request = JobRequest(model=name, text_layer=text_layer, image_layer=image_layer, steps=opts.steps,
+                         precision=opts.precision, format=opts.format, captions=tuple(captions))
+    return Job(request=request, owner=owner)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.connections import QUEUE_DOWN
 from service.dependencies import Queue
+from service.errors import QUEUE_DOWN
 from service.validation import served_models
 
 router = APIRouter(tags=["health"])

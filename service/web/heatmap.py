@@ -116,7 +116,8 @@ def selection_heatmap(caption: dict[str, Any], span: str | None, tokens: str | N
 @router.get("/jobs/{job_id}/heatmap.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}, "description": "The overlay as PNG"},
                        401: {"model": ErrorOut, "description": "missing or wrong API key"},
-                       404: {"model": ErrorOut, "description": "unknown job, or its image expired"},
+                       404: {"model": ErrorOut, "description": "unknown job"},
+                       410: {"model": ErrorOut, "description": "its image or result was evicted"},
                        409: {"model": ErrorOut, "description": "the job is not done"}})
 async def heatmap_png(
     queue: Queue,
@@ -131,6 +132,9 @@ async def heatmap_png(
     if job["status"] != "done":
         raise HTTPException(409, f"job {job['id']} is {job['status']}; a heatmap needs a done job "
                                  "(poll GET /jobs/{id} until its status is done)")
+    if job["result"] is None:
+        raise HTTPException(410, f"the result of job {job['id']} was dropped to keep the stored bytes within "
+                                 "their budget (EXCLIP_MAX_STORED_BYTES); submit the job again")
     captions = job["result"]["captions"]
     if caption >= len(captions):
         raise HTTPException(422, f"caption={caption} is out of range: the job has {len(captions)} "
@@ -139,7 +143,8 @@ async def heatmap_png(
     heat, outline = selection_heatmap(chosen, span, tokens, box)
     data = await queue.image(job["id"])
     if data is None:
-        raise HTTPException(404, f"the image of job {job['id']} has expired; submit the job again")
+        raise HTTPException(410, f"the image of job {job['id']} was dropped to keep the stored bytes within "
+                                 "their budget (EXCLIP_MAX_STORED_BYTES); submit the job again")
     coords = None if outline is None else (outline.x0, outline.y0, outline.x1, outline.y1)
     png = await run_in_threadpool(_render_png, data, heat, chosen["image"]["crop_box"], alpha, coords, legend)
     return Response(png, media_type="image/png")
