@@ -4,11 +4,11 @@ One loop, top to bottom (``Worker.run``):
 
 1. every so often, take over deliveries a dead worker left unacknowledged (visibility timeout);
    otherwise read new entries, waiting up to ``max_wait_ms`` after the first one to fill a batch;
-2. start each job — the cancellation check: only a job still queued (or re-delivered) runs — and
-   fail the ones delivered more than ``max_deliveries`` times (poison jobs);
-3. group the jobs by model, layers, steps and precision, and compute each group with ONE
-   ``explain_requests`` call; if that call fails the group is split (halves on out-of-memory, one
-   job at a time otherwise) so one bad job cannot sink the others;
+2. group the jobs by model, layers, steps and precision; right before a group computes, start each
+   of its jobs — the cancellation check: only a job still queued (or re-delivered) runs — and fail
+   the ones delivered more than ``max_deliveries`` times (poison jobs);
+3. compute each group with ONE ``explain_requests`` call; if that call fails the group is split
+   (halves on out-of-memory, one job at a time otherwise) so one bad job cannot sink the others;
 4. store each outcome, then acknowledge (a crash before the ack means another worker redoes it).
 
 A heartbeat task advertises the models while the loop runs and renews the deliveries being computed,
@@ -27,7 +27,6 @@ import os
 import time
 from contextlib import suppress
 from dataclasses import dataclass
-from itertools import groupby
 from typing import Any
 
 from PIL import Image
@@ -150,29 +149,46 @@ class Worker:
 
     # --- 2. starting ----------------------------------------------------------------------------
     async def _process(self, deliveries: list[Delivery]) -> None:
+        """Group the deliveries by batch key, then start and compute one group after the other.
+
+        A job is started (marked running) only right before its group computes, so a job waiting
+        behind another group can still be cancelled.
+        """
+        by_key: dict[tuple, list[Delivery]] = {}
+        gone: list[Delivery] = []
+        for d in deliveries:
+            job = await self.queue.get(d.job_id)
+            if job is None:
+                log.warning("job %s is gone (expired, or lost with Redis's data); not computed", d.job_id)
+                gone.append(d)
+            else:
+                by_key.setdefault(job.batch_key, []).append(d)
+        await self.queue.ack(gone)
+        for group in by_key.values():
+            await self._compute_batch(await self._start(group))
+
+    async def _start(self, deliveries: list[Delivery]) -> list[_Item]:
+        """Start each job (the cancellation check); fail poison jobs; acknowledge the ones not to run."""
         skipped: list[Delivery] = []
         items: list[_Item] = []
         for d in deliveries:
             job = await self.queue.start(d.job_id)
             if job is None or job.status is not JobStatus.RUNNING:  # lost, expired, cancelled or finished
-                if job is None:
-                    log.warning("job %s is gone (expired, or lost with Redis's data); skipped", d.job_id)
                 skipped.append(d)
             elif job.deliveries > self.settings.max_deliveries:
-                item = _Item(d, job)
                 job.fail(f"the job was delivered {job.deliveries - 1} times and never finished (its worker "
                          f"crashed or was stopped each time); given up after EXCLIP_MAX_DELIVERIES="
                          f"{self.settings.max_deliveries}", "PoisonJob", Fault.SERVER)
-                await self._store([item])
+                await self._store([_Item(d, job)])
             else:
                 items.append(_Item(d, job))
         await self.queue.ack(skipped)
-        items.sort(key=lambda i: i.job.batch_key)
-        for _, group in groupby(items, key=lambda i: i.job.batch_key):
-            await self._compute_batch(list(group))
+        return items
 
     # --- 3. computing ---------------------------------------------------------------------------
     async def _compute_batch(self, items: list[_Item]) -> None:
+        if not items:
+            return
         for item in items:
             data = await self.queue.image(item.job.id)
             if data is None:

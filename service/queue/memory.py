@@ -178,6 +178,9 @@ class MemoryQueue:
             pending = self._pending.get(d.entry_id)
             if pending is not None and pending.consumer == consumer:
                 pending.delivered_at = now
+            for store in (self._jobs, self._images):  # in-flight jobs do not expire under their worker
+                if d.job_id in store:
+                    store[d.job_id] = (store[d.job_id][0], now + self.ttl_s)
 
     async def start(self, job_id: str) -> Job | None:
         job = self._load(job_id)

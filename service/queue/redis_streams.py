@@ -148,8 +148,10 @@ return 1
 """
 
 # Reset the idle time of the entries (ARGV[4..]) that consumer ARGV[2] of group ARGV[1] still owns,
-# and keep the stream from expiring under them (ARGV[3]: ttl). -1: the stream or group is gone.
+# and keep the stream and the jobs' records and images (KEYS[2..]) from expiring under them (ARGV[3]:
+# ttl). -1: the stream or group is gone.
 _RENEW = """
+for i = 2, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
 if redis.call('EXPIRE', KEYS[1], ARGV[3]) == 0 then return -1 end
 local renewed = 0
 for i = 4, #ARGV do
@@ -331,9 +333,10 @@ class RedisStreamsQueue:
 
     async def renew(self, consumer: str, deliveries: list[Delivery]) -> None:
         for model in {d.model for d in deliveries}:
-            ids = [d.entry_id for d in deliveries if d.model == model]
-            stream = self.keys.stream(model)
-            if await self._renew(keys=[stream], args=[GROUP, consumer, self.ttl_s, *ids]) == -1:
+            mine = [d for d in deliveries if d.model == model]
+            stream, ids = self.keys.stream(model), [d.entry_id for d in mine]
+            job_keys = [k for d in mine for k in (self.keys.job(d.job_id), self.keys.image(d.job_id))]
+            if await self._renew(keys=[stream, *job_keys], args=[GROUP, consumer, self.ttl_s, *ids]) == -1:
                 log.warning("stream %s or its group vanished under %d job(s) in flight (Redis restarted or "
                             "flushed?); their records decide whether they are stored", stream, len(ids))
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from service.connections import create_queue
 from attribution.selections import Box, Span
+from service.connections import create_queue
 from service.jobs import CaptionRequest, Job, JobRequest, JobStatus
 from service.queue import QueueFull
 from service.settings import Settings
