@@ -137,14 +137,20 @@ class Worker:
             if stale:
                 log.warning("took over %d job(s) left unacknowledged by another worker", len(stale))
                 return stale
-        idle_block_ms = int(min(1.0, s.redis_timeout_s / 2) * 1000)  # below the socket timeout
-        deliveries = await self.queue.read(self.name, names, s.max_batch, idle_block_ms)
+        max_block_ms = int(min(1.0, s.redis_timeout_s / 2) * 1000)  # below the socket timeout
+        deliveries = await self.queue.read(self.name, names, s.max_batch, max_block_ms)
         fill_until = time.monotonic() + s.max_wait_ms / 1000
         while deliveries and len(deliveries) < s.max_batch and not self._stopping.is_set():
-            remaining_ms = int((fill_until - time.monotonic()) * 1000)
+            remaining_ms = min(int((fill_until - time.monotonic()) * 1000), max_block_ms)
             if remaining_ms <= 0:
                 break
-            deliveries += await self.queue.read(self.name, names, s.max_batch - len(deliveries), remaining_ms)
+            try:
+                deliveries += await self.queue.read(self.name, names, s.max_batch - len(deliveries),
+                                                    remaining_ms)
+            except QUEUE_DOWN as exc:  # compute what was read rather than leave it to the visibility timeout
+                log.warning("queue unavailable while filling a batch (%s); computing %d job(s)", exc,
+                            len(deliveries))
+                break
         return deliveries
 
     # --- 2. starting ----------------------------------------------------------------------------
@@ -212,6 +218,7 @@ class Worker:
         loaded = self.models[request.model]
         requests = [i.request for i in items]
         t0 = time.monotonic()
+        part = 0  # > 0: retry in parts of this many jobs
         try:
             explanations = await asyncio.to_thread(
                 call_with_deadline,
@@ -219,15 +226,16 @@ class Worker:
                 self.settings.job_timeout_s * len(items),
             )
         except Exception as exc:  # noqa: BLE001 - every failure is either retried smaller or reported
-            if len(items) > 1:
-                oom = _is_oom(exc)
-                log.warning("batch of %d failed (%s: %s); retrying it %s", len(items), type(exc).__name__,
-                            exc, "in halves" if oom else "job by job")
-                half = (len(items) + 1) // 2 if oom else 1
-                for start in range(0, len(items), half):
-                    await self._compute(items[start:start + half])
+            if len(items) == 1:
+                self._record_failure(items[0].job, exc, loaded)
                 return
-            self._record_failure(items[0].job, exc, loaded)
+            oom = _is_oom(exc)
+            log.warning("batch of %d failed (%s: %s); retrying it %s", len(items), type(exc).__name__,
+                        exc, "in halves" if oom else "job by job")
+            part = (len(items) + 1) // 2 if oom else 1
+        if part:  # outside the except block: the failed call's traceback (and its tensors) is freed
+            for start in range(0, len(items), part):
+                await self._compute(items[start:start + part])
             return
         compute_ms = (time.monotonic() - t0) * 1000
         await self.queue.add_metrics(metrics.merge(
