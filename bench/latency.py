@@ -53,7 +53,10 @@ def _start(procs: Processes, code: Path, mode: str, model: str, max_wait_ms: int
            "EXCLIP_MODEL": model, "EXCLIP_PRETRAINED": "none", "EXCLIP_DEVICE": "cpu",
            "EXCLIP_MAX_WAIT_MS": str(max_wait_ms), "EXCLIP_KEY_PREFIX": f"lat{port}"}
     env.pop("REDIS_URL", None)
-    cli = [sys.executable, "-m", "service.cli"]
+    # `python -m` would import `service` from the working directory (this checkout) whatever PYTHONPATH
+    # says; put the chosen checkout first instead.
+    cli = [sys.executable, "-c", f"import runpy, sys; sys.path.insert(0, {str(code)!r}); "
+           "sys.argv[0] = 'exclip-service'; runpy.run_module('service.cli', run_name='__main__')"]
     if mode == "redis":
         env["REDIS_URL"] = start_redis(procs)
         procs.start("worker", [*cli, "worker"], env)

@@ -120,6 +120,11 @@ class Job:
     def batch_key(self) -> tuple[str, int, int, int, str]:
         return self.request.batch_key
 
+    @property
+    def batch_tag(self) -> str:
+        """``batch_key`` as one string, carried by the job's stream entry."""
+        return "|".join(str(part) for part in self.batch_key)
+
     def fail(self, message: str, kind: str, fault: Fault) -> None:
         """Record a failure (the worker's word on whose fault it is goes with it)."""
         self.error, self.fault = {"type": kind, "message": message}, fault

@@ -45,7 +45,8 @@ class Settings(BaseSettings):
 
     # Worker batching and reliability.
     max_batch: int = Field(default=8, ge=1)
-    max_wait_ms: int = Field(default=20, ge=0)
+    max_wait_ms: int = Field(default=0, ge=0, description=(
+        "wait this long for more jobs after the first; 0: jobs arriving during a batch form the next"))
     visibility_timeout_s: float = Field(default=120.0, gt=0)
     max_deliveries: int = Field(default=3, ge=1)
     job_timeout_s: float = Field(default=300.0, gt=0)

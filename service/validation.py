@@ -30,6 +30,12 @@ def _tokenizer(model: str) -> Any:
     return open_clip.get_tokenizer(model)
 
 
+def warm_tokenizers(models: list[str]) -> None:
+    """Load the tokenizers of these models now, so the first request does not pay for it."""
+    for model in models:
+        _tokenizer(model)
+
+
 def served_models(workers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Model name -> ``LoadedModel.describe()`` over all live workers."""
     out: dict[str, dict[str, Any]] = {}

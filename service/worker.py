@@ -79,6 +79,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._next_claim = 0.0
         self._in_flight: list[Delivery] = []  # renewed by the heartbeat while a batch computes
+        self._metrics: list[dict[str, float]] = []  # engine-call observations not yet sent
         self.info = {"name": self.name, "pid": os.getpid(), "started_at": time.time(),
                      "max_batch": settings.max_batch, "models": [m.describe() for m in models]}
 
@@ -160,18 +161,16 @@ class Worker:
         A job is started (marked running) only right before its group computes, so a job waiting
         behind another group can still be cancelled.
         """
-        by_key: dict[tuple, list[Delivery]] = {}
-        gone: list[Delivery] = []
+        by_tag: dict[str, list[Delivery]] = {}
         for d in deliveries:
-            job = await self.queue.get(d.job_id)
-            if job is None:
-                log.warning("job %s is gone (expired, or lost with Redis's data); not computed", d.job_id)
-                gone.append(d)
-            else:
-                by_key.setdefault(job.batch_key, []).append(d)
-        await self.queue.ack(gone)
-        for group in by_key.values():
-            await self._compute_batch(await self._start(group))
+            by_tag.setdefault(d.batch, []).append(d)
+        for group in by_tag.values():
+            started = await self._start(group)
+            by_key: dict[tuple, list[_Item]] = {}  # the same as by tag, unless an entry had no tag
+            for item in started:
+                by_key.setdefault(item.job.batch_key, []).append(item)
+            for items in by_key.values():
+                await self._compute_batch(items)
 
     async def _start(self, deliveries: list[Delivery]) -> list[_Item]:
         """Start each job (the cancellation check); fail poison jobs; acknowledge the ones not to run."""
@@ -180,6 +179,8 @@ class Worker:
         for d in deliveries:
             job = await self.queue.start(d.job_id)
             if job is None or job.status is not JobStatus.RUNNING:  # lost, expired, cancelled or finished
+                if job is None:
+                    log.warning("job %s is gone (expired, or lost with Redis's data); not computed", d.job_id)
                 skipped.append(d)
             elif job.deliveries > self.settings.max_deliveries:
                 job.fail(f"the job was delivered {job.deliveries - 1} times and never finished (its worker "
@@ -238,8 +239,8 @@ class Worker:
                 await self._compute(items[start:start + part])
             return
         compute_ms = (time.monotonic() - t0) * 1000
-        await self.queue.add_metrics(metrics.merge(
-            metrics.observe("batch_size", len(items)), metrics.observe("compute_seconds", compute_ms / 1000)))
+        self._metrics += [metrics.observe("batch_size", len(items)),
+                          metrics.observe("compute_seconds", compute_ms / 1000)]
         for item, per_caption in zip(items, explanations, strict=True):
             queued_ms = ((item.job.started_at or item.job.created_at) - item.job.created_at) * 1000
             timings = {"queued_ms": queued_ms, "compute_ms": compute_ms}
@@ -265,7 +266,7 @@ class Worker:
 
     # --- 4. storing -----------------------------------------------------------------------------
     async def _store(self, items: list[_Item]) -> None:
-        increments: list[dict[str, float]] = []
+        increments, self._metrics = self._metrics, []  # sent after the outcomes: waiters wake first
         for item in items:
             job = item.job
             job.status = JobStatus.FAILED if item.failed else JobStatus.DONE
@@ -274,8 +275,8 @@ class Worker:
             increments += [metrics.outcome(job.status.value),
                            metrics.observe("queue_wait_seconds", (job.started_at or job.created_at)
                                            - job.created_at)]
-        await self.queue.add_metrics(metrics.merge(*increments))
         await self.queue.ack([i.delivery for i in items])
+        await self.queue.add_metrics(metrics.merge(*increments))
 
     # --- heartbeat ------------------------------------------------------------------------------
     async def _heartbeat_forever(self) -> None:

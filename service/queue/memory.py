@@ -102,7 +102,8 @@ class MemoryQueue:
                             f"{self.max_stored_bytes} bytes (EXCLIP_MAX_STORED_BYTES); retry later")
         self._save(job)
         self._images[job.id] = (image, time.monotonic() + self.ttl_s)
-        self._new.setdefault(job.model, deque()).append(Delivery(f"{next(self._ids)}-0", job.id, job.model))
+        self._new.setdefault(job.model, deque()).append(Delivery(f"{next(self._ids)}-0", job.id, job.model,
+                                                                   job.batch_tag))
         self._metrics["jobs_enqueued"] = self._metrics.get("jobs_enqueued", 0.0) + 1
         self._arrived.set()
 

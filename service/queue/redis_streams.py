@@ -73,15 +73,15 @@ end
 """
 
 # KEYS: budget (5), job, image, stream, metrics. ARGV: now, ttl, budget, image prefix, job prefix,
-# metrics ttl, job id, image bytes, job fields... Returns 0 when the image does not fit the budget.
+# metrics ttl, job id, image bytes, batch tag, job fields... Returns 0 when the image does not fit.
 _ENQUEUE = _BUDGET + """
 local now, ttl, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local id, image = ARGV[7], ARGV[8]
 if evict(now, ttl, budget, string.len(image), ARGV[4], ARGV[5]) > 0 then return 0 end
-redis.call('HSET', KEYS[6], unpack(ARGV, 9))
+redis.call('HSET', KEYS[6], unpack(ARGV, 10))
 redis.call('EXPIRE', KEYS[6], ttl)
 redis.call('SET', KEYS[7], image, 'EX', ttl)
-redis.call('XADD', KEYS[8], '*', 'job_id', id)
+redis.call('XADD', KEYS[8], '*', 'job_id', id, 'batch', ARGV[9])
 redis.call('EXPIRE', KEYS[8], ttl)  -- an idle stream goes away; workers recreate their group
 redis.call('HINCRBYFLOAT', KEYS[9], 'jobs_enqueued', 1)
 redis.call('EXPIRE', KEYS[9], ARGV[6])
@@ -208,7 +208,7 @@ class RedisStreamsQueue:
         keys = [*self.keys.budget, self.keys.job(job.id), self.keys.image(job.id),
                 self.keys.stream(job.model), self.keys.metrics]
         args = [time.time(), self.ttl_s, self.max_stored_bytes, self.keys.image(""), self.keys.job(""),
-                METRICS_TTL_S, job.id, image, *fields]
+                METRICS_TTL_S, job.id, image, job.batch_tag, *fields]
         if not await self._enqueue(keys=keys, args=args):
             raise QueueFull(f"the images of unfinished jobs fill the stored-bytes budget of "
                             f"{self.max_stored_bytes} bytes (EXCLIP_MAX_STORED_BYTES); retry later")
@@ -312,7 +312,7 @@ class RedisStreamsQueue:
                 raise
             await self._ensure_groups(models)  # first start, or the stream expired / Redis restarted
             reply = await self.r.xreadgroup(GROUP, consumer, streams, count=count, block=block)
-        return [Delivery(entry_id, fields["job_id"], by_stream[stream])
+        return [Delivery(entry_id, fields["job_id"], by_stream[stream], fields.get("batch", ""))
                 for stream, entries in (reply or []) for entry_id, fields in entries]
 
     async def claim_stale(self, consumer: str, models: list[str], min_idle_s: float,
@@ -327,7 +327,7 @@ class RedisStreamsQueue:
                     raise
                 await self._ensure_groups([model])
                 continue
-            claimed += [Delivery(entry_id, fields["job_id"], model)
+            claimed += [Delivery(entry_id, fields["job_id"], model, fields.get("batch", ""))
                         for entry_id, fields in reply[1] if fields]
         return claimed
 

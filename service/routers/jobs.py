@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -54,10 +55,23 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (503, "queue or workers unavailable")]}
 
 
+_SERVED_TTL_S = 1.0  # heartbeats come every few seconds: re-reading them per request buys nothing
+
+
+async def _served(request: Request, queue: JobQueue) -> dict[str, Any]:
+    """The models live workers hold, read from their heartbeats at most once a second per process."""
+    cached = getattr(request.app.state, "served", None)
+    if cached is not None and time.monotonic() - cached[0] < _SERVED_TTL_S and cached[1]:
+        return cached[1]
+    served = served_models(await queue.workers())
+    request.app.state.served = (time.monotonic(), served)
+    return served
+
+
 async def _submit(request: Request, owner: str | None, queue: JobQueue,
                   settings: Settings) -> tuple[Job, float]:
     inp = await parse_request(request, max_selections=settings.max_selections)
-    served = served_models(await queue.workers())
+    served = await _served(request, queue)
     if not served:
         raise RequestInvalid("no worker is serving a model right now; retry in a few seconds", 503)
     size = await run_in_threadpool(image_size, inp.image, settings)
