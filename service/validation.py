@@ -11,6 +11,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from PIL import Image
+
 from attribution import models as _models  # noqa: F401 - registers exclip-tiny with open_clip
 from attribution.errors import AttributionError
 from attribution.images import decode_image
@@ -31,9 +33,10 @@ def _tokenizer(model: str) -> Any:
 
 
 def warm_tokenizers(models: list[str]) -> None:
-    """Load the tokenizers of these models now, so the first request does not pay for it."""
+    """Load the tokenizers of these models (and PIL's decoders) now, so the first request does not pay."""
     for model in models:
         _tokenizer(model)
+    Image.init()
 
 
 def served_models(workers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

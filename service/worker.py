@@ -22,6 +22,7 @@ loop: the queue recreates what is missing, and anything else is logged and retri
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import time
@@ -125,7 +126,9 @@ class Worker:
         """
         for loaded in self.models.values():
             t0 = time.monotonic()
-            image = Image.new("RGB", tuple(reversed(loaded.image_size)), (127, 127, 127))
+            buf = io.BytesIO()  # an encoded upload of another size: decoding, resizing and cropping warm up too
+            Image.new("RGB", (320, 240), (127, 127, 127)).save(buf, format="JPEG")
+            image = decode_image(buf.getvalue(), max_pixels=self.settings.max_pixels)
             explain_requests(loaded, [ExplainRequest(image, ["a photo of a dog"])], steps=DEFAULT_STEPS)
             log.info("warmed up %s in %.0f ms", loaded.name, (time.monotonic() - t0) * 1000)
 
