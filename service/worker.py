@@ -126,7 +126,7 @@ class Worker:
         """
         for loaded in self.models.values():
             t0 = time.monotonic()
-            buf = io.BytesIO()  # an encoded upload of another size: decoding, resizing and cropping warm up too
+            buf = io.BytesIO()  # an encoded upload of another size: decoding, resizing, cropping warm up
             Image.new("RGB", (320, 240), (127, 127, 127)).save(buf, format="JPEG")
             image = decode_image(buf.getvalue(), max_pixels=self.settings.max_pixels)
             explain_requests(loaded, [ExplainRequest(image, ["a photo of a dog"])], steps=DEFAULT_STEPS)
