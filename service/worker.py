@@ -90,6 +90,8 @@ class Worker:
 
     async def run(self) -> None:
         await asyncio.to_thread(self.warm_up)  # before the first heartbeat: /readyz means warm
+        with suppress(*QUEUE_DOWN):
+            await self.queue.warm_up()
         log.info("worker %s serving %s", self.name, ", ".join(self.models))
         beat = asyncio.create_task(self._heartbeat_forever())
         backoff = 0.2

@@ -32,6 +32,9 @@ class JobQueue(Protocol):
     async def ping(self) -> None:
         """Raise if the queue cannot be reached."""
 
+    async def warm_up(self) -> None:
+        """Prepare what the first job would otherwise wait for (scripts, the finish subscription)."""
+
     async def enqueue(self, job: Job, image: bytes, *, max_depth: int, depth_models: list[str]) -> None:
         """Store the job record and image (with expiry) and add a stream entry for the job's model.
 

@@ -93,6 +93,9 @@ class MemoryQueue:
     async def ping(self) -> None:
         return None
 
+    async def warm_up(self) -> None:
+        return None
+
     async def enqueue(self, job: Job, image: bytes, *, max_depth: int, depth_models: list[str]) -> None:
         if await self.depth(depth_models) >= max_depth:
             raise QueueFull(f"the queue holds {max_depth} or more jobs (EXCLIP_MAX_QUEUE); retry later")

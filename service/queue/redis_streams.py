@@ -196,10 +196,18 @@ class RedisStreamsQueue:
         self._waiters = FinishWaiters()
         self._listener: asyncio.Task | None = None
         self._listening = asyncio.Event()
+        self._scripts_loaded = False
 
     # --- API side -------------------------------------------------------------------------------
     async def ping(self) -> None:
         await self.r.ping()
+
+    async def warm_up(self) -> None:
+        self._ensure_listener()
+        if not self._scripts_loaded:  # once: after a Redis restart the NOSCRIPT fallback reloads them
+            for script in (self._enqueue, self._start, self._cancel, self._finish, self._renew):
+                await self.r.script_load(script.script)
+            self._scripts_loaded = True
 
     async def enqueue(self, job: Job, image: bytes, *, max_depth: int, depth_models: list[str]) -> None:
         if await self.depth(depth_models) >= max_depth:
@@ -217,9 +225,12 @@ class RedisStreamsQueue:
         fields = await self.r.hgetall(self.keys.job(job_id))
         return Job.from_fields(fields) if fields else None
 
-    async def wait_finished(self, job_id: str, timeout_s: float) -> Job | None:
+    def _ensure_listener(self) -> None:
         if self._listener is None or self._listener.done():
             self._listener = asyncio.create_task(self._listen())
+
+    async def wait_finished(self, job_id: str, timeout_s: float) -> Job | None:
+        self._ensure_listener()
         if not self._listening.is_set():  # a first waiter: do not miss a finish while subscribing
             with suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._listening.wait(), min(timeout_s, 1.0))

@@ -33,4 +33,5 @@ async def readyz(queue: Queue) -> JSONResponse:
     if not models:
         return _not_ready("no live worker holds a model")
     await run_in_threadpool(warm_tokenizers, models)  # cached: only the first call loads them
+    await queue.warm_up()
     return JSONResponse({"status": "ready", "models": models})
