@@ -12,14 +12,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 
 from attribution.models import LoadedModel
-from service.connections import QUEUE_DOWN, create_queue
+from service.connections import create_queue
 from service.dependencies import api_key_owner
-from service.errors import QueueFull, RequestInvalid
+from service.errors import install_handlers
 from service.middleware import BodyLimits, HeadAndSecurityHeaders
 from service.routers import health, heatmap, jobs, label_studio, metrics, models
 from service.settings import Settings
@@ -30,8 +29,14 @@ log = logging.getLogger("exclip.api")
 
 def create_app(settings: Settings | None = None, *,
                worker_models: list[LoadedModel] | None = None) -> FastAPI:
-    """The API; with ``worker_models`` (embedded mode) also a worker computing on the same queue."""
+    """The API; with ``worker_models`` (embedded mode) also a worker computing on the same queue.
+
+    Raises ``ConfigError`` for settings it cannot run with (an unreadable or empty keys file).
+    """
     settings = settings or Settings()
+    if settings.keys and settings.owner_secret is None:
+        log.warning("EXCLIP_OWNER_SECRET is unset: job owner tags use a random key of this process, so "
+                    "jobs are readable only through it; set the same secret on every API replica")
     queue = create_queue(settings)
 
     @asynccontextmanager
@@ -63,22 +68,7 @@ def create_app(settings: Settings | None = None, *,
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(HeadAndSecurityHeaders)
 
-    @app.exception_handler(RequestInvalid)
-    async def _invalid(request: Request, exc: RequestInvalid) -> JSONResponse:
-        headers = {"Retry-After": "5"} if exc.status == 503 else None
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
-
-    @app.exception_handler(QueueFull)
-    async def _full(request: Request, exc: QueueFull) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "10"})
-
-    async def _queue_down(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("queue unavailable: %s", exc)
-        return JSONResponse({"detail": "the job queue (Redis) is unreachable right now; retry later"},
-                            status_code=503, headers={"Retry-After": "5"})
-
-    for exc_type in QUEUE_DOWN:
-        app.add_exception_handler(exc_type, _queue_down)
+    install_handlers(app)
 
     protected = [Depends(api_key_owner)]
     app.include_router(health.router)

@@ -19,6 +19,7 @@ from typing import Any
 
 from attribution.errors import AttributionError
 from attribution.selections import Box, Span
+from service.errors import ConfigError
 from service.settings import Settings
 
 log = logging.getLogger("exclip")
@@ -44,6 +45,7 @@ def serve(settings: Settings) -> None:
 
     from service.app import create_app
 
+    settings.keys  # noqa: B018 - read (and fail closed on) the keys file before loading a model
     models = None
     if not settings.redis_url:
         log.info("no REDIS_URL: embedded mode (in-memory queue, one worker in this process)")
@@ -218,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = _settings(args)
         serve(settings) if args.command == "serve" else worker(settings)
-    except AttributionError as exc:  # ModelNotAvailable & co.: the message says what to do
-        print(f"exclip-service: {exc}", file=sys.stderr)
+    except (AttributionError, ConfigError) as exc:  # ModelNotAvailable, a bad keys file: the message says
+        print(f"exclip-service: {exc}", file=sys.stderr)  # what to do
         return 2
     return 0
 

@@ -10,15 +10,11 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service.errors import QUEUE_DOWN  # noqa: F401 - re-exported: where callers look for it
 from service.keys import Keys
 from service.queue.base import JobQueue
 from service.settings import Settings
-
-QUEUE_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
-"""Errors that mean "the queue cannot be reached right now" (the API answers 503, workers retry)."""
 
 
 def redis_client(url: str, *, timeout_s: float, decode: bool = True) -> aioredis.Redis:
@@ -43,7 +39,8 @@ def create_queue(settings: Settings) -> JobQueue:
             redis_client(settings.redis_url, timeout_s=settings.redis_timeout_s, decode=False),
             Keys(settings.key_prefix),
             ttl_s=settings.result_ttl_s,
+            max_stored_bytes=settings.max_stored_bytes,
         )
     from service.queue.memory import MemoryQueue
 
-    return MemoryQueue(ttl_s=settings.result_ttl_s)
+    return MemoryQueue(ttl_s=settings.result_ttl_s, max_stored_bytes=settings.max_stored_bytes)

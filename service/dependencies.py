@@ -28,9 +28,10 @@ def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
 
 
-def key_hash(key: str) -> str:
-    """What a job stores about the key that created it (never the key itself)."""
-    return hashlib.sha256(key.encode()).hexdigest()
+def owner_tag(key: str, secret: bytes) -> str:
+    """What a job stores about the key that created it: an HMAC with the server's secret, so a copy
+    of Redis does not let anyone test guesses of the keys."""
+    return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
 
 
 def api_key_owner(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
@@ -60,7 +61,7 @@ def _key_owner(token: str, settings: Settings, scheme: str) -> str:
         matched |= hmac.compare_digest(token.encode(), key.encode())
     if not matched:
         raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": scheme})
-    return key_hash(token)
+    return owner_tag(token, settings.owner_key)
 
 
 def basic_or_bearer_owner(request: Request,
@@ -92,7 +93,8 @@ async def owned_job(job_id: Annotated[str, Path(max_length=64)], owner: Owner, q
     """The job, if the caller may read it."""
     job = await queue.get(job_id)
     if job is None or not hmac.compare_digest(job.owner or "", owner or ""):
-        raise HTTPException(404, f"no job {job_id!r}: unknown, expired, or created with another API key")
+        raise HTTPException(404, f"no job {job_id!r}: unknown, expired or lost, or created with another "
+                                 "API key")
     return job
 
 

@@ -1,8 +1,10 @@
-"""The job record: what the API stores for each request and the worker updates.
+"""The job record and its request: what the API stores for each request and the worker reads.
 
 A job goes ``queued → running → done | failed``, or ``queued → cancelled``. The record is stored
 field-by-field (a Redis hash, or a dict in the in-memory queue) so a status change does not rewrite
-the result, and ``to_public()`` gives the Job JSON of the contract.
+the result; ``to_fields``/``from_fields`` are its one serialisation and ``to_public()`` gives the Job
+JSON of the contract. ``JobRequest`` is the validated request without the image, with its
+``to_dict``/``from_dict`` beside it (as arq keeps ``JobDef`` with its serialisers).
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+from attribution.pipeline import ExplainRequest, Selection
+from attribution.selections import Box, Span, TokenRange
+from service.errors import Fault
 
 
 class JobStatus(str, Enum):
@@ -27,18 +33,74 @@ class JobStatus(str, Enum):
         return self in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
-@dataclass
-class Job:
-    """One explanation request: one image, one or more captions, one set of options.
+def selection_to_dict(selection: Selection) -> dict[str, Any]:
+    if isinstance(selection, Box):
+        return {"kind": "box", "box": [selection.x0, selection.y0, selection.x1, selection.y1]}
+    kind = "span" if isinstance(selection, Span) else "tokens"
+    return {"kind": kind, "start": selection.start, "end": selection.end}
 
-    ``request`` is the validated, normalised request without the image (layers resolved to numbers):
-    ``{"model", "text_layer", "image_layer", "steps", "precision", "format", "captions": [{"text",
-    "selections": [{"kind": "span"|"tokens"|"box", ...}]}]}``.
-    """
+
+def selection_from_dict(d: dict[str, Any]) -> Selection:
+    if d["kind"] == "span":
+        return Span(d["start"], d["end"])
+    if d["kind"] == "tokens":
+        return TokenRange(d["start"], d["end"])
+    return Box(*d["box"])
+
+
+@dataclass(frozen=True)
+class CaptionRequest:
+    text: str
+    selections: tuple[Selection, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A validated request without its image: layers resolved to numbers, selections checked."""
 
     model: str
-    request: dict[str, Any]
-    owner: str | None = None  # sha256 of the API key that created the job; never the key itself
+    text_layer: int
+    image_layer: int
+    steps: int
+    precision: str
+    format: str
+    captions: tuple[CaptionRequest, ...]
+
+    @property
+    def batch_key(self) -> tuple[str, int, int, int, str]:
+        """Requests with equal keys can be computed in one engine call."""
+        return (self.model, self.text_layer, self.image_layer, self.steps, self.precision)
+
+    @property
+    def engine_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``attribution.pipeline.explain_requests``."""
+        return {"text_layer": self.text_layer, "image_layer": self.image_layer, "steps": self.steps,
+                "precision": self.precision}
+
+    def explain_request(self, image: Any) -> ExplainRequest:
+        return ExplainRequest(image=image, captions=[c.text for c in self.captions],
+                              selections=[list(c.selections) for c in self.captions])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "text_layer": self.text_layer, "image_layer": self.image_layer,
+                "steps": self.steps, "precision": self.precision, "format": self.format,
+                "captions": [{"text": c.text, "selections": [selection_to_dict(s) for s in c.selections]}
+                             for c in self.captions]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobRequest:
+        captions = tuple(CaptionRequest(c["text"], tuple(selection_from_dict(s) for s in c["selections"]))
+                         for c in d["captions"])
+        return cls(model=d["model"], text_layer=int(d["text_layer"]), image_layer=int(d["image_layer"]),
+                   steps=int(d["steps"]), precision=d["precision"], format=d["format"], captions=captions)
+
+
+@dataclass
+class Job:
+    """One explanation request: one image, one or more captions, one set of options."""
+
+    request: JobRequest
+    owner: str | None = None  # HMAC of the API key that created the job; never the key itself
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: JobStatus = JobStatus.QUEUED
     created_at: float = field(default_factory=time.time)
@@ -47,12 +109,25 @@ class Job:
     deliveries: int = 0
     result: dict[str, Any] | None = None
     error: dict[str, str] | None = None
+    fault: Fault | None = None  # set by the worker with ``error``: whose fault the failure is
+    evicted: bool = False  # the result was dropped to keep stored bytes within their budget
 
     @property
-    def batch_key(self) -> str:
-        """Jobs with equal keys can be computed in one engine call."""
-        r = self.request
-        return f"{r['model']}|{r['text_layer']}|{r['image_layer']}|{r['steps']}|{r['precision']}"
+    def model(self) -> str:
+        return self.request.model
+
+    @property
+    def batch_key(self) -> tuple[str, int, int, int, str]:
+        return self.request.batch_key
+
+    @property
+    def batch_tag(self) -> str:
+        """``batch_key`` as one string, carried by the job's stream entry."""
+        return "|".join(str(part) for part in self.batch_key)
+
+    def fail(self, message: str, kind: str, fault: Fault) -> None:
+        """Record a failure (the worker's word on whose fault it is goes with it)."""
+        self.error, self.fault = {"type": kind, "message": message}, fault
 
     def to_public(self) -> dict[str, Any]:
         """The Job JSON of the contract (no owner, no internal request copy)."""
@@ -65,20 +140,23 @@ class Job:
             "error": self.error,
         }
 
-    # Flat string fields, as a Redis hash stores them. JSON for the nested ones.
-    _JSON_FIELDS = ("request", "result", "error")
+    OUTCOME_FIELDS = ("status", "result", "error", "fault", "finished_at", "evicted")
+    """The fields a worker writes when a job finishes (the rest is the API's)."""
 
     def to_fields(self) -> dict[str, str]:
+        """Flat string fields, as a Redis hash stores them; None is left out, nested values are JSON."""
+        values: dict[str, Any] = {
+            "id": self.id, "model": self.model, "request": self.request.to_dict(), "owner": self.owner,
+            "status": self.status.value, "created_at": self.created_at, "started_at": self.started_at,
+            "finished_at": self.finished_at, "deliveries": self.deliveries, "result": self.result,
+            "error": self.error, "fault": self.fault.value if self.fault else None,
+            "evicted": "1" if self.evicted else None,
+        }
         out: dict[str, str] = {}
-        for name, value in asdict(self).items():
+        for name, value in values.items():
             if value is None:
                 continue
-            if name in self._JSON_FIELDS:
-                out[name] = json.dumps(value, separators=(",", ":"))
-            elif isinstance(value, JobStatus):
-                out[name] = value.value
-            else:
-                out[name] = str(value)
+            out[name] = json.dumps(value, separators=(",", ":")) if isinstance(value, dict) else str(value)
         return out
 
     @classmethod
@@ -91,8 +169,7 @@ class Job:
 
         return cls(
             id=fields["id"],
-            model=fields["model"],
-            request=json.loads(fields["request"]),
+            request=JobRequest.from_dict(json.loads(fields["request"])),
             owner=fields.get("owner"),
             status=JobStatus(fields["status"]),
             created_at=float(fields["created_at"]),
@@ -101,11 +178,6 @@ class Job:
             deliveries=int(fields.get("deliveries", 0)),
             result=opt_json("result"),
             error=opt_json("error"),
+            fault=Fault(fields["fault"]) if "fault" in fields else None,
+            evicted=fields.get("evicted") == "1",
         )
-
-
-def error_dict(exc: BaseException | str, kind: str | None = None) -> dict[str, str]:
-    """The ``error`` member of a failed job."""
-    if isinstance(exc, BaseException):
-        return {"type": kind or type(exc).__name__, "message": str(exc) or repr(exc)}
-    return {"type": kind or "Error", "message": exc}

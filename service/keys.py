@@ -2,9 +2,10 @@
 
 All keys start with ``EXCLIP_KEY_PREFIX`` so several deployments (or tests) can share one Redis.
 Every key expires: job records and images after ``EXCLIP_RESULT_TTL_S`` (refreshed on each update),
-heartbeats (and the worker index) after three
-heartbeat periods, the metrics hash ``METRICS_TTL_S`` after its last update,
-and each job stream ``EXCLIP_RESULT_TTL_S`` after its last entry; streams are also trimmed by workers.
+heartbeats (and the worker index) after three heartbeat periods, the metrics hash ``METRICS_TTL_S``
+after its last update, the byte-budget index ``EXCLIP_RESULT_TTL_S`` after its last change, and each
+job stream ``EXCLIP_RESULT_TTL_S`` after its last entry (renewed by the heartbeat of a worker holding
+its entries); streams are also trimmed by workers.
 """
 
 from __future__ import annotations
@@ -47,3 +48,39 @@ class Keys:
     def metrics(self) -> str:
         """Hash of counters that workers and API replicas add to and /metrics reads."""
         return f"{self.prefix}:metrics"
+
+    @property
+    def finished(self) -> str:
+        """Pub/sub channel: each finished (or cancelled) job's id, so waiting requests wake at once."""
+        return f"{self.prefix}:finished"
+
+    @property
+    def stored_sizes(self) -> str:
+        """Hash ``i:<job id>`` (image) / ``r:<job id>`` (result) -> bytes, for the stored-bytes budget."""
+        return f"{self.prefix}:stored:sizes"
+
+    @property
+    def stored_total(self) -> str:
+        """Sum of ``stored_sizes``: the bytes the budget (EXCLIP_MAX_STORED_BYTES) bounds."""
+        return f"{self.prefix}:stored:total"
+
+    @property
+    def unfinished_images(self) -> str:
+        """Sorted set of images of unfinished jobs (never evicted) scored by their expiry time."""
+        return f"{self.prefix}:stored:unfinished"
+
+    @property
+    def evictable_images(self) -> str:
+        """Sorted set of images of done jobs (kept for heatmaps) scored by finish time: evicted first."""
+        return f"{self.prefix}:stored:images"
+
+    @property
+    def evictable_results(self) -> str:
+        """Sorted set of results of finished jobs scored by finish time: evicted after every image."""
+        return f"{self.prefix}:stored:results"
+
+    @property
+    def budget(self) -> list[str]:
+        """The budget index keys, in the order the Lua scripts take them."""
+        return [self.stored_sizes, self.stored_total, self.unfinished_images, self.evictable_images,
+                self.evictable_results]

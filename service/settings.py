@@ -6,14 +6,16 @@ The CLI turns its flags into the same fields, so a flag and its env var always m
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from attribution.text import MAX_CAPTION_CHARS
+from service.errors import ConfigError
 
 
 def _default_worker_name() -> str:
@@ -42,7 +44,8 @@ class Settings(BaseSettings):
 
     # Worker batching and reliability.
     max_batch: int = Field(default=8, ge=1)
-    max_wait_ms: int = Field(default=20, ge=0)
+    max_wait_ms: int = Field(default=0, ge=0, description=(
+        "wait this long for more jobs after the first; 0: jobs arriving during a batch form the next"))
     visibility_timeout_s: float = Field(default=120.0, gt=0)
     max_deliveries: int = Field(default=3, ge=1)
     job_timeout_s: float = Field(default=300.0, gt=0)
@@ -52,6 +55,8 @@ class Settings(BaseSettings):
     # API limits.
     wait_max_s: float = Field(default=60.0, ge=0)
     result_ttl_s: int = Field(default=3600, ge=1)
+    max_stored_bytes: int = Field(default=512_000_000, ge=1,
+                                  description="images and results kept; finished jobs' are evicted above it")
     max_queue: int = Field(default=1000, ge=1)
     max_upload_bytes: int = Field(default=20_000_000, ge=1)
     max_pixels: int = Field(default=40_000_000, ge=1)
@@ -68,6 +73,8 @@ class Settings(BaseSettings):
     # Security.
     api_keys: str | None = None
     api_keys_file: Path | None = None
+    owner_secret: SecretStr | None = Field(default=None, description=(
+        "HMAC key for the job owner tag; the same on every API replica (unset: random per process)"))
     cors_origins: str | None = None
 
     # Label Studio ML backend (/label-studio): where task images may be fetched from, and defaults
@@ -93,12 +100,34 @@ class Settings(BaseSettings):
 
     @cached_property
     def keys(self) -> tuple[str, ...]:
-        """The configured API keys: the env list plus the file (one per line; blanks, # comments skipped)."""
+        """The configured API keys: the env list plus the file (one per line; blanks, # comments skipped).
+
+        Fails closed: a keys file that cannot be read, or holds no key, raises ``ConfigError`` (the
+        service refuses to start) rather than turning authentication off.
+        """
         found = [k.strip() for k in (self.api_keys or "").split(",")]
         if self.api_keys_file is not None:
-            lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
-            found += [line.strip() for line in lines if not line.lstrip().startswith("#")]
+            path = self.api_keys_file
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise ConfigError(f"EXCLIP_API_KEYS_FILE={path} cannot be read ({reason}); the service does "
+                                  "not start without the keys it was told to require") from None
+            from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not from_file:
+                raise ConfigError(f"EXCLIP_API_KEYS_FILE={path} holds no key (only blank lines or comments); "
+                                  "put one key per line, or unset it to run without authentication")
+            found += from_file
         return tuple(k for k in found if k)
+
+    @cached_property
+    def owner_key(self) -> bytes:
+        """The HMAC key of job owner tags: ``EXCLIP_OWNER_SECRET``, or random for this process when unset
+        (then only the process that created a job can show it to its key: fine for one API)."""
+        if self.owner_secret is not None and self.owner_secret.get_secret_value():
+            return self.owner_secret.get_secret_value().encode()
+        return secrets.token_bytes(32)
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -12,15 +12,18 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from PIL import Image
+
 from attribution import models as _models  # noqa: F401 - registers exclip-tiny with open_clip
 from attribution.errors import AttributionError
 from attribution.images import ImageGeometry, transform_geometry
 from attribution.images import image_size as read_image_size
+from attribution.pipeline import Selection
 from attribution.selections import SELECTION_KINDS, Box, check_selection
 from attribution.text import tokenize_caption
 from service.catalog import ModelInfo, default_model
 from service.errors import RequestInvalid
-from service.jobs import Job
+from service.jobs import CaptionRequest, Job, JobRequest
 from service.schemas import ExplainInput, SelectionIn
 from service.settings import Settings
 
@@ -30,6 +33,13 @@ def _tokenizer(model: str) -> Any:
     import open_clip
 
     return open_clip.get_tokenizer(model)
+
+
+def warm_tokenizers(models: list[str]) -> None:
+    """Load the tokenizers of these models (and PIL's decoders) now, so the first request does not pay."""
+    for model in models:
+        _tokenizer(model)
+    Image.init()
 
 
 def _layer(name: str, value: int | None, n_layers: int) -> int:
@@ -49,15 +59,15 @@ def _transform(image_size: tuple[int, ...]) -> Any:
     return open_clip.image_transform(image_size, is_train=False)
 
 
-def _selection(sel: SelectionIn, where: str, tokens: list, geometry: ImageGeometry) -> dict[str, Any]:
-    """The job's record of one selection, checked with the library's rules (``check_selection``)."""
+def _selection(sel: SelectionIn, tokens: list, geometry: ImageGeometry) -> Selection:
+    """One selection of the request, checked with the library's rules (``check_selection``)."""
     if sel.box is not None:
-        selection, record = Box(*sel.box), {"kind": "box", "box": list(sel.box)}
+        selection: Selection = Box(*sel.box)
     else:
         kind, (start, end) = ("span", sel.span) if sel.span is not None else ("tokens", sel.tokens)
-        selection, record = SELECTION_KINDS[kind](start, end), {"kind": kind, "start": start, "end": end}
+        selection = SELECTION_KINDS[kind](start, end)
     check_selection(selection, tokens, geometry)
-    return record
+    return selection
 
 
 def image_size(data: bytes, settings: Settings) -> tuple[int, int]:
@@ -96,12 +106,11 @@ def build_job(inp: ExplainInput, served: dict[str, ModelInfo], settings: Setting
         try:
             _, tokens = tokenize_caption(caption.text, _tokenizer(name), context_length=info.context_length,
                                          max_chars=settings.max_caption_chars)
-            selections = [_selection(s, f"caption {i}, selection {j}", tokens, geometry)
-                          for j, s in enumerate(caption.selections)]
+            selections = [_selection(s, tokens, geometry) for s in caption.selections]
         except AttributionError as exc:
             raise RequestInvalid(f"caption {i}: {exc}") from None
-        captions.append({"text": caption.text, "selections": selections})
+        captions.append(CaptionRequest(caption.text, tuple(selections)))
 
-    request = {"model": name, "text_layer": text_layer, "image_layer": image_layer, "steps": opts.steps,
-               "precision": opts.precision, "format": opts.format, "captions": captions}
-    return Job(model=name, request=request, owner=owner)
+    request = JobRequest(model=name, text_layer=text_layer, image_layer=image_layer, steps=opts.steps,
+                         precision=opts.precision, format=opts.format, captions=tuple(captions))
+    return Job(request=request, owner=owner)

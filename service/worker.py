@@ -4,49 +4,49 @@ One loop, top to bottom (``Worker.run``):
 
 1. every so often, take over deliveries a dead worker left unacknowledged (visibility timeout);
    otherwise read new entries, waiting up to ``max_wait_ms`` after the first one to fill a batch;
-2. start each job — the cancellation check: only a job still queued (or re-delivered) runs — and
-   fail the ones delivered more than ``max_deliveries`` times (poison jobs);
-3. group the jobs by model, layers, steps and precision, and compute each group with ONE
-   ``explain_requests`` call; if that call fails the group is split (halves on out-of-memory, one
-   job at a time otherwise) so one bad job cannot sink the others;
+2. group the jobs by model, layers, steps and precision; right before a group computes, start each
+   of its jobs — the cancellation check: only a job still queued (or re-delivered) runs — and fail
+   the ones delivered more than ``max_deliveries`` times (poison jobs);
+3. compute each group with ONE ``explain_requests`` call; if that call fails the group is split
+   (halves on out-of-memory, one job at a time otherwise) so one bad job cannot sink the others;
 4. store each outcome, then acknowledge (a crash before the ack means another worker redoes it).
 
 A heartbeat task advertises the models while the loop runs and renews the deliveries being computed,
 so only a worker that stopped heartbeating (dead) loses its jobs to the visibility timeout.
 ``stop()`` (SIGTERM) ends the loop after the current batch is stored and acknowledged. The per-job
-compute limit is enforced by raising ``JobTimeout`` inside the computing thread (between tensor
-operations).
+compute limit is service.timeouts. Before its first heartbeat the worker computes one warm-up
+explanation per model, so it is never advertised cold. Nothing Redis can do to the streams ends the
+loop: the queue recreates what is missing, and anything else is logged and retried.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import io
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from itertools import groupby
-from typing import Any, TypeVar
+from typing import Any
+
+from PIL import Image
 
 from attribution.errors import AttributionError
-from attribution.images import decode_image
+from attribution.images import prepare_image
 from attribution.models import LoadedModel
 from attribution.pipeline import ExplainRequest, explain_requests
-from attribution.selections import Box, Span, TokenRange
 from service import metrics
-from service.connections import QUEUE_DOWN
-from service.errors import JobTimeout
-from service.jobs import Job, JobStatus, error_dict
+from service.errors import QUEUE_DOWN, Fault, JobTimeout
+from service.jobs import Job, JobStatus
 from service.queue import Delivery, JobQueue
+from service.schemas import ExplainOptions
 from service.settings import Settings
+from service.timeouts import call_with_deadline
 
 log = logging.getLogger("exclip.worker")
 
-T = TypeVar("T")
+DEFAULT_STEPS: int = ExplainOptions.model_fields["steps"].default
 
 
 @dataclass
@@ -55,7 +55,10 @@ class _Item:
     job: Job
     request: ExplainRequest | None = None
     result: dict[str, Any] | None = None
-    error: dict[str, str] | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.job.error is not None
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -65,45 +68,6 @@ def _is_oom(exc: BaseException) -> bool:
     message = str(exc).lower()
     return isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError) or (
         isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message))
-
-
-def _selection(d: dict[str, Any]) -> Span | TokenRange | Box:
-    if d["kind"] == "span":
-        return Span(d["start"], d["end"])
-    if d["kind"] == "tokens":
-        return TokenRange(d["start"], d["end"])
-    return Box(*d["box"])
-
-
-def _call_with_deadline(fn: Callable[[], T], timeout_s: float) -> T:
-    """Run ``fn`` in this thread; raise ``JobTimeout`` in it if it runs longer than ``timeout_s``.
-
-    A timer thread injects the exception with ``PyThreadState_SetAsyncExc``; it lands at the next
-    Python bytecode, i.e. between tensor operations. The lock and flag make sure it is never
-    injected after ``fn`` returned, and the ``except`` here catches it wherever it lands.
-    """
-    ident, lock, state = threading.get_ident(), threading.Lock(), {"finished": False}
-
-    def expire() -> None:
-        with lock:
-            if not state["finished"]:
-                inject = ctypes.pythonapi.PyThreadState_SetAsyncExc
-                inject(ctypes.c_ulong(ident), ctypes.py_object(JobTimeout))
-
-    timer = threading.Timer(timeout_s, expire)
-    timer.daemon = True
-    timer.start()
-    try:
-        try:
-            out = fn()
-            with lock:
-                state["finished"] = True
-            return out
-        finally:
-            timer.cancel()
-    except JobTimeout:
-        raise JobTimeout(f"computing took longer than the limit of {timeout_s:g} s per job "
-                         "(EXCLIP_JOB_TIMEOUT_S); use fewer steps, captions or a smaller image") from None
 
 
 class Worker:
@@ -116,6 +80,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._next_claim = 0.0
         self._in_flight: list[Delivery] = []  # renewed by the heartbeat while a batch computes
+        self._metrics: list[dict[str, float]] = []  # engine-call observations not yet sent
         self.info = {"name": self.name, "pid": os.getpid(), "started_at": time.time(),
                      "max_batch": settings.max_batch, "models": [m.describe() for m in models]}
 
@@ -124,6 +89,9 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
+        await asyncio.to_thread(self.warm_up)  # before the first heartbeat: /readyz means warm
+        with suppress(*QUEUE_DOWN):
+            await self.queue.warm_up()
         log.info("worker %s serving %s", self.name, ", ".join(self.models))
         beat = asyncio.create_task(self._heartbeat_forever())
         backoff = 0.2
@@ -142,11 +110,29 @@ class Worker:
                     log.warning("queue unavailable (%s); retrying in %.1f s", exc, backoff)
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
+                except Exception:  # noqa: BLE001 - e.g. Redis lost the stream: log, back off, go on
+                    log.exception("queue operation failed; retrying in %.1f s", backoff)
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
         finally:
             beat.cancel()
             with suppress(Exception):
                 await self.queue.remove_worker(self.name)
             log.info("worker %s stopped", self.name)
+
+    def warm_up(self) -> None:
+        """One explanation per model (last block, default steps), so the first user's is not cold.
+
+        The first call in a process pays for lazy initialisation (kernels, allocator pools, cached
+        references); this worker does not advertise itself before that is done.
+        """
+        for loaded in self.models.values():
+            t0 = time.monotonic()
+            buf = io.BytesIO()  # an encoded upload of another size: decoding, resizing, cropping warm up
+            Image.new("RGB", (320, 240), (127, 127, 127)).save(buf, format="JPEG")
+            image = prepare_image(buf.getvalue(), loaded, max_pixels=self.settings.max_pixels)
+            explain_requests(loaded, [ExplainRequest(image, ["a photo of a dog"])], steps=DEFAULT_STEPS)
+            log.info("warmed up %s in %.0f ms", loaded.name, (time.monotonic() - t0) * 1000)
 
     # --- 1. reading -----------------------------------------------------------------------------
     async def _next_deliveries(self) -> list[Delivery]:
@@ -157,120 +143,148 @@ class Worker:
             if stale:
                 log.warning("took over %d job(s) left unacknowledged by another worker", len(stale))
                 return stale
-        idle_block_ms = int(min(1.0, s.redis_timeout_s / 2) * 1000)  # below the socket timeout
-        deliveries = await self.queue.read(self.name, names, s.max_batch, idle_block_ms)
+        max_block_ms = int(min(1.0, s.redis_timeout_s / 2) * 1000)  # below the socket timeout
+        deliveries = await self.queue.read(self.name, names, s.max_batch, max_block_ms)
         fill_until = time.monotonic() + s.max_wait_ms / 1000
         while deliveries and len(deliveries) < s.max_batch and not self._stopping.is_set():
-            remaining_ms = int((fill_until - time.monotonic()) * 1000)
+            remaining_ms = min(int((fill_until - time.monotonic()) * 1000), max_block_ms)
             if remaining_ms <= 0:
                 break
-            deliveries += await self.queue.read(self.name, names, s.max_batch - len(deliveries), remaining_ms)
+            try:
+                deliveries += await self.queue.read(self.name, names, s.max_batch - len(deliveries),
+                                                    remaining_ms)
+            except QUEUE_DOWN as exc:  # compute what was read rather than leave it to the visibility timeout
+                log.warning("queue unavailable while filling a batch (%s); computing %d job(s)", exc,
+                            len(deliveries))
+                break
         return deliveries
 
     # --- 2. starting ----------------------------------------------------------------------------
     async def _process(self, deliveries: list[Delivery]) -> None:
+        """Group the deliveries by batch key, then start and compute one group after the other.
+
+        A job is started (marked running) only right before its group computes, so a job waiting
+        behind another group can still be cancelled.
+        """
+        by_tag: dict[str, list[Delivery]] = {}
+        for d in deliveries:
+            by_tag.setdefault(d.batch, []).append(d)
+        for group in by_tag.values():
+            started = await self._start(group)
+            by_key: dict[tuple, list[_Item]] = {}  # the same as by tag, unless an entry had no tag
+            for item in started:
+                by_key.setdefault(item.job.batch_key, []).append(item)
+            for items in by_key.values():
+                await self._compute_batch(items)
+
+    async def _start(self, deliveries: list[Delivery]) -> list[_Item]:
+        """Start each job (the cancellation check); fail poison jobs; acknowledge the ones not to run."""
         skipped: list[Delivery] = []
         items: list[_Item] = []
         for d in deliveries:
             job = await self.queue.start(d.job_id)
-            if job is None or job.status is not JobStatus.RUNNING:  # expired, cancelled or finished
+            if job is None or job.status is not JobStatus.RUNNING:  # lost, expired, cancelled or finished
+                if job is None:
+                    log.warning("job %s is gone (expired, or lost with Redis's data); not computed", d.job_id)
                 skipped.append(d)
             elif job.deliveries > self.settings.max_deliveries:
-                item = _Item(d, job, error=error_dict(
-                    f"the job was delivered {job.deliveries - 1} times and never finished (its worker "
-                    f"crashed or was stopped each time); given up after EXCLIP_MAX_DELIVERIES="
-                    f"{self.settings.max_deliveries}", "PoisonJob"))
-                await self._store([item])
+                job.fail(f"the job was delivered {job.deliveries - 1} times and never finished (its worker "
+                         f"crashed or was stopped each time); given up after EXCLIP_MAX_DELIVERIES="
+                         f"{self.settings.max_deliveries}", "PoisonJob", Fault.SERVER)
+                await self._store([_Item(d, job)])
             else:
                 items.append(_Item(d, job))
         await self.queue.ack(skipped)
-        items.sort(key=lambda i: i.job.batch_key)
-        for _, group in groupby(items, key=lambda i: i.job.batch_key):
-            await self._compute_batch(list(group))
+        return items
 
     # --- 3. computing ---------------------------------------------------------------------------
     async def _compute_batch(self, items: list[_Item]) -> None:
+        if not items:
+            return
         for item in items:
             data = await self.queue.image(item.job.id)
             if data is None:
-                item.error = error_dict("the job's image expired before it was computed", "ImageExpired")
+                item.job.fail("the job's image expired before it was computed", "ImageExpired", Fault.GONE)
                 continue
             try:
                 item.request = await asyncio.to_thread(self._prepare, item.job, data)
             except AttributionError as exc:
-                item.error = error_dict(exc)
-        ready = [i for i in items if i.error is None]
+                item.job.fail(str(exc), type(exc).__name__, Fault.CLIENT)
+        ready = [i for i in items if not i.failed]
         if ready:
             await self._compute(ready)
         await self._store(items)
 
     def _prepare(self, job: Job, data: bytes) -> ExplainRequest:
-        captions = job.request["captions"]
-        return ExplainRequest(
-            image=decode_image(data, max_pixels=self.settings.max_pixels),
-            captions=[c["text"] for c in captions],
-            selections=[[_selection(s) for s in c["selections"]] for c in captions],
-        )
+        # Decoded straight to the model's input: a batch holds tensors, never full-size images.
+        loaded = self.models[job.request.model]
+        return job.request.explain_request(prepare_image(data, loaded, max_pixels=self.settings.max_pixels))
 
     async def _compute(self, items: list[_Item]) -> None:
         """One engine call for ``items``; on failure split (halves on OOM, singles otherwise)."""
-        job = items[0].job
-        loaded = self.models[job.model]
-        options = {k: job.request[k] for k in ("text_layer", "image_layer", "steps", "precision")}
+        request = items[0].job.request
+        loaded = self.models[request.model]
         requests = [i.request for i in items]
         t0 = time.monotonic()
+        part = 0  # > 0: retry in parts of this many jobs
         try:
             explanations = await asyncio.to_thread(
-                _call_with_deadline,
-                lambda: explain_requests(loaded, requests, **options),
+                call_with_deadline,
+                lambda: explain_requests(loaded, requests, **request.engine_options,
+                                         max_caption_chars=self.settings.max_caption_chars),
                 self.settings.job_timeout_s * len(items),
             )
         except Exception as exc:  # noqa: BLE001 - every failure is either retried smaller or reported
-            if len(items) > 1:
-                log.warning("batch of %d failed (%s: %s); retrying it in parts", len(items),
-                            type(exc).__name__, exc)
-                half = len(items) // 2 if _is_oom(exc) else 1
-                for start in range(0, len(items), half):
-                    await self._compute(items[start:start + half])
+            if len(items) == 1:
+                self._record_failure(items[0].job, exc, loaded)
                 return
-            items[0].error = self._describe_failure(exc, loaded)
+            oom = _is_oom(exc)
+            log.warning("batch of %d failed (%s: %s); retrying it %s", len(items), type(exc).__name__,
+                        exc, "in halves" if oom else "job by job")
+            part = (len(items) + 1) // 2 if oom else 1
+        if part:  # outside the except block: the failed call's traceback (and its tensors) is freed
+            for start in range(0, len(items), part):
+                await self._compute(items[start:start + part])
             return
         compute_ms = (time.monotonic() - t0) * 1000
-        await self.queue.add_metrics(metrics.merge(
-            metrics.observe("batch_size", len(items)), metrics.observe("compute_seconds", compute_ms / 1000)))
+        self._metrics += [metrics.observe("batch_size", len(items)),
+                          metrics.observe("compute_seconds", compute_ms / 1000)]
         for item, per_caption in zip(items, explanations, strict=True):
             queued_ms = ((item.job.started_at or item.job.created_at) - item.job.created_at) * 1000
             timings = {"queued_ms": queued_ms, "compute_ms": compute_ms}
-            fmt = item.job.request["format"]
+            fmt = item.job.request.format
             item.result = {"captions": [{**e.to_dict(matrix_format=fmt), "timings": timings}
                                         for e in per_caption]}
 
-    def _describe_failure(self, exc: BaseException, loaded: LoadedModel) -> dict[str, str]:
+    def _record_failure(self, job: Job, exc: BaseException, loaded: LoadedModel) -> None:
         if _is_oom(exc):
             with suppress(Exception):
                 import torch
 
                 torch.cuda.empty_cache()
-            return error_dict(f"out of memory computing this job alone on {loaded.device}: {exc}. Use fewer "
-                              "steps or captions, or a worker with more memory", "OutOfMemory")
-        if isinstance(exc, AttributionError | JobTimeout):
-            return error_dict(exc)
-        log.exception("job failed", exc_info=exc)
-        return error_dict(f"{type(exc).__name__}: {exc}", "InternalError")
+            job.fail(f"out of memory computing this job alone on {loaded.device}: {exc}. Use fewer "
+                     "steps or captions, or a worker with more memory", "OutOfMemory", Fault.SERVER)
+        elif isinstance(exc, AttributionError):
+            job.fail(str(exc), type(exc).__name__, Fault.CLIENT)
+        elif isinstance(exc, JobTimeout):
+            job.fail(str(exc), "JobTimeout", Fault.SERVER)
+        else:
+            log.exception("job failed", exc_info=exc)
+            job.fail(f"{type(exc).__name__}: {exc}", "InternalError", Fault.SERVER)
 
     # --- 4. storing -----------------------------------------------------------------------------
     async def _store(self, items: list[_Item]) -> None:
-        increments: list[dict[str, float]] = []
+        increments, self._metrics = self._metrics, []  # sent after the outcomes: waiters wake first
         for item in items:
             job = item.job
-            job.status = JobStatus.DONE if item.error is None else JobStatus.FAILED
-            job.result, job.error, job.finished_at = item.result, item.error, time.time()
+            job.status = JobStatus.FAILED if item.failed else JobStatus.DONE
+            job.result, job.finished_at = item.result, time.time()
             await self.queue.finish(job)
             increments += [metrics.outcome(job.status.value),
                            metrics.observe("queue_wait_seconds", (job.started_at or job.created_at)
                                            - job.created_at)]
-        await self.queue.add_metrics(metrics.merge(*increments))
         await self.queue.ack([i.delivery for i in items])
+        await self.queue.add_metrics(metrics.merge(*increments))
 
     # --- heartbeat ------------------------------------------------------------------------------
     async def _heartbeat_forever(self) -> None:
@@ -280,8 +294,8 @@ class Worker:
                 await self.queue.heartbeat(self.name, {**self.info, "at": time.time()}, ttl_s=3 * period)
                 if self._in_flight:  # a batch longer than the visibility timeout stays ours
                     await self.queue.renew(self.name, self._in_flight)
-            except QUEUE_DOWN as exc:
-                log.warning("heartbeat failed (%s)", exc)
+            except Exception as exc:  # noqa: BLE001 - the next beat tries again
+                log.warning("heartbeat failed (%s: %s)", type(exc).__name__, exc)
             await asyncio.sleep(period)
 
     async def _sleep(self, seconds: float) -> None:

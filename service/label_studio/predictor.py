@@ -31,7 +31,7 @@ from service.label_studio.errors import ImageRefused, LabelConfigInvalid, TaskIn
 from service.label_studio.fetch import ImageFetcher
 from service.label_studio.projects import ProjectSetup
 from service.label_studio.protocol import PredictIn, Thresholds
-from service.queue import JobQueue, wait_finished
+from service.queue import JobQueue
 from service.schemas import CaptionIn, ExplainInput, ExplainOptions, SelectionIn
 from service.settings import Settings
 from service.validation import build_job, image_size
@@ -318,7 +318,7 @@ class Predictor:
         for work in chunk:
             await self.queue.enqueue(work.job, work.image, max_depth=self.settings.max_queue,
                                      depth_models=list(served))
-        finished = await asyncio.gather(*(wait_finished(self.queue, w.job.id, timeout_s) for w in chunk))
+        finished = await asyncio.gather(*(self.queue.wait_finished(w.job.id, timeout_s) for w in chunk))
         for work, job in zip(chunk, finished, strict=True):
             if job is None:
                 work.error = "the job expired"

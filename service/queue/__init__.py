@@ -1,6 +1,6 @@
 """Job queue back-ends: Redis Streams and in-memory, one protocol (``base``)."""
 
 from service.errors import QueueFull
-from service.queue.base import Delivery, JobQueue, wait_finished
+from service.queue.base import Delivery, JobQueue
 
-__all__ = ["Delivery", "JobQueue", "QueueFull", "wait_finished"]
+__all__ = ["Delivery", "JobQueue", "QueueFull"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,12 +24,16 @@ class Delivery:
     entry_id: str
     job_id: str
     model: str
+    batch: str = ""  # the job's batch key (``Job.batch_tag``), so grouping needs no read of the record
 
 
 class JobQueue(Protocol):
     # --- API side -------------------------------------------------------------------------------
     async def ping(self) -> None:
         """Raise if the queue cannot be reached."""
+
+    async def warm_up(self) -> None:
+        """Prepare what the first job would otherwise wait for (scripts, the finish subscription)."""
 
     async def enqueue(self, job: Job, image: bytes, *, max_depth: int, depth_models: list[str]) -> None:
         """Store the job record and image (with expiry) and add a stream entry for the job's model.
@@ -37,6 +43,13 @@ class JobQueue(Protocol):
 
     async def get(self, job_id: str) -> Job | None:
         """The job record, or None when unknown or expired."""
+
+    async def wait_finished(self, job_id: str, timeout_s: float) -> Job | None:
+        """The job once it is finished, or its record after ``timeout_s``; None when unknown or lost.
+
+        Woken by the worker's finish (an event in memory, a pub/sub message in Redis), with a slow
+        poll as the safety net for a missed message.
+        """
 
     async def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued job (atomically, so a worker cannot start it meanwhile); return the record."""
@@ -78,7 +91,8 @@ class JobQueue(Protocol):
         """The job's image bytes."""
 
     async def finish(self, job: Job) -> None:
-        """Store the outcome fields (status, result, error, finished_at) of a job that still exists."""
+        """Store the outcome fields (``Job.OUTCOME_FIELDS``) of a job that still exists, drop its image
+        from the queued bytes (it stays for heatmaps within the byte budget) and wake its waiters."""
 
     async def ack(self, deliveries: list[Delivery]) -> None:
         """Acknowledge entries (and drop the stream entries no one needs any more)."""
@@ -93,17 +107,46 @@ class JobQueue(Protocol):
         """Release connections."""
 
 
-async def wait_finished(queue: JobQueue, job_id: str, timeout_s: float) -> Job | None:
-    """Poll a job until it is finished or ``timeout_s`` passed; return its last record.
+class FinishWaiters:
+    """Per-job events set when a job finishes, so waiting requests wake at once instead of polling."""
 
-    Polling (20 ms growing to 250 ms) keeps no connection blocked and survives reconnects.
-    """
+    def __init__(self) -> None:
+        self._events: dict[str, set[asyncio.Event]] = {}
+
+    @contextmanager
+    def watch(self, job_id: str) -> Iterator[asyncio.Event]:
+        event = asyncio.Event()
+        self._events.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            events = self._events.get(job_id, set())
+            events.discard(event)
+            if not events:
+                self._events.pop(job_id, None)
+
+    def notify(self, job_id: str) -> None:
+        for event in self._events.get(job_id, ()):
+            event.set()
+
+    def notify_all(self) -> None:
+        """Wake every waiter to look again (after a reconnect, when a notification may be lost)."""
+        for events in self._events.values():
+            for event in events:
+                event.set()
+
+
+async def wait_notified(get: Callable[[str], Awaitable[Job | None]], waiters: FinishWaiters, job_id: str,
+                        timeout_s: float, safety_poll_s: float) -> Job | None:
+    """Read the job whenever its finish is notified (or every ``safety_poll_s`` in case a notification
+    was missed) until it is finished or ``timeout_s`` passed; return its last record."""
     deadline = time.monotonic() + timeout_s
-    delay = 0.02
-    while True:
-        job = await queue.get(job_id)
-        remaining = deadline - time.monotonic()
-        if job is None or job.status.finished or remaining <= 0:
-            return job
-        await asyncio.sleep(min(delay, remaining))
-        delay = min(delay * 1.5, 0.25)
+    with waiters.watch(job_id) as finished:
+        while True:
+            finished.clear()  # before reading: a notification after the read is not lost
+            job = await get(job_id)
+            remaining = deadline - time.monotonic()
+            if job is None or job.status.finished or remaining <= 0:
+                return job
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(finished.wait(), min(safety_poll_s, remaining))

@@ -1,8 +1,10 @@
 """In-memory back-end for embedded mode (``serve`` without ``REDIS_URL``): API and worker in one process.
 
 Same semantics as the Redis Streams back-end — per-model entry queues, a pending list with delivery
-times that ``claim_stale`` takes over, atomic cancel/start, expiring records — but plain dicts on one
-event loop, so there is no locking: every method runs without awaiting in the middle of a change.
+times that ``claim_stale`` takes over, atomic cancel/start, expiring records, a byte budget for
+stored images and results — but plain dicts on one event loop, so there is no locking: every method
+runs without awaiting in the middle of a change. Expired records are dropped at least once a second
+(the worker's read loop), not only when someone reads them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Any
 
 from service.errors import QueueFull
 from service.jobs import Job, JobStatus
-from service.queue.base import Delivery
+from service.queue.base import Delivery, FinishWaiters, wait_notified
+
+PURGE_EVERY_S = 1.0
 
 
 @dataclass
@@ -27,10 +31,15 @@ class _Pending:
 
 
 class MemoryQueue:
-    """``JobQueue`` in process memory; records and images expire after ``ttl_s`` like in Redis."""
+    """``JobQueue`` in process memory; records and images expire after ``ttl_s`` like in Redis.
 
-    def __init__(self, *, ttl_s: int) -> None:
-        self.ttl_s = ttl_s
+    Images and results together are kept within ``max_stored_bytes``: above it, finished jobs give
+    up their images (oldest finished first; their heatmaps answer 410), then their results (the job
+    answers 410); a new job whose image does not fit beside the unfinished ones is refused.
+    """
+
+    def __init__(self, *, ttl_s: int, max_stored_bytes: int = 2**62) -> None:
+        self.ttl_s, self.max_stored_bytes = ttl_s, max_stored_bytes
         self._jobs: dict[str, tuple[dict[str, str], float]] = {}  # id -> (fields, expires_at)
         self._images: dict[str, tuple[bytes, float]] = {}
         self._new: dict[str, deque[Delivery]] = {}  # model -> undelivered entries
@@ -39,12 +48,38 @@ class MemoryQueue:
         self._metrics: dict[str, float] = {}
         self._ids = itertools.count(1)
         self._arrived = asyncio.Event()
+        self._waiters = FinishWaiters()
+        self._purged_at = 0.0
 
     def _purge(self) -> None:
         now = time.monotonic()
+        self._purged_at = now
         for store in (self._jobs, self._images, self._workers):
             for key in [k for k, (_, exp) in store.items() if exp <= now]:
                 del store[key]
+
+    def stored_bytes(self) -> int:
+        """Bytes of images and results held (the quantity ``max_stored_bytes`` bounds)."""
+        return (sum(len(data) for data, _ in self._images.values())
+                + sum(len(fields.get("result", "")) for fields, _ in self._jobs.values()))
+
+    def _evict(self, needed: int = 0) -> int:
+        """Drop finished jobs' images, then results, oldest finished first, until ``needed`` more bytes
+        fit in the budget; return how many bytes are still missing."""
+        over = self.stored_bytes() + needed - self.max_stored_bytes
+        if over <= 0:
+            return 0
+        finished = sorted((float(f["finished_at"]), job_id) for job_id, (f, _) in self._jobs.items()
+                          if "finished_at" in f)
+        for _, job_id in finished:
+            if over > 0 and job_id in self._images:
+                over -= len(self._images.pop(job_id)[0])
+        for _, job_id in finished:
+            fields, _ = self._jobs[job_id]
+            if over > 0 and "result" in fields:
+                over -= len(fields.pop("result"))
+                fields["evicted"] = "1"
+        return max(over, 0)
 
     def _load(self, job_id: str) -> Job | None:
         self._purge()
@@ -58,24 +93,36 @@ class MemoryQueue:
     async def ping(self) -> None:
         return None
 
+    async def warm_up(self) -> None:
+        return None
+
     async def enqueue(self, job: Job, image: bytes, *, max_depth: int, depth_models: list[str]) -> None:
         if await self.depth(depth_models) >= max_depth:
             raise QueueFull(f"the queue holds {max_depth} or more jobs (EXCLIP_MAX_QUEUE); retry later")
         self._purge()
+        if self._evict(len(image)):
+            raise QueueFull(f"the images of unfinished jobs fill the stored-bytes budget of "
+                            f"{self.max_stored_bytes} bytes (EXCLIP_MAX_STORED_BYTES); retry later")
         self._save(job)
         self._images[job.id] = (image, time.monotonic() + self.ttl_s)
-        self._new.setdefault(job.model, deque()).append(Delivery(f"{next(self._ids)}-0", job.id, job.model))
+        self._new.setdefault(job.model, deque()).append(Delivery(f"{next(self._ids)}-0", job.id, job.model,
+                                                                   job.batch_tag))
         self._metrics["jobs_enqueued"] = self._metrics.get("jobs_enqueued", 0.0) + 1
         self._arrived.set()
 
     async def get(self, job_id: str) -> Job | None:
         return self._load(job_id)
 
+    async def wait_finished(self, job_id: str, timeout_s: float) -> Job | None:
+        return await wait_notified(self.get, self._waiters, job_id, timeout_s, safety_poll_s=1.0)
+
     async def cancel(self, job_id: str) -> Job | None:
         job = self._load(job_id)
         if job is not None and job.status is JobStatus.QUEUED:
             job.status, job.finished_at = JobStatus.CANCELLED, time.time()
             self._save(job)
+            self._images.pop(job_id, None)  # no worker will read it, and a cancelled job has no heatmap
+            self._waiters.notify(job_id)
         return job
 
     async def depth(self, models: list[str]) -> int:
@@ -106,6 +153,8 @@ class MemoryQueue:
         return taken
 
     async def read(self, consumer: str, models: list[str], count: int, block_ms: int) -> list[Delivery]:
+        if time.monotonic() - self._purged_at >= PURGE_EVERY_S:  # the worker reads at least once a second
+            self._purge()
         deadline = time.monotonic() + block_ms / 1000
         while True:
             taken = self._take(consumer, models, count)
@@ -133,6 +182,9 @@ class MemoryQueue:
             pending = self._pending.get(d.entry_id)
             if pending is not None and pending.consumer == consumer:
                 pending.delivered_at = now
+            for store in (self._jobs, self._images):  # in-flight jobs do not expire under their worker
+                if d.job_id in store:
+                    store[d.job_id] = (store[d.job_id][0], now + self.ttl_s)
 
     async def start(self, job_id: str) -> Job | None:
         job = self._load(job_id)
@@ -152,10 +204,15 @@ class MemoryQueue:
         if stored is None:
             return
         stored.status, stored.result, stored.error = job.status, job.result, job.error
-        stored.finished_at = job.finished_at
+        stored.fault, stored.finished_at = job.fault, job.finished_at
         self._save(stored)
         if job.id in self._images:
-            self._images[job.id] = (self._images[job.id][0], time.monotonic() + self.ttl_s)
+            if job.status is JobStatus.DONE:  # kept for its heatmap, within the budget
+                self._images[job.id] = (self._images[job.id][0], time.monotonic() + self.ttl_s)
+            else:
+                del self._images[job.id]
+        self._evict()
+        self._waiters.notify(job.id)
 
     async def ack(self, deliveries: list[Delivery]) -> None:
         for d in deliveries:

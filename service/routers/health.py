@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.catalog import served_models
-from service.connections import QUEUE_DOWN
 from service.dependencies import Queue
+from service.errors import QUEUE_DOWN
+from service.validation import warm_tokenizers
 
 router = APIRouter(tags=["health"])
 
@@ -31,4 +33,6 @@ async def readyz(queue: Queue) -> JSONResponse:
         return _not_ready(f"queue unreachable: {exc}")
     if not models:
         return _not_ready("no live worker holds a model")
+    await run_in_threadpool(warm_tokenizers, models)  # cached: only the first call loads them
+    await queue.warm_up()
     return JSONResponse({"status": "ready", "models": models})

@@ -61,8 +61,9 @@ def selection_heatmap(caption: dict[str, Any], span: str | None, tokens: str | N
 @router.get("/jobs/{job_id}/heatmap.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}, "description": "The overlay as PNG"},
                        401: {"model": ErrorOut, "description": "missing or wrong API key"},
-                       404: {"model": ErrorOut, "description": "unknown job, or its image expired"},
+                       404: {"model": ErrorOut, "description": "unknown job"},
                        409: {"model": ErrorOut, "description": "the job is not done"},
+                       410: {"model": ErrorOut, "description": "its image or result was evicted"},
                        503: {"model": ErrorOut, "description": "every render slot is busy: retry"}})
 async def heatmap_png(
     request: Request,
@@ -80,6 +81,9 @@ async def heatmap_png(
     if job.status is not JobStatus.DONE:
         raise HTTPException(409, f"job {job.id} is {job.status.value}; a heatmap needs a done job "
                                  "(poll GET /jobs/{id} until its status is done)")
+    if job.result is None or job.evicted:
+        raise HTTPException(410, f"the result of job {job.id} was dropped to keep the stored bytes within "
+                                 "their budget (EXCLIP_MAX_STORED_BYTES); submit the job again")
     captions = job.result["captions"]
     if caption >= len(captions):
         raise HTTPException(422, f"caption={caption} is out of range: the job has {len(captions)} "
@@ -98,7 +102,8 @@ async def heatmap_png(
     try:
         data = await queue.image(job.id)
         if data is None:
-            raise HTTPException(404, f"the image of job {job.id} has expired; submit the job again")
+            raise HTTPException(410, f"the image of job {job.id} was dropped to keep the stored bytes within "
+                                     "their budget (EXCLIP_MAX_STORED_BYTES); submit the job again")
         box_coords = None if outline is None else (outline.x0, outline.y0, outline.x1, outline.y1)
         png = await run_in_threadpool(_render_png, data, heat, chosen["image"]["crop_box"], alpha, box_coords,
                                       legend, max_side, settings.max_pixels)

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import time
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from attribution import errors
 from service import metrics
 from service.catalog import served_models
 from service.dependencies import AppSettings, OwnedJob, Owner, Queue
-from service.errors import RequestInvalid
+from service.errors import QUEUE_DOWN, RequestInvalid, failed_job_status
 from service.jobs import Job, JobStatus
 from service.parsing import parse_request
-from service.queue import JobQueue, wait_finished
+from service.queue import JobQueue
 from service.schemas import ErrorOut, ExplainJSON, JobOut, form_schema, inline_schema
 from service.settings import Settings
 from service.validation import build_job, image_size
 
 router = APIRouter(tags=["jobs"])
+log = logging.getLogger("exclip.api")
 
 _BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": form_schema()},
@@ -33,44 +35,86 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (503, "queue or workers unavailable")]}
 
 
+_SERVED_TTL_S = 1.0  # heartbeats come every few seconds: re-reading them per request buys nothing
+
+
+async def _served(request: Request, queue: JobQueue) -> dict[str, Any]:
+    """The models live workers hold, read from their heartbeats at most once a second per process."""
+    cached = getattr(request.app.state, "served", None)
+    if cached is not None and time.monotonic() - cached[0] < _SERVED_TTL_S and cached[1]:
+        return cached[1]
+    served = served_models(await queue.workers())
+    request.app.state.served = (time.monotonic(), served)
+    return served
+
+
 async def _submit(request: Request, owner: str | None, queue: JobQueue,
                   settings: Settings) -> tuple[Job, float]:
     inp = await parse_request(request, max_selections=settings.max_selections)
-    served = served_models(await queue.workers())
+    served = await _served(request, queue)
     if not served:
         raise RequestInvalid("no worker is serving a model right now; retry in a few seconds", 503)
     size = await run_in_threadpool(image_size, inp.image, settings)
     job = await run_in_threadpool(build_job, inp, served, settings, size, owner)
-    await queue.enqueue(job, inp.image, max_depth=settings.max_queue, depth_models=list(served))
+    try:
+        await queue.enqueue(job, inp.image, max_depth=settings.max_queue, depth_models=list(served))
+    except QUEUE_DOWN as exc:  # the reply may be what was lost: say which job to look for
+        log.warning("enqueue of job %s failed: %s", job.id, exc)
+        raise RequestInvalid(f"the job queue (Redis) is unreachable right now; retry later (if job "
+                             f"{job.id} was queued before the connection failed, GET /jobs/{job.id} "
+                             "finds it)", 503) from None
     wait = settings.wait_max_s if inp.options.wait is None else min(inp.options.wait, settings.wait_max_s)
     return job, wait
 
 
-def _accepted(job: Job) -> JSONResponse:
-    return JSONResponse(job.to_public(), status_code=202,
-                        headers={"Location": f"/jobs/{job.id}", "Retry-After": "1"})
+def _accepted(job: Job, detail: str | None = None) -> JSONResponse:
+    body = job.to_public() if detail is None else {"detail": detail, **job.to_public()}
+    return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job.id}", "Retry-After": "1"})
 
 
 def _finished(job: Job) -> JSONResponse:
-    """200 for a done (or cancelled) job; a failed one: 422 if the input was at fault, else 500."""
-    if job.status is not JobStatus.FAILED:
-        return JSONResponse(job.to_public())
-    kind = getattr(errors, (job.error or {}).get("type", ""), None)
-    input_error = isinstance(kind, type) and issubclass(kind, errors.AttributionError)
-    body = {"detail": (job.error or {}).get("message", "the job failed"), **job.to_public()}
-    return JSONResponse(body, status_code=422 if input_error else 500)
+    """200 for a done (or cancelled) job; a failed one with the status of its fault (errors.py)."""
+    if job.status is JobStatus.FAILED:
+        body = {"detail": (job.error or {}).get("message", "the job failed"), **job.to_public()}
+        return JSONResponse(body, status_code=failed_job_status(job.fault))
+    if job.evicted:
+        return _evicted(job)
+    return JSONResponse(job.to_public())
+
+
+def _lost(job_id: str) -> JSONResponse:
+    return JSONResponse({"detail": f"no job {job_id!r}: unknown or lost (expired, or Redis lost its data)"},
+                        status_code=404)
+
+
+def _evicted(job: Job) -> JSONResponse:
+    detail = (f"the result of job {job.id} was dropped to keep the stored bytes within their budget "
+              "(EXCLIP_MAX_STORED_BYTES); submit the job again")
+    return JSONResponse({"detail": detail, **job.to_public()}, status_code=410)
+
+
+async def _wait(queue: JobQueue, job: Job, wait_s: float) -> JSONResponse:
+    """The job once finished within ``wait_s``, else 202 with its handle — whatever fails meanwhile."""
+    try:
+        latest = await queue.wait_finished(job.id, wait_s)
+    except Exception as exc:  # noqa: BLE001 - the job is queued: never lose its handle over a wait
+        log.warning("waiting for job %s failed (%s: %s); answering 202", job.id, type(exc).__name__, exc)
+        return _accepted(job, f"the job is queued but the queue stopped answering while waiting "
+                              f"({type(exc).__name__}); poll GET /jobs/{job.id}")
+    if latest is None:
+        return _lost(job.id)
+    return _finished(latest) if latest.status.finished else _accepted(latest)
 
 
 @router.post("/explain", openapi_extra=_BODY, status_code=200,
              responses={200: {"model": JobOut, "description": "done within `wait`"},
-                        202: {"model": JobOut, "description": "still running: poll Location"}, **_ERRORS})
+                        202: {"model": JobOut, "description": "still running: poll Location"},
+                        410: {"model": ErrorOut, "description": "the job's image expired before it ran"},
+                        **_ERRORS})
 async def explain(request: Request, owner: Owner, queue: Queue, settings: AppSettings) -> JSONResponse:
     """Explain one image with one or more captions; wait up to `wait` seconds for the result."""
     job, wait = await _submit(request, owner, queue, settings)
-    latest = await wait_finished(queue, job.id, wait)
-    if latest is not None and latest.status.finished:
-        return _finished(latest)
-    return _accepted(latest or job)
+    return await _wait(queue, job, wait)
 
 
 @router.post("/jobs", openapi_extra=_BODY, status_code=202,
@@ -81,10 +125,21 @@ async def submit_job(request: Request, owner: Owner, queue: Queue, settings: App
     return _accepted(job)
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}})
-async def get_job(job: OwnedJob) -> JSONResponse:
-    """The job's status, and its result when done or its error when failed."""
-    return JSONResponse(job.to_public())
+_WAIT = "seconds to wait for the job to finish (long poll; at most EXCLIP_WAIT_MAX_S)"
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut,
+            responses={404: {"model": ErrorOut}, 410: {"model": ErrorOut, "description": "result evicted"}})
+async def get_job(job: OwnedJob, queue: Queue, settings: AppSettings,
+                  wait: Annotated[float | None, Query(ge=0, allow_inf_nan=False, description=_WAIT)] = None,
+                  ) -> JSONResponse:
+    """The job's status, and its result when done or its error when failed; `wait` long-polls."""
+    if wait and not job.status.finished:
+        latest = await queue.wait_finished(job.id, min(wait, settings.wait_max_s))
+        if latest is None:
+            return _lost(job.id)
+        job = latest
+    return _evicted(job) if job.evicted else JSONResponse(job.to_public())
 
 
 @router.delete("/jobs/{job_id}", response_model=JobOut,

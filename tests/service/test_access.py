@@ -8,6 +8,7 @@ list comes from the app's own OpenAPI schema, so a new unprotected endpoint make
 from __future__ import annotations
 
 import re
+import signal
 import uuid
 
 import httpx
@@ -108,20 +109,26 @@ def test_both_key_sources_work_and_jobs_belong_to_their_key(keyed):
 
 
 def test_owner_can_cancel_a_queued_job_and_no_one_else_can(keyed):
-    url, _, _, _ = keyed
+    url, _, worker, _ = keyed
     with httpx.Client(base_url=url, timeout=60) as c:
-        # A long job in front keeps the next one queued long enough to cancel it.
-        slow = c.post("/jobs", headers=bearer(KEY_A), files={"image": ("x.png", png_bytes())},
-                      data={"caption": ["a dog running on the beach"] * 16, "steps": "100"})
-        queued = c.post("/jobs", headers=bearer(KEY_B), files={"image": ("x.png", png_bytes())},
-                        data={"caption": "a cat", "steps": "1"})
-        assert slow.status_code == queued.status_code == 202
-        job_id = queued.json()["id"]
-        assert c.delete(f"/jobs/{job_id}", headers=bearer(KEY_A)).status_code == 404
-        r = c.delete(f"/jobs/{job_id}", headers=bearer(KEY_B))
-        assert r.status_code in (200, 409), r.text
-        if r.status_code == 200:  # 409 only if the worker had already started it
-            assert r.json()["status"] == "cancelled"
+        worker.send_signal(signal.SIGSTOP)  # nothing can start the job: it stays queued (heartbeat lives 6 s)
+        try:
+            queued = c.post("/jobs", headers=bearer(KEY_B), files={"image": ("x.png", png_bytes())},
+                            data={"caption": "a cat", "steps": "1"})
+            assert queued.status_code == 202, queued.text
+            job_id = queued.json()["id"]
+            assert c.delete(f"/jobs/{job_id}", headers=bearer(KEY_A)).status_code == 404
+            r = c.delete(f"/jobs/{job_id}", headers=bearer(KEY_B))
+        finally:
+            worker.send_signal(signal.SIGCONT)
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "cancelled"
+        # The worker, running again, skips it: still cancelled, never computed.
+        after = c.post("/explain", headers=bearer(KEY_B), files={"image": ("x.png", png_bytes())},
+                       data={"caption": "a dog", "steps": "1"})
+        assert after.status_code == 200, after.text
+        cancelled = c.get(f"/jobs/{job_id}", headers=bearer(KEY_B)).json()
+        assert cancelled["status"] == "cancelled" and cancelled["result"] is None
 
 
 def test_keys_appear_in_no_log_and_no_redis_value(keyed, redis_server):

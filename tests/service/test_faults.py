@@ -22,6 +22,7 @@ import resource
 import select
 import signal
 import socket
+import subprocess
 import threading
 import time
 from typing import Any
@@ -31,7 +32,7 @@ import pytest
 import redis
 
 from service.keys import GROUP, METRICS_TTL_S, Keys
-from tests.conftest import ServiceLauncher
+from tests.conftest import REDIS_SERVER, RedisServer, ServiceLauncher
 from tests.service.conftest import b64, png_bytes
 
 STREAM_MODEL = "exclip-tiny"
@@ -349,3 +350,228 @@ def test_idle_worker_survives_its_stream_expiring(private_stack):
         assert worker.alive(), worker.output[-3000:]
     last = submit(api.url, ["a bird"], steps=2)
     assert wait_finished(api.url, [last], timeout_s=30)[0]["status"] == "done"
+
+
+def lost(url: str, job_id: str) -> bool:
+    r = httpx.get(f"{url}/jobs/{job_id}", timeout=10)
+    return r.status_code == 404 and "unknown, expired or lost" in r.json()["detail"]
+
+
+def submit_when_served(url: str, captions: list[str], steps: int, seed: int = 0) -> str:
+    """Submit once a worker is advertised again (after Redis lost the heartbeats)."""
+    def attempt() -> str | None:
+        r = httpx.post(url + "/jobs", files={"image": ("x.png", png_bytes(seed=seed))},
+                       data={"caption": captions, "steps": str(steps)}, timeout=30)
+        return r.json()["id"] if r.status_code == 202 else None
+
+    return wait_for(attempt, 60, "a worker to be advertised", 0.2)
+
+
+@pytest.mark.slow
+def test_workers_survive_a_flushed_database_a_lost_group_and_an_empty_restart(private_stack):
+    """Whatever Redis loses under a worker — mid-batch or idle — it logs, recreates and goes on; the jobs
+    lost with the data are 404 "unknown or lost" and their results are never written anywhere."""
+    server, launch = private_stack
+    api = launch.api(**SLOW, EXCLIP_REDIS_TIMEOUT_S="1")
+    worker = launch.worker(EXCLIP_REDIS_TIMEOUT_S="1")
+    api.wait_ready()
+    r, keys = server.client(), Keys(launch.key_prefix)
+
+    flushed = submit(api.url, ["a dog on the grass"] * 4, steps=3000)
+    wait_for(lambda: job(api.url, flushed)["status"] == "running", 60, "the batch to start")
+    r.flushall()  # mid-batch: record, image, stream and group all go
+    assert lost(api.url, flushed)
+    wait_for(lambda: "vanished" in worker.output, 120, "the worker to finish the batch it was computing")
+    assert not r.exists(keys.job(flushed)), "a lost job's result was written into a new record"
+    after_flush = submit_when_served(api.url, ["a cat"], steps=2)
+    assert wait_finished(api.url, [after_flush])[0]["status"] == "done"
+
+    r.xgroup_destroy(keys.stream(STREAM_MODEL), GROUP)  # idle: the group alone goes
+    no_group = submit(api.url, ["a bird"], steps=2, seed=1)
+    assert wait_finished(api.url, [no_group])[0]["status"] == "done"
+
+    restarted = submit(api.url, ["a dog on the grass"] * 4, steps=3000, seed=2)
+    wait_for(lambda: job(api.url, restarted)["status"] == "running", 60, "the batch to start")
+    server.stop()
+    server.start()  # same port, empty: no persistence
+    api.wait_ready(timeout_s=60)
+    assert lost(api.url, restarted)
+    after_restart = submit_when_served(api.url, ["a fish"], steps=2, seed=3)
+    assert wait_finished(api.url, [after_restart], timeout_s=180)[0]["status"] == "done"
+    assert worker.alive() and "Traceback" not in worker.output, worker.output[-3000:]
+    assert not r.exists(keys.job(restarted))
+
+
+@pytest.mark.slow
+def test_a_batch_longer_than_the_ttl_keeps_its_stream_record_and_image(private_stack):
+    """The heartbeat renews what an in-flight batch needs, so nothing it holds expires under it."""
+    server, launch = private_stack
+    env = {"EXCLIP_RESULT_TTL_S": "3", "EXCLIP_HEARTBEAT_S": "0.5"}
+    api = launch.api(**SLOW, **env)
+    worker = launch.worker(**env)
+    api.wait_ready()
+    long_job = submit(api.url, ["a dog on the grass"] * 4, steps=3000)
+    r, keys = server.client(), Keys(launch.key_prefix)
+    wait_for(lambda: r.hget(keys.job(long_job), "status") == "running", 60, "the batch to start")
+    started = time.monotonic()
+    while r.hget(keys.job(long_job), "status") == "running":
+        assert r.exists(keys.stream(STREAM_MODEL), keys.job(long_job), keys.image(long_job)) == 3
+        time.sleep(0.2)
+    assert time.monotonic() - started > 4, "the batch was not longer than the TTL: the test proves nothing"
+    [done] = wait_finished(api.url, [long_job])
+    assert done["status"] == "done" and len(done["result"]["captions"]) == 4
+    assert "vanished" not in worker.output
+
+
+def test_a_redis_stall_while_a_client_waits_answers_202_with_the_job(private_stack):
+    server, launch = private_stack
+    api = launch.api(**SLOW, EXCLIP_REDIS_TIMEOUT_S="1")
+    launch.worker(EXCLIP_REDIS_TIMEOUT_S="1")
+    api.wait_ready()
+    answer: dict[str, httpx.Response] = {}
+
+    def explain() -> None:
+        answer["r"] = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
+                                 data={"caption": ["a dog on the grass"] * 4, "steps": "2000", "wait": "60"},
+                                 timeout=90)
+
+    thread = threading.Thread(target=explain)
+    thread.start()
+    r = server.client()
+    wait_for(lambda: any(r.hget(k, "status") == "running" for k in r.scan_iter("*:job:*")), 60, "the job")
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        thread.join(30)
+        assert "r" in answer, "no answer while Redis stalled"
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    reply = answer["r"]
+    assert reply.status_code == 202, reply.text
+    job_id = reply.json()["id"]
+    assert reply.headers["Location"] == f"/jobs/{job_id}" and "GET /jobs" in reply.json()["detail"]
+    [done] = wait_finished(api.url, [job_id], timeout_s=120)
+    assert done["status"] == "done"
+
+
+def test_a_job_whose_image_expired_before_it_ran_answers_410(launcher, redis_server):
+    api = launcher.api(**SLOW)
+    launcher.worker()
+    api.wait_ready()
+    blocker = submit(api.url, ["a long caption to keep the worker busy"] * 4, steps=2000)
+    wait_for(lambda: job(api.url, blocker)["status"] == "running", 60, "the blocker to start")
+    answer: dict[str, httpx.Response] = {}
+    thread = threading.Thread(target=lambda: answer.setdefault("r", httpx.post(
+        api.url + "/explain", files={"image": ("x.png", png_bytes())},
+        data={"caption": "a cat", "wait": "60"}, timeout=90)))
+    thread.start()
+    r, keys = redis_server.client(), Keys(launcher.key_prefix)
+    image_key = wait_for(lambda: next((k for k in r.scan_iter(keys.image("*")) if blocker not in k), None),
+                         30, "the second job")
+    assert r.delete(image_key) == 1
+    thread.join(120)
+    assert answer["r"].status_code == 410, answer["r"].text
+    assert answer["r"].json()["error"]["type"] == "ImageExpired"
+
+
+@pytest.mark.slow
+def test_two_live_workers_hold_each_long_job_alone_past_the_visibility_timeout(launcher, redis_server):
+    """Each job computes for several visibility timeouts; the heartbeat's renewal keeps it with its
+    worker: one delivery per job, one consumer per entry, no takeover."""
+    env = {"EXCLIP_VISIBILITY_TIMEOUT_S": "2", "EXCLIP_HEARTBEAT_S": "0.5", "EXCLIP_MAX_BATCH": "1"}
+    api = launcher.api(**SLOW, **env)
+    workers = [launcher.worker(EXCLIP_WORKER_NAME=name, **env) for name in ("w1", "w2")]
+    api.wait_ready()
+    ids = [submit(api.url, ["a dog on the grass"] * 4, steps=3000, seed=i) for i in range(2)]
+    r = redis_server.client()
+    holders: dict[str, set[str]] = {}
+    t0 = time.monotonic()
+    while not all(job(api.url, i)["status"] in ("done", "failed") for i in ids):
+        for p in pending(r, launcher.key_prefix):
+            holders.setdefault(p["message_id"], set()).add(p["consumer"])
+            assert p["times_delivered"] == 1, p
+        assert time.monotonic() - t0 < 300
+        time.sleep(0.2)
+    assert time.monotonic() - t0 > 4, "the jobs were not longer than two visibility timeouts"
+    assert len(holders) == 2 and all(len(h) == 1 for h in holders.values()), holders
+    jobs = [job(api.url, i) for i in ids]
+    assert [j["status"] for j in jobs] == ["done", "done"]
+    assert [r.hget(Keys(launcher.key_prefix).job(i), "deliveries") for i in ids] == ["1", "1"]
+    assert not any("took over" in w.output for w in workers)
+
+
+class AofRedisServer(RedisServer):
+    """A private redis-server with append-only persistence (fsync every second), as deployed."""
+
+    def __init__(self, data_dir) -> None:
+        super().__init__()
+        self.data_dir = data_dir
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.data_dir),
+             "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self._answers(), timeout_s, "redis-server to start")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.ConnectionError:
+            return False
+
+
+def test_queued_jobs_survive_a_redis_crash_with_aof_and_complete_once(key_prefix, tiny_checkpoint, tmp_path):
+    server = AofRedisServer(tmp_path / "aof")
+    (tmp_path / "aof").mkdir()
+    server.start()
+    launch = ServiceLauncher(server.url, key_prefix, tiny_checkpoint, tmp_path)
+    try:
+        api = launch.api()
+        worker = launch.worker(EXCLIP_HEARTBEAT_S="60")  # its heartbeat outlives the pause below
+        api.wait_ready()
+        worker.send_signal(signal.SIGSTOP)  # jobs stay queued
+        try:
+            ids = [submit(api.url, [f"a dog number {i}"], steps=2, seed=i) for i in range(3)]
+            time.sleep(1.5)  # appendfsync everysec: what is a second old is on disk
+            server.proc.kill()  # a crash, not a clean shutdown
+            server.proc.wait(10)
+            server.start()
+        finally:
+            worker.send_signal(signal.SIGCONT)
+        jobs = wait_finished(api.url, ids, timeout_s=120)
+        assert [j["status"] for j in jobs] == ["done"] * 3, [j["error"] for j in jobs]
+        r = server.client()
+        assert [r.hget(Keys(key_prefix).job(i), "deliveries") for i in ids] == ["1"] * 3  # computed once
+        assert float(r.hget(Keys(key_prefix).metrics, "jobs:done")) == 3
+        assert pending(r, key_prefix) == []
+    finally:
+        launch.close()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_an_out_of_memory_batch_is_halved_and_both_halves_complete(launcher):
+    """A real allocation failure: four jobs do not fit under the address-space cap together, two do.
+
+    The engine's memory grows with the images and captions of a call (peak address space measured in
+    one process with the allocator settings below, tiny model, 4 captions per job, 1500 steps: +104 /
+    +177 / +342 MB for 1 / 2 / 4 jobs), so two jobs fit in 260 MB and four do not: the worker's split
+    in halves is what saves them.
+    """
+    api = launcher.api(**SLOW)
+    worker = launcher.worker(EXCLIP_MAX_BATCH="4", EXCLIP_MAX_WAIT_MS="8000", MALLOC_ARENA_MAX="2",
+                             MALLOC_MMAP_THRESHOLD_="131072")  # big blocks return to the OS when freed
+    api.wait_ready()
+    warm = submit(api.url, ["a dog"], steps=10)
+    assert wait_finished(api.url, [warm])[0]["status"] == "done"
+    limit = _vm_size(worker.proc.pid) + 260 * 2**20  # two jobs need ~177 MB, four ~342 MB
+    resource.prlimit(worker.proc.pid, resource.RLIMIT_AS, (limit, limit))
+    ids = [submit(api.url, [f"a dog number {i} running on the beach near the sea"] * 4, steps=1500, seed=i)
+           for i in range(4)]
+    jobs = wait_finished(api.url, ids, timeout_s=240)
+    assert [j["status"] for j in jobs] == ["done"] * 4, [j["error"] for j in jobs]
+    assert "batch of 4 failed" in worker.output and "retrying it in halves" in worker.output
+    calls = [j["result"]["captions"][0]["timings"]["compute_ms"] for j in jobs]
+    assert calls[0] == calls[1] and calls[2] == calls[3] and calls[0] != calls[2]  # two calls of two
+    assert worker.alive()

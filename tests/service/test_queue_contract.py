@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
+from attribution.selections import Box, Span
 from service.connections import create_queue
-from service.jobs import Job, JobStatus
+from service.jobs import CaptionRequest, Job, JobRequest, JobStatus
 from service.queue import QueueFull
 from service.settings import Settings
 
@@ -29,10 +31,19 @@ async def queue(request, redis_server, key_prefix):
     await q.close()
 
 
+@pytest.fixture(params=["memory", "redis"])
+async def budget_queue(request, redis_server, key_prefix):
+    """A queue that keeps at most 1000 bytes of images and results."""
+    url = redis_server.url if request.param == "redis" else None
+    q = create_queue(Settings(redis_url=url, key_prefix=key_prefix, result_ttl_s=60, max_stored_bytes=1000))
+    yield q
+    await q.close()
+
+
 def make_job(model: str = MODEL, steps: int = 10) -> Job:
-    request = {"model": model, "text_layer": 2, "image_layer": 2, "steps": steps, "precision": "float32",
-               "format": "json", "captions": [{"text": "a dog", "selections": []}]}
-    return Job(model=model, request=request, owner="h")
+    request = JobRequest(model=model, text_layer=2, image_layer=2, steps=steps, precision="float32",
+                         format="json", captions=(CaptionRequest("a dog", (Span(0, 1), Box(0, 0, 2, 2))),))
+    return Job(request=request, owner="h")
 
 
 async def enqueue(q, job: Job | None = None, image: bytes = b"img") -> Job:
@@ -177,3 +188,65 @@ async def test_metrics_accumulate_across_calls(queue):
     metrics = await queue.read_metrics()
     assert metrics["jobs:done"] == 3 and metrics["compute_seconds:sum"] == pytest.approx(0.75)
     assert metrics["jobs_enqueued"] == 1
+
+
+async def finish(q, job: Job, result: dict | None = None, status: JobStatus = JobStatus.DONE) -> Job:
+    started = await q.start(job.id)
+    started.status, started.result, started.finished_at = status, result, time.time()
+    await q.finish(started)
+    return started
+
+
+async def test_byte_budget_evicts_finished_images_then_results_oldest_first(budget_queue):
+    q = budget_queue  # 1000 bytes; each result below is 56 bytes of JSON
+    jobs = [await enqueue(q, image=bytes([i]) * 250) for i in range(3)]  # 750 bytes of queued images
+    with pytest.raises(QueueFull, match="EXCLIP_MAX_STORED_BYTES"):  # unfinished images are never evicted
+        await q.enqueue(make_job(), b"x" * 300, max_depth=100, depth_models=[MODEL])
+    await q.read("w1", [MODEL], count=8, block_ms=100)
+    for j in jobs:
+        await finish(q, j, {"captions": ["r" * 40]})  # 918 bytes stored
+    assert [await q.image(j.id) for j in jobs] == [bytes([i]) * 250 for i in range(3)]  # kept for heatmaps
+    newer = await enqueue(q, image=b"n" * 250)  # the oldest finished image makes room
+    assert await q.image(jobs[0].id) is None and await q.image(jobs[1].id) == b"\x01" * 250
+    assert await q.image(newer.id) == b"n" * 250
+    failed = await enqueue(q, image=b"f" * 250)  # evicts image 1
+    await q.read("w1", [MODEL], count=8, block_ms=100)
+    await finish(q, failed, status=JobStatus.FAILED)
+    assert await q.image(failed.id) is None  # a failed job has no heatmap: its image goes at once
+    big = await enqueue(q, image=b"b" * 650)  # needs image 2 and then the two oldest results
+    assert [await q.image(j.id) for j in jobs] == [None, None, None]
+    assert await q.image(big.id) == b"b" * 650 and await q.image(newer.id) == b"n" * 250
+    kept = [await q.get(j.id) for j in jobs]
+    assert [(j.status, j.evicted, j.result is None) for j in kept] == [
+        (JobStatus.DONE, True, True), (JobStatus.DONE, True, True), (JobStatus.DONE, False, False)]
+
+
+async def test_wait_finished_wakes_when_the_job_finishes(queue):
+    job = await enqueue(queue)
+    t0 = time.monotonic()
+    assert (await queue.wait_finished(job.id, 0.3)).status is JobStatus.QUEUED  # times out
+    assert 0.25 <= time.monotonic() - t0 < 2
+    await queue.read("w1", [MODEL], count=8, block_ms=100)
+
+    async def finish_soon() -> float:
+        await asyncio.sleep(0.5)
+        await finish(queue, job, {"captions": []})
+        return time.monotonic()
+
+    finisher = asyncio.create_task(finish_soon())
+    waited = await queue.wait_finished(job.id, 10)
+    woke = time.monotonic()
+    assert waited.status is JobStatus.DONE
+    # Woken by the notification, not by the 1 s safety poll.
+    assert woke - await finisher < 0.3
+    assert await queue.wait_finished("no-such-job", 1) is None
+
+
+async def test_cancel_wakes_waiters(queue):
+    job = await enqueue(queue)
+    waiter = asyncio.create_task(queue.wait_finished(job.id, 10))
+    await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    await queue.cancel(job.id)
+    assert (await waiter).status is JobStatus.CANCELLED and time.monotonic() - t0 < 0.3
+    assert await queue.image(job.id) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.connections import create_queue
-from service.jobs import Job, JobStatus
+from service.jobs import CaptionRequest, Job, JobRequest, JobStatus
 from service.keys import GROUP, Keys
 from service.settings import Settings
 
@@ -26,9 +26,8 @@ async def queue(redis_server, key_prefix):
 
 
 def job() -> Job:
-    request = {"model": MODEL, "text_layer": 2, "image_layer": 2, "steps": 3, "precision": "float32",
-               "format": "json", "captions": [{"text": "a", "selections": []}]}
-    return Job(model=MODEL, request=request)
+    return Job(request=JobRequest(model=MODEL, text_layer=2, image_layer=2, steps=3, precision="float32",
+                                  format="json", captions=(CaptionRequest("a"),)))
 
 
 async def test_every_key_the_service_writes_expires(queue, redis_server, key_prefix):
@@ -47,7 +46,11 @@ async def test_every_key_the_service_writes_expires(queue, redis_server, key_pre
     r = redis_server.client()
     keys = r.keys(f"{key_prefix}:*")
     assert {Keys(key_prefix).stream(MODEL), Keys(key_prefix).metrics, Keys(key_prefix).workers} <= set(keys)
-    assert len(keys) == 3 + 3 + 4  # 3 job records, 3 images, stream, metrics, worker index, heartbeat
+    k = Keys(key_prefix)
+    # 3 job records, 3 images (kept for heatmaps), stream, metrics, worker index, heartbeat, and the
+    # budget index: sizes, total, done images, results (no unfinished image is left)
+    assert len(keys) == 3 + 3 + 4 + 4
+    assert {k.stored_sizes, k.stored_total, k.evictable_images, k.evictable_results} <= set(keys)
     assert {k: r.ttl(k) for k in keys if r.ttl(k) <= 0} == {}
 
 
