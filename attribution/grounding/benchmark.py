@@ -1,0 +1,189 @@
+"""Run grounding methods over samples and layer pairs: per-phrase scores, summaries and costs.
+
+Each method runs once per distinct setting of the cut points it reads (``GroundingMethod.layers``):
+the interactions once per (text, image) layer pair, the first-order methods once per image layer,
+the random baseline once. Costs are wall seconds per caption, measured around each method's own
+calls in the same process, with one plain image forward pass per image as the machine-independent
+unit (the model's ``encode_image`` on the same batches, timed in the same run).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from attribution.grounding.methods import Batch, GroundingMethod
+from attribution.grounding.metrics import energy_in_box, pointing_hit
+from attribution.grounding.samples import GroundingSample
+from attribution.models import LoadedModel
+
+LayerPair = tuple[int, int]
+# The cut points a result depends on: None where the method does not read that tower's layer.
+Layers = tuple[int | None, int | None]
+ALL_GROUPS = "all"
+
+
+def layers_label(layers: Layers) -> str:
+    return "/".join("-" if v is None else str(v) for v in layers)
+
+
+def effective_layers(method: GroundingMethod, pair: LayerPair) -> Layers:
+    text_layer, image_layer = pair
+    if method.layers == "text+image":
+        return (text_layer, image_layer)
+    if method.layers == "image":
+        return (None, image_layer)
+    return (None, None)
+
+
+@dataclass(frozen=True)
+class PhraseScore:
+    sample_id: str
+    phrase: int
+    text: str
+    group: str
+    method: str
+    layers: Layers
+    hit: bool
+    energy: float
+
+
+@dataclass(frozen=True)
+class Cost:
+    method: str
+    layers: Layers
+    seconds: float
+    captions: int
+    phrases: int
+
+    @property
+    def per_caption_s(self) -> float:
+        return self.seconds / max(self.captions, 1)
+
+
+@dataclass(frozen=True)
+class Summary:
+    method: str
+    layers: Layers
+    group: str
+    phrases: int
+    pointing: float
+    energy: float
+
+
+@dataclass
+class BenchmarkResult:
+    scores: list[PhraseScore]
+    costs: list[Cost]
+    image_forward_s: float  # one plain image forward, per image
+    pointing_rule: str
+    # (method, layers) -> heatmaps of the first samples, for the figure: [sample][phrase] (rows, cols)
+    examples: dict[tuple[str, Layers], list[list[torch.Tensor]]] = field(default_factory=dict)
+
+    def summaries(self) -> list[Summary]:
+        """Mean pointing and energy per (method, layers, group), plus the group ``all``."""
+        buckets: dict[tuple[str, Layers, str], list[PhraseScore]] = defaultdict(list)
+        for s in self.scores:
+            buckets[(s.method, s.layers, s.group)].append(s)
+            buckets[(s.method, s.layers, ALL_GROUPS)].append(s)
+        return [
+            Summary(m, layers, g, len(v), sum(s.hit for s in v) / len(v), sum(s.energy for s in v) / len(v))
+            for (m, layers, g), v in buckets.items()
+        ]
+
+    def groups(self) -> list[str]:
+        """Groups by number of phrases (most first), then name; ``all`` last."""
+        counts: dict[str, int] = defaultdict(int)
+        for s in self.scores:
+            counts[s.group] += 1
+        return sorted(counts, key=lambda g: (-counts[g], g)) + [ALL_GROUPS]
+
+    def to_dict(self) -> dict:
+        return {
+            "pointing_rule": self.pointing_rule,
+            "image_forward_s": self.image_forward_s,
+            "summaries": [asdict(s) for s in self.summaries()],
+            "costs": [
+                {**asdict(c), "per_caption_s": c.per_caption_s,
+                 "per_caption_image_forwards": c.per_caption_s / self.image_forward_s}
+                for c in self.costs
+            ],
+            "scores": [asdict(s) for s in self.scores],
+        }
+
+
+def batches(loaded: LoadedModel, samples: Sequence[GroundingSample], size: int) -> list[Batch]:
+    return [Batch.build(loaded, samples[i : i + size]) for i in range(0, len(samples), size)]
+
+
+@torch.no_grad()
+def image_forward_seconds(loaded: LoadedModel, prepared: Sequence[Batch]) -> float:
+    """Seconds of one plain image forward (``encode_image``) per image, over the same batches."""
+    loaded.model.encode_image(prepared[0].tensors[:1].to(loaded.device))  # warm-up
+    start = time.perf_counter()
+    images = 0
+    for batch in prepared:
+        loaded.model.encode_image(batch.tensors.to(loaded.device))
+        images += len(batch.samples)
+    return (time.perf_counter() - start) / images
+
+
+def run_benchmark(
+    loaded: LoadedModel,
+    samples: Sequence[GroundingSample],
+    methods: Sequence[GroundingMethod],
+    layer_pairs: Sequence[LayerPair],
+    *,
+    batch_size: int = 16,
+    pointing_rule: str = "centre",
+    n_examples: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> BenchmarkResult:
+    """Score every method at every layer pair on ``samples``; ``progress(k)`` is told of k done batches."""
+    prepared = batches(loaded, samples, batch_size)
+    jobs: list[tuple[GroundingMethod, Layers, LayerPair]] = []
+    for method in methods:
+        seen: set[Layers] = set()
+        for pair in layer_pairs:
+            layers = effective_layers(method, pair)
+            if layers not in seen:
+                seen.add(layers)
+                jobs.append((method, layers, pair))
+
+    result = BenchmarkResult([], [], image_forward_seconds(loaded, prepared), pointing_rule)
+    for method, layers, (text_layer, image_layer) in jobs:
+        seconds = 0.0
+        examples: list[list[torch.Tensor]] = []
+        for batch in prepared:
+            start = time.perf_counter()
+            heatmaps = method.heatmaps(loaded, batch, text_layer, image_layer)
+            seconds += time.perf_counter() - start
+            for sample, geometry, maps in zip(batch.samples, batch.geometries, heatmaps, strict=True):
+                if len(examples) < n_examples:
+                    examples.append(maps)
+                for i, (phrase, heatmap) in enumerate(zip(sample.phrases, maps, strict=True)):
+                    result.scores.append(
+                        PhraseScore(
+                            sample.id, i, sample.phrase_text(i), phrase.group, method.name, layers,
+                            pointing_hit(heatmap, geometry, phrase.boxes, pointing_rule),
+                            energy_in_box(heatmap, geometry, phrase.boxes),
+                        )
+                    )
+            if progress is not None:
+                progress(1)
+        n_phrases = sum(b.n_phrases for b in prepared)
+        result.costs.append(Cost(method.name, layers, seconds, len(samples), n_phrases))
+        if n_examples:
+            result.examples[(method.name, layers)] = examples
+    return result
+
+
+def n_batches(methods: Sequence[GroundingMethod], layer_pairs: Sequence[LayerPair], n_samples: int,
+              batch_size: int) -> int:
+    """How many ``progress`` steps ``run_benchmark`` will report."""
+    runs = sum(len({effective_layers(m, p) for p in layer_pairs}) for m in methods)
+    return runs * -(-n_samples // batch_size)
