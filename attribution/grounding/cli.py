@@ -26,7 +26,9 @@ from attribution.grounding.samples import GroundingSample
 from attribution.models import LoadedModel, load_model
 
 DATASETS = ("scenes", "coco", "flickr30k")
-SCENES_TEST_SEED = 20_000  # seed of the held-out scenes (a seed the training script never draws)
+# The benchmark's own held-out scenes: not a training seed, and not the seed the training script uses
+# to pick its best checkpoint, so the checkpoint was never selected on them.
+SCENES_TEST_SEED = 2_000_003
 
 
 def parse_layers(value: str, loaded: LoadedModel) -> list[LayerPair]:
