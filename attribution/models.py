@@ -7,22 +7,22 @@ checkpoint file (anything open_clip's own ``load_checkpoint`` reads: a plain ``s
 ``"none"`` / ``""`` for random weights (logged as a warning). Every other case raises, naming the model
 and saying how to pass a checkpoint or ``--pretrained none``.
 
-Importing this module registers the tiny test architecture ``exclip-tiny`` with open_clip's own config
-registry, so ``open_clip.create_model("exclip-tiny")`` and ``open_clip.get_tokenizer("exclip-tiny")`` work.
+Importing this module registers the architectures in ``attribution/model_configs/*.json`` (the tiny
+test model ``exclip-tiny``, the demo model ``exclip-scenes``) with open_clip's ``add_model_config``, so
+``open_clip.create_model("exclip-tiny")`` and ``open_clip.get_tokenizer("exclip-tiny")`` work.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
-from open_clip import factory as _oc_factory
 from open_clip import get_model_config
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from open_clip.transformer import VisionTransformer
@@ -32,15 +32,10 @@ from attribution.errors import InvalidOption, ModelNotAvailable, UnknownModel, U
 log = logging.getLogger(__name__)
 
 TINY_MODEL = "exclip-tiny"
+SCENES_MODEL = "exclip-scenes"
 
-# Architecture registry as data: open_clip model-config dicts (same schema as its model_configs/*.json).
-EXTRA_MODEL_CONFIGS: dict[str, dict[str, Any]] = {
-    TINY_MODEL: {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
-    },
-}
+# Architecture registry as data: open_clip model-config JSON files (its own schema), one per architecture.
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 _NO_WEIGHTS = {"", "none"}
 _HOW_TO = (
@@ -48,14 +43,7 @@ _HOW_TO = (
     "or --pretrained none for random weights"
 )
 
-
-def _register_extra_configs() -> None:
-    # open_clip keeps its registry in a module-level dict; _rescan_model_configs() keeps existing keys.
-    for arch, cfg in EXTRA_MODEL_CONFIGS.items():
-        _oc_factory._MODEL_CONFIGS.setdefault(arch, copy.deepcopy(cfg))
-
-
-_register_extra_configs()
+open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 @dataclass(frozen=True, eq=False)

@@ -16,14 +16,14 @@ import torch
 from torchvision.transforms import Resize
 
 from attribution.errors import InvalidOption, ModelNotAvailable, UnknownModel, UnsupportedModel
-from attribution.models import EXTRA_MODEL_CONFIGS, TINY_MODEL, load_model
+from attribution.models import MODEL_CONFIG_DIR, TINY_MODEL, load_model
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_architecture_is_registered_with_open_clip():
     cfg = open_clip.get_model_config(TINY_MODEL)
-    assert cfg == EXTRA_MODEL_CONFIGS[TINY_MODEL]
+    assert cfg == json.loads((MODEL_CONFIG_DIR / f"{TINY_MODEL}.json").read_text())
     assert TINY_MODEL in open_clip.list_models()
     model = open_clip.create_model(TINY_MODEL)  # open_clip's own factory, no weights
     assert model.visual.grid_size == (4, 4)
