@@ -35,6 +35,7 @@ def test_random_model_metadata_and_state(tiny_model):
     assert tiny_model.describe() == {
         "name": TINY_MODEL, "pretrained": None, "image_size": [32, 32], "patch_size": [8, 8],
         "grid": [4, 4], "context_length": 77, "text_layers": 3, "image_layers": 3, "embed_dim": 32,
+        "default_text_layer": 2, "default_image_layer": 2, "description": None, "demo": False,
         "device": "cpu",
     }
     json.dumps(tiny_model.describe())
