@@ -29,16 +29,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from attribution.models import SCENES_MODEL
+from attribution.retrieval import retrieval_accuracy, scene_pixels
 from attribution.scenes import MAX_OBJECTS, Scene, iter_scenes, swapped_captions
 
 HELD_OUT_SEED = 1_000_003  # never a training step's seed (those come from SeedSequence([seed, step]))
 CURVE_FIELDS = ["step", "wall_s", "loss", "i2t_top1", "t2i_top1", "colour_swap", "shape_swap", "score"]
-
-
-def scene_pixels(scenes: list[Scene], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Scenes as a normalised (N, 3, H, W) batch; the same as the model's eval transform for its size."""
-    x = torch.from_numpy(np.stack([np.asarray(s.image) for s in scenes])).permute(0, 3, 1, 2).float() / 255
-    return (x - mean[:, None, None]) / std[:, None, None]
 
 
 def objects_mix(step: int, curriculum_steps: int) -> list[float]:
@@ -100,31 +95,6 @@ def clip_losses(
     binding_logits = torch.cat([pos, logits[:, n:] + own], dim=1)[has]
     binding = F.cross_entropy(binding_logits, torch.zeros(int(has.sum()), dtype=torch.long))
     return contrastive, binding
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, tokenizer, held_out: list[Scene], mean, std) -> dict[str, float]:
-    """Held-out accuracy: i→t / t→i top-1 among the set's captions (a tie on identical text counts as
-    right), and how often the true caption beats its colour-swapped and shape-swapped versions."""
-    model.eval()
-    captions = [s.caption for s in held_out]
-    img = F.normalize(model.encode_image(scene_pixels(held_out, mean, std)), dim=-1)
-    txt = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
-    sim = img @ txt.T
-    n = len(held_out)
-    i2t = np.mean([captions[int(sim[i].argmax())] == captions[i] for i in range(n)])
-    t2i = np.mean([held_out[int(sim[:, i].argmax())].caption == captions[i] for i in range(n)])
-    result = {"i2t_top1": float(i2t), "t2i_top1": float(t2i)}
-    for attr in ("colour", "shape"):
-        rows = [(i, getattr(swapped_captions(s), attr)) for i, s in enumerate(held_out)]
-        rows = [(i, t) for i, t in rows if t is not None]
-        neg = F.normalize(model.encode_text(tokenizer([t for _, t in rows])), dim=-1)
-        idx = torch.tensor([i for i, _ in rows])
-        wins = (img[idx] * txt[idx]).sum(-1) > (img[idx] * neg).sum(-1)
-        result[f"{attr}_swap"] = float(wins.float().mean())
-    result["score"] = min(result["i2t_top1"], result["colour_swap"], result["shape_swap"])
-    model.train()
-    return result
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -199,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     stream = iter_scenes(HELD_OUT_SEED, image_size=image_size)
     held_out = [next(stream) for _ in range(args.held_out)]
+    held_out_pixels = scene_pixels(held_out, mean, std)
 
     step, wall, best = 0, 0.0, -1.0
     last, curve_path = args.out / "last.pt", args.out / "curve.csv"
@@ -256,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             loss_avg = loss_value if loss_avg is None else 0.95 * loss_avg + 0.05 * loss_value
             if step % args.eval_every == 0 or step == args.steps:
                 t1 = time.perf_counter()
-                metrics = evaluate(model, tokenizer, held_out, mean, std)
+                metrics = retrieval_accuracy(model, tokenizer, held_out_pixels, held_out)
                 wall += time.perf_counter() - t1
                 new_file = not curve_path.exists()
                 with open(curve_path, "a", newline="") as f:
