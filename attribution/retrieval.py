@@ -3,8 +3,9 @@
 Used by scripts/train_scenes.py for its held-out curve, by the tests of the shipped ``exclip-scenes``
 and by BENCHMARKS.md, so the numbers everywhere mean the same thing:
 
-- ``i2t_top1``: for each image, the best-scoring caption among the set's captions is its own (an identical
-  caption text of another scene counts as right: "a red circle" describes both);
+- ``i2t_top1``: for each image, the best-scoring caption among the set's captions describes it
+  (``scenes.describes``: its own, or another scene's caption that is just as true of it, e.g. "there is a
+  red circle" for a picture of a red circle: no image can tell which template its caption used);
 - ``t2i_top1``: likewise from each caption to the images;
 - ``colour_swap`` / ``shape_swap``: how often the true caption scores above the same caption with two
   objects' colours (shapes) exchanged, over the scenes that have such a swap.
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attribution.scenes import Scene, swapped_captions
+from attribution.scenes import Scene, describes, swapped_captions
 
 
 def scene_pixels(scenes: list[Scene], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -40,8 +41,10 @@ def retrieval_accuracy(
     sim = img @ txt.T
     n = len(scenes)
     result = {
-        "i2t_top1": float(np.mean([captions[int(sim[i].argmax())] == captions[i] for i in range(n)])),
-        "t2i_top1": float(np.mean([captions[int(sim[:, i].argmax())] == captions[i] for i in range(n)])),
+        "i2t_top1": float(np.mean([describes(captions[int(sim[i].argmax())], scenes[i]) for i in range(n)])),
+        "t2i_top1": float(
+            np.mean([describes(captions[i], scenes[int(sim[:, i].argmax())]) for i in range(n)])
+        ),
     }
     for attr in ("colour", "shape"):
         rows = [(i, getattr(swapped_captions(s), attr)) for i, s in enumerate(scenes)]

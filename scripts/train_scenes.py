@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from attribution.models import SCENES_MODEL
 from attribution.retrieval import retrieval_accuracy, scene_pixels
-from attribution.scenes import MAX_OBJECTS, Scene, iter_scenes, swapped_captions
+from attribution.scenes import MAX_OBJECTS, Scene, describes, iter_scenes, swapped_captions
 
 HELD_OUT_SEED = 1_000_003  # never a training step's seed (those come from SeedSequence([seed, step]))
 CURVE_FIELDS = ["step", "wall_s", "loss", "i2t_top1", "t2i_top1", "colour_swap", "shape_swap", "score"]
@@ -65,23 +65,35 @@ def negatives(scenes: list[Scene], rng: np.random.Generator | None) -> tuple[lis
     return texts, owners
 
 
+def also_true_mask(scenes: list[Scene], texts: list[str]) -> torch.Tensor:
+    """(n, len(texts)) True where text j, other than scene i's own caption, also describes scene i.
+
+    Such a caption is no negative: two pictures of a red circle are both "a red circle", whatever the
+    template, so the contrastive loss must not push them apart.
+    """
+    mask = torch.tensor([[describes(t, s) for t in texts] for s in scenes])
+    mask[torch.arange(len(scenes)), torch.arange(len(scenes))] = False
+    return mask
+
+
 def clip_losses(
-    model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tensor, captions: list[str], owners: list[int]
+    model: torch.nn.Module,
+    pixels: torch.Tensor,
+    tokens: torch.Tensor,
+    also_true: torch.Tensor,
+    owners: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(contrastive loss with hard negatives, binding loss among each image's own swaps).
 
     ``tokens`` holds the batch's captions followed by the negatives; ``owners[m]`` is the image whose
-    swap negative ``m`` is. Duplicate captions in the batch are not counted as negatives.
+    swap negative ``m`` is; ``also_true`` (from ``also_true_mask``) removes the false negatives.
     """
     n = pixels.shape[0]
     img = F.normalize(model.encode_image(pixels), dim=-1)
     txt = F.normalize(model.encode_text(tokens), dim=-1)
     scale = model.logit_scale.exp()
     logits = scale * img @ txt.T  # (n, n + m)
-    texts = captions + [None] * (tokens.shape[0] - n)
-    same = torch.tensor([[a is not None and a == b for b in texts] for a in captions])
-    same.fill_diagonal_(False)
-    logits = logits.masked_fill(same, float("-inf"))
+    logits = logits.masked_fill(also_true, float("-inf"))
     target = torch.arange(n)
     contrastive = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n].T, target)) / 2
     if not owners:
@@ -211,8 +223,9 @@ def main(argv: list[str] | None = None) -> None:
             neg_texts, owners = negatives(scenes, neg_rng)
             captions = [s.caption for s in scenes]
             tokens = tokenizer(captions + neg_texts)
+            also_true = also_true_mask(scenes, captions + neg_texts)
             contrastive, binding = clip_losses(
-                model, scene_pixels(scenes, mean, std), tokens, captions, owners
+                model, scene_pixels(scenes, mean, std), tokens, also_true, owners
             )
             loss = contrastive + args.binding_weight * binding
             opt.zero_grad(set_to_none=True)
