@@ -13,6 +13,8 @@ from attribution.scenes import (
     SHAPES,
     SIZES,
     Scene,
+    caption_phrases,
+    describes,
     generate_scenes,
     iter_scenes,
     swapped_captions,
@@ -170,3 +172,28 @@ def test_any_seed_gives_a_valid_scene(seed, n, size):
     for i, o in enumerate(s.objects):
         assert 0 <= o.box[0] < o.box[2] <= size and 0 <= o.box[1] < o.box[3] <= size
         assert _words(s, i)[-1] == o.shape
+
+
+def test_every_caption_describes_its_scene_and_no_swap_does(scenes):
+    for s in scenes:
+        assert describes(s.caption, s)
+        swaps = swapped_captions(s)
+        assert not any(describes(t, s) for t in (swaps.colour, swaps.shape) if t)
+
+
+def test_describes_is_about_content_not_wording():
+    (s,) = [x for x in generate_scenes(200, 3) if len(x.objects) == 2 and _distinct(x)][:1]
+    a, b = s.objects
+    def phrase(o, with_size=False):
+        return f"{o.size} {o.colour} {o.shape}" if with_size else f"{o.colour} {o.shape}"
+    assert describes(f"there is a {phrase(b, True)} and a {phrase(a)}", s)  # other template, order, sizes
+    assert not describes(f"a {phrase(a)}", s)  # incomplete
+    assert not describes(f"a {phrase(a)}, a {phrase(b)} and a {phrase(a)}", s)  # too many
+    wrong_size = "large" if a.size == "small" else "small"
+    assert not describes(f"a {wrong_size} {a.colour} {a.shape} and a {phrase(b)}", s)
+    assert caption_phrases("a small red circle, a blue square and a large green triangle") == [
+        ("small", "red", "circle"), (None, "blue", "square"), ("large", "green", "triangle")]
+
+
+def _distinct(s: Scene) -> bool:
+    return len({o.colour for o in s.objects}) == len({o.shape for o in s.objects}) == len(s.objects)
