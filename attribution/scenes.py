@@ -13,6 +13,7 @@ never changes the words around it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -190,34 +191,60 @@ def generate_scenes(n: int, seed: int, *, n_objects: int | None = None, image_si
     return [next(stream) for _ in range(n)]
 
 
+def caption_phrases(caption: str) -> list[tuple[str | None, str, str]]:
+    """The (size or None, colour, shape) of each object a caption of this world names, in order."""
+    phrases, size, colour = [], None, None
+    for word in caption.replace(",", " ").split():
+        if word in SIZES:
+            size = word
+        elif word in COLOURS:
+            colour = word
+        elif word in SHAPES:
+            phrases.append((size, colour, word))
+            size, colour = None, None
+    return phrases
+
+
+def describes(caption: str, scene: Scene) -> bool:
+    """Whether ``caption`` is a true and complete description of ``scene``: one phrase per object, each
+    with the object's colour and shape (and size, where the phrase names one). Template and order are free,
+    so "there is a red circle" describes every scene whose only object is a red circle."""
+    phrases = caption_phrases(caption)
+    if len(phrases) != len(scene.objects):
+        return False
+
+    def fits(phrase: tuple[str | None, str, str], obj: SceneObject) -> bool:
+        size, colour, shape = phrase
+        return colour == obj.colour and shape == obj.shape and size in (None, obj.size)
+
+    return any(
+        all(fits(phrase, scene.objects[k]) for phrase, k in zip(phrases, order, strict=True))
+        for order in itertools.permutations(range(len(scene.objects)))
+    )
+
+
 def _swap(scene: Scene, attribute: str, rng: np.random.Generator | None) -> str | None:
     vocabulary = COLOURS if attribute == "colour" else SHAPES
     phrases = [scene.phrase(k).split(" ") for k in range(len(scene.objects))]
 
-    def swapped(i: int, j: int) -> list[list[str]]:
+    def swapped(i: int, j: int) -> str:
         value_i, value_j = (next(w for w in phrases[k] if w in vocabulary) for k in (i, j))
-        out = [list(p) for p in phrases]
-        out[i] = [value_j if w in vocabulary else w for w in phrases[i]]
-        out[j] = [value_i if w in vocabulary else w for w in phrases[j]]
-        return out
+        new = [list(p) for p in phrases]
+        new[i] = [value_j if w in vocabulary else w for w in phrases[i]]
+        new[j] = [value_i if w in vocabulary else w for w in phrases[j]]
+        caption = scene.caption
+        for k in sorted(range(len(phrases)), key=lambda k: scene.objects[k].span[0], reverse=True):
+            start, end = scene.objects[k].span
+            caption = caption[:start] + " ".join(new[k]) + caption[end:]
+        return caption
 
-    # A swap is a negative only if it changes what the caption says (the multiset of phrases):
-    # exchanging the shapes of a red circle and a red square says the same thing again.
-    original = sorted(phrases)
-    pairs = [
-        (i, j)
-        for i in range(len(phrases))
-        for j in range(i + 1, len(phrases))
-        if sorted(swapped(i, j)) != original
-    ]
-    if not pairs:
+    # A swap is a negative only if it makes the caption false: exchanging the shapes of a red circle and
+    # a red square says the same thing again, and so can a swap between phrases that leave sizes unsaid.
+    candidates = [swapped(i, j) for i in range(len(phrases)) for j in range(i + 1, len(phrases))]
+    candidates = [c for c in candidates if not describes(c, scene)]
+    if not candidates:
         return None
-    new_phrases = swapped(*(pairs[0] if rng is None else pairs[int(rng.integers(0, len(pairs)))]))
-    caption = scene.caption
-    for k in sorted(range(len(phrases)), key=lambda k: scene.objects[k].span[0], reverse=True):
-        start, end = scene.objects[k].span
-        caption = caption[:start] + " ".join(new_phrases[k]) + caption[end:]
-    return caption
+    return candidates[0] if rng is None else candidates[int(rng.integers(0, len(candidates)))]
 
 
 def swapped_captions(scene: Scene, rng: np.random.Generator | None = None) -> SwappedCaptions:

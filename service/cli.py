@@ -29,12 +29,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _load_models(settings: Settings) -> list[Any]:
-    from attribution.models import load_model
+    from attribution.models import load_model_or_demo
 
     log.info("loading model %s (%s) on %s", settings.model, settings.pretrained or "random weights",
              settings.resolved_device)
-    return [load_model(settings.model, settings.pretrained, device=settings.resolved_device,
-                       cache_dir=settings.cache_dir)]
+    return [load_model_or_demo(settings.model, settings.pretrained, requested=settings.model_requested,
+                               device=settings.resolved_device, cache_dir=settings.cache_dir)]
 
 
 def serve(settings: Settings) -> None:

@@ -47,8 +47,8 @@ def default_model(served: dict[str, dict[str, Any]], settings: Settings) -> str 
 def option_ranges(info: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """The accepted range of every option for one model (shown by GET /models)."""
     return {
-        "text_layer": {"min": 0, "max": info["text_layers"] - 1, "default": info["text_layers"] - 1},
-        "image_layer": {"min": 0, "max": info["image_layers"] - 1, "default": info["image_layers"] - 1},
+        "text_layer": {"min": 0, "max": info["text_layers"] - 1, "default": default_layer(info, "text")},
+        "image_layer": {"min": 0, "max": info["image_layers"] - 1, "default": default_layer(info, "image")},
         "steps": {"min": 1, "max": settings.max_steps, "default": 10},
         "precision": ["float32", "bfloat16", "float16"],
         "format": ["json", "base64"],
@@ -61,12 +61,18 @@ def option_ranges(info: dict[str, Any], settings: Settings) -> dict[str, Any]:
     }
 
 
-def _layer(name: str, value: int | None, n_layers: int) -> int:
+def default_layer(info: dict[str, Any], tower: str) -> int:
+    """The model's stated default block for ``tower`` (text/image); the last for workers that state none."""
+    return info.get(f"default_{tower}_layer", info[f"{tower}_layers"] - 1)
+
+
+def _layer(name: str, value: int | None, info: dict[str, Any], tower: str) -> int:
+    n_layers = info[f"{tower}_layers"]
     if value is None:
-        return n_layers - 1
+        return default_layer(info, tower)
     if not 0 <= value < n_layers:
         raise RequestInvalid(f"{name} {value} is out of range: this model has {n_layers} blocks, "
-                             f"use 0..{n_layers - 1} (or null for the last)")
+                             f"use 0..{n_layers - 1} (or null for the model's default)")
     return value
 
 
@@ -113,8 +119,8 @@ def build_job(inp: ExplainInput, served: dict[str, dict[str, Any]], settings: Se
                              "per request (EXCLIP_MAX_SELECTIONS)")
     if not 1 <= opts.steps <= settings.max_steps:
         raise RequestInvalid(f"steps {opts.steps} is out of range: use 1..{settings.max_steps}")
-    text_layer = _layer("text_layer", opts.text_layer, info["text_layers"])
-    image_layer = _layer("image_layer", opts.image_layer, info["image_layers"])
+    text_layer = _layer("text_layer", opts.text_layer, info, "text")
+    image_layer = _layer("image_layer", opts.image_layer, info, "image")
 
     captions, context_length = [], info["context_length"]
     for i, caption in enumerate(inp.captions):
