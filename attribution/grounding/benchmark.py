@@ -2,9 +2,10 @@
 
 Each method runs once per distinct setting of the cut points it reads (``GroundingMethod.layers``):
 the interactions once per (text, image) layer pair, the first-order methods once per image layer,
-the random baseline once. Costs are wall seconds per caption, measured around each method's own
-calls in the same process, with one plain image forward pass per image as the machine-independent
-unit (the model's ``encode_image`` on the same batches, timed in the same run).
+the random baseline once. Costs are wall seconds per caption around each method's own calls in the
+same process (for a method that reused another's computation, that computation's time), and the same
+in units of one plain image forward pass per image (``encode_image`` on the same batches, timed in the
+same run), which cancels most of a busy machine's momentary speed.
 """
 
 from __future__ import annotations
@@ -59,10 +60,15 @@ class Cost:
     seconds: float
     captions: int
     phrases: int
+    image_forward_s: float  # one plain image forward per image, measured in the same process
 
     @property
     def per_caption_s(self) -> float:
         return self.seconds / max(self.captions, 1)
+
+    @property
+    def per_caption_forwards(self) -> float:
+        return self.per_caption_s / self.image_forward_s
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,6 @@ class Summary:
 class BenchmarkResult:
     scores: list[PhraseScore]
     costs: list[Cost]
-    image_forward_s: float  # one plain image forward, per image
     pointing_rule: str
     # (method, layers) -> heatmaps of the first samples, for the figure: [sample][phrase] (rows, cols)
     examples: dict[tuple[str, Layers], list[list[torch.Tensor]]] = field(default_factory=dict)
@@ -105,15 +110,41 @@ class BenchmarkResult:
     def to_dict(self) -> dict:
         return {
             "pointing_rule": self.pointing_rule,
-            "image_forward_s": self.image_forward_s,
             "summaries": [asdict(s) for s in self.summaries()],
             "costs": [
-                {**asdict(c), "per_caption_s": c.per_caption_s,
-                 "per_caption_image_forwards": c.per_caption_s / self.image_forward_s}
+                {**asdict(c), "per_caption_s": c.per_caption_s, "forwards": c.per_caption_forwards}
                 for c in self.costs
             ],
             "scores": [asdict(s) for s in self.scores],
         }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BenchmarkResult:
+        """The scores and costs of a JSON file written by ``to_dict`` (examples are not kept)."""
+        def layers(value: list) -> Layers:
+            return (value[0], value[1])
+
+        scores = [PhraseScore(**{**s, "layers": layers(s["layers"])}) for s in data["scores"]]
+        fields = ("method", "seconds", "captions", "phrases", "image_forward_s")
+        costs = [Cost(layers=layers(c["layers"]), **{k: c[k] for k in fields}) for c in data["costs"]]
+        return cls(scores, costs, data["pointing_rule"])
+
+    @classmethod
+    def merge(cls, results: Sequence[BenchmarkResult]) -> BenchmarkResult:
+        """One result from runs on the same samples with the same rule (e.g. layer pairs run in parallel).
+
+        A (method, layers) run that appears in several results is kept once, from the first.
+        """
+        rules = {r.pointing_rule for r in results}
+        if len(rules) != 1:
+            raise ValueError(f"cannot merge results of different pointing rules {sorted(rules)}")
+        merged = cls([], [], rules.pop())
+        for r in results:
+            seen = {(c.method, c.layers) for c in merged.costs}
+            merged.scores += [s for s in r.scores if (s.method, s.layers) not in seen]
+            merged.costs += [c for c in r.costs if (c.method, c.layers) not in seen]
+            merged.examples.update({k: v for k, v in r.examples.items() if k not in merged.examples})
+        return merged
 
 
 def batches(loaded: LoadedModel, samples: Sequence[GroundingSample], size: int) -> list[Batch]:
@@ -154,14 +185,16 @@ def run_benchmark(
                 seen.add(layers)
                 jobs.append((method, layers, pair))
 
-    result = BenchmarkResult([], [], image_forward_seconds(loaded, prepared), pointing_rule)
+    forward_s = image_forward_seconds(loaded, prepared)
+    result = BenchmarkResult([], [], pointing_rule)
     for method, layers, (text_layer, image_layer) in jobs:
         seconds = 0.0
         examples: list[list[torch.Tensor]] = []
         for batch in prepared:
             start = time.perf_counter()
             heatmaps = method.heatmaps(loaded, batch, text_layer, image_layer)
-            seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            seconds += elapsed if method.last_cost_s is None else method.last_cost_s
             for sample, geometry, maps in zip(batch.samples, batch.geometries, heatmaps, strict=True):
                 if len(examples) < n_examples:
                     examples.append(maps)
@@ -176,7 +209,7 @@ def run_benchmark(
             if progress is not None:
                 progress(1)
         n_phrases = sum(b.n_phrases for b in prepared)
-        result.costs.append(Cost(method.name, layers, seconds, len(samples), n_phrases))
+        result.costs.append(Cost(method.name, layers, seconds, len(samples), n_phrases, forward_s))
         if n_examples:
             result.examples[(method.name, layers)] = examples
     return result

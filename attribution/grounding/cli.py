@@ -18,10 +18,16 @@ from typing import Any
 from tqdm import tqdm
 
 from attribution.errors import AttributionError, InvalidOption
-from attribution.grounding.benchmark import LayerPair, effective_layers, n_batches, run_benchmark
+from attribution.grounding.benchmark import (
+    BenchmarkResult,
+    LayerPair,
+    effective_layers,
+    n_batches,
+    run_benchmark,
+)
 from attribution.grounding.methods import METHODS, MethodOptions, create_method
 from attribution.grounding.metrics import POINTING_RULES
-from attribution.grounding.report import plot_examples, text_report, write_json
+from attribution.grounding.report import plot_examples, read_json, text_report, write_json
 from attribution.grounding.samples import GroundingSample
 from attribution.models import LoadedModel, load_model
 
@@ -32,9 +38,11 @@ SCENES_TEST_SEED = 2_000_003
 
 
 def parse_layers(value: str, loaded: LoadedModel) -> list[LayerPair]:
-    """``all`` (every pair), ``last``, or comma-separated ``TEXT/IMAGE`` pairs such as ``1/1,3/3``."""
+    """``all`` (every pair), ``default`` (the model's), ``last``, or ``TEXT/IMAGE`` pairs: ``1/1,3/3``."""
     if value == "all":
         return [(t, i) for t in range(loaded.text_layers) for i in range(loaded.image_layers)]
+    if value == "default":
+        return [(loaded.default_text_layer, loaded.default_image_layer)]
     if value == "last":
         return [(loaded.text_layers - 1, loaded.image_layers - 1)]
     pairs = []
@@ -94,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default="scenes", help="tag, checkpoint path, or none (scenes)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", default="all", help=f"all or a comma list of: {', '.join(METHODS)}")
-    p.add_argument("--layers", default="last", help="all, last, or TEXT/IMAGE pairs like 1/1,3/3 (last)")
+    p.add_argument("--layers", default="default",
+                   help="all, default (the model's), last, or TEXT/IMAGE pairs like 1/1,3/3 (default)")
     p.add_argument("--steps", type=int, default=10, help="interpolation steps (interactions, IG)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--pointing-rule", choices=POINTING_RULES, default="centre")
@@ -103,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figure-layers", help="the TEXT/IMAGE pair the figure shows (first of --layers)")
     p.add_argument("--examples", type=int, default=8, help="rows of the figure")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random-patch baseline")
+    p.add_argument("--tables", nargs="+", metavar="JSON",
+                   help="only print the tables of these result files, merged (runs split over processes)")
     return p
 
 
@@ -115,8 +126,21 @@ def _commit() -> str:
         return "unknown"
 
 
+def print_tables(paths: list[str], out: str | None) -> int:
+    """Merge result files of runs on the same samples and print their tables (and write the merge)."""
+    read = [read_json(p) for p in paths]
+    result = BenchmarkResult.merge([r for _, r in read])
+    print(text_report(result))
+    if out:
+        write_json(result, out, {"merged": [c for c, _ in read]})
+        print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.tables:
+        return print_tables(args.tables, args.json)
     try:
         loaded = load_model(args.model, args.pretrained, device=args.device)
         pairs = parse_layers(args.layers, loaded)

@@ -42,15 +42,14 @@ def metric_table(result: BenchmarkResult, metric: str) -> str:
 def cost_table(result: BenchmarkResult) -> str:
     """Markdown: seconds and image forwards per caption, per method and layers."""
     lines = [
-        f"one image forward: {result.image_forward_s * 1000:.2f} ms per image",
-        "",
-        "| method | layers t/i | s per caption | image forwards per caption | phrases per caption |",
-        "|---|---|---|---|---|",
+        "| method | layers t/i | s per caption | image forwards per caption | phrases per caption "
+        "| one image forward, ms |",
+        "|---|---|---|---|---|---|",
     ]
     for c in result.costs:
         lines.append(
-            f"| {c.method} | {layers_label(c.layers)} | {c.per_caption_s:.4f} | "
-            f"{c.per_caption_s / result.image_forward_s:.1f} | {c.phrases / max(c.captions, 1):.2f} |"
+            f"| {c.method} | {layers_label(c.layers)} | {c.per_caption_s:.4f} | {c.per_caption_forwards:.1f} "
+            f"| {c.phrases / max(c.captions, 1):.2f} | {c.image_forward_s * 1000:.2f} |"
         )
     return "\n".join(lines)
 
@@ -70,6 +69,11 @@ def text_report(result: BenchmarkResult) -> str:
 
 def write_json(result: BenchmarkResult, path: str | Path, config: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps({"config": config, **result.to_dict()}, indent=1))
+
+
+def read_json(path: str | Path) -> tuple[dict[str, Any], BenchmarkResult]:
+    data = json.loads(Path(path).read_text())
+    return data["config"], BenchmarkResult.from_dict(data)
 
 
 def plot_examples(

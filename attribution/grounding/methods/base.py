@@ -30,7 +30,7 @@ class MethodOptions:
     seed: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: methods may memoise work per batch
 class Batch:
     """Samples with their decoded images, preprocessed tensors (B, 3, H, W) and patch geometries."""
 
@@ -60,6 +60,9 @@ class GroundingMethod(ABC):
 
     def __init__(self, options: MethodOptions) -> None:
         self.options = options
+        # Seconds the last ``heatmaps`` call would have taken on its own, where it reused work that
+        # another method's call already did (None: its own wall time is its cost).
+        self.last_cost_s: float | None = None
 
     @abstractmethod
     def heatmaps(

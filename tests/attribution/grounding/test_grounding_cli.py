@@ -29,7 +29,7 @@ def test_runner_computes_each_method_once_per_layer_setting_it_reads(tiny_model)
     assert [(c.method, c.captions, c.phrases) for c in result.costs] == [
         ("random", 5, n_phrases), ("ig-phrase", 5, n_phrases),
         ("interactions", 5, n_phrases), ("interactions", 5, n_phrases)]
-    assert all(c.seconds > 0 for c in result.costs) and result.image_forward_s > 0
+    assert all(c.seconds > 0 and c.image_forward_s > 0 for c in result.costs)
     overall = {(s.method, s.layers): s for s in result.summaries() if s.group == "all"}
     hits = sum(s.hit for s in result.scores if s.method == "random")
     assert overall[("random", (None, None))].pointing == pytest.approx(hits / n_phrases)
