@@ -131,19 +131,33 @@ class BenchmarkResult:
 
     @classmethod
     def merge(cls, results: Sequence[BenchmarkResult]) -> BenchmarkResult:
-        """One result from runs on the same samples with the same rule (e.g. layer pairs run in parallel).
+        """One result from runs split over processes: by layer pairs, by samples, or both.
 
-        A (method, layers) run that appears in several results is kept once, from the first.
+        Scores are pooled; the costs of one (method, layers) run over several sample slices add up
+        (seconds, captions, phrases; the image-forward unit is averaged, weighted by captions). A phrase
+        scored twice by the same method at the same layers is refused.
         """
         rules = {r.pointing_rule for r in results}
         if len(rules) != 1:
             raise ValueError(f"cannot merge results of different pointing rules {sorted(rules)}")
         merged = cls([], [], rules.pop())
+        seen: set[tuple] = set()
+        costs: dict[tuple[str, Layers], list[Cost]] = defaultdict(list)
         for r in results:
-            seen = {(c.method, c.layers) for c in merged.costs}
-            merged.scores += [s for s in r.scores if (s.method, s.layers) not in seen]
-            merged.costs += [c for c in r.costs if (c.method, c.layers) not in seen]
+            for s in r.scores:
+                key = (s.method, s.layers, s.sample_id, s.phrase)
+                if key in seen:
+                    raise ValueError(f"phrase {s.sample_id}#{s.phrase} is scored twice for {s.method}")
+                seen.add(key)
+                merged.scores.append(s)
+            for c in r.costs:
+                costs[(c.method, c.layers)].append(c)
             merged.examples.update({k: v for k, v in r.examples.items() if k not in merged.examples})
+        for (method, layers), parts in costs.items():
+            captions = sum(c.captions for c in parts)
+            forward_s = sum(c.image_forward_s * c.captions for c in parts) / max(captions, 1)
+            merged.costs.append(Cost(method, layers, sum(c.seconds for c in parts), captions,
+                                     sum(c.phrases for c in parts), forward_s))
         return merged
 
 

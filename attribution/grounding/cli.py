@@ -73,7 +73,8 @@ def load_samples(args: argparse.Namespace) -> list[GroundingSample]:
         from attribution.grounding.samples import from_scene
         from attribution.scenes import generate_scenes
 
-        return [from_scene(s, i) for i, s in enumerate(generate_scenes(args.n, args.seed))]
+        scenes = generate_scenes(args.skip + args.n, args.seed)[args.skip :]
+        return [from_scene(s, args.skip + i) for i, s in enumerate(scenes)]
     if not args.images:
         raise InvalidOption(f"--images (the folder of the image files) is required for {args.dataset}")
     if args.dataset == "coco":
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS, default="scenes")
     p.add_argument("--n", type=int, default=200, help="scenes to generate / most samples to read (200)")
     p.add_argument("--seed", type=int, default=SCENES_TEST_SEED, help="scenes seed (held-out set by default)")
+    p.add_argument("--skip", type=int, default=0,
+                   help="scenes: leave out the first SKIP (split a run over processes; merge with --tables)")
     p.add_argument("--captions", help="coco: captions json")
     p.add_argument("--instances", help="coco: instances json (boxes and categories)")
     p.add_argument("--annotations", help="flickr30k: folder with Sentences/ and Annotations/")

@@ -7,9 +7,10 @@ import json
 import pytest
 from PIL import Image
 
-from attribution.grounding.benchmark import run_benchmark
+from attribution.grounding.benchmark import BenchmarkResult, run_benchmark
 from attribution.grounding.cli import main
 from attribution.grounding.methods import MethodOptions, create_method
+from attribution.grounding.report import read_json, write_json
 from attribution.grounding.samples import from_scene
 from attribution.scenes import generate_scenes
 
@@ -35,6 +36,49 @@ def test_runner_computes_each_method_once_per_layer_setting_it_reads(tiny_model)
     assert overall[("random", (None, None))].pointing == pytest.approx(hits / n_phrases)
     assert overall[("random", (None, None))].phrases == n_phrases
     assert len(result.examples[("interactions", (1, 2))]) == 3
+
+
+def test_caption_readout_reuses_the_phrase_computation_and_reports_its_cost(tiny_model):
+    samples = [from_scene(s, i) for i, s in enumerate(generate_scenes(3, seed=4))]
+    methods = [create_method(n, MethodOptions(steps=2)) for n in ("interactions", "interactions-caption")]
+    result = run_benchmark(tiny_model, samples, methods, [(2, 2)], batch_size=3)
+    phrase, caption = result.costs
+    assert methods[0].last_cost_s is None  # it computed
+    assert methods[1].last_cost_s is not None  # it reused, and is charged the computation's time
+    assert caption.seconds == methods[1].last_cost_s == pytest.approx(phrase.seconds, rel=0.05)
+
+
+def test_results_of_split_runs_merge_into_one_table(tiny_model, tmp_path, capsys):
+    samples = [from_scene(s, i) for i, s in enumerate(generate_scenes(3, seed=4))]
+    paths = []
+    for pair in ((0, 2), (1, 2)):
+        methods = [create_method(n, MethodOptions(steps=2)) for n in ("random", "interactions")][pair[0]:]
+        result = run_benchmark(tiny_model, samples, methods, [pair], batch_size=3)
+        paths.append(tmp_path / f"{pair[0]}.json")
+        write_json(result, paths[-1], {"pair": pair})
+    assert main(["--tables", *map(str, paths), "--json", str(tmp_path / "m.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "| interactions | 0/2 |" in printed and "| interactions | 1/2 |" in printed
+    _, merged = read_json(tmp_path / "m.json")
+    assert len(merged.scores) == 3 * sum(len(s.phrases) for s in samples)
+    with pytest.raises(ValueError, match="twice"):  # the same run twice is not more data
+        BenchmarkResult.merge([read_json(paths[0])[1]] * 2)
+
+
+def test_runs_over_sample_slices_merge_into_the_whole(tiny_model, tmp_path):
+    parts = []
+    for skip in (0, 2):
+        out = tmp_path / f"s{skip}.json"
+        assert main([*TINY, "--n", "2", "--skip", str(skip), "--seed", "9", "--methods", "random",
+                     "--json", str(out)]) == 0
+        parts.append(read_json(out)[1])
+    whole_json = str(tmp_path / "w.json")
+    assert main([*TINY, "--n", "4", "--seed", "9", "--methods", "random", "--json", whole_json]) == 0
+    whole = read_json(whole_json)[1]
+    merged = BenchmarkResult.merge(parts)
+    assert sorted(map(repr, merged.scores)) == sorted(map(repr, whole.scores))
+    (cost,) = merged.costs
+    assert (cost.captions, cost.phrases) == (4, whole.costs[0].phrases)
 
 
 def test_cli_on_scenes_prints_tables_and_writes_json_and_figure(tmp_path, capsys):
