@@ -240,6 +240,8 @@ def load_model(
         # The tag's preprocessing (mean/std, interpolation, resize mode) belongs with its weights.
         model = _create(name, path, merge_preprocess_dict({}, pcfg), f"pretrained tag {tag!r} ({path})")
 
+    if card.demo:
+        log.warning("model %s: %s", name, card.description)
     if not isinstance(model, open_clip.CLIP) or not isinstance(model.visual, VisionTransformer):
         raise UnsupportedModel(f"model {name!r} built as {type(model).__name__}, not a ViT CLIP")
     model = model.to(dev).eval().requires_grad_(False)

@@ -168,8 +168,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    # `kill` (SIGTERM) stops like Ctrl-C: the finally-block writes last.pt first.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     model = open_clip.create_model(SCENES_MODEL, pretrained=None)
@@ -267,4 +265,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # `kill` (SIGTERM) stops like Ctrl-C: the finally-block writes last.pt first.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     main()
