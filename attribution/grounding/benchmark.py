@@ -10,6 +10,7 @@ same run), which cancels most of a busy machine's momentary speed.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -100,11 +101,14 @@ class BenchmarkResult:
             for (m, layers, g), v in buckets.items()
         ]
 
-    def groups(self) -> list[str]:
-        """Groups by number of phrases (most first), then name; ``all`` last."""
+    def groups(self, few: int = 10) -> list[str]:
+        """Up to ``few`` groups in natural order ("1 object" before "2 objects"); more (categories) by
+        number of phrases, most first; ``all`` last."""
         counts: dict[str, int] = defaultdict(int)
         for s in self.scores:
             counts[s.group] += 1
+        if len(counts) <= few:
+            return sorted(counts, key=_natural) + [ALL_GROUPS]
         return sorted(counts, key=lambda g: (-counts[g], g)) + [ALL_GROUPS]
 
     def to_dict(self) -> dict:
@@ -159,6 +163,10 @@ class BenchmarkResult:
             merged.costs.append(Cost(method, layers, sum(c.seconds for c in parts), captions,
                                      sum(c.phrases for c in parts), forward_s))
         return merged
+
+
+def _natural(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def batches(loaded: LoadedModel, samples: Sequence[GroundingSample], size: int) -> list[Batch]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from attribution.grounding.benchmark import BenchmarkResult, Layers, layers_label
 from attribution.grounding.methods import Batch
@@ -24,7 +27,7 @@ def _row_keys(result: BenchmarkResult) -> list[tuple[str, Layers]]:
 
 def metric_table(result: BenchmarkResult, metric: str) -> str:
     """Markdown: one row per method and layers (text/image; ``-`` = not read), one column per group."""
-    groups = result.groups()
+    groups = result.groups(MAX_GROUP_COLUMNS)
     if len(groups) > MAX_GROUP_COLUMNS + 1:
         groups = groups[:MAX_GROUP_COLUMNS] + groups[-1:]
     cells = {(s.method, s.layers, s.group): s for s in result.summaries()}
@@ -82,6 +85,7 @@ def plot_examples(
     columns: Sequence[tuple[str, Layers]],
     path: str | Path,
     max_rows: int = 8,
+    dpi: int = 90,
 ) -> None:
     """PNG grid: per example phrase, the image with its boxes, then each method's heatmap over it.
 
@@ -129,5 +133,8 @@ def plot_examples(
             if row == 0:
                 ax.set_title(f"{method}\n{layers_label(layers)}", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
     plt.close(fig)
+    # A 256-colour palette keeps the figure small enough to commit (noisy scenes compress badly).
+    Image.open(buffer).convert("RGB").quantize(256).save(path, format="PNG", optimize=True)
