@@ -137,25 +137,30 @@ class BenchmarkResult:
     def merge(cls, results: Sequence[BenchmarkResult]) -> BenchmarkResult:
         """One result from runs split over processes: by layer pairs, by samples, or both.
 
-        Scores are pooled; the costs of one (method, layers) run over several sample slices add up
-        (seconds, captions, phrases; the image-forward unit is averaged, weighted by captions). A phrase
-        scored twice by the same method at the same layers is refused.
+        Per (method, layers), runs over disjoint sample sets are pooled (costs add up; the image-forward
+        unit is averaged, weighted by captions) and a run over the very same samples as one already
+        taken is the same measurement repeated (a method that ignores the split's layers) and is left
+        out. Partly overlapping sample sets are refused.
         """
         rules = {r.pointing_rule for r in results}
         if len(rules) != 1:
             raise ValueError(f"cannot merge results of different pointing rules {sorted(rules)}")
         merged = cls([], [], rules.pop())
-        seen: set[tuple] = set()
+        taken: dict[tuple[str, Layers], list[frozenset[str]]] = defaultdict(list)
         costs: dict[tuple[str, Layers], list[Cost]] = defaultdict(list)
         for r in results:
-            for s in r.scores:
-                key = (s.method, s.layers, s.sample_id, s.phrase)
-                if key in seen:
-                    raise ValueError(f"phrase {s.sample_id}#{s.phrase} is scored twice for {s.method}")
-                seen.add(key)
-                merged.scores.append(s)
-            for c in r.costs:
-                costs[(c.method, c.layers)].append(c)
+            runs: dict[tuple[str, Layers], list[PhraseScore]] = defaultdict(list)
+            for score in r.scores:
+                runs[(score.method, score.layers)].append(score)
+            for key, scores in runs.items():
+                ids = frozenset(s.sample_id for s in scores)
+                if ids in taken[key]:
+                    continue
+                if any(ids & other for other in taken[key]):
+                    raise ValueError(f"runs of {key[0]} at layers {layers_label(key[1])} share some samples")
+                taken[key].append(ids)
+                merged.scores += scores
+                costs[key] += [c for c in r.costs if (c.method, c.layers) == key]
             merged.examples.update({k: v for k, v in r.examples.items() if k not in merged.examples})
         for (method, layers), parts in costs.items():
             captions = sum(c.captions for c in parts)

@@ -18,11 +18,10 @@ MAX_GROUP_COLUMNS = 10  # more groups (COCO categories) are in the JSON; the tab
 
 
 def _row_keys(result: BenchmarkResult) -> list[tuple[str, Layers]]:
-    keys: list[tuple[str, Layers]] = []
-    for s in result.scores:
-        if (s.method, s.layers) not in keys:
-            keys.append((s.method, s.layers))
-    return keys
+    """(method, layers) runs: methods in order of first appearance, each method's layers sorted."""
+    methods = list(dict.fromkeys(s.method for s in result.scores))
+    keys = {(s.method, s.layers) for s in result.scores}
+    return sorted(keys, key=lambda k: (methods.index(k[0]), tuple(-1 if v is None else v for v in k[1])))
 
 
 def metric_table(result: BenchmarkResult, metric: str) -> str:
@@ -49,7 +48,8 @@ def cost_table(result: BenchmarkResult) -> str:
         "| one image forward, ms |",
         "|---|---|---|---|---|---|",
     ]
-    for c in result.costs:
+    order = {key: i for i, key in enumerate(_row_keys(result))}
+    for c in sorted(result.costs, key=lambda c: order.get((c.method, c.layers), len(order))):
         lines.append(
             f"| {c.method} | {layers_label(c.layers)} | {c.per_caption_s:.4f} | {c.per_caption_forwards:.1f} "
             f"| {c.phrases / max(c.captions, 1):.2f} | {c.image_forward_s * 1000:.2f} |"
