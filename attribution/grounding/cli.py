@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figure", help="write a PNG grid of examples here")
     p.add_argument("--figure-layers", help="the TEXT/IMAGE pair the figure shows (first of --layers)")
     p.add_argument("--examples", type=int, default=8, help="rows of the figure")
+    p.add_argument("--figure-dpi", type=int, default=90, help="resolution of the figure (90)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random-patch baseline")
     p.add_argument("--tables", nargs="+", metavar="JSON",
                    help="only print the tables of these result files, merged (runs split over processes)")
@@ -179,6 +180,6 @@ def main(argv: list[str] | None = None) -> int:
 
         columns = [(m.name, effective_layers(m, figure_pair)) for m in methods]
         shown = Batch.build(loaded, samples[: args.examples])
-        plot_examples(result, shown, columns, args.figure, args.examples)
+        plot_examples(result, shown, columns, args.figure, args.examples, args.figure_dpi)
         print(f"wrote {args.figure}")
     return 0
