@@ -254,3 +254,22 @@ def swapped_captions(scene: Scene, rng: np.random.Generator | None = None) -> Sw
     ``rng`` is given (training). Sizes and the template stay, so only the binding differs.
     """
     return SwappedCaptions(colour=_swap(scene, "colour", rng), shape=_swap(scene, "shape", rng))
+
+
+def replaced_caption(scene: Scene, attribute: str, rng: np.random.Generator) -> str | None:
+    """The caption with one object's colour (or shape) replaced by another that makes it false.
+
+    A negative for every scene, single objects included: "a red square" for a red circle. ``None`` if
+    no replacement is false (cannot happen in this world, but checked).
+    """
+    vocabulary = list(COLOURS) if attribute == "colour" else list(SHAPES)
+    k = int(rng.integers(0, len(scene.objects)))
+    start, end = scene.objects[k].span
+    words = scene.caption[start:end].split(" ")
+    old = next(w for w in words if w in vocabulary)
+    for new in rng.permutation([v for v in vocabulary if v != old]):
+        phrase = " ".join(str(new) if w == old else w for w in words)
+        caption = scene.caption[:start] + phrase + scene.caption[end:]
+        if not describes(caption, scene):
+            return caption
+    return None

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from attribution.models import SCENES_MODEL
 from attribution.retrieval import retrieval_accuracy, scene_pixels
-from attribution.scenes import MAX_OBJECTS, Scene, describes, iter_scenes, swapped_captions
+from attribution.scenes import MAX_OBJECTS, Scene, describes, iter_scenes, replaced_caption, swapped_captions
 
 HELD_OUT_SEED = 1_000_003  # never a training step's seed (those come from SeedSequence([seed, step]))
 CURVE_FIELDS = ["step", "wall_s", "loss", "i2t_top1", "t2i_top1", "colour_swap", "shape_swap", "score"]
@@ -53,12 +53,18 @@ def training_batch(seed: int, step: int, batch: int, mix: list[float], image_siz
     return scenes
 
 
-def negatives(scenes: list[Scene], rng: np.random.Generator | None) -> tuple[list[str], list[int]]:
-    """Each scene's colour- and shape-swapped captions, and the index of the scene each belongs to."""
+def negatives(
+    scenes: list[Scene], rng: np.random.Generator | None, replaced: bool = False
+) -> tuple[list[str], list[int]]:
+    """Each scene's colour- and shape-swapped captions (and with ``replaced`` one caption with a shape
+    replaced by another, for every scene), and the index of the scene each belongs to."""
     texts, owners = [], []
     for i, scene in enumerate(scenes):
         swaps = swapped_captions(scene, rng)
-        for text in (swaps.colour, swaps.shape):
+        candidates = [swaps.colour, swaps.shape]
+        if replaced:
+            candidates.append(replaced_caption(scene, "shape", rng))
+        for text in candidates:
             if text is not None:
                 texts.append(text)
                 owners.append(i)
@@ -159,6 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--binding-weight", type=float, default=1.0, help="weight of the loss among own swaps")
     ap.add_argument("--curriculum-steps", type=int, default=300, help="steps to reach the full object mix")
+    ap.add_argument(
+        "--replaced-negatives",
+        action="store_true",
+        help="also one caption per scene with a shape replaced (direct shape signal, single objects too)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=50)
@@ -218,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.seed, step, args.batch, objects_mix(step, args.curriculum_steps), image_size
             )
             neg_rng = np.random.default_rng([args.seed, step, 1])
-            neg_texts, owners = negatives(scenes, neg_rng)
+            neg_texts, owners = negatives(scenes, neg_rng, args.replaced_negatives)
             captions = [s.caption for s in scenes]
             tokens = tokenizer(captions + neg_texts)
             also_true = also_true_mask(scenes, captions + neg_texts)

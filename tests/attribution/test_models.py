@@ -38,9 +38,11 @@ from attribution.retrieval import retrieval_accuracy, scene_pixels
 from attribution.scenes import generate_scenes
 
 REPO = Path(__file__).resolve().parents[2]
-# The shipped exclip-scenes on 128 held-out scenes (seed 4242) must stay at least this good; the measured
-# values and the margin are in BENCHMARKS.md (exclip-scenes).
-SHIPPED_MIN = {"i2t_top1": 0.0, "colour_swap": 0.0, "shape_swap": 0.0}
+# The shipped exclip-scenes on 128 held-out scenes (seed 4242) measured i2t 0.219 and t2i 0.195 (chance,
+# a random caption being true of the image: 0.015); thresholds are those minus a margin of ~0.07. Its
+# colour/shape-swap accuracy measured 0.48 / 0.46, i.e. chance: the CPU-starved training run did not reach
+# binding (BENCHMARKS.md, exclip-scenes), so nothing above chance is asserted for the swaps.
+SHIPPED_MIN = {"i2t_top1": 0.15, "t2i_top1": 0.12}
 
 
 def test_tiny_architecture_is_registered_with_open_clip():
@@ -260,7 +262,7 @@ def test_model_card_default_layers(monkeypatch):
 def test_shipped_model_matches_scenes_well_above_chance(scenes_model):
     """Held-out scenes the training never saw (seed 4242), through the serving transform.
 
-    Measured on the shipped weights: see BENCHMARKS.md (exclip-scenes); thresholds have a margin below.
+    Measured on the shipped weights (see SHIPPED_MIN and BENCHMARKS.md); thresholds have a margin below.
     """
     scenes = generate_scenes(128, seed=4242)
     pixels = torch.stack([scenes_model.transform(s.image) for s in scenes])
@@ -269,9 +271,9 @@ def test_shipped_model_matches_scenes_well_above_chance(scenes_model):
     # Training fed the pixels straight in: the same tensor as the serving transform for 64x64 images.
     torch.testing.assert_close(pixels, scene_pixels(scenes, mean, std), atol=1e-5, rtol=0)
     acc = retrieval_accuracy(scenes_model.model, scenes_model.tokenizer, pixels, scenes)
-    assert acc["i2t_top1"] >= SHIPPED_MIN["i2t_top1"], acc  # chance: about 1/128
-    assert acc["colour_swap"] >= SHIPPED_MIN["colour_swap"], acc  # chance: 0.5
-    assert acc["shape_swap"] >= SHIPPED_MIN["shape_swap"], acc  # chance: 0.5
+    assert acc["i2t_top1"] >= SHIPPED_MIN["i2t_top1"], acc  # chance: 0.015
+    assert acc["t2i_top1"] >= SHIPPED_MIN["t2i_top1"], acc
+    assert 0 <= acc["colour_swap"] <= 1 and 0 <= acc["shape_swap"] <= 1, acc  # measured at chance (0.5)
 
 
 class _Silent:

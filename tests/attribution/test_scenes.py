@@ -17,6 +17,7 @@ from attribution.scenes import (
     describes,
     generate_scenes,
     iter_scenes,
+    replaced_caption,
     swapped_captions,
 )
 
@@ -197,3 +198,13 @@ def test_describes_is_about_content_not_wording():
 
 def _distinct(s: Scene) -> bool:
     return len({o.colour for o in s.objects}) == len({o.shape for o in s.objects}) == len(s.objects)
+
+
+def test_replaced_captions_change_one_word_and_are_false(scenes):
+    rng = np.random.default_rng(1)
+    for s in scenes[:100]:
+        for attr, vocab in (("shape", SHAPES), ("colour", COLOURS)):
+            text = replaced_caption(s, attr, rng)
+            assert text is not None and not describes(text, s)
+            changed = [(a, b) for a, b in zip(s.caption.split(), text.split(), strict=True) if a != b]
+            assert len(changed) == 1 and all(w.strip(",") in vocab for w in changed[0])
