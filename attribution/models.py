@@ -7,22 +7,27 @@ checkpoint file (anything open_clip's own ``load_checkpoint`` reads: a plain ``s
 ``"none"`` / ``""`` for random weights (logged as a warning). Every other case raises, naming the model
 and saying how to pass a checkpoint or ``--pretrained none``.
 
-Importing this module registers the tiny test architecture ``exclip-tiny`` with open_clip's own config
-registry, so ``open_clip.create_model("exclip-tiny")`` and ``open_clip.get_tokenizer("exclip-tiny")`` work.
+Importing this module registers the architectures in ``attribution/model_configs/*.json`` (the tiny
+test model ``exclip-tiny``, the demo model ``exclip-scenes``) with open_clip's ``add_model_config``, so
+``open_clip.create_model("exclip-tiny")`` and ``open_clip.get_tokenizer("exclip-tiny")`` work.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import json
 import logging
 import os
+import queue
+import threading
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
-from open_clip import factory as _oc_factory
 from open_clip import get_model_config
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from open_clip.transformer import VisionTransformer
@@ -32,15 +37,10 @@ from attribution.errors import InvalidOption, ModelNotAvailable, UnknownModel, U
 log = logging.getLogger(__name__)
 
 TINY_MODEL = "exclip-tiny"
+SCENES_MODEL = "exclip-scenes"
 
-# Architecture registry as data: open_clip model-config dicts (same schema as its model_configs/*.json).
-EXTRA_MODEL_CONFIGS: dict[str, dict[str, Any]] = {
-    TINY_MODEL: {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
-    },
-}
+# Architecture registry as data: open_clip model-config JSON files (its own schema), one per architecture.
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 _NO_WEIGHTS = {"", "none"}
 _HOW_TO = (
@@ -48,14 +48,29 @@ _HOW_TO = (
     "or --pretrained none for random weights"
 )
 
+open_clip.add_model_config(MODEL_CONFIG_DIR)
 
-def _register_extra_configs() -> None:
-    # open_clip keeps its registry in a module-level dict; _rescan_model_configs() keeps existing keys.
-    for arch, cfg in EXTRA_MODEL_CONFIGS.items():
-        _oc_factory._MODEL_CONFIGS.setdefault(arch, copy.deepcopy(cfg))
+# Weights shipped inside the package, and what the package says about each architecture.
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+MODEL_CARDS_FILE = Path(__file__).parent / "model_cards.json"
 
 
-_register_extra_configs()
+@dataclass(frozen=True)
+class ModelCard:
+    """What the package states about an architecture beyond open_clip's config (model_cards.json)."""
+
+    description: str | None = None
+    demo: bool = False  # a toy model (e.g. trained on synthetic scenes), to be labelled as such
+    default_text_layer: int | None = None  # None: the last block
+    default_image_layer: int | None = None
+    weights: dict[str, str] = field(default_factory=dict)  # pretrained tag -> file under WEIGHTS_DIR
+
+
+def _read_model_cards() -> dict[str, ModelCard]:
+    return {name: ModelCard(**card) for name, card in json.loads(MODEL_CARDS_FILE.read_text()).items()}
+
+
+MODEL_CARDS: dict[str, ModelCard] = _read_model_cards()
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +90,10 @@ class LoadedModel:
     text_layers: int
     image_layers: int
     embed_dim: int
+    default_text_layer: int  # the blocks explained when a request names none
+    default_image_layer: int
+    description: str | None = None
+    demo: bool = False
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary (used by ``GET /models``)."""
@@ -88,6 +107,10 @@ class LoadedModel:
             "text_layers": self.text_layers,
             "image_layers": self.image_layers,
             "embed_dim": self.embed_dim,
+            "default_text_layer": self.default_text_layer,
+            "default_image_layer": self.default_image_layer,
+            "description": self.description,
+            "demo": self.demo,
             "device": str(self.device),
         }
 
@@ -190,10 +213,19 @@ def load_model(
             "image tower and the built-in text transformer (e.g. ViT-B-32, ViT-B-16, ViT-L-14)"
         )
 
+    card = MODEL_CARDS.get(name, ModelCard())
     tag = None if pretrained is None or pretrained.strip().lower() in _NO_WEIGHTS else pretrained
     if tag is None:
         log.warning("model %s: no pretrained weights requested, using RANDOM weights", name)
         model = _create(name, None, None, "random initialisation")
+    elif tag in card.weights:
+        path = WEIGHTS_DIR / card.weights[tag]
+        if not path.is_file():
+            raise ModelNotAvailable(
+                f"the weights for model {name!r} with tag {tag!r} ship with the package as {path}, but that "
+                f"file is missing from this installation (reinstall exclip-service); {_HOW_TO}"
+            )
+        model = _create(name, str(path), None, f"packaged weights {tag!r} ({path})")
     elif os.path.isfile(tag):
         model = _create(name, tag, None, f"checkpoint file {tag!r}")
     elif _looks_like_path(tag):
@@ -208,10 +240,13 @@ def load_model(
         # The tag's preprocessing (mean/std, interpolation, resize mode) belongs with its weights.
         model = _create(name, path, merge_preprocess_dict({}, pcfg), f"pretrained tag {tag!r} ({path})")
 
+    if card.demo:
+        log.warning("model %s: %s", name, card.description)
     if not isinstance(model, open_clip.CLIP) or not isinstance(model.visual, VisionTransformer):
         raise UnsupportedModel(f"model {name!r} built as {type(model).__name__}, not a ViT CLIP")
     model = model.to(dev).eval().requires_grad_(False)
     visual = model.visual
+    text_layers, image_layers = len(model.transformer.resblocks), len(visual.transformer.resblocks)
     return LoadedModel(
         model=model,
         tokenizer=open_clip.get_tokenizer(name),
@@ -223,7 +258,120 @@ def load_model(
         patch_size=tuple(visual.patch_size),
         grid=tuple(visual.grid_size),
         context_length=int(model.context_length),
-        text_layers=len(model.transformer.resblocks),
-        image_layers=len(visual.transformer.resblocks),
+        text_layers=text_layers,
+        image_layers=image_layers,
         embed_dim=int(model.text_projection.shape[1]),
+        default_text_layer=_default_layer(name, "text", card.default_text_layer, text_layers),
+        default_image_layer=_default_layer(name, "image", card.default_image_layer, image_layers),
+        description=card.description,
+        demo=card.demo,
     )
+
+
+def _default_layer(name: str, tower: str, stated: int | None, n_layers: int) -> int:
+    if stated is None:
+        return n_layers - 1
+    if not 0 <= stated < n_layers:
+        raise UnsupportedModel(
+            f"model card of {name!r}: default {tower} layer {stated} is not in 0..{n_layers - 1}"
+        )
+    return stated
+
+
+# --- What `serve` runs when no model was asked for -------------------------------------------------------
+
+DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-16", "laion2b_s34b_b88k"
+DEMO_MODEL, DEMO_PRETRAINED = SCENES_MODEL, "scenes"
+PROBE_TIMEOUT_S = 3.0
+
+
+def load_model_or_demo(
+    name: str,
+    pretrained: str | None,
+    *,
+    requested: bool,
+    device: str | torch.device = "cpu",
+    cache_dir: str | None = None,
+    probe_timeout_s: float = PROBE_TIMEOUT_S,
+) -> LoadedModel:
+    """``load_model``, except that an unrequested default whose weights can be had neither from the cache
+    nor (one short probe) from the network is replaced by the packaged demo model, with a loud warning.
+
+    ``requested``: the user named a model or weights (flag, env var, setting); then nothing falls back.
+    """
+    if requested:
+        return load_model(name, pretrained, device=device, cache_dir=cache_dir)
+    reason = weights_unavailable_reason(name, pretrained, cache_dir, probe_timeout_s)
+    if reason is None:
+        try:
+            return load_model(name, pretrained, device=device, cache_dir=cache_dir)
+        except ModelNotAvailable as e:  # reachable a moment ago, but the download failed after all
+            reason = str(e)
+    demo = load_model(DEMO_MODEL, DEMO_PRETRAINED, device=device)
+    note = (
+        f"Serving the DEMO model {DEMO_MODEL} instead of the default {name} ({pretrained}), whose weights "
+        f"could not be had: {reason}"
+    )
+    banner = "!" * 100
+    log.warning(
+        "\n%s\n%s\nTo serve a real model, pass --model/--pretrained (or a checkpoint path).\n%s",
+        banner,
+        note,
+        banner,
+    )
+    return dataclasses.replace(demo, description=f"{note}. {demo.description}")
+
+
+def weights_unavailable_reason(
+    name: str, pretrained: str | None, cache_dir: str | None, timeout_s: float = PROBE_TIMEOUT_S
+) -> str | None:
+    """None when the tag's weights are cached or their server answers within ``timeout_s``; else why not.
+
+    Decides in about ``timeout_s`` (one HEAD request, run in a daemon thread so that a hanging DNS lookup
+    cannot hold it up), rather than after the minute of retries a failing download takes.
+    """
+    pcfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
+    if not pcfg:
+        return f"{pretrained!r} is not an open_clip pretrained tag of {name!r}"
+    hub, url = pcfg.get("hf_hub", ""), pcfg.get("url", "")
+    if hub:
+        import huggingface_hub
+        from huggingface_hub import constants
+
+        repo, filename = os.path.split(hub)
+        filename = filename or "open_clip_pytorch_model.bin"
+        # open_clip tries the .safetensors twin of a .bin file first.
+        safe = "open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin" else None
+        for candidate in filter(None, (safe, filename)):
+            if isinstance(huggingface_hub.try_to_load_from_cache(repo, candidate, cache_dir=cache_dir), str):
+                return None
+        if constants.HF_HUB_OFFLINE:
+            return "not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+        probe = f"{constants.ENDPOINT}/{repo}/resolve/main/{filename}"
+    elif url:
+        cached = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(url)
+        if cached.is_file():
+            return None
+        probe = url
+    else:
+        return f"open_clip gives no download source for {name!r} {pretrained!r}"
+    return _probe(probe, timeout_s)
+
+
+def _probe(url: str, timeout_s: float) -> str | None:
+    """None when ``url`` answers a HEAD request with a status below 400 within ``timeout_s``."""
+    answer: queue.Queue[str | None] = queue.Queue()
+
+    def head() -> None:
+        try:
+            request = urllib.request.Request(url, method="HEAD")
+            with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+                answer.put(None if reply.status < 400 else f"HTTP {reply.status} from {url}")
+        except Exception as e:  # DNS, refused, TLS, HTTP errors: all mean "cannot download now"
+            answer.put(f"{url} is not reachable: {type(e).__name__}: {e}")
+
+    threading.Thread(target=head, daemon=True, name="exclip-weights-probe").start()
+    try:
+        return answer.get(timeout=timeout_s)
+    except queue.Empty:
+        return f"{url} did not answer within {timeout_s:g} s"

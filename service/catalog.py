@@ -28,6 +28,20 @@ class ModelInfo(BaseModel):
     image_layers: int
     embed_dim: int
     device: str
+    # The model card's default blocks (None: the last block), and what the model is.
+    default_text_layer: int | None = None
+    default_image_layer: int | None = None
+    description: str | None = None
+    demo: bool = False
+
+    def layers(self, tower: str) -> int:
+        """Blocks of the ``text`` or ``image`` tower."""
+        return self.text_layers if tower == "text" else self.image_layers
+
+    def default_layer(self, tower: str) -> int:
+        """The block explained when a request names none: the model card's, else the last."""
+        stated = self.default_text_layer if tower == "text" else self.default_image_layer
+        return self.layers(tower) - 1 if stated is None else stated
 
 
 def served_models(workers: list[dict[str, Any]]) -> dict[str, ModelInfo]:
@@ -49,8 +63,8 @@ def default_model(served: dict[str, ModelInfo], settings: Settings) -> str | Non
 def option_ranges(info: ModelInfo, settings: Settings) -> dict[str, Any]:
     """The accepted range of every option for one model (shown by GET /models)."""
     return {
-        "text_layer": {"min": 0, "max": info.text_layers - 1, "default": info.text_layers - 1},
-        "image_layer": {"min": 0, "max": info.image_layers - 1, "default": info.image_layers - 1},
+        "text_layer": {"min": 0, "max": info.text_layers - 1, "default": info.default_layer("text")},
+        "image_layer": {"min": 0, "max": info.image_layers - 1, "default": info.default_layer("image")},
         "steps": {"min": 1, "max": settings.max_steps, "default": 10},
         "precision": list(PRECISIONS),
         "format": list(MATRIX_FORMATS),

@@ -130,6 +130,11 @@ class Settings(BaseSettings):
         return secrets.token_bytes(32)
 
     @property
+    def model_requested(self) -> bool:
+        """Whether a model or weights were named (flag, env var); if not, serve may fall back to the demo."""
+        return bool({"model", "pretrained"} & self.model_fields_set)
+
+    @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in (self.cors_origins or "").split(",") if o.strip()]
 

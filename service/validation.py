@@ -42,12 +42,13 @@ def warm_tokenizers(models: list[str]) -> None:
     Image.init()
 
 
-def _layer(name: str, value: int | None, n_layers: int) -> int:
+def _layer(name: str, value: int | None, info: ModelInfo, tower: str) -> int:
+    n_layers = info.layers(tower)
     if value is None:
-        return n_layers - 1
+        return info.default_layer(tower)
     if not 0 <= value < n_layers:
         raise RequestInvalid(f"{name} {value} is out of range: this model has {n_layers} blocks, "
-                             f"use 0..{n_layers - 1} (or null for the last)")
+                             f"use 0..{n_layers - 1} (or null for the model's default)")
     return value
 
 
@@ -96,8 +97,8 @@ def build_job(inp: ExplainInput, served: dict[str, ModelInfo], settings: Setting
                              "per request (EXCLIP_MAX_SELECTIONS)")
     if not 1 <= opts.steps <= settings.max_steps:
         raise RequestInvalid(f"steps {opts.steps} is out of range: use 1..{settings.max_steps}")
-    text_layer = _layer("text_layer", opts.text_layer, info.text_layers)
-    image_layer = _layer("image_layer", opts.image_layer, info.image_layers)
+    text_layer = _layer("text_layer", opts.text_layer, info, "text")
+    image_layer = _layer("image_layer", opts.image_layer, info, "image")
 
     geometry = transform_geometry(*size, _transform(tuple(info.image_size)), tuple(info.patch_size),
                                   tuple(info.grid))

@@ -43,3 +43,17 @@ def static_file(name: str) -> FileResponse:
         raise HTTPException(404, f"no static file {name!r}; available: {', '.join(sorted(shipped))}")
     path = shipped[name]
     return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=NO_CACHE)
+
+
+EXAMPLES_DIR = STATIC_DIR / "examples"
+EXAMPLE_MEDIA_TYPES = {".png": "image/png", ".json": "application/json"}
+
+
+@router.get("/static/examples/{name}")
+def example_file(name: str) -> FileResponse:
+    """The page's example scenes (written by scripts/make_examples.py)."""
+    shipped = {p.name: p for p in EXAMPLES_DIR.iterdir() if p.suffix in EXAMPLE_MEDIA_TYPES}
+    if name not in shipped:
+        raise HTTPException(404, f"no example file {name!r}; available: {', '.join(sorted(shipped))}")
+    path = shipped[name]
+    return FileResponse(path, media_type=EXAMPLE_MEDIA_TYPES[path.suffix], headers=NO_CACHE)

@@ -20,6 +20,7 @@ const state = {
   anchor: null,
   focus: 0,
   box: null, // [x0, y0, x1, y1] in original pixels
+  highlight: null, // {caption, start, end}: an example's phrase to select once its result arrives
 };
 
 // ---------- colormap and geometry (same rules as render.py) ----------
@@ -246,11 +247,12 @@ async function loadModels() {
       option.value = m.name;
       // A checkpoint path is shown by its file name; the full value is in the tooltip.
       const weights = m.pretrained ? m.pretrained.split("/").pop() : "random weights";
-      option.textContent = `${m.name} (${weights})`;
+      option.textContent = `${m.name} (${weights})${m.demo ? " — demo model" : ""}`;
       option.title = m.pretrained || "random weights";
       select.append(option);
     }
     if (body.default) select.value = body.default;
+    showDemoNote();
     $("error-model").textContent = "";
   } catch (err) {
     showError(err.field === "key" ? "key" : "model", err.message);
@@ -270,6 +272,72 @@ function applyStepRange() {
     if (!input.value && steps.default !== undefined) input.value = steps.default;
   }
   if (!input.value) input.value = 10;
+}
+
+// A demo model (trained on synthetic scenes) says so, with its description from GET /models.
+function showDemoNote() {
+  const model = state.models.find((m) => m.name === $("model").value);
+  const note = $("demo-note");
+  note.hidden = !(model && model.demo);
+  note.textContent = model && model.demo ? model.description || `${model.name} is a demo model.` : "";
+}
+
+// ---------- example scenes (static/examples, written by scripts/make_examples.py) ----------
+
+async function loadExamples() {
+  let examples = [];
+  try {
+    const response = await fetch("/static/examples/examples.json");
+    if (response.ok) examples = (await response.json()).examples || [];
+  } catch {
+    examples = []; // the examples are optional: the page works without them
+  }
+  const list = $("examples");
+  list.replaceChildren();
+  for (const ex of examples) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "example secondary";
+    button.dataset.file = ex.file;
+    const img = document.createElement("img");
+    img.src = `/static/examples/${ex.file}`;
+    img.alt = "";
+    const text = document.createElement("span");
+    text.textContent = ex.caption;
+    button.append(img, text);
+    button.addEventListener("click", () => runExample(ex));
+    list.append(button);
+  }
+  $("field-examples").hidden = examples.length === 0;
+}
+
+// One click: the example's image and caption, the demo model if one is served, explain, then show the
+// heatmap of the example's highlighted phrase.
+async function runExample(ex) {
+  const blob = await (await fetch(`/static/examples/${ex.file}`)).blob();
+  setFile(new File([blob], ex.file, { type: "image/png" }));
+  $("captions").value = ex.caption;
+  const demo = state.models.find((m) => m.demo);
+  if (demo) {
+    $("model").value = demo.name;
+    applyStepRange();
+    showDemoNote();
+  }
+  const phrase = (ex.phrases || []).find((p) => p.text === ex.highlight);
+  state.highlight = phrase ? { caption: ex.caption, start: phrase.start, end: phrase.end } : null;
+  $("explain-form").requestSubmit();
+}
+
+function selectHighlight() {
+  const h = state.highlight;
+  state.highlight = null;
+  const cap = state.captions[0];
+  if (!h || !cap || cap.caption !== h.caption) return;
+  const inside = [];
+  cap.tokens.forEach((t, i) => {
+    if (t.end > t.start && t.start >= h.start && t.end <= h.end) inside.push(i);
+  });
+  if (inside.length) select(inside[0], inside[inside.length - 1]);
 }
 
 // ---------- image input ----------
@@ -426,6 +494,7 @@ function showJob(job) {
   $("viewer-controls").hidden = false;
   state.box = null;
   showCaption(0);
+  selectHighlight();
 }
 
 function showCaption(index) {
@@ -747,7 +816,10 @@ async function init() {
   setupTokens();
   setupBox();
   $("explain-form").addEventListener("submit", explain);
-  $("model").addEventListener("change", applyStepRange);
+  $("model").addEventListener("change", () => {
+    applyStepRange();
+    showDemoNote();
+  });
   $("caption-select").addEventListener("change", (e) => showCaption(Number(e.target.value)));
   $("opacity").addEventListener("input", setOpacity);
   window.addEventListener("resize", fitStage);
@@ -764,7 +836,7 @@ async function init() {
   setOpacity();
   const response = await fetch("/static/colormap.json");
   state.stops = (await response.json()).stops;
-  await loadModels();
+  await Promise.all([loadModels(), loadExamples()]);
   document.body.dataset.ready = "true";
 }
 

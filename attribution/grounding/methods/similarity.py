@@ -1,0 +1,76 @@
+"""First-order machinery: the image–text cosine similarity as a function of the image tower's hidden
+states entering one block, and its gradient there.
+
+Reuses the engine's towers: ``ImageTower.hidden`` runs the blocks below the cut and ``ImageTower.tail``
+gives the blocks above it as plain differentiable functions (``attribution.tail.embed``). The text is
+embedded whole by the model (the first-order methods attribute the image side only). The image
+reference is the engine's: an all-zero input image, run to the same cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from attribution.models import LoadedModel
+from attribution.tail import embed
+from attribution.text import tokenize_caption
+from attribution.towers import ImageTower
+
+
+class ImageSimilarity:
+    """cos(text embedding, image embedding) as a function of image hidden states at ``layer``."""
+
+    def __init__(self, loaded: LoadedModel, layer: int) -> None:
+        self.loaded = loaded
+        self.tower = ImageTower(loaded.model)
+        self.tower.check_layer(layer)
+        self.layer = layer
+        self.tail = self.tower.tail(layer, torch.float32, loaded.device)
+
+    def hidden(self, images: Tensor) -> Tensor:
+        """Hidden states entering the cut, (B, 1 + patches, W), float32; the class token is row 0."""
+        return self.tower.hidden(images.to(self.loaded.device), self.layer).float()
+
+    def reference(self, image_shape: tuple[int, int]) -> Tensor:
+        """The zero image's hidden states at the cut, (1 + patches, W)."""
+        zeros = torch.zeros(1, 3, *image_shape, device=self.loaded.device)
+        return self.hidden(zeros)[0]
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: Sequence[str]) -> Tensor:
+        """Unit-norm text embeddings (K, E) of ``texts``, each tokenised as a caption of its own."""
+        ids = torch.stack(
+            [tokenize_caption(t, self.loaded, context_length=self.loaded.context_length)[0] for t in texts]
+        )
+        embedding = self.loaded.model.encode_text(ids.to(self.loaded.device)).float()
+        return embedding / embedding.norm(dim=-1, keepdim=True)
+
+    def embed(self, hidden: Tensor) -> Tensor:
+        """Image embeddings (M, E) of hidden states (M, S, W) at the cut."""
+        pool = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+        return embed(self.tail, hidden, pool)
+
+    def similarity(self, hidden: Tensor, texts: Tensor) -> Tensor:
+        """cos similarity (K, M) of K unit text embeddings with the images of hidden states (M, S, W)."""
+        with torch.no_grad():
+            image = self.embed(hidden)
+        return texts @ (image / image.norm(dim=-1, keepdim=True)).T
+
+    def gradients(self, hidden: Tensor, texts: Tensor) -> Tensor:
+        """∂cos(text_k, image(hidden_m)) / ∂hidden_m for K unit texts and M points → (K, M, S, W).
+
+        One forward through the tail for all M points, then one backward per text (batched).
+        """
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_(True)
+            image = self.embed(h)  # (M, E)
+            norm = image.norm(dim=-1, keepdim=True)
+            unit = image / norm
+            cos = texts @ unit.T  # (K, M)
+            # d cos / d image = (t − cos·u) / ‖image‖, per text and point.
+            cotangents = (texts.unsqueeze(1) - cos.unsqueeze(-1) * unit.unsqueeze(0)) / norm.unsqueeze(0)
+            (grads,) = torch.autograd.grad(image, h, cotangents.detach(), is_grads_batched=True)
+        return grads

@@ -1,0 +1,79 @@
+"""The one typed home of grounding data: an image, its caption, and phrases linked to boxes.
+
+A phrase is a character span of the caption with one or more boxes (original pixels, x0, y0, x1, y1,
+end-exclusive, as :class:`attribution.ImageGeometry` uses them) and a ``group``, the key the benchmark
+tables are broken down by (number of objects in the scene, COCO category, Flickr30k entity type).
+Readers of the dataset formats live in their own modules and all return ``GroundingSample`` lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from attribution.grounding.errors import AnnotationError
+from attribution.images import decode_image
+
+BoxCoords = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Phrase:
+    """Characters ``span`` = [start, end) of the caption, grounded in ``boxes`` (any of them counts)."""
+
+    span: tuple[int, int]
+    boxes: tuple[BoxCoords, ...]
+    group: str
+
+    def __post_init__(self) -> None:
+        start, end = self.span
+        if not 0 <= start < end:
+            raise AnnotationError(f"phrase span {self.span} is empty or negative")
+        if not self.boxes:
+            raise AnnotationError(f"phrase span {self.span} has no box")
+        for x0, y0, x1, y1 in self.boxes:
+            if not (x0 < x1 and y0 < y1):
+                raise AnnotationError(f"box {(x0, y0, x1, y1)} is empty: need x0 < x1 and y0 < y1")
+
+
+@dataclass(frozen=True)
+class GroundingSample:
+    """One captioned image. ``image`` is a decoded image or the path of a file to decode when needed."""
+
+    id: str
+    image: Image.Image | Path
+    caption: str
+    phrases: tuple[Phrase, ...]
+
+    def __post_init__(self) -> None:
+        for phrase in self.phrases:
+            if phrase.span[1] > len(self.caption):
+                raise AnnotationError(
+                    f"sample {self.id}: phrase span {phrase.span} is outside the caption "
+                    f"({len(self.caption)} characters)"
+                )
+
+    def phrase_text(self, index: int) -> str:
+        start, end = self.phrases[index].span
+        return self.caption[start:end]
+
+    def load_image(self) -> Image.Image:
+        """The image as upright RGB; files are decoded with the library's checks (formats, pixel cap)."""
+        if isinstance(self.image, Image.Image):
+            return self.image if self.image.mode == "RGB" else self.image.convert("RGB")
+        try:
+            data = Path(self.image).read_bytes()
+        except OSError as e:
+            raise AnnotationError(f"sample {self.id}: cannot read image {self.image}: {e}") from e
+        return decode_image(data)
+
+
+def from_scene(scene, index: int) -> GroundingSample:
+    """A sample from one ``attribution.scenes.Scene``; phrases grouped by the scene's number of objects."""
+    group = f"{len(scene.objects)} object" + ("s" if len(scene.objects) != 1 else "")
+    phrases = tuple(
+        Phrase(tuple(obj.span), (tuple(float(v) for v in obj.box),), group) for obj in scene.objects
+    )
+    return GroundingSample(f"scene-{index}", scene.image, scene.caption, phrases)
