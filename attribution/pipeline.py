@@ -200,12 +200,13 @@ def explain_requests(
 ) -> list[list[Explanation]]:
     """Explain every caption of every request in one engine call; one list per request.
 
-    Layers default to the last block. Bad captions, options or selections raise an
-    ``AttributionError`` subclass before anything is computed. The two limits are those of
+    Layers default to the model's default blocks (the last unless its model card says otherwise).
+    Bad captions, options or selections raise an ``AttributionError`` subclass before anything is
+    computed. The two limits are those of
     ``tokenize_caption`` and ``preprocess`` (for images not yet prepared).
     """
-    text_layer = loaded.text_layers - 1 if text_layer is None else text_layer
-    image_layer = loaded.image_layers - 1 if image_layer is None else image_layer
+    text_layer = loaded.default_text_layer if text_layer is None else text_layer
+    image_layer = loaded.default_image_layer if image_layer is None else image_layer
     explainer = Explainer(loaded.model, loaded.tokenizer, text_layer, image_layer, steps, precision)
 
     inputs = [_model_input(request.image, loaded, max_aspect_ratio) for request in requests]
