@@ -50,7 +50,8 @@ def api_key_owner(request: Request, settings: Annotated[Settings, Depends(get_se
     scheme, _, token = header.strip().replace("\t", " ").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise HTTPException(401, "malformed Authorization header: use 'Authorization: Bearer <key>'",
+        raise HTTPException(401, "malformed Authorization header: send the API key as "
+                                 "'Authorization: Bearer <key>'",
                             headers={"WWW-Authenticate": "Bearer"})
     return _key_owner(token, settings, "Bearer")
 
