@@ -7,8 +7,9 @@ sum over both hidden dimensions separates, so
 
 where ``T[:, s]`` is the embedding's integrated directional derivative along the text delta
 restricted to token ``s`` (likewise ``I`` for image tokens). Each column is a Jacobian-vector product
-averaged over the interpolation points; see ``shared/docs/method.md`` for the derivation and the
-conventions of the reference (``exclip`` 1.1) that this module reproduces.
+averaged over the interpolation points (computed in :mod:`attribution.tail`); ``docs/method.md`` in
+this repository gives the derivation, the conventions of the reference (``exclip`` 1.1) that this
+module reproduces, the completeness finding and the one deliberate difference (the number of points).
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class Explainer:
     tokenizer. ``text_layer``/``image_layer`` choose the block whose input is attributed (``None``,
     the default: each tower's last block), ``steps`` the number N of interpolation points,
     ``precision`` the dtype of the derivative computation (``float32``, ``bfloat16`` or ``float16``).
+    ``points``, if given, are explicit interpolation points α in place of :func:`interpolation_points`
+    (as the reference's ``N`` accepts a tensor), e.g. to reproduce its N + 1 points exactly.
 
     Each distinct image and caption of a call is computed on its own, so a pair's result does not
     depend on what else is in the batch (bit for bit, on one device and thread count).
@@ -112,6 +115,8 @@ class Explainer:
         precision: str = "float32",
         scale_cos: bool = False,
         max_tangents: int = 4096,
+        *,
+        points: Sequence[float] | Tensor | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -131,6 +136,7 @@ class Explainer:
         self.precision = precision
         self.scale_cos = scale_cos
         self.max_tangents = max_tangents  # bounds the batch of tangent rows per pass (memory)
+        self.points = interpolation_points(steps) if points is None else _explicit_points(points)
 
     @property
     def device(self) -> torch.device:
@@ -168,8 +174,10 @@ class Explainer:
         tokens = [t[: int(t.argmax()) + 1] for t in tokens]
         text_of, unique_texts = _unique([tuple(t.tolist()) for t in tokens])
         refs = self._references(tuple(images.shape[-2:]))
-        image_sides = [self._image_side(images[i], refs) for i in unique_images]
-        text_sides = [self._text_side(tokens[i], refs) for i in unique_texts]
+        image_tails = self._tails(self.image, self.image_layer)
+        text_tails = self._tails(self.text, self.text_layer)
+        image_sides = [self._image_side(images[i], refs, image_tails) for i in unique_images]
+        text_sides = [self._text_side(tokens[i], refs, text_tails) for i in unique_texts]
         grid = tuple(self.image.visual.grid_size)
         pairs = zip(text_of, image_of, strict=True)
         return [self._combine(text_sides[t], image_sides[i], grid) for t, i in pairs]
@@ -192,33 +200,39 @@ class Explainer:
             }
         return cache[key]
 
-    def _image_side(self, image: Tensor, refs: dict[str, Tensor]) -> _Side:
-        hidden = self.image.hidden(image.unsqueeze(0).to(self.device), self.image_layer).float()
-        tail = self.image.tail(self.image_layer, self.dtype, self.device)
-        class_token = torch.zeros(1, dtype=torch.long, device=self.device)
-        return self._factor(tail, hidden, class_token, refs["image"], class_token)
+    def _tails(self, tower: TextTower | ImageTower, layer: int) -> tuple[Tail, Tail]:
+        """The tail in the derivative's precision, and in float32 for embeddings and completeness."""
+        exact = tower.tail(layer, torch.float32, self.device)
+        return (exact if self.dtype == torch.float32 else tower.tail(layer, self.dtype, self.device)), exact
 
-    def _text_side(self, tokens: Tensor, refs: dict[str, Tensor]) -> _Side:
+    def _image_side(self, image: Tensor, refs: dict[str, Tensor], tails: tuple[Tail, Tail]) -> _Side:
+        hidden = self.image.hidden(image.unsqueeze(0).to(self.device), self.image_layer).float()
+        class_token = torch.zeros(1, dtype=torch.long, device=self.device)
+        return self._factor(tails, hidden, class_token, refs["image"], class_token)
+
+    def _text_side(self, tokens: Tensor, refs: dict[str, Tensor], tails: tuple[Tail, Tail]) -> _Side:
         """``tokens``: one caption's ids SOT … EOT (cut after EOT)."""
         batch = tokens.to(self.device).unsqueeze(0)
         hidden = self.text.hidden(batch, self.text_layer).float()
-        tail = self.text.tail(self.text_layer, self.dtype, self.device)
         eot = self.text.pool_index(batch)
-        return self._factor(tail, hidden, eot, refs["text"], refs["text_pool"].view(1))
+        return self._factor(tails, hidden, eot, refs["text"], refs["text_pool"].view(1))
 
     def _factor(
-        self, tail: Tail, hidden: Tensor, pool: Tensor, ref_hidden: Tensor, ref_pool: Tensor
+        self, tails: tuple[Tail, Tail], hidden: Tensor, pool: Tensor, ref_hidden: Tensor, ref_pool: Tensor
     ) -> _Side:
         """Integrated per-token derivatives of one input: hidden (1, S, W) → factor (E, S).
 
-        Also gives, in float32, the input's embedding, the reference's embedding and the start of the
-        input's path: the reference's hidden states pooled at the input's row. ``ref_hidden`` holds the
-        reference's hidden states for at least S rows; ``pool`` and ``ref_pool`` are (1,).
+        Also gives, in float32 whatever the precision, the input's embedding, the reference's embedding
+        and the start of the input's path: the reference's hidden states pooled at the input's row, so
+        that the completeness figures differ between precisions only by the error of the sum.
+        ``ref_hidden`` holds the reference's hidden states for at least S rows; ``pool`` and
+        ``ref_pool`` are (1,).
         """
+        tail, exact = tails
         _, s, w = hidden.shape
         dt = self.dtype
         delta = hidden[0] - ref_hidden[:s]
-        alphas = interpolation_points(self.steps).to(device=self.device, dtype=torch.float32)
+        alphas = self.points.to(device=self.device, dtype=torch.float32)
         n = len(alphas)
         points = (ref_hidden[:s] + alphas.view(n, 1, 1) * delta).to(dt)  # (N, S, W)
         deltas = delta.to(dt).expand(n, s, w)
@@ -230,10 +244,10 @@ class Explainer:
         else:
             derivatives = token_jvps(tail, points, deltas, pools, self.max_tangents)
         factor = derivatives.float().mean(dim=0).T  # (E, S)
-        embedding = embed(tail, hidden.to(dt), pool).float()[0]
+        embedding = embed(exact, hidden, pool)[0]
         ref_rows = max(s, int(ref_pool) + 1)
-        ref_embedding = embed(tail, ref_hidden[:ref_rows].unsqueeze(0).to(dt), ref_pool).float()[0]
-        path_start = embed(tail, ref_hidden[:s].unsqueeze(0).to(dt), pool).float()[0]
+        ref_embedding = embed(exact, ref_hidden[:ref_rows].unsqueeze(0), ref_pool)[0]
+        path_start = embed(exact, ref_hidden[:s].unsqueeze(0), pool)[0]
         return _Side(factor, embedding, ref_embedding, path_start)
 
     # ------------------------------------------------------------------------------- combine
@@ -255,6 +269,13 @@ class Explainer:
                 total, expected, total - expected, path_expected, total - path_expected
             ),
         )
+
+
+def _explicit_points(points: Sequence[float] | Tensor) -> Tensor:
+    alphas = torch.as_tensor(points, dtype=torch.float64).flatten()
+    if len(alphas) == 0 or not torch.isfinite(alphas).all():
+        raise InvalidOption("points must be a non-empty sequence of finite interpolation points")
+    return alphas
 
 
 def _unique(keys: list) -> tuple[list[int], list[int]]:

@@ -5,6 +5,8 @@ Everything below is written as batched functions of explicit weights so that for
 (``torch.func.jvp``) and reverse-mode AD both work, in any floating dtype, without touching the
 open_clip modules (whose fused attention kernels lack forward-mode AD on the CPU).
 
+The closed forms used for the first block above the cut are derived in ``docs/method.md``.
+
 Shapes: ``M`` batch (items × interpolation points), ``S`` tokens, ``W`` width, ``H`` heads,
 ``E`` embedding size, ``C`` tangents per point.
 """
