@@ -1,12 +1,12 @@
 """The engine's cost at every layer, in image forwards of the same model measured in the same process.
 
 For each model (random weights, seed 0) and each block index ``l`` (text and image layer both ``l``),
-one explanation of one image and a 16-token caption is timed in CPU seconds of this process
-(``time.process_time``: on a machine shared with other busy processes, wall time mostly measures
-the others; run with ``OMP_NUM_THREADS=1`` so that it is not inflated by spinning threads) (best of ``--repeats`` calls after a
-warm-up; when the warm-up took over 20 s it is the measurement, including the references' hidden
-states, at most two forwards) and divided by the fastest of three plain image forward
-passes measured just before it, so that the machine's momentary speed cancels.
+one explanation of one image and a 16-token caption is timed and divided by the fastest of three plain
+image forward passes of the same model measured just before it. Times are CPU seconds of this process
+(``time.process_time``): on a machine shared with other busy processes wall time mostly measures the
+others. Run with ``OMP_NUM_THREADS=1`` so that spinning threads do not inflate it. A row is the best
+of ``--repeats`` calls after a warm-up; when the warm-up took over 20 CPU s it is the measurement
+(it includes the references' hidden states, at most two forwards).
 
     python bench/engine_layers.py                                  # ViT-B-32 and ViT-B-16, N = 1 and 10
     python bench/engine_layers.py --models ViT-B-32 --steps 10 --layers 8 9 10 11
