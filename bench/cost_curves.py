@@ -4,7 +4,8 @@ One process; each curve varies one factor from a base configuration (ViT-B-32, r
 blocks, one image, one 16-token caption, N = 10, float32) and records, per point, the call's CPU time
 as a multiple of one plain image forward of the same model (both ``time.process_time`` of this
 process, so that other tenants of a busy machine do not count), and the peak resident memory the call
-adds (``/proc/self/clear_refs`` resets the peak before each call). A straight line ``a + b·x`` is
+adds (``/proc/self/clear_refs`` resets the peak before each call; the script re-runs itself with
+``MALLOC_MMAP_THRESHOLD_`` fixed so that freed blocks leave the resident set). A straight line ``a + b·x`` is
 fitted to each numeric curve and printed with its R², with the ratio of the last to the first point.
 
 The grid is subsampled to keep the run to minutes on a busy 2-core machine: N ∈ {1, 2, 5, 10, 20, 50},
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,7 +112,8 @@ def fit(xs: list[float], ys: list[float]) -> dict:
     a = my - b * mx
     ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys, strict=True))
     ss_tot = sum((y - my) ** 2 for y in ys) or 1e-30
-    return {"a": a, "b": b, "r2": 1 - ss_res / ss_tot, "last_over_first": ys[-1] / ys[0]}
+    ratio = ys[-1] / ys[0] if ys[0] else float("nan")
+    return {"a": a, "b": b, "r2": 1 - ss_res / ss_tot, "last_over_first": ratio}
 
 
 def run(curves: list[str], repeats: int) -> dict:
@@ -174,6 +177,8 @@ def plot(results: dict, path: Path) -> None:
         twin = ax.twinx()
         twin.plot(xs, [r["added_gb"] for r in entry["rows"]], "s--", color="tab:red")
         twin.set_ylabel("peak memory added (GB)", color="tab:red")
+        ax.set_ylim(bottom=0)
+        twin.set_ylim(bottom=0)
         if curve == "model":
             ax.tick_params(axis="x", labelrotation=30)
     fig.suptitle("exclip-service engine cost (CPU time / one image forward, same model, same process)")
@@ -182,6 +187,11 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # Large blocks straight from mmap and back on free: the resident set then follows live memory,
+        # so each call's peak is its own and not what earlier, bigger calls left in malloc's free lists.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--curves", nargs="+", choices=list(GRID), default=list(GRID))
     parser.add_argument("--repeats", type=int, default=3)

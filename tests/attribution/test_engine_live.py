@@ -39,7 +39,9 @@ def reference_with_cls(model, tokenizer, image, text_layer, image_layer, steps):
     encoders, ``_compute_integrated_jacobian``) and the token × image-token sum is formed from them.
     ``test_reference_with_cls_is_the_reference`` checks that this equals ``explain`` on the patches.
     """
-    ref = OpenClipExplainer(model, image_dim=image.shape[-1], device=image.device)
+    ref = OpenClipExplainer(
+        model, image_dim=image.shape[-1], text_seq_len=model.context_length, device=image.device
+    )
     tokens = tokenizer([CAPTION]).to(image.device)
     try:
         ref.init_text_attribution(layer=text_layer, N_interpolations=steps)
@@ -107,20 +109,20 @@ def test_mid_size_model_matches_reference_every_layer(mid_size, layer):
     assert relative_error(result.cls, expected[:, 0], scale=expected) <= 1e-4
 
 
-@pytest.fixture(scope="module")
-def vit_b32():
-    torch.manual_seed(0)
-    return open_clip.create_model("ViT-B-32", pretrained=None).eval(), open_clip.get_tokenizer("ViT-B-32")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("text_layer,image_layer,steps", [(11, 11, 2), (2, 8, 1)])
-def test_vit_b32_matches_reference(vit_b32, text_layer, image_layer, steps):
-    """ViT-B-32 (random weights) at the last blocks and at early ones, CLS column included."""
-    model, tokenizer = vit_b32
+def test_vit_b32_matches_reference_last_blocks():
+    """ViT-B-32 as built by open_clip (random weights), last blocks, CLS column included.
+
+    Earlier cuts of ViT-B-32 are not compared live: the reference runs one backward pass per embedding
+    axis (1024 per call), measured at about 75 ms of CPU each even at the last block, and every block
+    above the cut adds to each. The mid-size model above covers every block of both towers.
+    """
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
     image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    expected = reference_with_cls(model, tokenizer, image, text_layer, image_layer, steps)
-    result = Explainer(model, tokenizer, text_layer, image_layer, steps).explain(image, [CAPTION])[0]
+    expected = reference_with_cls(model, tokenizer, image, 11, 11, 1)
+    result = Explainer(model, tokenizer, steps=1).explain(image, [CAPTION])[0]
     assert result.interactions.shape == (5, 7, 7)
     assert relative_error(result.interactions.flatten(1), expected[:, 1:]) <= 1e-4
     assert relative_error(result.cls, expected[:, 0], scale=expected) <= 1e-4
