@@ -7,8 +7,9 @@ sum over both hidden dimensions separates, so
 
 where ``T[:, s]`` is the embedding's integrated directional derivative along the text delta
 restricted to token ``s`` (likewise ``I`` for image tokens). Each column is a Jacobian-vector product
-averaged over the interpolation points; see ``shared/docs/method.md`` for the derivation and the
-conventions of the reference (``exclip`` 1.1) that this module reproduces.
+averaged over the interpolation points (computed in :mod:`attribution.tail`); ``docs/method.md`` in
+this repository gives the derivation, the conventions of the reference (``exclip`` 1.1) that this
+module reproduces, the completeness finding and the one deliberate difference (the number of points).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from attribution.errors import InvalidOption
-from attribution.tail import Tail, dense_token_jvps, dense_token_vjps, embed, last_block_token_jvps
+from attribution.tail import Tail, dense_token_vjps, embed, token_jvps
 from attribution.text import tokenize_caption
 from attribution.towers import ImageTower, TextTower
 
@@ -73,13 +74,12 @@ class PairResult:
 
 @dataclass(frozen=True)
 class _Side:
-    """One tower's factor for a set of unique inputs: ``factor`` (B, E, S), embeddings, references."""
+    """One tower's factor for one input: ``factor`` (E, S), embeddings in float32."""
 
     factor: Tensor
-    embedding: Tensor  # (B, E) of the inputs, in float32
+    embedding: Tensor  # (E,) of the input
     reference_embedding: Tensor  # (E,)
-    path_start: Tensor  # (B, E) the reference's hidden states pooled as each input is
-    lengths: list[int]  # tokens per input
+    path_start: Tensor  # (E,) the reference's hidden states pooled as the input is
 
 
 def interpolation_points(steps: int) -> Tensor:
@@ -95,26 +95,35 @@ class Explainer:
     """Explains open_clip CLIP models by second-order caption–image interactions.
 
     ``model`` is an open_clip ``CLIP`` with a ViT image tower (eval mode), ``tokenizer`` its open_clip
-    tokenizer. ``text_layer``/``image_layer`` choose the block whose input is attributed (the last
-    block by default), ``steps`` the number N of interpolation points, ``precision`` the dtype of the
-    derivative computation (``float32``, ``bfloat16`` or ``float16``).
+    tokenizer. ``text_layer``/``image_layer`` choose the block whose input is attributed (``None``,
+    the default: each tower's last block), ``steps`` the number N of interpolation points,
+    ``precision`` the dtype of the derivative computation (``float32``, ``bfloat16`` or ``float16``).
+    ``points``, if given, are explicit interpolation points α in place of :func:`interpolation_points`
+    (as the reference's ``N`` accepts a tensor), e.g. to reproduce its N + 1 points exactly.
+
+    Each distinct image and caption of a call is computed on its own, so a pair's result does not
+    depend on what else is in the batch (bit for bit, on one device and thread count).
     """
 
     def __init__(
         self,
         model: nn.Module,
         tokenizer,
-        text_layer: int = 11,
-        image_layer: int = 11,
+        text_layer: int | None = None,
+        image_layer: int | None = None,
         steps: int = 10,
         precision: str = "float32",
         scale_cos: bool = False,
         max_tangents: int = 4096,
+        *,
+        points: Sequence[float] | Tensor | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.text = TextTower(model)
         self.image = ImageTower(model)
+        text_layer = self.text.n_layers - 1 if text_layer is None else text_layer
+        image_layer = self.image.n_layers - 1 if image_layer is None else image_layer
         self.text.check_layer(text_layer)
         self.image.check_layer(image_layer)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -127,6 +136,7 @@ class Explainer:
         self.precision = precision
         self.scale_cos = scale_cos
         self.max_tangents = max_tangents  # bounds the batch of tangent rows per pass (memory)
+        self.points = interpolation_points(steps) if points is None else _explicit_points(points)
 
     @property
     def device(self) -> torch.device:
@@ -160,14 +170,17 @@ class Explainer:
                 f"expected images (B, 3, H, W) and B captions, got {tuple(images.shape)} and {len(tokens)}"
             )
         image_of, unique_images = _unique([img.contiguous().cpu().numpy().tobytes() for img in images])
-        text_of, unique_texts = _unique([tuple(t[: int(t.argmax()) + 1].tolist()) for t in tokens])
+        # The text mask is causal: rows after EOT (padding) change nothing that is pooled, so cut them.
+        tokens = [t[: int(t.argmax()) + 1] for t in tokens]
+        text_of, unique_texts = _unique([tuple(t.tolist()) for t in tokens])
         refs = self._references(tuple(images.shape[-2:]))
-        image_side = self._image_side(images[unique_images], refs)
-        text_side = self._text_side([tokens[i] for i in unique_texts], refs)
+        image_tails = self._tails(self.image, self.image_layer)
+        text_tails = self._tails(self.text, self.text_layer)
+        image_sides = [self._image_side(images[i], refs, image_tails) for i in unique_images]
+        text_sides = [self._text_side(tokens[i], refs, text_tails) for i in unique_texts]
         grid = tuple(self.image.visual.grid_size)
-        return [
-            self._combine(text_side, text_of[b], image_side, image_of[b], grid) for b in range(len(tokens))
-        ]
+        pairs = zip(text_of, image_of, strict=True)
+        return [self._combine(text_sides[t], image_sides[i], grid) for t, i in pairs]
 
     # ---------------------------------------------------------------------------------- sides
 
@@ -187,80 +200,66 @@ class Explainer:
             }
         return cache[key]
 
-    def _image_side(self, images: Tensor, refs: dict[str, Tensor]) -> _Side:
-        hidden = self.image.hidden(images.to(self.device), self.image_layer).float()
-        tail = self.image.tail(self.image_layer, self.dtype, self.device)
-        pool = torch.zeros(hidden.shape[0], dtype=torch.long, device=self.device)  # class token
-        ref_pool = torch.zeros(1, dtype=torch.long, device=self.device)
-        factor, embedding, ref_embedding, path_start = self._factor(
-            tail, hidden, pool, refs["image"], ref_pool
-        )
-        return _Side(factor, embedding, ref_embedding, path_start, [hidden.shape[1]] * hidden.shape[0])
+    def _tails(self, tower: TextTower | ImageTower, layer: int) -> tuple[Tail, Tail]:
+        """The tail in the derivative's precision, and in float32 for embeddings and completeness."""
+        exact = tower.tail(layer, torch.float32, self.device)
+        return (exact if self.dtype == torch.float32 else tower.tail(layer, self.dtype, self.device)), exact
 
-    def _text_side(self, tokens: list[Tensor], refs: dict[str, Tensor]) -> _Side:
-        length = max(len(t) for t in tokens)
-        batch = torch.zeros(len(tokens), length, dtype=torch.long, device=self.device)
-        for i, t in enumerate(tokens):
-            batch[i, : len(t)] = t.to(self.device)
+    def _image_side(self, image: Tensor, refs: dict[str, Tensor], tails: tuple[Tail, Tail]) -> _Side:
+        hidden = self.image.hidden(image.unsqueeze(0).to(self.device), self.image_layer).float()
+        class_token = torch.zeros(1, dtype=torch.long, device=self.device)
+        return self._factor(tails, hidden, class_token, refs["image"], class_token)
+
+    def _text_side(self, tokens: Tensor, refs: dict[str, Tensor], tails: tuple[Tail, Tail]) -> _Side:
+        """``tokens``: one caption's ids SOT … EOT (cut after EOT)."""
+        batch = tokens.to(self.device).unsqueeze(0)
         hidden = self.text.hidden(batch, self.text_layer).float()
-        tail = self.text.tail(self.text_layer, self.dtype, self.device)
-        pool = self.text.pool_index(batch)
-        factor, embedding, ref_embedding, path_start = self._factor(
-            tail, hidden, pool, refs["text"], refs["text_pool"].view(1)
-        )
-        # Rows after a caption's EOT are padding of the batch; the result keeps SOT … EOT.
-        return _Side(factor, embedding, ref_embedding, path_start, (pool + 1).tolist())
+        eot = self.text.pool_index(batch)
+        return self._factor(tails, hidden, eot, refs["text"], refs["text_pool"].view(1))
 
     def _factor(
-        self, tail: Tail, hidden: Tensor, pool: Tensor, ref_hidden: Tensor, ref_pool: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Integrated per-token derivatives of one tower: hidden (B, S, W) → factor (B, E, S).
+        self, tails: tuple[Tail, Tail], hidden: Tensor, pool: Tensor, ref_hidden: Tensor, ref_pool: Tensor
+    ) -> _Side:
+        """Integrated per-token derivatives of one input: hidden (1, S, W) → factor (E, S).
 
-        Also returns, in float32, the inputs' embeddings (B, E), the reference's embedding (E,) and the
-        start of each input's path (B, E): the reference's hidden states pooled at the input's row.
-        ``ref_hidden`` holds the reference's hidden states for at least S rows.
+        Also gives, in float32 whatever the precision, the input's embedding, the reference's embedding
+        and the start of the input's path: the reference's hidden states pooled at the input's row, so
+        that the completeness figures differ between precisions only by the error of the sum.
+        ``ref_hidden`` holds the reference's hidden states for at least S rows; ``pool`` and
+        ``ref_pool`` are (1,).
         """
-        b, s, w = hidden.shape
+        tail, exact = tails
+        _, s, w = hidden.shape
         dt = self.dtype
-        delta = hidden - ref_hidden[:s]
-        alphas = interpolation_points(self.steps).to(device=self.device, dtype=torch.float32)
+        delta = hidden[0] - ref_hidden[:s]
+        alphas = self.points.to(device=self.device, dtype=torch.float32)
         n = len(alphas)
-        points = ref_hidden[:s] + alphas.view(1, n, 1, 1) * delta.unsqueeze(1)  # (B, N, S, W)
-        points = points.reshape(b * n, s, w).to(dt)
-        deltas = delta.to(dt).repeat_interleave(n, dim=0)
-        pools = pool.repeat_interleave(n)
-        chunk = max(1, self.max_tangents // (b * n * s))
-        if len(tail.blocks) == 1:
-            derivatives = self._last_block(tail, points, deltas, pools)
-        elif tail.head.projection.shape[1] < s:  # fewer embedding axes than tokens: reverse mode
+        points = (ref_hidden[:s] + alphas.view(n, 1, 1) * delta).to(dt)  # (N, S, W)
+        deltas = delta.to(dt).expand(n, s, w)
+        pools = pool.expand(n)
+        if len(tail.blocks) > 1 and tail.head.projection.shape[1] < s:
+            # Fewer embedding axes than tokens: reverse mode needs fewer passes.
+            chunk = max(1, self.max_tangents // (n * s))
             derivatives = dense_token_vjps(tail, points, deltas, pools, chunk)
         else:
-            derivatives = dense_token_jvps(tail, points, deltas, pools, chunk)
-        factor = derivatives.float().view(b, n, s, -1).mean(dim=1).transpose(1, 2)
-        embedding = embed(tail, hidden.to(dt), pool).float()
+            derivatives = token_jvps(tail, points, deltas, pools, self.max_tangents)
+        factor = derivatives.float().mean(dim=0).T  # (E, S)
+        embedding = embed(exact, hidden, pool)[0]
         ref_rows = max(s, int(ref_pool) + 1)
-        ref_embedding = embed(tail, ref_hidden[:ref_rows].unsqueeze(0).to(dt), ref_pool).float()[0]
-        # Inputs pooled at the same row share their path start (all images do: the class token).
-        rows, row_of = pool.unique(return_inverse=True)
-        path_start = embed(tail, ref_hidden[:s].to(dt).expand(len(rows), s, w), rows).float()[row_of]
-        return factor, embedding, ref_embedding, path_start
-
-    def _last_block(self, tail: Tail, points: Tensor, deltas: Tensor, pools: Tensor) -> Tensor:
-        """The closed-form last-block pass, in slices of at most ``max_tangents`` tangent rows."""
-        step = max(1, self.max_tangents // points.shape[1])
-        slices = [slice(i, i + step) for i in range(0, points.shape[0], step)]
-        return torch.cat([last_block_token_jvps(tail, points[i], deltas[i], pools[i]) for i in slices])
+        ref_embedding = embed(exact, ref_hidden[:ref_rows].unsqueeze(0), ref_pool)[0]
+        path_start = embed(exact, ref_hidden[:s].unsqueeze(0), pool)[0]
+        return _Side(factor, embedding, ref_embedding, path_start)
 
     # ------------------------------------------------------------------------------- combine
 
-    def _combine(self, text: _Side, ti: int, image: _Side, ii: int, grid: tuple[int, int]) -> PairResult:
-        t_emb, x_emb = text.embedding[ti], image.embedding[ii]
+    def _combine(self, text: _Side, image: _Side, grid: tuple[int, int]) -> PairResult:
+        t_emb, x_emb = text.embedding, image.embedding
         scale = float(self.model.logit_scale.exp()) if self.scale_cos else 1.0
         norm = t_emb.norm() * x_emb.norm() / scale
-        rows = text.lengths[ti]
-        a = text.factor[ti, :, :rows].T @ image.factor[ii] / norm  # (tokens, image tokens)
+        rows = text.factor.shape[1]
+        a = text.factor.T @ image.factor / norm  # (tokens, image tokens)
         expected = float((t_emb - text.reference_embedding) @ (x_emb - image.reference_embedding) / norm)
-        path_expected = float((t_emb - text.path_start[ti]) @ (x_emb - image.path_start[ii]) / norm)
+        path_expected = float((t_emb - text.path_start) @ (x_emb - image.path_start) / norm)
         total = float(a.sum())
         return PairResult(
             interactions=a[:, 1:].reshape(rows, *grid).contiguous(),
@@ -270,6 +269,13 @@ class Explainer:
                 total, expected, total - expected, path_expected, total - path_expected
             ),
         )
+
+
+def _explicit_points(points: Sequence[float] | Tensor) -> Tensor:
+    alphas = torch.as_tensor(points, dtype=torch.float64).flatten()
+    if len(alphas) == 0 or not torch.isfinite(alphas).all():
+        raise InvalidOption("points must be a non-empty sequence of finite interpolation points")
+    return alphas
 
 
 def _unique(keys: list) -> tuple[list[int], list[int]]:

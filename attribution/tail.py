@@ -5,6 +5,8 @@ Everything below is written as batched functions of explicit weights so that for
 (``torch.func.jvp``) and reverse-mode AD both work, in any floating dtype, without touching the
 open_clip modules (whose fused attention kernels lack forward-mode AD on the CPU).
 
+The closed forms used for the first block above the cut are derived in ``docs/method.md``.
+
 Shapes: ``M`` batch (items × interpolation points), ``S`` tokens, ``W`` width, ``H`` heads,
 ``E`` embedding size, ``C`` tangents per point.
 """
@@ -176,71 +178,192 @@ def embed(tail: Tail, x: Tensor, pool: Tensor) -> Tensor:
     return tail.head(pooled_block_forward(tail.blocks[-1], x, pool, tail.mask))
 
 
-def last_block_token_jvps(tail: Tail, x: Tensor, delta: Tensor, pool: Tensor) -> Tensor:
-    """Per-token directional derivatives of the embedding when the tail is the last block alone.
+def _layer_norm_tangent(ln: LayerNormWeights, x: Tensor, dx: Tensor) -> Tensor:
+    """The tangent of ``ln`` at ``x`` (M, R, W) for tangents ``dx`` (M, C, R, W) sharing that primal.
 
-    For every row ``s`` the tangent is ``delta`` restricted to row ``s``. Such a tangent changes the
-    pooled row only through the key and value of row ``s`` (and through its query when ``s`` is the
-    pooled row), so the attention derivative has a closed form of cost O(S·W) per point instead of
-    a full pass per tangent.
+    Statistics in float32: they decide the accuracy of the whole tangent in reduced precision.
+    """
+    xf = x.float().unsqueeze(1)
+    centred = xf - xf.mean(-1, keepdim=True)
+    inv_std = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + ln.eps)
+    normed = centred * inv_std
+    dxc = dx.float() - dx.float().mean(-1, keepdim=True)
+    tangent = (dxc - normed * (normed * dxc).mean(-1, keepdim=True)) * inv_std
+    return (tangent * ln.weight.float()).to(dx.dtype)
+
+
+def _mlp_tangent(block: BlockWeights, y: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+    """The block's MLP half on rows y (M, R, W) and tangents dy (M, C, R, W): the primal runs once."""
+    h = F.linear(block.ln_2(y), block.fc_weight, block.fc_bias)
+    dh = F.linear(_layer_norm_tangent(block.ln_2, y, dy), block.fc_weight)
+    activated, slope = jvp(block.activation, (h,), (torch.ones_like(h),))  # elementwise: the derivative
+    out = F.linear(activated, block.proj_weight, block.proj_bias)
+    d_out = F.linear(dh * slope.unsqueeze(1), block.proj_weight)
+    return y + block.scale_2(out), dy + block.scale_2(d_out)
+
+
+def _head_tangent(head: Head, pooled: Tensor, d_pooled: Tensor) -> Tensor:
+    """Tangent of the embedding for the pooled row (M, W) and its tangents (M, C, W) → (M, C, E)."""
+    normed = _layer_norm_tangent(head.ln, pooled.unsqueeze(1), d_pooled.unsqueeze(2)).squeeze(2)
+    return normed @ head.projection
+
+
+def _split_qkv_weights(block: BlockWeights) -> tuple[Tensor, Tensor, Tensor]:
+    return block.in_proj_weight.chunk(3)
+
+
+def _split_qkv_biases(block: BlockWeights) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    return (None, None, None) if block.in_proj_bias is None else block.in_proj_bias.chunk(3)
+
+
+def single_token_block(
+    block: BlockWeights, x: Tensor, delta: Tensor, mask: Tensor | None, rows: Tensor, tokens: range
+) -> tuple[Tensor, Tensor]:
+    """One block for tangents that are each ``delta`` restricted to one token, in closed form.
+
+    A tangent on token ``s`` moves query row ``r`` only through key and value ``s`` (and through the
+    query when ``r == s``): with attention weights ``P`` and output ``o_r``, the output of row ``r``
+    moves by ``P[r,s]·(c[r,s]·(v_s − o_r) + dv_s)``, ``c[r,s]`` the logit change, plus for ``r == s``
+    the query term ``Σ_j P[r,j]·g[j]·(v_j − o_r)``. That costs O(S·W) per tangent and row, against a
+    full block per tangent.
+
+    x, delta: (M, S, W); rows: (M, R) the query rows to keep; tokens: the tangent tokens. Returns the
+    block's output on the kept rows (M, R, W) and each tangent's change of it (M, C, R, W).
+    """
+    m, s, w = x.shape
+    heads = block.heads
+    c_tokens = torch.arange(tokens.start, tokens.stop, device=x.device)
+    wq, wk, wv = _split_qkv_weights(block)
+    bq, bk, bv = _split_qkv_biases(block)
+    a = block.ln_1(x)
+    da = _layer_norm_tangent(block.ln_1, x, delta.unsqueeze(1)).squeeze(1)  # row s: tangent s's change
+    row_index = rows.unsqueeze(-1).expand(-1, -1, w)
+    a_rows, da_rows = a.gather(1, row_index), da.gather(1, row_index)
+    q = _split_heads(F.linear(a_rows, wq, bq), heads)  # (M, H, R, d)
+    k, v = _split_heads(F.linear(a, wk, bk), heads), _split_heads(F.linear(a, wv, bv), heads)
+    da_c = da[:, c_tokens]
+    dk, dv = _split_heads(F.linear(da_c, wk), heads), _split_heads(F.linear(da_c, wv), heads)  # (M,H,C,d)
+    dq_rows = _split_heads(F.linear(da_rows, wq), heads)  # the query change of tangent rows[r]
+    scale = q.shape[-1] ** -0.5
+
+    logits = (q * scale) @ k.transpose(-1, -2)  # (M, H, R, S)
+    if mask is not None:
+        logits = logits + mask[rows][..., :s].unsqueeze(1)
+    probs = logits.softmax(dim=-1)
+    out = probs @ v  # (M, H, R, d)
+
+    p_c = probs[..., c_tokens].transpose(-1, -2)  # (M, H, C, R)
+    key_change = ((dk * scale) @ q.transpose(-1, -2)) * p_c  # P[r,s]·c[r,s], (M, H, C, R)
+    d_out = (key_change.unsqueeze(-1) * (v[:, :, c_tokens].unsqueeze(-2) - out.unsqueeze(2))
+             + p_c.unsqueeze(-1) * dv.unsqueeze(-2))  # (M, H, C, R, d)
+    # Tangent rows[r] also moves query r: every logit of row r changes.
+    weighted = probs * ((dq_rows * scale) @ k.transpose(-1, -2))  # (M, H, R, S)
+    query_term = weighted @ v - weighted.sum(-1, keepdim=True) * out  # (M, H, R, d)
+    own = rows - tokens.start
+    inside = ((own >= 0) & (own < len(tokens))).to(x.dtype)  # (M, R)
+    own = own.clamp(0, len(tokens) - 1)
+    d_out.scatter_add_(
+        2,
+        own.view(m, 1, 1, -1, 1).expand(-1, heads, 1, -1, q.shape[-1]),
+        (query_term * inside.view(m, 1, -1, 1)).unsqueeze(2),
+    )
+
+    y = x.gather(1, row_index) + block.scale_1(
+        F.linear(_merge_heads(out), block.out_proj_weight, block.out_proj_bias)
+    )
+    dy = block.scale_1(F.linear(d_out.permute(0, 2, 3, 1, 4).flatten(3), block.out_proj_weight))
+    # The residual carries tangent rows[r] on row r itself.
+    residual = (delta.gather(1, row_index) * inside.unsqueeze(-1)).unsqueeze(1)  # (M, 1, R, W)
+    dy.scatter_add_(1, own.view(m, 1, -1, 1).expand(-1, 1, -1, w), residual)
+    return _mlp_tangent(block, y, dy)
+
+
+def block_tangent(block: BlockWeights, x: Tensor, dx: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One full block on x (M, S, W) with dense tangents dx (M, C, S, W); the primal runs once."""
+    heads = block.heads
+    q, k, v = block.attention_input(x)  # (M, H, S, d)
+    dq, dk, dv = (_split_heads(t, heads) for t in _qkv(block, _layer_norm_tangent(block.ln_1, x, dx), False))
+    scale = q.shape[-1] ** -0.5
+    logits = (q * scale) @ k.transpose(-1, -2)
+    if mask is not None:
+        logits = logits + mask[: x.shape[-2], : x.shape[-2]]
+    probs = logits.softmax(dim=-1)  # (M, H, S, S)
+    out = probs @ v
+    q, k, probs, out, v = (t.unsqueeze(1) for t in (q, k, probs, out, v))
+    d_logits = ((dq @ k.transpose(-1, -2)) + (q @ dk.transpose(-1, -2))) * scale
+    d_probs = probs * (d_logits - (probs * d_logits).sum(-1, keepdim=True))
+    d_out = d_probs @ v + probs @ dv  # (M, C, H, S, d)
+    y = x + block.scale_1(F.linear(_merge_heads(out.squeeze(1)), block.out_proj_weight, block.out_proj_bias))
+    dy = dx + block.scale_1(F.linear(_merge_heads(d_out), block.out_proj_weight))
+    return _mlp_tangent(block, y, dy)
+
+
+def pooled_block_tangent(
+    block: BlockWeights, x: Tensor, dx: Tensor, pool: Tensor, mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The last block on the pooled row only, with dense tangents: → (M, W) and (M, C, W)."""
+    m, s, w = x.shape
+    heads = block.heads
+    wq, wk, wv = _split_qkv_weights(block)
+    bq, bk, bv = _split_qkv_biases(block)
+    a, da = block.ln_1(x), _layer_norm_tangent(block.ln_1, x, dx)
+    a_row = _gather_rows(a, pool)  # (M, W)
+    da_row = da.gather(2, pool.view(m, 1, 1, 1).expand(-1, da.shape[1], 1, w)).squeeze(2)  # (M, C, W)
+    q = _split_heads(F.linear(a_row, wq, bq).unsqueeze(1), heads)  # (M, H, 1, d)
+    k, v = _split_heads(F.linear(a, wk, bk), heads), _split_heads(F.linear(a, wv, bv), heads)
+    dq = _split_heads(F.linear(da_row, wq).unsqueeze(2), heads)  # (M, C, H, 1, d)
+    dk, dv = _split_heads(F.linear(da, wk), heads), _split_heads(F.linear(da, wv), heads)  # (M, C, H, S, d)
+    scale = q.shape[-1] ** -0.5
+    logits = (q * scale) @ k.transpose(-1, -2)  # (M, H, 1, S)
+    if mask is not None:
+        logits = logits + mask[pool, :s].view(m, 1, 1, s)
+    probs = logits.softmax(dim=-1)
+    out = probs @ v  # (M, H, 1, d)
+    q, k, probs, v = (t.unsqueeze(1) for t in (q, k, probs, v))
+    d_logits = ((dq @ k.transpose(-1, -2)) + (q @ dk.transpose(-1, -2))) * scale  # (M, C, H, 1, S)
+    d_probs = probs * (d_logits - (probs * d_logits).sum(-1, keepdim=True))
+    d_out = (d_probs @ v + probs @ dv).flatten(2)  # (M, C, W)
+    x_row = _gather_rows(x, pool)
+    dx_row = dx.gather(2, pool.view(m, 1, 1, 1).expand(-1, dx.shape[1], 1, w)).squeeze(2)
+    y = x_row + block.scale_1(F.linear(out.flatten(1), block.out_proj_weight, block.out_proj_bias))
+    dy = dx_row + block.scale_1(F.linear(d_out, block.out_proj_weight))
+    y, dy = _mlp_tangent(block, y.unsqueeze(1), dy.unsqueeze(2))
+    return y.squeeze(1), dy.squeeze(2)
+
+
+def token_jvps(tail: Tail, x: Tensor, delta: Tensor, pool: Tensor, max_tangents: int) -> Tensor:
+    """Per-token directional derivatives of the embedding, forward mode, for any tail.
+
+    For every row ``s`` the tangent is ``delta`` restricted to row ``s``. The first block of the tail
+    is done in closed form (:func:`single_token_block`): for a one-block tail on the pooled row only,
+    otherwise on every row, after which the tangents are dense and go through the remaining blocks
+    batched, each block's primal computed once for all of them. ``max_tangents`` bounds the tangent
+    rows (points × tangents × rows) held at once.
 
     x, delta: (M, S, W); pool: (M,). Returns (M, S, E).
     """
-    (block,) = tail.blocks
-    m_index = torch.arange(x.shape[0], device=x.device)
-    a, da = jvp(block.ln_1, (x,), (delta,))  # row-wise: row s of da is tangent s's change
-    q, k, v = (_split_heads(t, block.heads) for t in _qkv(block, a))
-    dq, dk, dv = (_split_heads(t, block.heads) for t in _qkv(block, da, with_bias=False))
-    scale = q.shape[-1] ** -0.5
-    q_row, dq_row = _gather_rows(q, pool), _gather_rows(dq, pool)  # (M, H, d)
-
-    logits = torch.einsum("mhd,mhsd->mhs", q_row * scale, k)
-    if tail.mask is not None:
-        logits = logits + tail.mask[pool, : x.shape[-2]].unsqueeze(1)
-    probs = logits.softmax(dim=-1)  # (M, H, S)
-    out_row = torch.einsum("mhs,mhsd->mhd", probs, v)
-    centred_v = v - out_row.unsqueeze(-2)  # (M, H, S, d)
-
-    # Tangent s moves key s (logit change c_s) and value s; softmax couples the logit to all rows.
-    key_change = torch.einsum("mhd,mhsd->mhs", q_row * scale, dk)
-    d_out = probs.unsqueeze(-1) * (key_change.unsqueeze(-1) * centred_v + dv)  # (M, H, S, d)
-    # The pooled row's own tangent also moves the query, changing every logit of that row.
-    query_change = torch.einsum("mhd,mhsd->mhs", dq_row * scale, k)
-    d_out[m_index, :, pool] += torch.einsum("mhs,mhsd->mhd", probs * query_change, centred_v)
-
-    y = _gather_rows(x, pool) + block.scale_1(
-        F.linear(out_row.flatten(1), block.out_proj_weight, block.out_proj_bias)
-    )
-    dy = block.scale_1(F.linear(_merge_heads(d_out), block.out_proj_weight))
-    dy[m_index, pool] += delta[m_index, pool]
-
-    def rest(rows: Tensor) -> Tensor:  # row-wise: MLP half of the block, then the head
-        return tail.head(rows + block.scale_2(block.mlp(rows)))
-
-    _, d_embedding = jvp(rest, (y.unsqueeze(1).expand_as(dy).contiguous(),), (dy,))
-    return d_embedding
-
-
-def dense_token_jvps(tail: Tail, x: Tensor, delta: Tensor, pool: Tensor, chunk: int) -> Tensor:
-    """Per-token directional derivatives through a tail of several blocks, forward mode.
-
-    x, delta: (M, S, W); pool: (M,). Returns (M, S, E). ``chunk`` tokens share one batched JVP.
-    """
-    m, s, w = x.shape
-    out = []
-    for start in range(0, s, chunk):
-        rows = torch.arange(start, min(start + chunk, s), device=x.device)
-        c = len(rows)
-        tangent = torch.zeros(m, c, s, w, dtype=x.dtype, device=x.device)
-        tangent[:, torch.arange(c), rows] = delta[:, rows]
-        pools = pool.repeat_interleave(c)
-        _, d_embedding = jvp(
-            lambda h, p=pools: embed(tail, h, p),
-            (x.repeat_interleave(c, dim=0),),
-            (tangent.reshape(m * c, s, w),),
-        )
-        out.append(d_embedding.view(m, c, -1))
-    return torch.cat(out, dim=1)
+    m, s, _ = x.shape
+    first, *rest = tail.blocks
+    rows_per_tangent = s if rest else 1
+    per_point = s * rows_per_tangent
+    points = max(1, max_tangents // per_point)
+    tokens = s if per_point <= max_tangents else max(1, max_tangents // rows_per_tangent)
+    out = torch.empty(m, s, tail.head.projection.shape[1], dtype=x.dtype, device=x.device)
+    for p0 in range(0, m, points):
+        xp, dp, pp = x[p0 : p0 + points], delta[p0 : p0 + points], pool[p0 : p0 + points]
+        all_rows = torch.arange(s, device=x.device).expand(len(xp), s)
+        rows = all_rows if rest else pp.view(-1, 1)
+        for t0 in range(0, s, tokens):
+            chunk = range(t0, min(t0 + tokens, s))
+            h, dh = single_token_block(first, xp, dp, tail.mask, rows, chunk)
+            if rest:
+                for block in rest[:-1]:
+                    h, dh = block_tangent(block, h, dh, tail.mask)
+                h, dh = pooled_block_tangent(rest[-1], h, dh, pp, tail.mask)
+            else:
+                h, dh = h.squeeze(1), dh.squeeze(2)
+            out[p0 : p0 + points, t0 : chunk.stop] = _head_tangent(tail.head, h, dh)
+    return out
 
 
 def dense_token_vjps(tail: Tail, x: Tensor, delta: Tensor, pool: Tensor, chunk: int) -> Tensor:
