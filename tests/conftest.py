@@ -22,7 +22,7 @@ model is ``exclip-tiny`` with weights saved once per session, and the API and wo
     A ``ServiceLauncher`` bound to ``redis_server``, the tiny checkpoint and (for ``launcher``)
     ``key_prefix``: ``.api(**env)``, ``.worker(**env)``, ``.embedded(**env)`` start subprocesses
     (keyword arguments are extra env vars, e.g. ``EXCLIP_MAX_BATCH="8"``) and return
-    ``ServiceProcess`` objects; all still running are stopped at teardown.
+    ``Process`` objects; all still running are stopped at teardown.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ServiceProcess, free_port
+from tests.harness import ROOT, Process, free_port
 
 EXAMPLES = ROOT / "service" / "web" / "static" / "examples"
 
@@ -40,7 +40,7 @@ def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def fallback_service(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("default-model")
     port = free_port()
-    proc = ServiceProcess(["serve", "--port", str(port)], _clean_env(tmp_path), tmp_path, port)
+    proc = Process(["serve", "--port", str(port)], _clean_env(tmp_path), tmp_path, port)
     try:
         yield proc.wait_ready(timeout_s=120)
     finally:
