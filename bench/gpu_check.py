@@ -209,7 +209,7 @@ def service(plan: Plan, device: torch.device, log_dir: Path) -> list[dict]:
                 **extra,
             }
             env.pop("REDIS_URL", None)  # embedded mode
-            port = harness._free_port()
+            port = harness.free_port()
             name = f"embedded-{batching}"
             api = procs.start(
                 name, [*harness._service_command(), "serve", "--host", "127.0.0.1", "--port", str(port)], env

@@ -197,3 +197,8 @@ class ServiceLauncher:
             proc.stop(timeout_s=15)
 
 
+
+
+def distinct_captions(text: str, n: int) -> list[str]:
+    """``n`` different captions: the engine computes each distinct caption once, so repeats cost nothing."""
+    return [f"{text} {i}" for i in range(n)]

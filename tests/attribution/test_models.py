@@ -306,7 +306,7 @@ def test_unreachable_default_is_decided_quickly(monkeypatch, tmp_path):
     silent.sock.close()
 
 
-def test_cached_default_needs_no_network(monkeypatch, tmp_path, tiny_checkpoint):
+def test_cached_default_needs_no_network(monkeypatch, tmp_path, tiny_state_file):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # unreachable: the cache must do
@@ -314,13 +314,13 @@ def test_cached_default_needs_no_network(monkeypatch, tmp_path, tiny_checkpoint)
     assert weights_unavailable_reason(TINY_MODEL, "cachedtag", str(tmp_path)) is not None
     snapshot = tmp_path / "models--exclip--tiny-test" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
-    (snapshot / "open_clip_pytorch_model.bin").write_bytes(tiny_checkpoint[0].read_bytes())
+    (snapshot / "open_clip_pytorch_model.bin").write_bytes(tiny_state_file[0].read_bytes())
     (tmp_path / "models--exclip--tiny-test" / "refs").mkdir()
     (tmp_path / "models--exclip--tiny-test" / "refs" / "main").write_text("0" * 40)
     assert weights_unavailable_reason(TINY_MODEL, "cachedtag", str(tmp_path)) is None
 
 
-def test_fallback_only_when_unrequested(monkeypatch, tmp_path, tiny_checkpoint, caplog):
+def test_fallback_only_when_unrequested(monkeypatch, tmp_path, tiny_state_file, caplog):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
@@ -330,7 +330,7 @@ def test_fallback_only_when_unrequested(monkeypatch, tmp_path, tiny_checkpoint, 
     assert "instead of the default ViT-B-16" in demo.description and "synthetic scenes" in demo.description
     assert any("DEMO model" in r.getMessage() and "!!!!" in r.getMessage() for r in caplog.records)
     # Requested explicitly (here an existing checkpoint), nothing is probed or replaced.
-    ckpt = str(tiny_checkpoint[0])
+    ckpt = str(tiny_state_file[0])
     loaded = load_model_or_demo(TINY_MODEL, ckpt, requested=True)
     assert (loaded.name, loaded.pretrained, loaded.demo) == (TINY_MODEL, ckpt, False)
     # Requested and unavailable: the error, never the demo.

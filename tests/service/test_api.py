@@ -11,6 +11,7 @@ import torch
 from attribution.images import decode_image
 from attribution.pipeline import ExplainRequest, decode_matrix, explain_requests
 from attribution.selections import Box, Span, TokenRange
+from tests.harness import distinct_captions
 from tests.service.conftest import assert_close, b64, png_bytes, strip_timings
 
 
@@ -111,7 +112,7 @@ def test_explain_answers_202_when_the_result_is_not_ready_in_time(stack):
 
 
 def test_cancelled_job_is_not_computed(stack):
-    slow = {"caption": ["a dog running on the beach near the sea"] * 16, "steps": "100"}
+    slow = {"caption": distinct_captions("a dog running on the beach near the sea", 16), "steps": "100"}
     with stack.client() as c:
         busy = c.post("/jobs", files={"image": ("a.png", png_bytes(seed=7))}, data=slow).json()
         deadline = time.monotonic() + 30

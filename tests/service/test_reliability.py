@@ -9,14 +9,19 @@ import time
 import httpx
 
 from tests.conftest import ServiceLauncher
+from tests.harness import distinct_captions
 from tests.service.conftest import png_bytes
 
 SLOW_B32 = {"EXCLIP_MODEL": "ViT-B-32", "EXCLIP_PRETRAINED": "none"}  # random weights, ~1 s per caption
 
 
 def submit(url: str, captions: list[str], steps: int, **data: str) -> str:
-    r = httpx.post(url + "/jobs", files={"image": ("x.png", png_bytes(seed=11))},
-                   data={"caption": captions, "steps": str(steps), **data}, timeout=30)
+    r = httpx.post(
+        url + "/jobs",
+        files={"image": ("x.png", png_bytes(seed=11))},
+        data={"caption": captions, "steps": str(steps), **data},
+        timeout=30,
+    )
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -36,7 +41,7 @@ def test_killed_workers_job_is_taken_over_and_sigterm_finishes_the_batch(launche
     api = launcher.api(**env)
     first = launcher.worker(EXCLIP_WORKER_NAME="first", **env)
     api.wait_ready(timeout_s=180)
-    job_id = submit(api.url, ["a photo of a dog"] * 8, steps=2)
+    job_id = submit(api.url, distinct_captions("a photo of a dog", 8), steps=2)
     wait_status(api.url, job_id, {"running"})
     first.kill()  # SIGKILL mid-computation: the entry stays pending, unacknowledged
 
@@ -47,7 +52,7 @@ def test_killed_workers_job_is_taken_over_and_sigterm_finishes_the_batch(launche
     assert r.hget(f"{launcher.key_prefix}:job:{job_id}", "deliveries") == "2"
 
     # SIGTERM while computing: the batch is finished, stored and acknowledged before the exit.
-    job_id = submit(api.url, ["a photo of a cat"] * 8, steps=2)
+    job_id = submit(api.url, distinct_captions("a photo of a cat", 8), steps=2)
     wait_status(api.url, job_id, {"running"})
     assert second.stop(signal.SIGTERM, timeout_s=120) == 0
     assert httpx.get(f"{api.url}/jobs/{job_id}").json()["status"] == "done"
@@ -62,7 +67,9 @@ def test_compute_time_limit_fails_the_job_and_the_worker_goes_on(launcher):
     warm = submit(api.url, ["a dog"], steps=1)  # the first call in a process is slow (may hit the limit)
     wait_status(api.url, warm, {"done", "failed"})
     t0 = time.monotonic()
-    slow = submit(api.url, ["a dog running on the beach near the sea"] * 16, steps=5000)  # about a minute
+    slow = submit(
+        api.url, distinct_captions("a dog running on the beach near the sea", 16), steps=5000
+    )  # about a minute
     failed = wait_status(api.url, slow, {"done", "failed"})
     assert failed["status"] == "failed" and failed["error"]["type"] == "JobTimeout"
     assert "EXCLIP_JOB_TIMEOUT_S" in failed["error"]["message"]
@@ -72,8 +79,9 @@ def test_compute_time_limit_fails_the_job_and_the_worker_goes_on(launcher):
     assert last["status"] == "done", last["error"]
 
 
-def test_redis_outage_gives_503_then_everything_reconnects(make_redis_server, key_prefix, tiny_checkpoint,
-                                                           tmp_path):
+def test_redis_outage_gives_503_then_everything_reconnects(
+    make_redis_server, key_prefix, tiny_checkpoint, tmp_path
+):
     server = make_redis_server()
     launch = ServiceLauncher(server.url, key_prefix, tiny_checkpoint, tmp_path)
     try:
@@ -82,8 +90,12 @@ def test_redis_outage_gives_503_then_everything_reconnects(make_redis_server, ke
         api.wait_ready()
         server.stop()
         t0 = time.monotonic()
-        r = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
-                       data={"caption": "a dog"}, timeout=30)
+        r = httpx.post(
+            api.url + "/explain",
+            files={"image": ("x.png", png_bytes())},
+            data={"caption": "a dog"},
+            timeout=30,
+        )
         assert r.status_code == 503 and "Redis" in r.json()["detail"] and r.headers["Retry-After"]
         assert time.monotonic() - t0 < 10
         assert httpx.get(api.url + "/readyz", timeout=30).status_code == 503
@@ -91,8 +103,12 @@ def test_redis_outage_gives_503_then_everything_reconnects(make_redis_server, ke
 
         server.start()  # same port, empty data: workers re-create their group and heartbeat
         api.wait_ready(timeout_s=60)
-        r = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
-                       data={"caption": "a dog", "steps": "2"}, timeout=60)
+        r = httpx.post(
+            api.url + "/explain",
+            files={"image": ("x.png", png_bytes())},
+            data={"caption": "a dog", "steps": "2"},
+            timeout=60,
+        )
         assert r.status_code == 200 and r.json()["status"] == "done"
     finally:
         launch.close()
