@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -111,7 +112,7 @@ class BenchmarkResult:
             return sorted(counts, key=_natural) + [ALL_GROUPS]
         return sorted(counts, key=lambda g: (-counts[g], g)) + [ALL_GROUPS]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "pointing_rule": self.pointing_rule,
             "summaries": [asdict(s) for s in self.summaries()],
@@ -123,9 +124,9 @@ class BenchmarkResult:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> BenchmarkResult:
+    def from_dict(cls, data: dict[str, Any]) -> BenchmarkResult:
         """The scores and costs of a JSON file written by ``to_dict`` (examples are not kept)."""
-        def layers(value: list) -> Layers:
+        def layers(value: list[int]) -> Layers:
             return (value[0], value[1])
 
         scores = [PhraseScore(**{**s, "layers": layers(s["layers"])}) for s in data["scores"]]
@@ -170,7 +171,7 @@ class BenchmarkResult:
         return merged
 
 
-def _natural(text: str) -> list:
+def _natural(text: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
@@ -181,11 +182,12 @@ def batches(loaded: LoadedModel, samples: Sequence[GroundingSample], size: int) 
 @torch.no_grad()
 def image_forward_seconds(loaded: LoadedModel, prepared: Sequence[Batch]) -> float:
     """Seconds of one plain image forward (``encode_image``) per image, over the same batches."""
-    loaded.model.encode_image(prepared[0].tensors[:1].to(loaded.device))  # warm-up
+    clip: Any = loaded.model  # open_clip's CLIP is untyped
+    clip.encode_image(prepared[0].tensors[:1].to(loaded.device))  # warm-up
     start = time.perf_counter()
     images = 0
     for batch in prepared:
-        loaded.model.encode_image(batch.tensors.to(loaded.device))
+        clip.encode_image(batch.tensors.to(loaded.device))
         images += len(batch.samples)
     return (time.perf_counter() - start) / images
 

@@ -80,7 +80,7 @@ def read_coco(
             x, y, w, h = (float(v) for v in ann["bbox"])
             if w > 0 and h > 0:
                 boxes[int(ann["image_id"])][names[int(ann["category_id"])]].append((x, y, x + w, y + h))
-        samples = []
+        samples: list[GroundingSample] = []
         for ann in captions["annotations"]:
             image_id, caption = int(ann["image_id"]), str(ann["caption"]).strip()
             phrases = find_phrases(caption, boxes.get(image_id, {}))

@@ -98,7 +98,8 @@ def plot_examples(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    picks = []  # (sample index, phrase index): one phrase per sample, cycling through the phrases
+    # (sample index, phrase index): one phrase per sample, cycling through the phrases
+    picks: list[tuple[int, int]] = []
     for i, sample in enumerate(batch.samples):
         if sample.phrases and len(picks) < max_rows:
             picks.append((i, i % len(sample.phrases)))

@@ -52,7 +52,7 @@ class IntegratedGradients(GroundingMethod):
     ) -> list[list[Tensor]]:
         similarity = ImageSimilarity(loaded, image_layer)
         hidden = similarity.hidden(batch.tensors)
-        reference = similarity.reference(tuple(batch.tensors.shape[-2:]))
+        reference = similarity.reference((batch.tensors.shape[-2], batch.tensors.shape[-1]))
         rows, cols = loaded.grid
         out = []
         for h, sample, texts in zip(hidden, batch.samples, texts_of(batch, self.text), strict=True):
