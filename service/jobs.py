@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from attribution.pipeline import ExplainRequest, Selection
-from attribution.selections import Box, Span, TokenRange
+from attribution.pipeline import ExplainRequest
+from attribution.selections import Box, Selection, Span, TokenRange
 from service.errors import Fault
 
 

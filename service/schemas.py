@@ -8,14 +8,17 @@ describe the Job JSON of docs/contract.md for the OpenAPI page.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from attribution.explainer import PRECISIONS
 from attribution.pipeline import MATRIX_FORMATS
 
-Precision = Literal[tuple(PRECISIONS)]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # built from the registry at runtime, which mypy cannot follow: plain text to it
+    Precision = str
+else:
+    Precision = Literal[tuple(PRECISIONS)]
 MatrixFormat = Literal[MATRIX_FORMATS]  # type: ignore[valid-type]
 # Multipart selection fields (repeatable) and their syntax; JSON bodies give them as lists instead.
 SELECTION_FIELDS = {"span": "START:END or C:START:END (characters of caption C)",

@@ -18,8 +18,7 @@ from attribution import models as _models  # noqa: F401 - registers exclip-tiny 
 from attribution.errors import AttributionError
 from attribution.images import ImageGeometry, transform_geometry
 from attribution.images import image_size as read_image_size
-from attribution.pipeline import Selection
-from attribution.selections import SELECTION_KINDS, Box, check_selection
+from attribution.selections import SELECTION_KINDS, Box, Selection, check_selection
 from attribution.text import tokenize_caption
 from service.catalog import ModelInfo, default_model
 from service.errors import RequestInvalid
