@@ -10,7 +10,7 @@ says what is allowed.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 from PIL import Image
 
@@ -18,7 +18,7 @@ from attribution import models as _models  # noqa: F401 - registers exclip-tiny 
 from attribution.errors import AttributionError
 from attribution.images import ImageGeometry, transform_geometry
 from attribution.images import image_size as read_image_size
-from attribution.selections import SELECTION_KINDS, Box, Selection, check_selection
+from attribution.selections import SELECTION_KINDS, Box, Selection, Span, TokenRange, check_selection
 from attribution.text import tokenize_caption
 from service.catalog import ModelInfo, default_model
 from service.errors import RequestInvalid
@@ -64,8 +64,10 @@ def _selection(sel: SelectionIn, tokens: list, geometry: ImageGeometry) -> Selec
     if sel.box is not None:
         selection: Selection = Box(*sel.box)
     else:
-        kind, (start, end) = ("span", sel.span) if sel.span is not None else ("tokens", sel.tokens)
-        selection = SELECTION_KINDS[kind](start, end)
+        kind, bounds = ("span", sel.span) if sel.span is not None else ("tokens", sel.tokens)
+        assert bounds is not None  # SelectionIn holds exactly one of span, tokens, box
+        start, end = bounds
+        selection = cast("type[Span] | type[TokenRange]", SELECTION_KINDS[kind])(start, end)
     check_selection(selection, tokens, geometry)
     return selection
 
@@ -99,8 +101,9 @@ def build_job(inp: ExplainInput, served: dict[str, ModelInfo], settings: Setting
     text_layer = _layer("text_layer", opts.text_layer, info, "text")
     image_layer = _layer("image_layer", opts.image_layer, info, "image")
 
-    geometry = transform_geometry(*size, _transform(tuple(info.image_size)), tuple(info.patch_size),
-                                  tuple(info.grid))
+    patch_size = (info.patch_size[0], info.patch_size[1])
+    grid = (info.grid[0], info.grid[1])
+    geometry = transform_geometry(*size, _transform(tuple(info.image_size)), patch_size, grid)
     captions = []
     for i, caption in enumerate(inp.captions):
         try:

@@ -224,7 +224,10 @@ class Worker:
         """One engine call for ``items``; on failure split (halves on OOM, singles otherwise)."""
         request = items[0].job.request
         loaded = self.models[request.model]
-        requests = [i.request for i in items]
+        requests: list[ExplainRequest] = []
+        for i in items:
+            assert i.request is not None  # _compute_batch passes on only the items it prepared
+            requests.append(i.request)
         t0 = time.monotonic()
         part = 0  # > 0: retry in parts of this many jobs
         try:

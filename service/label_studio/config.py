@@ -51,11 +51,11 @@ def _data_key(tag: ET.Element) -> str:
 def _control(tags: list[ET.Element], kind: str, to_name: str) -> Control | None:
     for tag in tags:
         if tag.tag.lower() == kind.lower() and tag.get("toName") == to_name and tag.get("name"):
-            labels = [lab.get("value") for lab in tag.iter()
+            labels = [lab.attrib["value"] for lab in tag.iter()
                       if lab.tag.lower() == "label" and lab.get("value")]
             if not labels:
                 raise LabelConfigInvalid(f'<{tag.tag} name="{tag.get("name")}"> has no <Label value="...">')
-            return Control(from_name=tag.get("name"), to_name=to_name, label=labels[0])
+            return Control(from_name=tag.attrib["name"], to_name=to_name, label=labels[0])
     return None
 
 
@@ -81,11 +81,12 @@ def parse_label_config(xml: str) -> LabelConfig:
     tags = list(root.iter())
     image, text = _single(tags, "Image"), _single(tags, "Text")
     config = LabelConfig(
-        image_name=image.get("name"), image_key=_data_key(image),
-        text_name=text.get("name"), text_key=_data_key(text),
-        spans=_control(tags, "Labels", text.get("name")),
-        rectangles=_control(tags, "RectangleLabels", image.get("name")),
-        brushes=_control(tags, "BrushLabels", image.get("name")),
+        # _single checked that both tags have a name.
+        image_name=image.attrib["name"], image_key=_data_key(image),
+        text_name=text.attrib["name"], text_key=_data_key(text),
+        spans=_control(tags, "Labels", text.attrib["name"]),
+        rectangles=_control(tags, "RectangleLabels", image.attrib["name"]),
+        brushes=_control(tags, "BrushLabels", image.attrib["name"]),
     )
     if not (config.spans or config.rectangles or config.brushes):
         raise LabelConfigInvalid(

@@ -91,7 +91,8 @@ async def check_host(origin: Origin) -> None:
         infos = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise ImageUnavailable(f"cannot resolve the Label Studio host {origin.host!r}: {exc}") from None
-    bad = sorted({info[4][0] for info in infos if _refused_address(info[4][0])})
+    # The address is always a str for the IP families getaddrinfo answers with.
+    bad = sorted({str(info[4][0]) for info in infos if _refused_address(str(info[4][0]))})
     if bad:
         raise ImageRefused(f"the Label Studio host {origin.host!r} resolves to {', '.join(bad)} "
                            "(link-local, multicast or unspecified); images are not fetched from there")

@@ -78,7 +78,8 @@ def parse_context(context: dict[str, Any] | None, config: LabelConfig) -> Contex
             if item.get("to_name") == config.text_name and "start" in value and "end" in value:
                 return Context(span=(int(value["start"]), int(value["end"])))
             if item.get("to_name") == config.image_name and all(k in value for k in BOX_KEYS):
-                return Context(box=tuple(float(value[k]) for k in BOX_KEYS))
+                x, y, w, h = (float(value[k]) for k in BOX_KEYS)
+                return Context(box=(x, y, w, h))
         except (TypeError, ValueError):
             raise TaskInvalid(f"context region {item.get('id')!r} has non-numeric coordinates") from None
     raise TaskInvalid(f"the context has no span on <Text name=\"{config.text_name}\"> and no rectangle on "
@@ -193,7 +194,9 @@ class Predictor:
         served = served_models(await self.queue.workers())
         if not served:
             raise RequestInvalid("no worker is serving a model right now; retry in a few seconds", 503)
-        info = served[default_model(served, self.settings)]
+        name = default_model(served, self.settings)
+        assert name is not None  # served is not empty
+        info = served[name]
         version = model_version(info.name, info.pretrained)
 
         works = [_Work(task=task) for task in body.tasks]
@@ -255,6 +258,7 @@ class Predictor:
 
     async def _build_job(self, work: _Work, served: dict[str, ModelInfo]) -> None:
         name = default_model(served, self.settings)
+        assert work.image is not None  # called only for works without an error: the image was fetched
         try:
             width, height = await run_in_threadpool(image_size, work.image, self.settings)
             if work.box_pct is not None:
@@ -315,10 +319,13 @@ class Predictor:
 
     async def _run_chunk(self, chunk: list[_Work], served: dict[str, ModelInfo],
                          timeout_s: float) -> None:
+        jobs: list[Job] = []
         for work in chunk:
+            assert work.job is not None and work.image is not None  # only works with a built job come here
             await self.queue.enqueue(work.job, work.image, max_depth=self.settings.max_queue,
                                      depth_models=list(served))
-        finished = await asyncio.gather(*(self.queue.wait_finished(w.job.id, timeout_s) for w in chunk))
+            jobs.append(work.job)
+        finished = await asyncio.gather(*(self.queue.wait_finished(j.id, timeout_s) for j in jobs))
         for work, job in zip(chunk, finished, strict=True):
             if job is None:
                 work.error = "the job expired"
@@ -331,6 +338,7 @@ class Predictor:
                 work.error = f"task {work.task_id}: not finished within the time budget"
 
     def _prediction(self, work: _Work, config: LabelConfig, version: str) -> dict[str, Any]:
+        assert work.job is not None and work.job.result is not None  # called only for finished jobs
         caption = work.job.result["captions"][0]
         image, regions = caption["image"], []
         for selection in caption["selections"]:

@@ -14,7 +14,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from service.errors import QueueFull
 from service.jobs import Job, JobStatus
@@ -182,9 +182,9 @@ class MemoryQueue:
             pending = self._pending.get(d.entry_id)
             if pending is not None and pending.consumer == consumer:
                 pending.delivered_at = now
-            for store in (self._jobs, self._images):  # in-flight jobs do not expire under their worker
-                if d.job_id in store:
-                    store[d.job_id] = (store[d.job_id][0], now + self.ttl_s)
+            # In-flight jobs do not expire under their worker.
+            _extend(self._jobs, d.job_id, now + self.ttl_s)
+            _extend(self._images, d.job_id, now + self.ttl_s)
 
     async def start(self, job_id: str) -> Job | None:
         job = self._load(job_id)
@@ -226,3 +226,12 @@ class MemoryQueue:
 
     async def close(self) -> None:
         return None
+
+
+_Stored = TypeVar("_Stored")
+
+
+def _extend(store: dict[str, tuple[_Stored, float]], key: str, expires_at: float) -> None:
+    """Give a stored entry a new expiry time, if it is there."""
+    if key in store:
+        store[key] = (store[key][0], expires_at)

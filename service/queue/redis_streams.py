@@ -166,6 +166,9 @@ return renewed
 """
 
 
+ScriptArg = bytes | str | int | float  # what a Lua script's ARGV takes
+
+
 def _pairs(flat: list[str] | None) -> dict[str, str] | None:
     return None if not flat else dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -186,7 +189,11 @@ class RedisStreamsQueue:
 
     def __init__(self, r: aioredis.Redis, rb: aioredis.Redis, keys: Keys, *, ttl_s: int,
                  max_stored_bytes: int = 2**62) -> None:
-        self.r, self.rb, self.keys, self.ttl_s = r, rb, keys, ttl_s
+        # redis-py types every reply as bytes | str whatever the client decodes, so its replies are
+        # held as Any here: ``r`` decodes them to str, ``rb`` (images) leaves them bytes.
+        self.r: Any = r
+        self.rb: Any = rb
+        self.keys, self.ttl_s = keys, ttl_s
         self.max_stored_bytes = max_stored_bytes
         self._enqueue = r.register_script(_ENQUEUE)
         self._start = r.register_script(_START)
@@ -215,8 +222,10 @@ class RedisStreamsQueue:
         fields = [x for kv in job.to_fields().items() for x in kv]
         keys = [*self.keys.budget, self.keys.job(job.id), self.keys.image(job.id),
                 self.keys.stream(job.model), self.keys.metrics]
-        args = [time.time(), self.ttl_s, self.max_stored_bytes, self.keys.image(""), self.keys.job(""),
-                METRICS_TTL_S, job.id, image, job.batch_tag, *fields]
+        args: list[ScriptArg] = [
+                time.time(), self.ttl_s, self.max_stored_bytes, self.keys.image(""), self.keys.job(""),
+                METRICS_TTL_S, job.id, image, job.batch_tag, *fields,
+        ]
         if not await self._enqueue(keys=keys, args=args):
             raise QueueFull(f"the images of unfinished jobs fill the stored-bytes budget of "
                             f"{self.max_stored_bytes} bytes (EXCLIP_MAX_STORED_BYTES); retry later")
@@ -361,8 +370,10 @@ class RedisStreamsQueue:
     async def finish(self, job: Job) -> None:
         fields = [x for kv in job.to_fields().items() if kv[0] in Job.OUTCOME_FIELDS for x in kv]
         keys = [*self.keys.budget, self.keys.job(job.id), self.keys.image(job.id), self.keys.finished]
-        args = [time.time(), self.ttl_s, self.max_stored_bytes, self.keys.image(""), self.keys.job(""),
-                job.id, int(job.status is JobStatus.DONE), *fields]
+        args: list[ScriptArg] = [
+                time.time(), self.ttl_s, self.max_stored_bytes, self.keys.image(""), self.keys.job(""),
+                job.id, int(job.status is JobStatus.DONE), *fields,
+        ]
         await self._finish(keys=keys, args=args)
 
     async def ack(self, deliveries: list[Delivery]) -> None:
