@@ -154,8 +154,9 @@ def _decode(img: Image.Image, *, keep_grey: bool = False) -> Image.Image:
         raise InvalidImage(f"{img.format} image data is broken or truncated: {e}") from e
 
 
-def image_size(data: bytes, *, max_pixels: int = 64_000_000, max_aspect_ratio: float = MAX_ASPECT_RATIO
-               ) -> tuple[int, int]:
+def image_size(
+    data: bytes, *, max_pixels: int = 64_000_000, max_aspect_ratio: float = MAX_ASPECT_RATIO
+) -> tuple[int, int]:
     """The upright (width, height) of untrusted image bytes from their header, without decoding pixels.
 
     Runs the checks ``prepare_image`` runs before decoding (format, pixel count, aspect ratio), so a

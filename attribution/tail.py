@@ -266,8 +266,9 @@ def single_token_block(
 
     p_c = probs[..., c_tokens].transpose(-1, -2)  # (M, H, C, R)
     key_change = ((dk * scale) @ q.transpose(-1, -2)) * p_c  # P[r,s]·c[r,s], (M, H, C, R)
-    d_out = (key_change.unsqueeze(-1) * (v[:, :, c_tokens].unsqueeze(-2) - out.unsqueeze(2))
-             + p_c.unsqueeze(-1) * dv.unsqueeze(-2))  # (M, H, C, R, d)
+    d_out = key_change.unsqueeze(-1) * (v[:, :, c_tokens].unsqueeze(-2) - out.unsqueeze(2)) + p_c.unsqueeze(
+        -1
+    ) * dv.unsqueeze(-2)  # (M, H, C, R, d)
     # Tangent rows[r] also moves query r: every logit of row r changes.
     weighted = probs * ((dq_rows * scale) @ k.transpose(-1, -2))  # (M, H, R, S)
     query_term = weighted @ v - weighted.sum(-1, keepdim=True) * out  # (M, H, R, d)

@@ -224,8 +224,17 @@ def _encode_with_offsets(caption: str, tokenizer: Tokenizer) -> list[tuple[int, 
 
 def _tokenizer_of(loaded_or_tokenizer: object) -> Tokenizer:
     tokenizer = getattr(loaded_or_tokenizer, "tokenizer", loaded_or_tokenizer)
-    needed = ("pat", "bpe", "encoder", "decoder", "byte_encoder", "clean_fn", "all_special_ids",
-              "sot_token_id", "eot_token_id")
+    needed = (
+        "pat",
+        "bpe",
+        "encoder",
+        "decoder",
+        "byte_encoder",
+        "clean_fn",
+        "all_special_ids",
+        "sot_token_id",
+        "eot_token_id",
+    )
     if not all(hasattr(tokenizer, a) for a in needed) or getattr(tokenizer, "reduction_fn", None):
         raise UnsupportedModel(
             f"tokenizer {type(tokenizer).__name__} is not open_clip's CLIP BPE tokenizer; "

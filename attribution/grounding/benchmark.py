@@ -126,6 +126,7 @@ class BenchmarkResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BenchmarkResult:
         """The scores and costs of a JSON file written by ``to_dict`` (examples are not kept)."""
+
         def layers(value: list[int]) -> Layers:
             return (value[0], value[1])
 
@@ -166,8 +167,16 @@ class BenchmarkResult:
         for (method, layers), parts in costs.items():
             captions = sum(c.captions for c in parts)
             forward_s = sum(c.image_forward_s * c.captions for c in parts) / max(captions, 1)
-            merged.costs.append(Cost(method, layers, sum(c.seconds for c in parts), captions,
-                                     sum(c.phrases for c in parts), forward_s))
+            merged.costs.append(
+                Cost(
+                    method,
+                    layers,
+                    sum(c.seconds for c in parts),
+                    captions,
+                    sum(c.phrases for c in parts),
+                    forward_s,
+                )
+            )
         return merged
 
 
@@ -230,7 +239,12 @@ def run_benchmark(
                 for i, (phrase, heatmap) in enumerate(zip(sample.phrases, maps, strict=True)):
                     result.scores.append(
                         PhraseScore(
-                            sample.id, i, sample.phrase_text(i), phrase.group, method.name, layers,
+                            sample.id,
+                            i,
+                            sample.phrase_text(i),
+                            phrase.group,
+                            method.name,
+                            layers,
                             pointing_hit(heatmap, geometry, phrase.boxes, pointing_rule),
                             energy_in_box(heatmap, geometry, phrase.boxes),
                         )
@@ -244,8 +258,9 @@ def run_benchmark(
     return result
 
 
-def n_batches(methods: Sequence[GroundingMethod], layer_pairs: Sequence[LayerPair], n_samples: int,
-              batch_size: int) -> int:
+def n_batches(
+    methods: Sequence[GroundingMethod], layer_pairs: Sequence[LayerPair], n_samples: int, batch_size: int
+) -> int:
     """How many ``progress`` steps ``run_benchmark`` will report."""
     runs = sum(len({effective_layers(m, p) for p in layer_pairs}) for m in methods)
     return runs * -(-n_samples // batch_size)

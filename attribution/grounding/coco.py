@@ -26,8 +26,22 @@ from attribution.grounding.samples import BoxCoords, GroundingSample, Phrase
 
 # Words that name a category in captions although they are not its COCO name.
 SYNONYMS: dict[str, tuple[str, ...]] = {
-    "person": ("person", "people", "man", "men", "woman", "women", "boy", "girl", "child", "children",
-               "kid", "player", "guy", "lady"),
+    "person": (
+        "person",
+        "people",
+        "man",
+        "men",
+        "woman",
+        "women",
+        "boy",
+        "girl",
+        "child",
+        "children",
+        "kid",
+        "player",
+        "guy",
+        "lady",
+    ),
     "motorcycle": ("motorcycle", "motorbike"),
     "airplane": ("airplane", "plane", "jet"),
     "couch": ("couch", "sofa"),

@@ -41,8 +41,12 @@ TTL_S = 300
 
 
 def submit(url: str, captions: list[str], steps: int, seed: int = 0, **data: str) -> str:
-    r = httpx.post(url + "/jobs", files={"image": ("x.png", png_bytes(seed=seed))},
-                   data={"caption": captions, "steps": str(steps), **data}, timeout=30)
+    r = httpx.post(
+        url + "/jobs",
+        files={"image": ("x.png", png_bytes(seed=seed))},
+        data={"caption": captions, "steps": str(steps), **data},
+        timeout=30,
+    )
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -124,14 +128,26 @@ def test_job_failing_in_the_worker_fails_alone_and_its_batch_completes(launcher,
     assert httpx.delete(f"{api.url}/jobs/{cancelled}").json()["status"] == "cancelled"
     assert job(api.url, blocker)["status"] == "running"  # so the five were read together afterwards
 
-    jobs = dict(zip(["good1", "broken", "expired", "good2", "cancelled"],
-                    wait_finished(api.url, [good1, broken, expired, good2, cancelled]), strict=True))
+    jobs = dict(
+        zip(
+            ["good1", "broken", "expired", "good2", "cancelled"],
+            wait_finished(api.url, [good1, broken, expired, good2, cancelled]),
+            strict=True,
+        )
+    )
     assert {k: j["status"] for k, j in jobs.items()} == {
-        "good1": "done", "broken": "failed", "expired": "failed", "good2": "done", "cancelled": "cancelled"}
+        "good1": "done",
+        "broken": "failed",
+        "expired": "failed",
+        "good2": "done",
+        "cancelled": "cancelled",
+    }
     assert jobs["broken"]["error"]["type"] == "InvalidImage"
     assert "not an image in a supported format" in jobs["broken"]["error"]["message"]
-    assert jobs["expired"]["error"] == {"type": "ImageExpired",
-                                        "message": "the job's image expired before it was computed"}
+    assert jobs["expired"]["error"] == {
+        "type": "ImageExpired",
+        "message": "the job's image expired before it was computed",
+    }
     # One engine call computed both good jobs: the failures were taken out, not retried one by one.
     timing = [jobs[k]["result"]["captions"][0]["timings"]["compute_ms"] for k in ("good1", "good2")]
     assert timing[0] == timing[1]
@@ -148,12 +164,16 @@ def test_job_that_kills_its_worker_every_time_is_failed_after_max_deliveries(lau
     api = launcher.api(**SLOW, **env)
     workers = {name: launcher.worker(EXCLIP_WORKER_NAME=name, **env) for name in ("w1", "w2", "w3")}
     api.wait_ready()
-    wait_for(lambda: len(httpx.get(api.url + "/metrics", timeout=10).text.split("exclip_workers 3.0")) == 2,
-             90, "three live workers")
+    wait_for(
+        lambda: len(httpx.get(api.url + "/metrics", timeout=10).text.split("exclip_workers 3.0")) == 2,
+        90,
+        "three live workers",
+    )
     poison = submit(api.url, ["this job crashes whichever worker runs it"] * 8, steps=3000)
     for delivery in ("1", "2"):  # the crash, simulated: SIGKILL whoever computes it, twice
-        wait_for(lambda d=delivery: r.hget(Keys(prefix).job(poison), "deliveries") == d, 60,
-                 f"delivery {delivery}")
+        wait_for(
+            lambda d=delivery: r.hget(Keys(prefix).job(poison), "deliveries") == d, 60, f"delivery {delivery}"
+        )
         [holder] = {p["consumer"] for p in pending(r, prefix)}
         workers.pop(holder).kill()
     [failed] = wait_finished(api.url, [poison], timeout_s=60)
@@ -186,8 +206,12 @@ def test_hanging_redis_gives_503_quickly_and_everything_recovers(private_stack):
     server.proc.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
     try:
         t0 = time.monotonic()
-        r = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
-                       data={"caption": "a dog"}, timeout=30)
+        r = httpx.post(
+            api.url + "/explain",
+            files={"image": ("x.png", png_bytes())},
+            data={"caption": "a dog"},
+            timeout=30,
+        )
         elapsed = time.monotonic() - t0
         assert r.status_code == 503, r.text
         assert "Redis" in r.json()["detail"] and int(r.headers["Retry-After"]) > 0
@@ -200,8 +224,12 @@ def test_hanging_redis_gives_503_quickly_and_everything_recovers(private_stack):
     finally:
         server.proc.send_signal(signal.SIGCONT)
     api.wait_ready(timeout_s=60)
-    r = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
-                   data={"caption": "a dog", "steps": "2"}, timeout=60)
+    r = httpx.post(
+        api.url + "/explain",
+        files={"image": ("x.png", png_bytes())},
+        data={"caption": "a dog", "steps": "2"},
+        timeout=60,
+    )
     assert r.status_code == 200 and r.json()["status"] == "done", r.text
     assert "queue unavailable" in worker.output  # it noticed, retried, and came back
 
@@ -214,9 +242,12 @@ def test_sigterm_to_the_api_lets_an_in_flight_wait_request_finish(launcher, redi
     answer: dict[str, httpx.Response] = {}
 
     def long_request() -> None:
-        answer["r"] = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
-                                 data={"caption": ["a dog on the grass"] * 4, "steps": "3000", "wait": "60"},
-                                 timeout=90)
+        answer["r"] = httpx.post(
+            api.url + "/explain",
+            files={"image": ("x.png", png_bytes())},
+            data={"caption": ["a dog on the grass"] * 4, "steps": "3000", "wait": "60"},
+            timeout=90,
+        )
 
     thread = threading.Thread(target=long_request)
     thread.start()
@@ -241,10 +272,14 @@ def test_chunked_upload_is_cut_off_at_the_limit_while_it_is_sent(launcher):
     api = launcher.api(EXCLIP_MAX_UPLOAD_BYTES=str(limit)).wait_healthy()
     port = int(api.url.rsplit(":", 1)[1])
     boundary = "b0und4ry"
-    head = (f"POST /explain HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
-    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode()
+    head = (
+        f"POST /explain HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    ).encode()
+    part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
     piece = b"\x89" * 16_384
     sent, reply = 0, b""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -276,12 +311,23 @@ def test_too_many_selections_is_422(stack, kind):
     before = stack.queue_state()
     with stack.client() as c:
         if kind == "form":
-            r = c.post("/explain", files={"image": ("x.png", png_bytes())},
-                       data={"caption": "a dog", "span": ["0:1"] * 65})
+            r = c.post(
+                "/explain",
+                files={"image": ("x.png", png_bytes())},
+                data={"caption": "a dog", "span": ["0:1"] * 65},
+            )
         else:
             selections = [{"box": [0, 0, 5, 5]}] * 40
-            r = c.post("/explain", json={"image": b64(png_bytes()), "captions": [
-                {"text": "a dog", "selections": selections}, {"text": "a cat", "selections": selections}]})
+            r = c.post(
+                "/explain",
+                json={
+                    "image": b64(png_bytes()),
+                    "captions": [
+                        {"text": "a dog", "selections": selections},
+                        {"text": "a cat", "selections": selections},
+                    ],
+                },
+            )
     assert r.status_code == 422, r.text
     count = 65 if kind == "form" else 80
     assert f"{count} selections given; allowed: at most 64" in r.json()["detail"]
@@ -359,9 +405,14 @@ def lost(url: str, job_id: str) -> bool:
 
 def submit_when_served(url: str, captions: list[str], steps: int, seed: int = 0) -> str:
     """Submit once a worker is advertised again (after Redis lost the heartbeats)."""
+
     def attempt() -> str | None:
-        r = httpx.post(url + "/jobs", files={"image": ("x.png", png_bytes(seed=seed))},
-                       data={"caption": captions, "steps": str(steps)}, timeout=30)
+        r = httpx.post(
+            url + "/jobs",
+            files={"image": ("x.png", png_bytes(seed=seed))},
+            data={"caption": captions, "steps": str(steps)},
+            timeout=30,
+        )
         return r.json()["id"] if r.status_code == 202 else None
 
     return wait_for(attempt, 60, "a worker to be advertised", 0.2)
@@ -431,9 +482,12 @@ def test_a_redis_stall_while_a_client_waits_answers_202_with_the_job(private_sta
     answer: dict[str, httpx.Response] = {}
 
     def explain() -> None:
-        answer["r"] = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
-                                 data={"caption": ["a dog on the grass"] * 4, "steps": "2000", "wait": "60"},
-                                 timeout=90)
+        answer["r"] = httpx.post(
+            api.url + "/explain",
+            files={"image": ("x.png", png_bytes())},
+            data={"caption": ["a dog on the grass"] * 4, "steps": "2000", "wait": "60"},
+            timeout=90,
+        )
 
     thread = threading.Thread(target=explain)
     thread.start()
@@ -460,13 +514,24 @@ def test_a_job_whose_image_expired_before_it_ran_answers_410(launcher, redis_ser
     blocker = submit(api.url, ["a long caption to keep the worker busy"] * 4, steps=2000)
     wait_for(lambda: job(api.url, blocker)["status"] == "running", 60, "the blocker to start")
     answer: dict[str, httpx.Response] = {}
-    thread = threading.Thread(target=lambda: answer.setdefault("r", httpx.post(
-        api.url + "/explain", files={"image": ("x.png", png_bytes())},
-        data={"caption": "a cat", "wait": "60"}, timeout=90)))
+    thread = threading.Thread(
+        target=lambda: answer.setdefault(
+            "r",
+            httpx.post(
+                api.url + "/explain",
+                files={"image": ("x.png", png_bytes())},
+                data={"caption": "a cat", "wait": "60"},
+                timeout=90,
+            ),
+        )
+    )
     thread.start()
     r, keys = redis_server.client(), Keys(launcher.key_prefix)
-    image_key = wait_for(lambda: next((k for k in r.scan_iter(keys.image("*")) if blocker not in k), None),
-                         30, "the second job")
+    image_key = wait_for(
+        lambda: next((k for k in r.scan_iter(keys.image("*")) if blocker not in k), None),
+        30,
+        "the second job",
+    )
     assert r.delete(image_key) == 1
     thread.join(120)
     assert answer["r"].status_code == 410, answer["r"].text
@@ -508,10 +573,26 @@ class AofRedisServer(RedisServer):
 
     def start(self, timeout_s: float = 10.0) -> None:
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.data_dir),
-             "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--dir",
+                str(self.data_dir),
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for(lambda: self._answers(), timeout_s, "redis-server to start")
 
     def _answers(self) -> bool:
@@ -560,15 +641,18 @@ def test_an_out_of_memory_batch_is_halved_and_both_halves_complete(launcher):
     in halves is what saves them.
     """
     api = launcher.api(**SLOW)
-    worker = launcher.worker(EXCLIP_MAX_BATCH="4", EXCLIP_MAX_WAIT_MS="8000", MALLOC_ARENA_MAX="2",
-                             MALLOC_MMAP_THRESHOLD_="131072")  # big blocks return to the OS when freed
+    worker = launcher.worker(
+        EXCLIP_MAX_BATCH="4", EXCLIP_MAX_WAIT_MS="8000", MALLOC_ARENA_MAX="2", MALLOC_MMAP_THRESHOLD_="131072"
+    )  # big blocks return to the OS when freed
     api.wait_ready()
     warm = submit(api.url, ["a dog"], steps=10)
     assert wait_finished(api.url, [warm])[0]["status"] == "done"
     limit = _vm_size(worker.proc.pid) + 260 * 2**20  # two jobs need ~177 MB, four ~342 MB
     resource.prlimit(worker.proc.pid, resource.RLIMIT_AS, (limit, limit))
-    ids = [submit(api.url, [f"a dog number {i} running on the beach near the sea"] * 4, steps=1500, seed=i)
-           for i in range(4)]
+    ids = [
+        submit(api.url, [f"a dog number {i} running on the beach near the sea"] * 4, steps=1500, seed=i)
+        for i in range(4)
+    ]
     jobs = wait_finished(api.url, ids, timeout_s=240)
     assert [j["status"] for j in jobs] == ["done"] * 4, [j["error"] for j in jobs]
     assert "batch of 4 failed" in worker.output and "retrying it in halves" in worker.output

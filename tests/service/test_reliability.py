@@ -15,8 +15,12 @@ SLOW_B32 = {"EXCLIP_MODEL": "ViT-B-32", "EXCLIP_PRETRAINED": "none"}  # random w
 
 
 def submit(url: str, captions: list[str], steps: int, **data: str) -> str:
-    r = httpx.post(url + "/jobs", files={"image": ("x.png", png_bytes(seed=11))},
-                   data={"caption": captions, "steps": str(steps), **data}, timeout=30)
+    r = httpx.post(
+        url + "/jobs",
+        files={"image": ("x.png", png_bytes(seed=11))},
+        data={"caption": captions, "steps": str(steps), **data},
+        timeout=30,
+    )
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -72,8 +76,9 @@ def test_compute_time_limit_fails_the_job_and_the_worker_goes_on(launcher):
     assert last["status"] == "done", last["error"]
 
 
-def test_redis_outage_gives_503_then_everything_reconnects(make_redis_server, key_prefix, tiny_checkpoint,
-                                                           tmp_path):
+def test_redis_outage_gives_503_then_everything_reconnects(
+    make_redis_server, key_prefix, tiny_checkpoint, tmp_path
+):
     server = make_redis_server()
     launch = ServiceLauncher(server.url, key_prefix, tiny_checkpoint, tmp_path)
     try:
@@ -82,8 +87,12 @@ def test_redis_outage_gives_503_then_everything_reconnects(make_redis_server, ke
         api.wait_ready()
         server.stop()
         t0 = time.monotonic()
-        r = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
-                       data={"caption": "a dog"}, timeout=30)
+        r = httpx.post(
+            api.url + "/explain",
+            files={"image": ("x.png", png_bytes())},
+            data={"caption": "a dog"},
+            timeout=30,
+        )
         assert r.status_code == 503 and "Redis" in r.json()["detail"] and r.headers["Retry-After"]
         assert time.monotonic() - t0 < 10
         assert httpx.get(api.url + "/readyz", timeout=30).status_code == 503
@@ -91,8 +100,12 @@ def test_redis_outage_gives_503_then_everything_reconnects(make_redis_server, ke
 
         server.start()  # same port, empty data: workers re-create their group and heartbeat
         api.wait_ready(timeout_s=60)
-        r = httpx.post(api.url + "/explain", files={"image": ("x.png", png_bytes())},
-                       data={"caption": "a dog", "steps": "2"}, timeout=60)
+        r = httpx.post(
+            api.url + "/explain",
+            files={"image": ("x.png", png_bytes())},
+            data={"caption": "a dog", "steps": "2"},
+            timeout=60,
+        )
         assert r.status_code == 200 and r.json()["status"] == "done"
     finally:
         launch.close()

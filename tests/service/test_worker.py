@@ -33,15 +33,30 @@ def anyio_backend() -> str:
 
 
 def settings(**kw) -> Settings:
-    base = {"max_batch": 8, "max_wait_ms": 0, "heartbeat_s": 0.2, "redis_timeout_s": 0.4,
-            "visibility_timeout_s": 60, "worker_name": "w-test"}
+    base = {
+        "max_batch": 8,
+        "max_wait_ms": 0,
+        "heartbeat_s": 0.2,
+        "redis_timeout_s": 0.4,
+        "visibility_timeout_s": 60,
+        "worker_name": "w-test",
+    }
     return Settings(**{**base, **kw})
 
 
 def make_job(captions: list[str], steps: int = 2, selections: tuple = ()) -> Job:
     captions_ = tuple(CaptionRequest(c, selections) for c in captions)
-    return Job(request=JobRequest(model=MODEL, text_layer=2, image_layer=2, steps=steps, precision="float32",
-                                  format="json", captions=captions_))
+    return Job(
+        request=JobRequest(
+            model=MODEL,
+            text_layer=2,
+            image_layer=2,
+            steps=steps,
+            precision="float32",
+            format="json",
+            captions=captions_,
+        )
+    )
 
 
 async def enqueue(q: MemoryQueue, job: Job, seed: int = 0) -> Job:
@@ -49,8 +64,9 @@ async def enqueue(q: MemoryQueue, job: Job, seed: int = 0) -> Job:
     return job
 
 
-async def run_until_finished(worker: Worker, q: MemoryQueue, ids: list[str], timeout_s: float = 120
-                             ) -> list[Job]:
+async def run_until_finished(
+    worker: Worker, q: MemoryQueue, ids: list[str], timeout_s: float = 120
+) -> list[Job]:
     task = asyncio.create_task(worker.run())
     try:
         deadline = time.monotonic() + timeout_s
@@ -85,8 +101,11 @@ async def test_compatible_jobs_are_computed_in_one_call_per_group(tiny_loaded):
 
     from PIL import Image
 
-    [[alone]] = explain_requests(tiny_loaded, [two[1].request.explain_request(
-        Image.open(io.BytesIO(png_bytes(seed=1))).convert("RGB"))], **two[1].request.engine_options)
+    [[alone]] = explain_requests(
+        tiny_loaded,
+        [two[1].request.explain_request(Image.open(io.BytesIO(png_bytes(seed=1))).convert("RGB"))],
+        **two[1].request.engine_options,
+    )
     got = jobs[1].result["captions"][0]
     assert got["score"] == pytest.approx(alone.result.score, rel=1e-5, abs=1e-6)
     assert got["completeness"]["total"] == pytest.approx(alone.result.completeness.total, rel=1e-4, abs=1e-6)

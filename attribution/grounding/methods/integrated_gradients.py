@@ -27,8 +27,9 @@ def texts_of(batch: Batch, text: str) -> list[list[str]]:
     return [[s.phrase_text(i) for i in range(len(s.phrases))] for s in batch.samples]
 
 
-def integrated_gradients(similarity: ImageSimilarity, hidden: Tensor, reference: Tensor, texts: Tensor,
-                         steps: int) -> Tensor:
+def integrated_gradients(
+    similarity: ImageSimilarity, hidden: Tensor, reference: Tensor, texts: Tensor, steps: int
+) -> Tensor:
     """Attributions (K, S) of one image's hidden states (S, W) for K unit text embeddings."""
     alphas = interpolation_points(steps).to(dtype=hidden.dtype, device=hidden.device)
     delta = hidden - reference
