@@ -15,15 +15,16 @@ module reproduces, the completeness finding and the one deliberate difference (t
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from attribution.errors import InvalidOption
 from attribution.tail import Tail, dense_token_vjps, embed, token_jvps
-from attribution.text import tokenize_caption
+from attribution.text import Tokenizer, tokenize_caption
 from attribution.towers import ImageTower, TextTower
 
 PRECISIONS: dict[str, torch.dtype] = {
@@ -33,7 +34,9 @@ PRECISIONS: dict[str, torch.dtype] = {
 }
 
 # Per-model cache of the references' hidden states and embeddings; they depend only on the weights.
-_REFERENCE_CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+_REFERENCE_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], dict[str, Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class Explainer:
     def __init__(
         self,
         model: nn.Module,
-        tokenizer,
+        tokenizer: Tokenizer,
         text_layer: int | None = None,
         image_layer: int | None = None,
         steps: int = 10,
@@ -173,12 +176,13 @@ class Explainer:
         # The text mask is causal: rows after EOT (padding) change nothing that is pooled, so cut them.
         tokens = [t[: int(t.argmax()) + 1] for t in tokens]
         text_of, unique_texts = _unique([tuple(t.tolist()) for t in tokens])
-        refs = self._references(tuple(images.shape[-2:]))
+        refs = self._references((images.shape[-2], images.shape[-1]))
         image_tails = self._tails(self.image, self.image_layer)
         text_tails = self._tails(self.text, self.text_layer)
         image_sides = [self._image_side(images[i], refs, image_tails) for i in unique_images]
         text_sides = [self._text_side(tokens[i], refs, text_tails) for i in unique_texts]
-        grid = tuple(self.image.visual.grid_size)
+        grid_h, grid_w = self.image.visual.grid_size
+        grid = (int(grid_h), int(grid_w))
         pairs = zip(text_of, image_of, strict=True)
         return [self._combine(text_sides[t], image_sides[i], grid) for t, i in pairs]
 
@@ -254,7 +258,8 @@ class Explainer:
 
     def _combine(self, text: _Side, image: _Side, grid: tuple[int, int]) -> PairResult:
         t_emb, x_emb = text.embedding, image.embedding
-        scale = float(self.model.logit_scale.exp()) if self.scale_cos else 1.0
+        logit_scale = cast(Tensor, self.model.logit_scale)  # an nn.Parameter of open_clip's CLIP
+        scale = float(logit_scale.exp()) if self.scale_cos else 1.0
         norm = t_emb.norm() * x_emb.norm() / scale
         rows = text.factor.shape[1]
         a = text.factor.T @ image.factor / norm  # (tokens, image tokens)
@@ -278,11 +283,11 @@ def _explicit_points(points: Sequence[float] | Tensor) -> Tensor:
     return alphas
 
 
-def _unique(keys: list) -> tuple[list[int], list[int]]:
+def _unique(keys: Sequence[Hashable]) -> tuple[list[int], list[int]]:
     """Index of each key among the unique keys, and the first position of each unique key."""
-    seen: dict = {}
+    seen: dict[Hashable, int] = {}
     first: list[int] = []
-    index = []
+    index: list[int] = []
     for pos, key in enumerate(keys):
         if key not in seen:
             seen[key] = len(first)

@@ -154,8 +154,9 @@ def _decode(img: Image.Image, *, keep_grey: bool = False) -> Image.Image:
         raise InvalidImage(f"{img.format} image data is broken or truncated: {e}") from e
 
 
-def image_size(data: bytes, *, max_pixels: int = 64_000_000, max_aspect_ratio: float = MAX_ASPECT_RATIO
-               ) -> tuple[int, int]:
+def image_size(
+    data: bytes, *, max_pixels: int = 64_000_000, max_aspect_ratio: float = MAX_ASPECT_RATIO
+) -> tuple[int, int]:
     """The upright (width, height) of untrusted image bytes from their header, without decoding pixels.
 
     Runs the checks ``prepare_image`` runs before decoding (format, pixel count, aspect ratio), so a
@@ -392,7 +393,8 @@ def _to_tensor(pixels: Any, transform: Any) -> torch.Tensor:
     for step in transform.transforms if isinstance(transform, Compose) else [transform]:
         if isinstance(step, _PIXEL_STEPS):
             pixels = step(pixels)
-    return pixels.to(dtype=torch.float32, device="cpu")
+    tensor: torch.Tensor = pixels.to(dtype=torch.float32, device="cpu")
+    return tensor
 
 
 @dataclass(frozen=True)
@@ -447,8 +449,8 @@ def prepare_image(
 
     source_scale = 1.0
     if img.format == "JPEG" and draft_oversampling > 0:
-        want = [int(draft_oversampling * v) + 1 for v in plan.resized]
-        drafted = img.draft("RGB", tuple(want[::-1] if turned else want))
+        want_w, want_h = (int(draft_oversampling * v) + 1 for v in plan.resized)
+        drafted = img.draft("RGB", (want_h, want_w) if turned else (want_w, want_h))
         if drafted is not None:
             source_scale = drafted[1][2] / width  # the draft's exact factor (1/2, 1/4 or 1/8)
     pixels = _crop_then_resize(_decode(img, keep_grey=True), plan, source_scale)

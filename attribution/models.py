@@ -165,7 +165,8 @@ def _looks_like_path(value: str) -> bool:
 def _download_tag(name: str, tag: str, pcfg: dict[str, Any], cache_dir: str | None) -> str:
     """Path of the tag's weights file, downloaded unless cached; ModelNotAvailable when it cannot be had."""
     try:
-        return open_clip.download_pretrained(pcfg, cache_dir=cache_dir)
+        path: str = open_clip.download_pretrained(pcfg, cache_dir=cache_dir)
+        return path
     except Exception as e:  # network, hub and file-system errors all mean "not available"
         raise ModelNotAvailable(
             f"weights for model {name!r} with pretrained tag {tag!r} could not be downloaded or found in "
@@ -219,13 +220,13 @@ def load_model(
         log.warning("model %s: no pretrained weights requested, using RANDOM weights", name)
         model = _create(name, None, None, "random initialisation")
     elif tag in card.weights:
-        path = WEIGHTS_DIR / card.weights[tag]
-        if not path.is_file():
+        packaged = WEIGHTS_DIR / card.weights[tag]
+        if not packaged.is_file():
             raise ModelNotAvailable(
-                f"the weights for model {name!r} with tag {tag!r} ship with the package as {path}, but that "
-                f"file is missing from this installation (reinstall exclip-service); {_HOW_TO}"
+                f"the weights for model {name!r} with tag {tag!r} ship with the package as {packaged}, but "
+                f"that file is missing from this installation (reinstall exclip-service); {_HOW_TO}"
             )
-        model = _create(name, str(path), None, f"packaged weights {tag!r} ({path})")
+        model = _create(name, str(packaged), None, f"packaged weights {tag!r} ({packaged})")
     elif os.path.isfile(tag):
         model = _create(name, tag, None, f"checkpoint file {tag!r}")
     elif _looks_like_path(tag):

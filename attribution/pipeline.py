@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from attribution.selections import (
     Box,
     Selection,
     Span,
+    TokenRange,
     box_token_scores,
     check_selection,
     selected_tokens,
@@ -62,12 +63,14 @@ class SelectionResult:
     def to_dict(self) -> dict[str, Any]:
         sel = self.selection
         if isinstance(sel, Box):
+            assert self.token_scores is not None  # a box's result always carries token scores
             return {
                 "kind": "box",
                 "box": [sel.x0, sel.y0, sel.x1, sel.y1],
                 "token_scores": self.token_scores.tolist(),
             }
         kind = "span" if isinstance(sel, Span) else "tokens"
+        assert self.heatmap is not None  # a span's or token range's result always carries a heatmap
         return {
             "kind": kind,
             "start": sel.start,
@@ -81,7 +84,8 @@ class SelectionResult:
         """The inverse of ``to_dict``."""
         if d["kind"] == "box":
             return cls(Box(*d["box"]), token_scores=torch.tensor(d["token_scores"], dtype=torch.float32))
-        selection = SELECTION_KINDS[d["kind"]](d["start"], d["end"])
+        range_kind = cast("type[Span] | type[TokenRange]", SELECTION_KINDS[d["kind"]])  # not "box" here
+        selection = range_kind(d["start"], d["end"])
         heatmap = torch.tensor(d["heatmap"], dtype=torch.float32)
         return cls(selection, heatmap=heatmap, tokens=d.get("tokens"))
 

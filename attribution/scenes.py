@@ -109,7 +109,9 @@ def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
     )
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple) -> None:
+def _draw(
+    draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, ...]
+) -> None:
     x0, y0, x1, y1 = box  # end-exclusive; PIL's shape coordinates are inclusive
     if shape == "circle":
         draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
@@ -191,9 +193,11 @@ def generate_scenes(n: int, seed: int, *, n_objects: int | None = None, image_si
     return [next(stream) for _ in range(n)]
 
 
-def caption_phrases(caption: str) -> list[tuple[str | None, str, str]]:
+def caption_phrases(caption: str) -> list[tuple[str | None, str | None, str]]:
     """The (size or None, colour, shape) of each object a caption of this world names, in order."""
-    phrases, size, colour = [], None, None
+    phrases: list[tuple[str | None, str | None, str]] = []
+    size: str | None = None
+    colour: str | None = None
     for word in caption.replace(",", " ").split():
         if word in SIZES:
             size = word
@@ -213,7 +217,7 @@ def describes(caption: str, scene: Scene) -> bool:
     if len(phrases) != len(scene.objects):
         return False
 
-    def fits(phrase: tuple[str | None, str, str], obj: SceneObject) -> bool:
+    def fits(phrase: tuple[str | None, str | None, str], obj: SceneObject) -> bool:
         size, colour, shape = phrase
         return colour == obj.colour and shape == obj.shape and size in (None, obj.size)
 

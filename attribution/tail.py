@@ -14,6 +14,7 @@ Shapes: ``M`` batch (items × interpolation points), ``S`` tokens, ``W`` width, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from torch.func import jvp
 @dataclass(frozen=True)
 class LayerNormWeights:
     weight: Tensor
-    bias: Tensor
+    bias: Tensor | None
     eps: float
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -52,7 +53,8 @@ class BlockWeights:
 
     def attention_input(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Query, key and value of ``x`` (..., S, W), each split into heads (..., H, S, d)."""
-        return tuple(_split_heads(t, self.heads) for t in _qkv(self, self.ln_1(x)))
+        q, k, v = _qkv(self, self.ln_1(x))
+        return _split_heads(q, self.heads), _split_heads(k, self.heads), _split_heads(v, self.heads)
 
     def scale_1(self, x: Tensor) -> Tensor:
         return x if self.ls_1 is None else x * self.ls_1
@@ -95,29 +97,33 @@ def _cast(t: Tensor | None, dtype: torch.dtype, device: torch.device) -> Tensor 
     return None if t is None else t.detach().to(device=device, dtype=dtype)
 
 
+def _cast_required(t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return t.detach().to(device=device, dtype=dtype)
+
+
 def layer_norm_weights(ln: nn.LayerNorm, dtype: torch.dtype, device: torch.device) -> LayerNormWeights:
-    return LayerNormWeights(_cast(ln.weight, dtype, device), _cast(ln.bias, dtype, device), ln.eps)
+    return LayerNormWeights(_cast_required(ln.weight, dtype, device), _cast(ln.bias, dtype, device), ln.eps)
 
 
-def block_weights(block: nn.Module, dtype: torch.dtype, device: torch.device) -> BlockWeights:
-    """Extract the weights of an open_clip ``ResidualAttentionBlock``."""
+def block_weights(block: Any, dtype: torch.dtype, device: torch.device) -> BlockWeights:
+    """Extract the weights of an open_clip ``ResidualAttentionBlock`` (untyped, hence ``Any``)."""
     attn = block.attn
 
-    def gamma(ls: nn.Module) -> Tensor | None:
+    def gamma(ls: Any) -> Tensor | None:
         return _cast(ls.gamma, dtype, device) if hasattr(ls, "gamma") else None
 
     return BlockWeights(
         ln_1=layer_norm_weights(block.ln_1, dtype, device),
-        in_proj_weight=_cast(attn.in_proj_weight, dtype, device),
+        in_proj_weight=_cast_required(attn.in_proj_weight, dtype, device),
         in_proj_bias=_cast(attn.in_proj_bias, dtype, device),
-        out_proj_weight=_cast(attn.out_proj.weight, dtype, device),
+        out_proj_weight=_cast_required(attn.out_proj.weight, dtype, device),
         out_proj_bias=_cast(attn.out_proj.bias, dtype, device),
         ls_1=gamma(block.ls_1),
         ln_2=layer_norm_weights(block.ln_2, dtype, device),
-        fc_weight=_cast(block.mlp.c_fc.weight, dtype, device),
+        fc_weight=_cast_required(block.mlp.c_fc.weight, dtype, device),
         fc_bias=_cast(block.mlp.c_fc.bias, dtype, device),
         activation=block.mlp.gelu,
-        proj_weight=_cast(block.mlp.c_proj.weight, dtype, device),
+        proj_weight=_cast_required(block.mlp.c_proj.weight, dtype, device),
         proj_bias=_cast(block.mlp.c_proj.bias, dtype, device),
         ls_2=gamma(block.ls_2),
         heads=attn.num_heads,
@@ -126,7 +132,8 @@ def block_weights(block: nn.Module, dtype: torch.dtype, device: torch.device) ->
 
 def _qkv(block: BlockWeights, a: Tensor, with_bias: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     bias = block.in_proj_bias if with_bias else None
-    return F.linear(a, block.in_proj_weight, bias).chunk(3, dim=-1)
+    q, k, v = F.linear(a, block.in_proj_weight, bias).chunk(3, dim=-1)
+    return q, k, v
 
 
 def _split_heads(t: Tensor, heads: int) -> Tensor:
@@ -196,7 +203,8 @@ def _mlp_tangent(block: BlockWeights, y: Tensor, dy: Tensor) -> tuple[Tensor, Te
     """The block's MLP half on rows y (M, R, W) and tangents dy (M, C, R, W): the primal runs once."""
     h = F.linear(block.ln_2(y), block.fc_weight, block.fc_bias)
     dh = F.linear(_layer_norm_tangent(block.ln_2, y, dy), block.fc_weight)
-    activated, slope = jvp(block.activation, (h,), (torch.ones_like(h),))  # elementwise: the derivative
+    # elementwise: the derivative; without has_aux, jvp returns exactly (output, tangent)
+    activated, slope = cast(tuple[Tensor, Tensor], jvp(block.activation, (h,), (torch.ones_like(h),)))
     out = F.linear(activated, block.proj_weight, block.proj_bias)
     d_out = F.linear(dh * slope.unsqueeze(1), block.proj_weight)
     return y + block.scale_2(out), dy + block.scale_2(d_out)
@@ -209,11 +217,15 @@ def _head_tangent(head: Head, pooled: Tensor, d_pooled: Tensor) -> Tensor:
 
 
 def _split_qkv_weights(block: BlockWeights) -> tuple[Tensor, Tensor, Tensor]:
-    return block.in_proj_weight.chunk(3)
+    q, k, v = block.in_proj_weight.chunk(3)
+    return q, k, v
 
 
 def _split_qkv_biases(block: BlockWeights) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    return (None, None, None) if block.in_proj_bias is None else block.in_proj_bias.chunk(3)
+    if block.in_proj_bias is None:
+        return None, None, None
+    q, k, v = block.in_proj_bias.chunk(3)
+    return q, k, v
 
 
 def single_token_block(
@@ -254,8 +266,9 @@ def single_token_block(
 
     p_c = probs[..., c_tokens].transpose(-1, -2)  # (M, H, C, R)
     key_change = ((dk * scale) @ q.transpose(-1, -2)) * p_c  # P[r,s]·c[r,s], (M, H, C, R)
-    d_out = (key_change.unsqueeze(-1) * (v[:, :, c_tokens].unsqueeze(-2) - out.unsqueeze(2))
-             + p_c.unsqueeze(-1) * dv.unsqueeze(-2))  # (M, H, C, R, d)
+    d_out = key_change.unsqueeze(-1) * (v[:, :, c_tokens].unsqueeze(-2) - out.unsqueeze(2)) + p_c.unsqueeze(
+        -1
+    ) * dv.unsqueeze(-2)  # (M, H, C, R, d)
     # Tangent rows[r] also moves query r: every logit of row r changes.
     weighted = probs * ((dq_rows * scale) @ k.transpose(-1, -2))  # (M, H, R, S)
     query_term = weighted @ v - weighted.sum(-1, keepdim=True) * out  # (M, H, R, d)

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import difflib
 import html
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import ftfy
 import torch
@@ -86,12 +88,34 @@ def _align(old: str, old_spans: Spans, new: str) -> Spans:
     return spans
 
 
+class Tokenizer(Protocol):
+    """What this module uses of open_clip's ``SimpleTokenizer`` (CLIP's byte-pair encoder)."""
+
+    pat: re.Pattern[str]
+    encoder: dict[str, int]
+    decoder: dict[int, str]
+    byte_encoder: dict[int, str]
+    cache: dict[str, str]
+    clean_fn: Callable[[str], str]
+    all_special_ids: list[int]
+    sot_token_id: int
+    eot_token_id: int
+    context_length: int
+
+    def bpe(self, token: str) -> str: ...
+
+    def decode(self, tokens: Sequence[int]) -> str: ...
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor: ...
+
+
 def _unescape(text: str, spans: Spans) -> tuple[str, Spans]:
     """``html.unescape`` with tracking: every replacement character maps to its whole entity."""
     out: list[str] = []
     out_spans: Spans = []
     pos = 0
-    for m in html._charref.finditer(text):  # the exact regex html.unescape uses
+    charref: re.Pattern[str] = html._charref  # type: ignore[attr-defined]  # private, untyped
+    for m in charref.finditer(text):  # the exact regex html.unescape uses
         out.append(text[pos : m.start()])
         out_spans.extend(spans[pos : m.start()])
         repl = html._replace_charref(m)
@@ -131,7 +155,7 @@ def _lower(text: str, spans: Spans) -> tuple[str, Spans]:
     return text.lower(), out_spans
 
 
-def _mirror_cleaning(caption: str, tokenizer: Any) -> tuple[str, Spans]:
+def _mirror_cleaning(caption: str, tokenizer: Tokenizer) -> tuple[str, Spans]:
     """open_clip's ``basic_clean`` + whitespace clean (+ lower), step by step, tracking spans."""
     text, spans = caption, [(i, i + 1) for i in range(len(caption))]
     if "<" not in text:  # ftfy's default unescape_html="auto" unescapes, repeatedly, text without "<"
@@ -148,7 +172,7 @@ def _mirror_cleaning(caption: str, tokenizer: Any) -> tuple[str, Spans]:
     return text, spans
 
 
-def _clean_with_spans(caption: str, tokenizer: Any) -> tuple[str, Spans]:
+def _clean_with_spans(caption: str, tokenizer: Tokenizer) -> tuple[str, Spans]:
     """The tokenizer's own cleaning of ``caption`` (run once), with each cleaned character's span."""
     cleaned = tokenizer.clean_fn(caption)
     text, spans = _mirror_cleaning(caption, tokenizer)
@@ -157,11 +181,11 @@ def _clean_with_spans(caption: str, tokenizer: Any) -> tuple[str, Spans]:
     return text, spans
 
 
-def _special_texts(tokenizer: Any) -> set[str]:
+def _special_texts(tokenizer: Tokenizer) -> set[str]:
     return {tokenizer.decoder[i] for i in tokenizer.all_special_ids}
 
 
-def _bpe(tokenizer: Any, word: str) -> str:
+def _bpe(tokenizer: Tokenizer, word: str) -> str:
     """``tokenizer.bpe`` with its memo cache kept bounded (it otherwise keeps every word ever seen)."""
     pieces = tokenizer.bpe(word)
     if len(tokenizer.cache) > BPE_CACHE_ENTRIES:
@@ -170,7 +194,7 @@ def _bpe(tokenizer: Any, word: str) -> str:
     return pieces
 
 
-def _encode_with_offsets(caption: str, tokenizer: Any) -> list[tuple[int, int, int]]:
+def _encode_with_offsets(caption: str, tokenizer: Tokenizer) -> list[tuple[int, int, int]]:
     """(id, start, end) for each BPE token of ``caption`` (without SOT/EOT), in order.
 
     This is ``tokenizer.encode`` (the same regex and BPE over the tokenizer's own cleaning), keeping
@@ -198,21 +222,30 @@ def _encode_with_offsets(caption: str, tokenizer: Any) -> list[tuple[int, int, i
     return result
 
 
-def _tokenizer_of(loaded_or_tokenizer: Any) -> Any:
+def _tokenizer_of(loaded_or_tokenizer: object) -> Tokenizer:
     tokenizer = getattr(loaded_or_tokenizer, "tokenizer", loaded_or_tokenizer)
-    needed = ("pat", "bpe", "encoder", "decoder", "byte_encoder", "clean_fn", "all_special_ids",
-              "sot_token_id", "eot_token_id")
+    needed = (
+        "pat",
+        "bpe",
+        "encoder",
+        "decoder",
+        "byte_encoder",
+        "clean_fn",
+        "all_special_ids",
+        "sot_token_id",
+        "eot_token_id",
+    )
     if not all(hasattr(tokenizer, a) for a in needed) or getattr(tokenizer, "reduction_fn", None):
         raise UnsupportedModel(
             f"tokenizer {type(tokenizer).__name__} is not open_clip's CLIP BPE tokenizer; "
             "token offsets are only available for CLIP models with the SimpleTokenizer"
         )
-    return tokenizer
+    return cast(Tokenizer, tokenizer)
 
 
 def tokenize_caption(
     caption: str,
-    loaded_or_tokenizer: Any,
+    loaded_or_tokenizer: object,
     *,
     context_length: int | None = None,
     truncate: bool = False,

@@ -7,6 +7,8 @@ explicit weights (see :mod:`attribution.tail`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -32,7 +34,9 @@ def _check_layer(layer: int, n_layers: int, name: str) -> None:
 class TextTower:
     """The text transformer of an open_clip ``CLIP`` (built-in text tower, EOT pooling)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, clip: nn.Module) -> None:
+        # open_clip is untyped: its submodules come from nn.Module.__getattr__, so treat them as Any.
+        model: Any = clip
         if not all(hasattr(model, a) for a in ("transformer", "token_embedding", "ln_final")):
             raise UnsupportedModel(
                 f"{type(model).__name__} has no built-in text transformer; only open_clip CLIP models "
@@ -43,9 +47,9 @@ class TextTower:
                 f"text pooling {model.text_pool_type!r} is not supported; only 'argmax' (EOT) pooling"
             )
         _check_blocks(model.transformer.resblocks, "text")
-        self.model = model
-        self.blocks = model.transformer.resblocks
-        self.context_length = model.positional_embedding.shape[0]
+        self.model: Any = model
+        self.blocks: nn.ModuleList = model.transformer.resblocks
+        self.context_length: int = model.positional_embedding.shape[0]
 
     @property
     def n_layers(self) -> int:
@@ -55,7 +59,7 @@ class TextTower:
         _check_layer(layer, self.n_layers, "text_layer")
 
     def mask(self, length: int) -> Tensor | None:
-        mask = self.model.attn_mask
+        mask: Tensor | None = self.model.attn_mask
         return None if mask is None else mask[:length, :length]
 
     def pool_index(self, tokens: Tensor) -> Tensor:
@@ -70,7 +74,8 @@ class TextTower:
         """
         cast = self.model.transformer.get_cast_dtype()
         length = tokens.shape[-1]
-        x = self.model.token_embedding(tokens).to(cast) + self.model.positional_embedding[:length].to(cast)
+        x: Tensor = self.model.token_embedding(tokens).to(cast)
+        x = x + self.model.positional_embedding[:length].to(cast)
         mask = self.mask(length)
         for block in self.blocks[:layer]:
             x = block(x, attn_mask=mask)
@@ -82,7 +87,7 @@ class TextTower:
             projection, bias = proj.weight.detach().T, proj.bias
         else:
             projection, bias = proj.detach(), None
-        mask = self.model.attn_mask
+        mask: Tensor | None = self.model.attn_mask
         return Tail(
             blocks=tuple(block_weights(b, dtype, device) for b in self.blocks[layer:]),
             head=Head(
@@ -98,7 +103,7 @@ class ImageTower:
     """An open_clip ``VisionTransformer`` with class-token pooling."""
 
     def __init__(self, model: nn.Module) -> None:
-        visual = model.visual
+        visual: Any = model.visual  # untyped open_clip VisionTransformer
         if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
             raise UnsupportedModel(
                 f"the image tower {type(visual).__name__} is not an open_clip VisionTransformer; "
@@ -107,8 +112,8 @@ class ImageTower:
         if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
             raise UnsupportedModel("only class-token pooling is supported in the image tower")
         _check_blocks(visual.transformer.resblocks, "image")
-        self.visual = visual
-        self.blocks = visual.transformer.resblocks
+        self.visual: Any = visual
+        self.blocks: nn.ModuleList = visual.transformer.resblocks
 
     @property
     def n_layers(self) -> int:
@@ -120,7 +125,7 @@ class ImageTower:
     @torch.no_grad()
     def hidden(self, images: Tensor, layer: int) -> Tensor:
         """Hidden states entering block ``layer`` for images (B, 3, H, W) → (B, 1 + patches, W)."""
-        x = self.visual._embeds(images)
+        x: Tensor = self.visual._embeds(images)
         for block in self.blocks[:layer]:
             x = block(x)
         return x

@@ -91,5 +91,6 @@ def main() -> None:
                 cost = seconds / forward
                 print(f"| {name} | {layer} | {steps} | {seconds:.2f} | {forward:.3f} | {cost:.1f} |")
 
+
 if __name__ == "__main__":
     main()

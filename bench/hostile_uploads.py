@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.harness import RedisServer, ServiceLauncher, save_tiny_checkpoint  # noqa: E402
 
-MIB = 2 ** 20
+MIB = 2**20
 
 
 def png(width: int, height: int) -> bytes:
@@ -80,8 +80,9 @@ async def _case(url: str, image: bytes, caption: str, heatmaps: int) -> tuple[li
         statuses, note = [first.status_code], ""
         if first.status_code == 200 and heatmaps:
             job = first.json()["id"]
-            replies = await asyncio.gather(*(client.get(f"/jobs/{job}/heatmap.png", params={"legend": "true"})
-                                             for _ in range(heatmaps)))
+            replies = await asyncio.gather(
+                *(client.get(f"/jobs/{job}/heatmap.png", params={"legend": "true"}) for _ in range(heatmaps))
+            )
             statuses += [r.status_code for r in replies]
             if replies[0].status_code == 200:
                 width, height = Image.open(io.BytesIO(replies[0].content)).size
@@ -95,8 +96,13 @@ async def _case(url: str, image: bytes, caption: str, heatmaps: int) -> tuple[li
 CASES = [
     ("6000x6000 grey PNG + 1 legend PNG", lambda: png(6000, 6000), "a grey square", 1, {}),
     ("6000x6000 grey PNG + 4 concurrent legend PNGs", lambda: png(6000, 6000), "a grey square", 4, {}),
-    ("same, EXCLIP_MAX_RENDERS=4 (all four at once)", lambda: png(6000, 6000), "a grey square", 4,
-     {"EXCLIP_MAX_RENDERS": "4"}),
+    (
+        "same, EXCLIP_MAX_RENDERS=4 (all four at once)",
+        lambda: png(6000, 6000),
+        "a grey square",
+        4,
+        {"EXCLIP_MAX_RENDERS": "4"},
+    ),
     ("1x250000 PNG", lambda: png(1, 250_000), "a line", 0, {}),
     ("24000x1 PNG", lambda: png(24_000, 1), "a line", 0, {}),
     ("caption '&' + 'amp;'*4000 + ' dog'", lambda: png(64, 48), "&" + "amp;" * 4000 + " dog", 0, {}),
@@ -123,16 +129,30 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024, time.
 
 def render_only(ref: str, work: Path) -> None:
     """One 6000x6000 legend render in a fresh process: the renderer at ``ref`` and the current one."""
-    print(f"\nOne render of a 6000x6000 grey PNG with legend, fresh process each (renderer at {ref} "
-          "vs now)\n")
+    print(
+        f"\nOne render of a 6000x6000 grey PNG with legend, fresh process each (renderer at {ref} vs now)\n"
+    )
     print("| renderer | peak RSS +MiB | time s | PNG size |\n|---|---|---|---|")
     old = work / "old"
     old.mkdir()
-    (old / "render.py").write_text(subprocess.run(["git", "show", f"{ref}:service/web/render.py"], cwd=ROOT,
-                                                  check=True, capture_output=True, text=True).stdout)
+    (old / "render.py").write_text(
+        subprocess.run(
+            ["git", "show", f"{ref}:service/web/render.py"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     for name, directory in ((ref, old), ("current", ROOT / "service" / "web")):
-        reply = subprocess.run([sys.executable, "-c", RENDER_ONE, str(directory)], cwd=ROOT, check=True,
-                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        reply = subprocess.run(
+            [sys.executable, "-c", RENDER_ONE, str(directory)],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         added, seconds, width, height = reply.stdout.split()
         print(f"| {name} | {float(added):.0f} | {float(seconds):.1f} | {width}x{height} |")
 
@@ -148,10 +168,13 @@ def main() -> int:
     redis.start()
     launcher = ServiceLauncher(redis.url, f"h{uuid.uuid4().hex[:8]}", save_tiny_checkpoint(work), work)
     try:
-        print(f"\nHostile uploads: API + 1 worker (exclip-tiny, steps=2), fresh processes per case, private "
-              f"redis-server, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
-        print("| case | statuses | note | time s | API RSS before / peak +MiB | worker RSS before / peak +MiB"
-              " |")
+        print(
+            f"\nHostile uploads: API + 1 worker (exclip-tiny, steps=2), fresh processes per case, private "
+            f"redis-server, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n"
+        )
+        print(
+            "| case | statuses | note | time s | API RSS before / peak +MiB | worker RSS before / peak +MiB |"
+        )
         print("|---|---|---|---|---|---|")
         for name, make, caption, heatmaps, env in CASES:
             image = make()
@@ -161,9 +184,11 @@ def main() -> int:
                 t0 = time.monotonic()
                 statuses, note = asyncio.run(_case(api.url, image, caption, heatmaps))
                 elapsed = time.monotonic() - t0
-            print(f"| {name} ({len(image)} B) | {' '.join(map(str, statuses))} | {note} | {elapsed:.1f} | "
-                  f"{api_peak.start / 1024:.0f} / +{api_peak.added_mib:.0f} | "
-                  f"{worker_peak.start / 1024:.0f} / +{worker_peak.added_mib:.0f} |")
+            print(
+                f"| {name} ({len(image)} B) | {' '.join(map(str, statuses))} | {note} | {elapsed:.1f} | "
+                f"{api_peak.start / 1024:.0f} / +{api_peak.added_mib:.0f} | "
+                f"{worker_peak.start / 1024:.0f} / +{worker_peak.added_mib:.0f} |"
+            )
             for proc in (worker, api):
                 proc.stop()
     finally:

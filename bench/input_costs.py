@@ -98,8 +98,13 @@ def _child(spec: dict) -> dict:
     if spec["kind"] == "image":
         size, patch = spec["size"], spec["patch"]
         transform = image_transform_v2(PreprocessCfg(size=tuple(size)), is_train=False)
-        loaded = dataclasses.replace(loaded, transform=transform, image_size=tuple(size),
-                                     patch_size=(patch, patch), grid=(size[0] // patch, size[1] // patch))
+        loaded = dataclasses.replace(
+            loaded,
+            transform=transform,
+            image_size=tuple(size),
+            patch_size=(patch, patch),
+            grid=(size[0] // patch, size[1] // patch),
+        )
         data = Path(spec["path"]).read_bytes()
         fused = getattr(images, "prepare_image", None)
 
@@ -197,9 +202,11 @@ def main() -> None:
     impls.append(("after" if args.before else "this", args.after))
     args.cache.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
-    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, "
-          f"load {load[0]:.1f}, Python {platform.python_version()}, torch {torch.__version__}; "
-          f"one ViT-B-16 image forward (1 thread) = {unit * 1000:.0f} ms\n")
+    print(
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, "
+        f"load {load[0]:.1f}, Python {platform.python_version()}, torch {torch.__version__}; "
+        f"one ViT-B-16 image forward (1 thread) = {unit * 1000:.0f} ms\n"
+    )
 
     rows = []
     if args.only != "captions":
@@ -208,8 +215,13 @@ def main() -> None:
             if not path.exists():
                 path.write_bytes(_build_image(kind, build_args))
             for tname, (size, patch) in TRANSFORMS.items():
-                spec = {"kind": "image", "path": str(path), "size": size, "patch": patch,
-                        "cap_gb": args.cap_gb}
+                spec = {
+                    "kind": "image",
+                    "path": str(path),
+                    "size": size,
+                    "patch": patch,
+                    "cap_gb": args.cap_gb,
+                }
                 for impl, src in impls:
                     r = _measure(src, spec, args.timeout)
                     rows.append((f"{label}, {path.stat().st_size} B", tname, impl, r))
@@ -222,8 +234,10 @@ def main() -> None:
     print("| input | work | code | seconds | image forwards | added peak MB | outcome |")
     print("|---|---|---|---|---|---|---|")
     for label, work, impl, r in rows:
-        print(f"| {label} | {work} | {impl} | {r['seconds']:.3f} | {r['seconds'] / unit:.1f} | "
-              f"{r['added_mb']:.0f} | {r['outcome']} |")
+        print(
+            f"| {label} | {work} | {impl} | {r['seconds']:.3f} | {r['seconds'] / unit:.1f} | "
+            f"{r['added_mb']:.0f} | {r['outcome']} |"
+        )
 
 
 if __name__ == "__main__":

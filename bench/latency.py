@@ -49,14 +49,25 @@ class Row:
 
 def _start(procs: Processes, code: Path, mode: str, model: str, max_wait_ms: int) -> str:
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "EXCLIP_MODEL": model, "EXCLIP_PRETRAINED": "none", "EXCLIP_DEVICE": "cpu",
-           "EXCLIP_MAX_WAIT_MS": str(max_wait_ms), "EXCLIP_KEY_PREFIX": f"lat{port}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(code),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "EXCLIP_MODEL": model,
+        "EXCLIP_PRETRAINED": "none",
+        "EXCLIP_DEVICE": "cpu",
+        "EXCLIP_MAX_WAIT_MS": str(max_wait_ms),
+        "EXCLIP_KEY_PREFIX": f"lat{port}",
+    }
     env.pop("REDIS_URL", None)
     # `python -m` would import `service` from the working directory (this checkout) whatever PYTHONPATH
     # says; put the chosen checkout first instead.
-    cli = [sys.executable, "-c", f"import runpy, sys; sys.path.insert(0, {str(code)!r}); "
-           "sys.argv[0] = 'exclip-service'; runpy.run_module('service.cli', run_name='__main__')"]
+    cli = [
+        sys.executable,
+        "-c",
+        f"import runpy, sys; sys.path.insert(0, {str(code)!r}); "
+        "sys.argv[0] = 'exclip-service'; runpy.run_module('service.cli', run_name='__main__')",
+    ]
     if mode == "redis":
         env["REDIS_URL"] = start_redis(procs)
         procs.start("worker", [*cli, "worker"], env)
@@ -68,8 +79,9 @@ def _start(procs: Processes, code: Path, mode: str, model: str, max_wait_ms: int
 
 def _one(client: httpx.Client, image: bytes) -> tuple[float, float]:
     t0 = time.perf_counter()
-    r = client.post("/explain", files={"image": ("x.jpg", image, "image/jpeg")},
-                    data={"caption": CAPTION, "wait": "60"})
+    r = client.post(
+        "/explain", files={"image": ("x.jpg", image, "image/jpeg")}, data={"caption": CAPTION, "wait": "60"}
+    )
     latency_ms = (time.perf_counter() - t0) * 1000
     if r.status_code != 200 or r.json()["status"] != "done":
         raise RuntimeError(f"request failed ({r.status_code}): {r.text[:500]}")
@@ -87,12 +99,18 @@ def measure(code: Path, mode: str, model: str, max_wait_ms: int, requests: int) 
         procs.stop_all()
     latencies = [lat for lat, _ in samples]
     overheads = sorted(lat - comp for lat, comp in samples[1:])
-    return Row(code=str(code), mode=mode, max_wait_ms=max_wait_ms, requests=requests,
-               first_ms=latencies[0], tenth_ms=latencies[min(9, len(latencies) - 1)],
-               latency_p50_ms=statistics.median(latencies[1:]),
-               compute_p50_ms=statistics.median(comp for _, comp in samples[1:]),
-               overhead_p50_ms=statistics.median(overheads),
-               overhead_p90_ms=overheads[int(0.9 * (len(overheads) - 1))])
+    return Row(
+        code=str(code),
+        mode=mode,
+        max_wait_ms=max_wait_ms,
+        requests=requests,
+        first_ms=latencies[0],
+        tenth_ms=latencies[min(9, len(latencies) - 1)],
+        latency_p50_ms=statistics.median(latencies[1:]),
+        compute_p50_ms=statistics.median(comp for _, comp in samples[1:]),
+        overhead_p50_ms=statistics.median(overheads),
+        overhead_p90_ms=overheads[int(0.9 * (len(overheads) - 1))],
+    )
 
 
 def main() -> None:
@@ -104,17 +122,27 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="measured requests after the first")
     args = parser.parse_args()
     codes = args.code or [Path(__file__).resolve().parents[1]]
-    rows = [measure(code.resolve(), mode, args.model, int(wait), args.requests)
-            for code in codes for mode in args.modes.split(",") for wait in args.max_wait_ms.split(",")]
-    print(f"\n{args.model}, one request at a time; {platform.node()} ({os.cpu_count()} CPUs), "
-          f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n")
-    print("| code | mode | max_wait_ms | first ms | 10th ms | latency p50 ms | compute p50 ms "
-          "| overhead p50 ms | overhead p90 ms |")
+    rows = [
+        measure(code.resolve(), mode, args.model, int(wait), args.requests)
+        for code in codes
+        for mode in args.modes.split(",")
+        for wait in args.max_wait_ms.split(",")
+    ]
+    print(
+        f"\n{args.model}, one request at a time; {platform.node()} ({os.cpu_count()} CPUs), "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+    )
+    print(
+        "| code | mode | max_wait_ms | first ms | 10th ms | latency p50 ms | compute p50 ms "
+        "| overhead p50 ms | overhead p90 ms |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {Path(r.code).name} | {r.mode} | {r.max_wait_ms} | {r.first_ms:.0f} | {r.tenth_ms:.0f} | "
-              f"{r.latency_p50_ms:.1f} | {r.compute_p50_ms:.1f} | {r.overhead_p50_ms:.1f} | "
-              f"{r.overhead_p90_ms:.1f} |")
+        print(
+            f"| {Path(r.code).name} | {r.mode} | {r.max_wait_ms} | {r.first_ms:.0f} | {r.tenth_ms:.0f} | "
+            f"{r.latency_p50_ms:.1f} | {r.compute_p50_ms:.1f} | {r.overhead_p50_ms:.1f} | "
+            f"{r.overhead_p90_ms:.1f} |"
+        )
 
 
 if __name__ == "__main__":

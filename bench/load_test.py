@@ -38,8 +38,13 @@ sys.path.insert(0, str(ROOT))
 
 from tests.harness import RedisServer, ServiceLauncher, save_tiny_checkpoint  # noqa: E402
 
-CAPTIONS = ["a dog", "a photo of a cat on a sofa", "two people riding bicycles", "a red car at night",
-            "an aerial view of a city"]
+CAPTIONS = [
+    "a dog",
+    "a photo of a cat on a sofa",
+    "two people riding bicycles",
+    "a red car at night",
+    "an aerial view of a city",
+]
 
 
 def _images() -> list[bytes]:
@@ -76,15 +81,19 @@ def _redis_state(r: redis.Redis, prefix: str) -> tuple[int, int]:
     return int(r.info("memory")["used_memory"]), sum(1 for _ in r.scan_iter(f"{prefix}:*", count=1000))
 
 
-async def _one(client: httpx.AsyncClient, i: int, images: list[bytes], steps: int, out: Outcome,
-               deadline: float) -> None:
+async def _one(
+    client: httpx.AsyncClient, i: int, images: list[bytes], steps: int, out: Outcome, deadline: float
+) -> None:
     t0 = time.monotonic()
     data = {"caption": CAPTIONS[i % len(CAPTIONS)], "steps": str(steps), "wait": "30"}
     try:
         r = await client.post("/explain", files={"image": (f"{i}.png", images[i % len(images)])}, data=data)
         job = r.json()
-        while r.status_code in (200, 202) and job.get("status") in ("queued", "running") \
-                and time.monotonic() < deadline:  # not done within `wait`: poll until it is
+        while (
+            r.status_code in (200, 202)
+            and job.get("status") in ("queued", "running")
+            and time.monotonic() < deadline
+        ):  # not done within `wait`: poll until it is
             await asyncio.sleep(0.5)
             r = await client.get(f"/jobs/{job['id']}")
             job = r.json()
@@ -125,14 +134,20 @@ def _pct(values: list[float], q: float) -> float:
 
 def run(args: argparse.Namespace, server: RedisServer, launcher: ServiceLauncher) -> int:
     r, prefix = server.client(), launcher.key_prefix
-    env = {"EXCLIP_RESULT_TTL_S": str(args.result_ttl), "EXCLIP_VISIBILITY_TIMEOUT_S": str(args.visibility),
-           "EXCLIP_HEARTBEAT_S": "1", "EXCLIP_MAX_QUEUE": str(args.requests * 2)}
+    env = {
+        "EXCLIP_RESULT_TTL_S": str(args.result_ttl),
+        "EXCLIP_VISIBILITY_TIMEOUT_S": str(args.visibility),
+        "EXCLIP_HEARTBEAT_S": "1",
+        "EXCLIP_MAX_QUEUE": str(args.requests * 2),
+    }
     url = launcher.api(**env).url
     workers = {name: launcher.worker(**env, EXCLIP_WORKER_NAME=name) for name in ("w1", "w2")}
 
     def two_workers() -> bool:
-        return httpx.get(url + "/readyz", timeout=5).status_code == 200 and \
-            "exclip_workers 2.0" in httpx.get(url + "/metrics", timeout=5).text
+        return (
+            httpx.get(url + "/readyz", timeout=5).status_code == 200
+            and "exclip_workers 2.0" in httpx.get(url + "/metrics", timeout=5).text
+        )
 
     _wait("the API and two workers", two_workers, 180)
     before = _redis_state(r, prefix)
@@ -143,8 +158,9 @@ def run(args: argparse.Namespace, server: RedisServer, launcher: ServiceLauncher
         killed_at.append(time.monotonic())
 
     t0 = time.monotonic()
-    out = asyncio.run(_drive(url, args.requests, args.rate, args.steps, kill_w1,
-                             args.requests / args.rate + args.drain_s))
+    out = asyncio.run(
+        _drive(url, args.requests, args.rate, args.steps, kill_w1, args.requests / args.rate + args.drain_s)
+    )
     elapsed = time.monotonic() - t0
     right_after = _redis_state(r, prefix)
     stream = f"{prefix}:stream:exclip-tiny"
@@ -154,8 +170,8 @@ def run(args: argparse.Namespace, server: RedisServer, launcher: ServiceLauncher
     left = sorted(k.removeprefix(prefix + ":") for k in r.scan_iter(f"{prefix}:*"))
 
     lost = args.requests - out.answered - len(out.failed)
-    latency = (_pct(out.latencies, .5), _pct(out.latencies, .95), max(out.latencies, default=float("nan")))
-    mib = 2 ** 20
+    latency = (_pct(out.latencies, 0.5), _pct(out.latencies, 0.95), max(out.latencies, default=float("nan")))
+    mib = 2**20
     rows = [
         ("requests sent", f"{args.requests} at {args.rate:g}/s over {args.requests / args.rate:.0f} s"),
         ("answered", str(out.answered)),
@@ -165,13 +181,17 @@ def run(args: argparse.Namespace, server: RedisServer, launcher: ServiceLauncher
         ("worker w1 SIGKILLed", f"after request {args.requests // 2 + 1}, {killed_at[0] - t0:.1f} s in"),
         ("run time (send + drain)", f"{elapsed:.1f} s"),
         ("pending entries at the end", str(pending)),
-        ("Redis used_memory before / right after / after TTL",
-         " / ".join(f"{m / mib:.2f} MiB" for m in (before[0], right_after[0], after_ttl[0]))),
+        (
+            "Redis used_memory before / right after / after TTL",
+            " / ".join(f"{m / mib:.2f} MiB" for m in (before[0], right_after[0], after_ttl[0])),
+        ),
         ("keys before / right after / after TTL", f"{before[1]} / {right_after[1]} / {after_ttl[1]}"),
         ("keys left after TTL", ", ".join(left)),
     ]
-    print(f"\nLoad test: API + 2 workers (exclip-tiny, steps={args.steps}), private redis-server, "
-          f"EXCLIP_RESULT_TTL_S={args.result_ttl}, EXCLIP_VISIBILITY_TIMEOUT_S={args.visibility}\n")
+    print(
+        f"\nLoad test: API + 2 workers (exclip-tiny, steps={args.steps}), private redis-server, "
+        f"EXCLIP_RESULT_TTL_S={args.result_ttl}, EXCLIP_VISIBILITY_TIMEOUT_S={args.visibility}\n"
+    )
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
@@ -189,8 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--result-ttl", dest="result_ttl", type=int, default=20, help="EXCLIP_RESULT_TTL_S")
     p.add_argument("--visibility", type=float, default=3.0, help="EXCLIP_VISIBILITY_TIMEOUT_S")
-    p.add_argument("--drain-s", dest="drain_s", type=float, default=60.0,
-                   help="time after the last send for the answers to come")
+    p.add_argument(
+        "--drain-s",
+        dest="drain_s",
+        type=float,
+        default=60.0,
+        help="time after the last send for the answers to come",
+    )
     return p
 
 

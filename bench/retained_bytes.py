@@ -46,13 +46,22 @@ def rss_mb(pid: int) -> float:
 def run(code: Path, budget_mb: int | None, requests: int, every: int, image: bytes) -> list[float]:
     procs = Processes(Path(tempfile.mkdtemp(prefix="exclip-retained-")))
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "EXCLIP_MODEL": "exclip-tiny", "EXCLIP_PRETRAINED": "none", "EXCLIP_DEVICE": "cpu"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "EXCLIP_MODEL": "exclip-tiny",
+        "EXCLIP_PRETRAINED": "none",
+        "EXCLIP_DEVICE": "cpu",
+    }
     env.pop("REDIS_URL", None)
     if budget_mb is not None:
         env["EXCLIP_MAX_STORED_BYTES"] = str(budget_mb * 1_000_000)
-    cli = [sys.executable, "-c", f"import runpy, sys; sys.path.insert(0, {str(code)!r}); "
-           "sys.argv[0] = 'exclip-service'; runpy.run_module('service.cli', run_name='__main__')"]
+    cli = [
+        sys.executable,
+        "-c",
+        f"import runpy, sys; sys.path.insert(0, {str(code)!r}); "
+        "sys.argv[0] = 'exclip-service'; runpy.run_module('service.cli', run_name='__main__')",
+    ]
     try:
         api = procs.start("api", [*cli, "serve", "--port", str(port)], env)
         url = f"http://127.0.0.1:{port}"
@@ -60,8 +69,11 @@ def run(code: Path, budget_mb: int | None, requests: int, every: int, image: byt
         samples = [rss_mb(api.pid)]
         with httpx.Client(base_url=url, timeout=120) as client:
             for i in range(1, requests + 1):
-                r = client.post("/explain", files={"image": ("big.jpg", image, "image/jpeg")},
-                                data={"caption": "a photo", "steps": "1", "wait": "60"})
+                r = client.post(
+                    "/explain",
+                    files={"image": ("big.jpg", image, "image/jpeg")},
+                    data={"caption": "a photo", "steps": "1", "wait": "60"},
+                )
                 if r.status_code != 200:
                     raise RuntimeError(f"request {i}: {r.status_code} {r.text[:300]}")
                 if i % every == 0:
@@ -81,10 +93,15 @@ def main() -> None:
     image = big_jpeg()
     codes = args.code or [Path(__file__).resolve().parents[1]]
     budgets = [None if b == "default" else int(b) for b in args.budgets.split(",")]
-    rows = [(code.resolve(), budget, run(code.resolve(), budget, args.requests, args.every, image))
-            for code in codes for budget in budgets]
-    print(f"\nembedded serve, exclip-tiny, {len(image) / 1e6:.1f} MB JPEG per request, one at a time; "
-          f"{platform.node()} ({os.cpu_count()} CPUs), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n")
+    rows = [
+        (code.resolve(), budget, run(code.resolve(), budget, args.requests, args.every, image))
+        for code in codes
+        for budget in budgets
+    ]
+    print(
+        f"\nembedded serve, exclip-tiny, {len(image) / 1e6:.1f} MB JPEG per request, one at a time; "
+        f"{platform.node()} ({os.cpu_count()} CPUs), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+    )
     marks = list(range(0, args.requests + 1, args.every))
     print("| code | EXCLIP_MAX_STORED_BYTES | " + " | ".join(f"RSS MB after {m}" for m in marks) + " |")
     print("|---|---|" + "---|" * len(marks))

@@ -98,8 +98,9 @@ class Processes:
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps writing to it
         # Own session: a Ctrl-C reaches only this script, which then stops the children in order.
-        proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         self.procs.append((name, proc))
         return proc
@@ -176,8 +177,15 @@ def _batch_counters(client: httpx.Client) -> tuple[float, float]:
     return values["exclip_batch_size_sum"], values["exclip_batch_size_count"]
 
 
-async def _drive(url: str, n: int, concurrency: int, steps: int, images: list[bytes],
-                 time_limit_s: float | None, offset: int = 0) -> tuple[list[float], list[str], bool, float]:
+async def _drive(
+    url: str,
+    n: int,
+    concurrency: int,
+    steps: int,
+    images: list[bytes],
+    time_limit_s: float | None,
+    offset: int = 0,
+) -> tuple[list[float], list[str], bool, float]:
     """Send ``n`` requests from ``concurrency`` clients; latencies of the good ones, failure texts."""
     latencies: list[float] = []
     failures: list[str] = []
@@ -224,14 +232,31 @@ async def _drive(url: str, n: int, concurrency: int, steps: int, images: list[by
     return latencies, failures, stopped, time.perf_counter() - t0
 
 
-def run_config(procs: Processes, redis_url: str, model: str, pretrained: str, batching: str,
-               concurrency: int, n: int, args: argparse.Namespace, images: list[bytes]) -> Row:
+def run_config(
+    procs: Processes,
+    redis_url: str,
+    model: str,
+    pretrained: str,
+    batching: str,
+    concurrency: int,
+    n: int,
+    args: argparse.Namespace,
+    images: list[bytes],
+) -> Row:
     prefix = f"bench{uuid.uuid4().hex[:8]}"  # fresh keys: metrics and queue start at zero
-    env = {**os.environ, "REDIS_URL": redis_url, "EXCLIP_KEY_PREFIX": prefix, "EXCLIP_MODEL": model,
-           "EXCLIP_PRETRAINED": pretrained, "EXCLIP_DEVICE": "cpu", "EXCLIP_WAIT_MAX_S": str(WAIT_S),
-           "EXCLIP_MAX_WAIT_MS": str(args.max_wait_ms), "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           **BATCHING[batching]}
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "EXCLIP_KEY_PREFIX": prefix,
+        "EXCLIP_MODEL": model,
+        "EXCLIP_PRETRAINED": pretrained,
+        "EXCLIP_DEVICE": "cpu",
+        "EXCLIP_WAIT_MAX_S": str(WAIT_S),
+        "EXCLIP_MAX_WAIT_MS": str(args.max_wait_ms),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **BATCHING[batching],
+    }
     port = free_port()
     tag = f"{model}-{batching}-c{concurrency}"
     cmd = _service_command()
@@ -252,26 +277,38 @@ def run_config(procs: Processes, redis_url: str, model: str, pretrained: str, ba
             time.sleep(0.2)
         # Warm-up (not measured): first engine calls, connection pools, tokenizer caches.
         if args.warmup:
-            _, warm_fail, _, _ = asyncio.run(_drive(url, args.warmup, min(args.warmup, concurrency),
-                                                    args.steps, images, None, offset=1000))
+            _, warm_fail, _, _ = asyncio.run(
+                _drive(url, args.warmup, min(args.warmup, concurrency), args.steps, images, None, offset=1000)
+            )
             if warm_fail:
                 raise RuntimeError(f"warm-up failed: {warm_fail[0]}")
         with httpx.Client(base_url=url, timeout=10) as client:
             sum0, count0 = _batch_counters(client)
             latencies, failures, stopped, seconds = asyncio.run(
-                _drive(url, n, concurrency, args.steps, images, args.time_limit))
+                _drive(url, n, concurrency, args.steps, images, args.time_limit)
+            )
             sum1, count1 = _batch_counters(client)
     finally:  # normally nothing is in flight; after an interrupt abandoned long polls would hold the API
         procs.stop(worker, timeout_s=10)
         procs.stop(api, timeout_s=10)
     latencies.sort()
     answered = len(latencies) + len(failures)
-    return Row(model=model, batching=batching, concurrency=concurrency, requests=answered, planned=n,
-               ok=len(latencies), failures=len(failures), seconds=seconds,
-               req_per_s=len(latencies) / seconds if seconds > 0 else float("nan"),
-               p50_ms=_percentile(latencies, 0.5) * 1000, p95_ms=_percentile(latencies, 0.95) * 1000,
-               mean_batch=(sum1 - sum0) / (count1 - count0) if count1 > count0 else float("nan"),
-               stopped_by_time_limit=stopped, failure_examples=failures[:3])
+    return Row(
+        model=model,
+        batching=batching,
+        concurrency=concurrency,
+        requests=answered,
+        planned=n,
+        ok=len(latencies),
+        failures=len(failures),
+        seconds=seconds,
+        req_per_s=len(latencies) / seconds if seconds > 0 else float("nan"),
+        p50_ms=_percentile(latencies, 0.5) * 1000,
+        p95_ms=_percentile(latencies, 0.95) * 1000,
+        mean_batch=(sum1 - sum0) / (count1 - count0) if count1 > count0 else float("nan"),
+        stopped_by_time_limit=stopped,
+        failure_examples=failures[:3],
+    )
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -289,12 +326,16 @@ def _cpu_model() -> str:
 
 
 def _table(rows: list[Row]) -> str:
-    out = ["| model | batching | concurrency | requests | req/s | p50 ms | p95 ms | mean batch | failures |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| model | batching | concurrency | requests | req/s | p50 ms | p95 ms | mean batch | failures |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         requests = f"{r.requests}" + (f" of {r.planned} (time limit)" if r.stopped_by_time_limit else "")
-        out.append(f"| {r.model} | {r.batching} | {r.concurrency} | {requests} | {r.req_per_s:.2f} | "
-                   f"{r.p50_ms:.0f} | {r.p95_ms:.0f} | {r.mean_batch:.2f} | {r.failures} |")
+        out.append(
+            f"| {r.model} | {r.batching} | {r.concurrency} | {requests} | {r.req_per_s:.2f} | "
+            f"{r.p50_ms:.0f} | {r.p95_ms:.0f} | {r.mean_batch:.2f} | {r.failures} |"
+        )
     return "\n".join(out)
 
 
@@ -323,24 +364,38 @@ def _int_list(value: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[1:]))
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     p.add_argument("--models", default="exclip-tiny,ViT-B-32", help="comma-separated open_clip architectures")
-    p.add_argument("--pretrained", action="append", default=[],
-                   help="tag, checkpoint path or none for all models, or MODEL=TAG|PATH (repeatable); "
-                        "default none (random weights)")
-    p.add_argument("--requests", type=int,
-                   help=f"measured requests per configuration (default {DEFAULT_REQUESTS['exclip-tiny']} "
-                        f"for exclip-tiny, {OTHER_MODELS_REQUESTS} for other models)")
-    p.add_argument("--concurrency", type=_int_list, default=[8],
-                   help="concurrent clients, e.g. 1,8 (default 8)")
+    p.add_argument(
+        "--pretrained",
+        action="append",
+        default=[],
+        help="tag, checkpoint path or none for all models, or MODEL=TAG|PATH (repeatable); "
+        "default none (random weights)",
+    )
+    p.add_argument(
+        "--requests",
+        type=int,
+        help=f"measured requests per configuration (default {DEFAULT_REQUESTS['exclip-tiny']} "
+        f"for exclip-tiny, {OTHER_MODELS_REQUESTS} for other models)",
+    )
+    p.add_argument(
+        "--concurrency", type=_int_list, default=[8], help="concurrent clients, e.g. 1,8 (default 8)"
+    )
     p.add_argument("--steps", type=int, default=10, help="integration steps per explanation (default 10)")
     p.add_argument("--batching", default="on,off", help="on (EXCLIP_MAX_BATCH=8), off (=1), or both")
     p.add_argument("--max-wait-ms", type=int, default=50, help="EXCLIP_MAX_WAIT_MS with batching on")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests first (default 2)")
-    p.add_argument("--time-limit", type=float, default=150.0,
-                   help="seconds per configuration after which no new request is sent (default 150)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=150.0,
+        help="seconds per configuration after which no new request is sent (default 150)",
+    )
     p.add_argument("--json", help="also write the rows and the run's details as JSON here")
     return p
 
@@ -372,10 +427,16 @@ def main(argv: list[str] | None = None) -> int:
             n = args.requests or DEFAULT_REQUESTS.get(model, OTHER_MODELS_REQUESTS)
             for mode in modes:
                 for concurrency in args.concurrency:
-                    print(f"... {model} batching {mode} concurrency {concurrency}: {n} requests",
-                          file=sys.stderr, flush=True)
-                    rows.append(run_config(procs, redis_url, model, pretrained[model], mode, concurrency,
-                                           n, args, images))
+                    print(
+                        f"... {model} batching {mode} concurrency {concurrency}: {n} requests",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    rows.append(
+                        run_config(
+                            procs, redis_url, model, pretrained[model], mode, concurrency, n, args, images
+                        )
+                    )
                     print(_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print(f"interrupted; stopping the processes (logs in {log_dir})", file=sys.stderr)
@@ -389,20 +450,24 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     shutil.rmtree(log_dir, ignore_errors=True)
 
-    print(f"date: {started.isoformat(timespec='seconds')}; host: {os.cpu_count()} CPUs ({_cpu_model()}), "
-          f"torch on CPU; load average 1 min {load_before[0]:.1f} before, {load_after[0]:.1f} after "
-          f"(other jobs share this machine); whole run {time.monotonic() - t_start:.0f} s")
+    print(
+        f"date: {started.isoformat(timespec='seconds')}; host: {os.cpu_count()} CPUs ({_cpu_model()}), "
+        f"torch on CPU; load average 1 min {load_before[0]:.1f} before, {load_after[0]:.1f} after "
+        f"(other jobs share this machine); whole run {time.monotonic() - t_start:.0f} s"
+    )
     print(f"command: {' '.join(['python', 'bench/service_throughput.py', *(argv or sys.argv[1:])])}")
-    print(f"setup: one redis-server, one API, one worker per row, all on 127.0.0.1; weights: "
-          f"{', '.join(f'{m}={p}' for m, p in pretrained.items())}; steps {args.steps}; "
-          f"batching on = EXCLIP_MAX_BATCH=8, EXCLIP_MAX_WAIT_MS={args.max_wait_ms}; "
-          "off = EXCLIP_MAX_BATCH=1; "
-          f"{args.warmup} warm-up requests per row; {len(images)} distinct images "
-          f"({', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)} JPEG), {len(CAPTIONS)} distinct captions, "
-          f"request i uses image i mod {len(images)} and caption i mod {len(CAPTIONS)}; "
-          "one caption per request, "
-          "format json; latency = client-side POST /explain (wait) to 200; req/s = good answers / wall time; "
-          "mean batch from /metrics exclip_batch_size over the measured requests")
+    print(
+        f"setup: one redis-server, one API, one worker per row, all on 127.0.0.1; weights: "
+        f"{', '.join(f'{m}={p}' for m, p in pretrained.items())}; steps {args.steps}; "
+        f"batching on = EXCLIP_MAX_BATCH=8, EXCLIP_MAX_WAIT_MS={args.max_wait_ms}; "
+        "off = EXCLIP_MAX_BATCH=1; "
+        f"{args.warmup} warm-up requests per row; {len(images)} distinct images "
+        f"({', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)} JPEG), {len(CAPTIONS)} distinct captions, "
+        f"request i uses image i mod {len(images)} and caption i mod {len(CAPTIONS)}; "
+        "one caption per request, "
+        "format json; latency = client-side POST /explain (wait) to 200; req/s = good answers / wall time; "
+        "mean batch from /metrics exclip_batch_size over the measured requests"
+    )
     print()
     print(_table(rows))
     for r in rows:
@@ -410,10 +475,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"failure ({r.model}, batching {r.batching}): {example}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "date": started.isoformat(), "cpus": os.cpu_count(), "cpu": _cpu_model(),
-            "load_before": load_before, "load_after": load_after, "argv": argv or sys.argv[1:],
-            "rows": [asdict(r) for r in rows]}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "date": started.isoformat(),
+                    "cpus": os.cpu_count(),
+                    "cpu": _cpu_model(),
+                    "load_before": load_before,
+                    "load_after": load_after,
+                    "argv": argv or sys.argv[1:],
+                    "rows": [asdict(r) for r in rows],
+                },
+                indent=2,
+            )
+        )
     return 1 if any(r.failures for r in rows) else 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the whole test suite needs (into .venv) and runs it: ruff, then pytest.
+# Installs what the whole test suite needs (into .venv) and runs it: ruff, mypy, then pytest.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh tests/attribution -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 ruff check .
+ruff format --check .
+mypy  # configured in pyproject.toml: strict on attribution/, default checks on service/
 # Many processes share few cores in these tests (API, workers, browser); one thread each avoids thrashing.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec python -m pytest "$@"

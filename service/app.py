@@ -27,16 +27,19 @@ from service.web import pages
 log = logging.getLogger("exclip.api")
 
 
-def create_app(settings: Settings | None = None, *,
-               worker_models: list[LoadedModel] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, worker_models: list[LoadedModel] | None = None
+) -> FastAPI:
     """The API; with ``worker_models`` (embedded mode) also a worker computing on the same queue.
 
     Raises ``ConfigError`` for settings it cannot run with (an unreadable or empty keys file).
     """
     settings = settings or Settings()
     if settings.keys and settings.owner_secret is None:
-        log.warning("EXCLIP_OWNER_SECRET is unset: job owner tags use a random key of this process, so "
-                    "jobs are readable only through it; set the same secret on every API replica")
+        log.warning(
+            "EXCLIP_OWNER_SECRET is unset: job owner tags use a random key of this process, so "
+            "jobs are readable only through it; set the same secret on every API replica"
+        )
     queue = create_queue(settings)
 
     @asynccontextmanager
@@ -55,17 +58,28 @@ def create_app(settings: Settings | None = None, *,
                 await worker_task
             await queue.close()
 
-    app = FastAPI(title="exclip-service", version="0.1.0", lifespan=lifespan,
-                  description="Second-order caption–image attributions (Moeller et al., TMLR 2025) for "
-                              "open_clip CLIP models.")
+    app = FastAPI(
+        title="exclip-service",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Second-order caption–image attributions (Moeller et al., TMLR 2025) for "
+        "open_clip CLIP models.",
+    )
     app.state.settings, app.state.queue = settings, queue
 
-    app.add_middleware(BodyLimits, max_bytes=settings.max_upload_bytes,
-                       client_timeout_s=settings.client_timeout_s, body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(
+        BodyLimits,
+        max_bytes=settings.max_upload_bytes,
+        client_timeout_s=settings.client_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+    )
     if settings.cors_origin_list:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
-                           allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.add_middleware(HeadAndSecurityHeaders)
 
     install_handlers(app)

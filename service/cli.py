@@ -26,18 +26,28 @@ log = logging.getLogger("exclip")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {k: v for k, v in vars(args).items()
-                 if k in Settings.model_fields and v is not None}
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     return Settings(**overrides)
 
 
 def _load_models(settings: Settings) -> list[Any]:
     from attribution.models import load_model_or_demo
 
-    log.info("loading model %s (%s) on %s", settings.model, settings.pretrained or "random weights",
-             settings.resolved_device)
-    return [load_model_or_demo(settings.model, settings.pretrained, requested=settings.model_requested,
-                               device=settings.resolved_device, cache_dir=settings.cache_dir)]
+    log.info(
+        "loading model %s (%s) on %s",
+        settings.model,
+        settings.pretrained or "random weights",
+        settings.resolved_device,
+    )
+    return [
+        load_model_or_demo(
+            settings.model,
+            settings.pretrained,
+            requested=settings.model_requested,
+            device=settings.resolved_device,
+            cache_dir=settings.cache_dir,
+        )
+    ]
 
 
 def serve(settings: Settings) -> None:
@@ -54,9 +64,15 @@ def serve(settings: Settings) -> None:
     # In-flight requests (long polls included) may finish after SIGTERM before the process exits.
     # Idle keep-alive connections close after 5 s, a request head must arrive within client_timeout_s
     # (the body's limits are service.middleware.BodyLimits): a slow client cannot hold a connection.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_keep_alive=5,
-                http=_head_deadline_protocol(settings.client_timeout_s),
-                timeout_graceful_shutdown=int(settings.wait_max_s) + 10)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_keep_alive=5,
+        http=_head_deadline_protocol(settings.client_timeout_s),
+        timeout_graceful_shutdown=int(settings.wait_max_s) + 10,
+    )
 
 
 def _head_deadline_protocol(timeout_s: float) -> type:
@@ -115,6 +131,7 @@ def worker(settings: Settings) -> None:
 
 def _syntax(parse: Callable[[str], object]) -> Callable[[str], str]:
     """An argparse type that checks a selection's syntax with the library's parser, keeping the text."""
+
     def check(value: str) -> str:
         try:
             parse(value)
@@ -170,10 +187,14 @@ def _print_summary(caption: dict[str, Any]) -> None:
     c, grid, model = caption["completeness"], caption["grid"], caption["model"]
     weights = model["pretrained"] or "random weights"
     print(f"caption: {caption['caption']!r}  model: {model['name']} ({weights})")
-    print(f"score (cosine): {caption['score']:.4f}  completeness: total {c['total']:.4f}, "
-          f"expected {c['expected']:.4f}, gap {c['gap']:.2e}")
-    print(f"tokens: {len(caption['tokens'])}  grid: {grid['rows']}x{grid['cols']}  "
-          f"compute: {caption['timings']['compute_ms']:.0f} ms")
+    print(
+        f"score (cosine): {caption['score']:.4f}  completeness: total {c['total']:.4f}, "
+        f"expected {c['expected']:.4f}, gap {c['gap']:.2e}"
+    )
+    print(
+        f"tokens: {len(caption['tokens'])}  grid: {grid['rows']}x{grid['cols']}  "
+        f"compute: {caption['timings']['compute_ms']:.0f} ms"
+    )
     for sel in caption["selections"]:
         if sel["kind"] == "box":
             best = max(range(len(sel["token_scores"])), key=lambda i: sel["token_scores"][i])

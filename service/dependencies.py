@@ -44,15 +44,20 @@ def api_key_owner(request: Request, settings: Annotated[Settings, Depends(get_se
         return None
     header = request.headers.get("authorization")
     if header is None or not header.strip():
-        raise HTTPException(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401,
+            "missing API key: send the header 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     # RFC 7235: scheme, then one or more spaces or tabs, then the credentials.
     scheme, _, token = header.strip().replace("\t", " ").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise HTTPException(401, "malformed Authorization header: send the API key as "
-                                 "'Authorization: Bearer <key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401,
+            "malformed Authorization header: send the API key as 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return _key_owner(token, settings, "Bearer")
 
 
@@ -65,8 +70,9 @@ def _key_owner(token: str, settings: Settings, scheme: str) -> str:
     return owner_tag(token, settings.owner_key)
 
 
-def basic_or_bearer_owner(request: Request,
-                          settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
+def basic_or_bearer_owner(
+    request: Request, settings: Annotated[Settings, Depends(get_settings)]
+) -> str | None:
     """``api_key_owner`` that also takes Basic auth whose password is the key (any user name).
 
     Label Studio can send only Basic auth to an ML backend, so the ``/label-studio`` routes use this.
@@ -80,8 +86,11 @@ def basic_or_bearer_owner(request: Request,
         user_pass = ""
     _, colon, password = user_pass.partition(":")
     if not colon or not password:
-        raise HTTPException(401, "malformed Basic credentials: the password must be an API key",
-                            headers={"WWW-Authenticate": "Basic"})
+        raise HTTPException(
+            401,
+            "malformed Basic credentials: the password must be an API key",
+            headers={"WWW-Authenticate": "Basic"},
+        )
     return _key_owner(password, settings, "Basic")
 
 
@@ -94,8 +103,9 @@ async def owned_job(job_id: Annotated[str, Path(max_length=64)], owner: Owner, q
     """The job, if the caller may read it."""
     job = await queue.get(job_id)
     if job is None or not hmac.compare_digest(job.owner or "", owner or ""):
-        raise HTTPException(404, f"no job {job_id!r}: unknown, expired or lost, or created with another "
-                                 "API key")
+        raise HTTPException(
+            404, f"no job {job_id!r}: unknown, expired or lost, or created with another API key"
+        )
     return job
 
 

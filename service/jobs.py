@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from attribution.pipeline import ExplainRequest, Selection
-from attribution.selections import Box, Span, TokenRange
+from attribution.pipeline import ExplainRequest
+from attribution.selections import Box, Selection, Span, TokenRange
 from service.errors import Fault
 
 
@@ -74,25 +74,49 @@ class JobRequest:
     @property
     def engine_options(self) -> dict[str, Any]:
         """The keyword arguments of ``attribution.pipeline.explain_requests``."""
-        return {"text_layer": self.text_layer, "image_layer": self.image_layer, "steps": self.steps,
-                "precision": self.precision}
+        return {
+            "text_layer": self.text_layer,
+            "image_layer": self.image_layer,
+            "steps": self.steps,
+            "precision": self.precision,
+        }
 
     def explain_request(self, image: Any) -> ExplainRequest:
-        return ExplainRequest(image=image, captions=[c.text for c in self.captions],
-                              selections=[list(c.selections) for c in self.captions])
+        return ExplainRequest(
+            image=image,
+            captions=[c.text for c in self.captions],
+            selections=[list(c.selections) for c in self.captions],
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "text_layer": self.text_layer, "image_layer": self.image_layer,
-                "steps": self.steps, "precision": self.precision, "format": self.format,
-                "captions": [{"text": c.text, "selections": [selection_to_dict(s) for s in c.selections]}
-                             for c in self.captions]}
+        return {
+            "model": self.model,
+            "text_layer": self.text_layer,
+            "image_layer": self.image_layer,
+            "steps": self.steps,
+            "precision": self.precision,
+            "format": self.format,
+            "captions": [
+                {"text": c.text, "selections": [selection_to_dict(s) for s in c.selections]}
+                for c in self.captions
+            ],
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobRequest:
-        captions = tuple(CaptionRequest(c["text"], tuple(selection_from_dict(s) for s in c["selections"]))
-                         for c in d["captions"])
-        return cls(model=d["model"], text_layer=int(d["text_layer"]), image_layer=int(d["image_layer"]),
-                   steps=int(d["steps"]), precision=d["precision"], format=d["format"], captions=captions)
+        captions = tuple(
+            CaptionRequest(c["text"], tuple(selection_from_dict(s) for s in c["selections"]))
+            for c in d["captions"]
+        )
+        return cls(
+            model=d["model"],
+            text_layer=int(d["text_layer"]),
+            image_layer=int(d["image_layer"]),
+            steps=int(d["steps"]),
+            precision=d["precision"],
+            format=d["format"],
+            captions=captions,
+        )
 
 
 @dataclass
@@ -146,10 +170,18 @@ class Job:
     def to_fields(self) -> dict[str, str]:
         """Flat string fields, as a Redis hash stores them; None is left out, nested values are JSON."""
         values: dict[str, Any] = {
-            "id": self.id, "model": self.model, "request": self.request.to_dict(), "owner": self.owner,
-            "status": self.status.value, "created_at": self.created_at, "started_at": self.started_at,
-            "finished_at": self.finished_at, "deliveries": self.deliveries, "result": self.result,
-            "error": self.error, "fault": self.fault.value if self.fault else None,
+            "id": self.id,
+            "model": self.model,
+            "request": self.request.to_dict(),
+            "owner": self.owner,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "deliveries": self.deliveries,
+            "result": self.result,
+            "error": self.error,
+            "fault": self.fault.value if self.fault else None,
             "evicted": "1" if self.evicted else None,
         }
         out: dict[str, str] = {}

@@ -82,5 +82,10 @@ class Keys:
     @property
     def budget(self) -> list[str]:
         """The budget index keys, in the order the Lua scripts take them."""
-        return [self.stored_sizes, self.stored_total, self.unfinished_images, self.evictable_images,
-                self.evictable_results]
+        return [
+            self.stored_sizes,
+            self.stored_total,
+            self.unfinished_images,
+            self.evictable_images,
+            self.evictable_results,
+        ]

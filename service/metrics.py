@@ -18,10 +18,14 @@ OUTCOMES = ("done", "failed", "cancelled")
 
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
     "batch_size": ("Jobs computed per engine call", (1, 2, 4, 8, 16, 32, 64)),
-    "queue_wait_seconds": ("Time from enqueue to the start of computing",
-                           (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)),
-    "compute_seconds": ("Wall time of one engine call (a whole batch)",
-                        (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)),
+    "queue_wait_seconds": (
+        "Time from enqueue to the start of computing",
+        (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    ),
+    "compute_seconds": (
+        "Wall time of one engine call (a whole batch)",
+        (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    ),
 }
 
 
@@ -51,11 +55,13 @@ class _Snapshot(Collector):
 
     def collect(self) -> Iterable:
         c = self.counters
-        yield GaugeMetricFamily("exclip_queue_depth", "Jobs queued or running (not yet acknowledged)",
-                                value=self.depth)
+        yield GaugeMetricFamily(
+            "exclip_queue_depth", "Jobs queued or running (not yet acknowledged)", value=self.depth
+        )
         yield GaugeMetricFamily("exclip_workers", "Live workers (fresh heartbeat)", value=self.workers)
-        yield CounterMetricFamily("exclip_jobs_enqueued", "Jobs accepted into the queue",
-                                  value=c.get("jobs_enqueued", 0.0))
+        yield CounterMetricFamily(
+            "exclip_jobs_enqueued", "Jobs accepted into the queue", value=c.get("jobs_enqueued", 0.0)
+        )
         jobs = CounterMetricFamily("exclip_jobs", "Finished jobs by outcome", labels=["outcome"])
         for status in OUTCOMES:
             jobs.add_metric([status], c.get(f"jobs:{status}", 0.0))
@@ -65,8 +71,9 @@ class _Snapshot(Collector):
             for le in (*bounds, math.inf):
                 cumulative += c.get(f"{name}:bucket:{le}", 0.0)
                 buckets.append(("+Inf" if le == math.inf else str(le), cumulative))
-            yield HistogramMetricFamily(f"exclip_{name}", doc, buckets=buckets,
-                                        sum_value=c.get(f"{name}:sum", 0.0))
+            yield HistogramMetricFamily(
+                f"exclip_{name}", doc, buckets=buckets, sum_value=c.get(f"{name}:sum", 0.0)
+            )
 
 
 def render(counters: dict[str, float], *, depth: int, workers: int) -> bytes:

@@ -16,11 +16,16 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # The page loads only its own script, style sheet and JSON; images are the user's own (blob: URLs).
-PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
-SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-                    (b"referrer-policy", b"no-referrer")]
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
 DOCS_PATHS = ("/docs", "/redoc")  # FastAPI's docs pages load their scripts from a CDN: no CSP there
 
 
@@ -31,15 +36,19 @@ class _Refused(Exception):
 
 async def _refuse(send: Send, status: int, message: str) -> None:
     body = json.dumps({"detail": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimits:
-    def __init__(self, app: ASGIApp, max_bytes: int, client_timeout_s: float = 20.0,
-                 body_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, client_timeout_s: float = 20.0, body_timeout_s: float = 120.0
+    ) -> None:
         self.app, self.max_bytes = app, max_bytes
         self.client_timeout_s, self.body_timeout_s = client_timeout_s, body_timeout_s
 
@@ -47,8 +56,10 @@ class BodyLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = (f"request body is larger than the limit of {self.max_bytes} bytes "
-                     "(EXCLIP_MAX_UPLOAD_BYTES); send a smaller image")
+        too_large = (
+            f"request body is larger than the limit of {self.max_bytes} bytes "
+            "(EXCLIP_MAX_UPLOAD_BYTES); send a smaller image"
+        )
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
@@ -69,9 +80,12 @@ class BodyLimits:
             try:
                 message = await asyncio.wait_for(receive(), max(wait, 0.001))
             except TimeoutError:
-                refused = _Refused(408, f"request body arrived too slowly: every part must come within "
-                                        f"{self.client_timeout_s:g} s and the whole body within "
-                                        f"{self.body_timeout_s:g} s")
+                refused = _Refused(
+                    408,
+                    f"request body arrived too slowly: every part must come within "
+                    f"{self.client_timeout_s:g} s and the whole body within "
+                    f"{self.body_timeout_s:g} s",
+                )
                 raise refused from None
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":

@@ -47,8 +47,11 @@ async def parse_request(request: Request, *, max_selections: int) -> ExplainInpu
         return parse_json(await request.body())
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return await parse_form(request, max_selections=max_selections)
-    raise RequestInvalid(f"unsupported content type {content_type or 'none'!r}: send multipart/form-data "
-                         "(image file + caption fields) or application/json (image as base64)", 415)
+    raise RequestInvalid(
+        f"unsupported content type {content_type or 'none'!r}: send multipart/form-data "
+        "(image file + caption fields) or application/json (image as base64)",
+        415,
+    )
 
 
 def parse_json(body: bytes) -> ExplainInput:
@@ -88,8 +91,11 @@ async def _check_complete(request: Request) -> None:
     _, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if boundary and b"--" + boundary + b"--" not in await request.body():
-        raise RequestInvalid("multipart body is malformed: it does not end with the closing boundary "
-                             f"--{boundary.decode(errors='replace')}-- (cut off, or not multipart)", 400)
+        raise RequestInvalid(
+            "multipart body is malformed: it does not end with the closing boundary "
+            f"--{boundary.decode(errors='replace')}-- (cut off, or not multipart)",
+            400,
+        )
 
 
 async def parse_form(request: Request, *, max_selections: int) -> ExplainInput:
@@ -119,8 +125,10 @@ async def parse_form(request: Request, *, max_selections: int) -> ExplainInput:
         for value in map(str, form.getlist(field)):
             caption, selection = _selection(field, value)
             if not 0 <= caption < len(texts):
-                raise RequestInvalid(f"{field}={value!r} refers to caption {caption}, but there are "
-                                     f"{len(texts)} caption(s) (0..{len(texts) - 1})")
+                raise RequestInvalid(
+                    f"{field}={value!r} refers to caption {caption}, but there are "
+                    f"{len(texts)} caption(s) (0..{len(texts) - 1})"
+                )
             selections[caption].append(selection)
 
     # Empty HTML form fields mean "default".
@@ -129,5 +137,8 @@ async def parse_form(request: Request, *, max_selections: int) -> ExplainInput:
         options = ExplainOptions.model_validate(raw)
     except ValidationError as exc:
         raise RequestInvalid(_pydantic_message(exc)) from None
-    return ExplainInput(image=image, captions=[CaptionIn(text=t, selections=s) for t, s in
-                                               zip(texts, selections, strict=True)], options=options)
+    return ExplainInput(
+        image=image,
+        captions=[CaptionIn(text=t, selections=s) for t, s in zip(texts, selections, strict=True)],
+        options=options,
+    )

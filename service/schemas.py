@@ -8,19 +8,24 @@ describe the Job JSON of docs/contract.md for the OpenAPI page.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from attribution.explainer import PRECISIONS
 from attribution.pipeline import MATRIX_FORMATS
 
-Precision = Literal[tuple(PRECISIONS)]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # built from the registry at runtime, which mypy cannot follow: plain text to it
+    Precision = str
+else:
+    Precision = Literal[tuple(PRECISIONS)]
 MatrixFormat = Literal[MATRIX_FORMATS]  # type: ignore[valid-type]
 # Multipart selection fields (repeatable) and their syntax; JSON bodies give them as lists instead.
-SELECTION_FIELDS = {"span": "START:END or C:START:END (characters of caption C)",
-                    "token_range": "START:END or C:START:END (token indices, end exclusive)",
-                    "box": "x0,y0,x1,y1 or C:x0,y0,x1,y1 (original-image pixels)"}
+SELECTION_FIELDS = {
+    "span": "START:END or C:START:END (characters of caption C)",
+    "token_range": "START:END or C:START:END (token indices, end exclusive)",
+    "box": "x0,y0,x1,y1 or C:x0,y0,x1,y1 (original-image pixels)",
+}
 
 
 class SelectionIn(BaseModel):
@@ -30,7 +35,8 @@ class SelectionIn(BaseModel):
     span: tuple[int, int] | None = Field(None, description="characters [start, end) of the caption")
     tokens: tuple[int, int] | None = Field(None, description="token indices [start, end), SOT is 0")
     box: tuple[float, float, float, float] | None = Field(
-        None, description="x0, y0, x1, y1 in original-image pixels")
+        None, description="x0, y0, x1, y1 in original-image pixels"
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SelectionIn:
@@ -56,8 +62,13 @@ class ExplainOptions(BaseModel):
     steps: int = Field(10, description="integration steps (1..EXCLIP_MAX_STEPS)")
     precision: Precision = "float32"
     format: MatrixFormat = Field("json", description="interaction matrix as nested lists or base64 float32")
-    wait: float | None = Field(None, ge=0, allow_inf_nan=False, description="seconds POST /explain waits "
-                               "for the result (bounded by EXCLIP_WAIT_MAX_S); default: the bound")
+    wait: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="seconds POST /explain waits "
+        "for the result (bounded by EXCLIP_WAIT_MAX_S); default: the bound",
+    )
 
 
 class ExplainJSON(ExplainOptions):
@@ -118,6 +129,7 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 def form_schema() -> dict[str, Any]:
     """The multipart form of ``POST /explain``: image, captions, selections and the options model's fields."""
+
     def repeatable(description: str) -> dict[str, Any]:
         return {"type": "array", "items": {"type": "string"}, "description": description}
 
@@ -126,9 +138,13 @@ def form_schema() -> dict[str, Any]:
         rest = {k: v for k, v in field.items() if k != "anyOf"}
         return {**rest, **variants[0]} if len(variants) == 1 else field
 
-    return {"type": "object", "required": ["image", "caption"], "properties": {
-        "image": {"type": "string", "format": "binary", "description": "the image file"},
-        "caption": repeatable("the caption; repeatable"),
-        **{name: repeatable(syntax) for name, syntax in SELECTION_FIELDS.items()},
-        **{name: not_null(field) for name, field in inline_schema(ExplainOptions)["properties"].items()},
-    }}
+    return {
+        "type": "object",
+        "required": ["image", "caption"],
+        "properties": {
+            "image": {"type": "string", "format": "binary", "description": "the image file"},
+            "caption": repeatable("the caption; repeatable"),
+            **{name: repeatable(syntax) for name, syntax in SELECTION_FIELDS.items()},
+            **{name: not_null(field) for name, field in inline_schema(ExplainOptions)["properties"].items()},
+        },
+    }

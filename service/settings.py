@@ -44,8 +44,13 @@ class Settings(BaseSettings):
 
     # Worker batching and reliability.
     max_batch: int = Field(default=8, ge=1)
-    max_wait_ms: int = Field(default=0, ge=0, description=(
-        "wait this long for more jobs after the first; 0: jobs arriving during a batch form the next"))
+    max_wait_ms: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "wait this long for more jobs after the first; 0: jobs arriving during a batch form the next"
+        ),
+    )
     visibility_timeout_s: float = Field(default=120.0, gt=0)
     max_deliveries: int = Field(default=3, ge=1)
     job_timeout_s: float = Field(default=300.0, gt=0)
@@ -55,40 +60,64 @@ class Settings(BaseSettings):
     # API limits.
     wait_max_s: float = Field(default=60.0, ge=0)
     result_ttl_s: int = Field(default=3600, ge=1)
-    max_stored_bytes: int = Field(default=512_000_000, ge=1,
-                                  description="images and results kept; finished jobs' are evicted above it")
+    max_stored_bytes: int = Field(
+        default=512_000_000, ge=1, description="images and results kept; finished jobs' are evicted above it"
+    )
     max_queue: int = Field(default=1000, ge=1)
     max_upload_bytes: int = Field(default=20_000_000, ge=1)
     max_pixels: int = Field(default=40_000_000, ge=1)
     max_captions: int = Field(default=16, ge=1)
     max_selections: int = Field(default=64, ge=0)
     max_steps: int = Field(default=100, ge=1)
-    max_caption_chars: int = Field(default=MAX_CAPTION_CHARS, ge=1, le=MAX_CAPTION_CHARS,
-                                   description="longest caption, checked before any text processing")
+    max_caption_chars: int = Field(
+        default=MAX_CAPTION_CHARS,
+        ge=1,
+        le=MAX_CAPTION_CHARS,
+        description="longest caption, checked before any text processing",
+    )
     max_renders: int = Field(default=2, ge=1, description="heatmap PNGs rendered at once")
-    client_timeout_s: float = Field(default=20.0, gt=0, description="to send a request's head, or the "
-                                    "next part of its body")
+    client_timeout_s: float = Field(
+        default=20.0, gt=0, description="to send a request's head, or the next part of its body"
+    )
     body_timeout_s: float = Field(default=120.0, gt=0, description="to send a whole request body")
 
     # Security.
     api_keys: str | None = None
     api_keys_file: Path | None = None
-    owner_secret: SecretStr | None = Field(default=None, description=(
-        "HMAC key for the job owner tag; the same on every API replica (unset: random per process)"))
+    owner_secret: SecretStr | None = Field(
+        default=None,
+        description=(
+            "HMAC key for the job owner tag; the same on every API replica (unset: random per process)"
+        ),
+    )
     cors_origins: str | None = None
 
     # Label Studio ML backend (/label-studio): where task images may be fetched from, and defaults
     # for the thresholds a backend's extra_params can override (see service.label_studio.protocol).
-    label_studio_url: str | None = Field(default=None, validation_alias=AliasChoices(
-        "LABEL_STUDIO_URL", "EXCLIP_LABEL_STUDIO_URL", "label_studio_url"))
-    label_studio_api_key: str | None = Field(default=None, validation_alias=AliasChoices(
-        "LABEL_STUDIO_API_KEY", "EXCLIP_LABEL_STUDIO_API_KEY", "label_studio_api_key"))
+    label_studio_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("LABEL_STUDIO_URL", "EXCLIP_LABEL_STUDIO_URL", "label_studio_url"),
+    )
+    label_studio_api_key: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "LABEL_STUDIO_API_KEY", "EXCLIP_LABEL_STUDIO_API_KEY", "label_studio_api_key"
+        ),
+    )
     label_studio_mask_level: float = Field(default=0.5, gt=0, le=1)
     label_studio_min_token_score: float = Field(default=0.5, ge=0, le=1)
     label_studio_budget_s: float = Field(default=80.0, gt=0, description="under Label Studio's 100 s timeout")
 
-    @field_validator("pretrained", "device", "cache_dir", "api_keys", "cors_origins", "label_studio_url",
-                     "label_studio_api_key", mode="before")
+    @field_validator(
+        "pretrained",
+        "device",
+        "cache_dir",
+        "api_keys",
+        "cors_origins",
+        "label_studio_url",
+        "label_studio_api_key",
+        mode="before",
+    )
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip() == "" else value
@@ -112,12 +141,16 @@ class Settings(BaseSettings):
                 lines = path.read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                raise ConfigError(f"EXCLIP_API_KEYS_FILE={path} cannot be read ({reason}); the service does "
-                                  "not start without the keys it was told to require") from None
+                raise ConfigError(
+                    f"EXCLIP_API_KEYS_FILE={path} cannot be read ({reason}); the service does "
+                    "not start without the keys it was told to require"
+                ) from None
             from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
             if not from_file:
-                raise ConfigError(f"EXCLIP_API_KEYS_FILE={path} holds no key (only blank lines or comments); "
-                                  "put one key per line, or unset it to run without authentication")
+                raise ConfigError(
+                    f"EXCLIP_API_KEYS_FILE={path} holds no key (only blank lines or comments); "
+                    "put one key per line, or unset it to run without authentication"
+                )
             found += from_file
         return tuple(k for k in found if k)
 

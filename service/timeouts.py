@@ -43,5 +43,7 @@ def call_with_deadline(fn: Callable[[], T], timeout_s: float) -> T:
         finally:
             timer.cancel()
     except JobTimeout:
-        raise JobTimeout(f"computing took longer than the limit of {timeout_s:g} s per job "
-                         "(EXCLIP_JOB_TIMEOUT_S); use fewer steps, captions or a smaller image") from None
+        raise JobTimeout(
+            f"computing took longer than the limit of {timeout_s:g} s per job "
+            "(EXCLIP_JOB_TIMEOUT_S); use fewer steps, captions or a smaller image"
+        ) from None

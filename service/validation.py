@@ -10,7 +10,7 @@ says what is allowed.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 from PIL import Image
 
@@ -18,8 +18,7 @@ from attribution import models as _models  # noqa: F401 - registers exclip-tiny 
 from attribution.errors import AttributionError
 from attribution.images import ImageGeometry, transform_geometry
 from attribution.images import image_size as read_image_size
-from attribution.pipeline import Selection
-from attribution.selections import SELECTION_KINDS, Box, check_selection
+from attribution.selections import SELECTION_KINDS, Box, Selection, Span, TokenRange, check_selection
 from attribution.text import tokenize_caption
 from service.catalog import ModelInfo, default_model
 from service.errors import RequestInvalid
@@ -47,8 +46,10 @@ def _layer(name: str, value: int | None, info: ModelInfo, tower: str) -> int:
     if value is None:
         return info.default_layer(tower)
     if not 0 <= value < n_layers:
-        raise RequestInvalid(f"{name} {value} is out of range: this model has {n_layers} blocks, "
-                             f"use 0..{n_layers - 1} (or null for the model's default)")
+        raise RequestInvalid(
+            f"{name} {value} is out of range: this model has {n_layers} blocks, "
+            f"use 0..{n_layers - 1} (or null for the model's default)"
+        )
     return value
 
 
@@ -65,8 +66,10 @@ def _selection(sel: SelectionIn, tokens: list, geometry: ImageGeometry) -> Selec
     if sel.box is not None:
         selection: Selection = Box(*sel.box)
     else:
-        kind, (start, end) = ("span", sel.span) if sel.span is not None else ("tokens", sel.tokens)
-        selection = SELECTION_KINDS[kind](start, end)
+        kind, bounds = ("span", sel.span) if sel.span is not None else ("tokens", sel.tokens)
+        assert bounds is not None  # SelectionIn holds exactly one of span, tokens, box
+        start, end = bounds
+        selection = cast("type[Span] | type[TokenRange]", SELECTION_KINDS[kind])(start, end)
     check_selection(selection, tokens, geometry)
     return selection
 
@@ -79,39 +82,61 @@ def image_size(data: bytes, settings: Settings) -> tuple[int, int]:
         raise RequestInvalid(str(exc)) from None
 
 
-def build_job(inp: ExplainInput, served: dict[str, ModelInfo], settings: Settings,
-              size: tuple[int, int], owner: str | None) -> Job:
+def build_job(
+    inp: ExplainInput,
+    served: dict[str, ModelInfo],
+    settings: Settings,
+    size: tuple[int, int],
+    owner: str | None,
+) -> Job:
     """The job record for a valid request; raises ``RequestInvalid`` naming the first problem."""
     opts = inp.options
     name = opts.model or default_model(served, settings)
     if name not in served:
-        raise RequestInvalid(f"unknown model {name!r}: the workers hold {', '.join(sorted(served))} "
-                             "(see GET /models)")
+        raise RequestInvalid(
+            f"unknown model {name!r}: the workers hold {', '.join(sorted(served))} (see GET /models)"
+        )
     info = served[name]
     if not 1 <= len(inp.captions) <= settings.max_captions:
-        raise RequestInvalid(f"{len(inp.captions)} captions given; allowed: 1..{settings.max_captions} "
-                             "per request (EXCLIP_MAX_CAPTIONS)")
+        raise RequestInvalid(
+            f"{len(inp.captions)} captions given; allowed: 1..{settings.max_captions} "
+            "per request (EXCLIP_MAX_CAPTIONS)"
+        )
     n_selections = sum(len(c.selections) for c in inp.captions)
     if n_selections > settings.max_selections:
-        raise RequestInvalid(f"{n_selections} selections given; allowed: at most {settings.max_selections} "
-                             "per request (EXCLIP_MAX_SELECTIONS)")
+        raise RequestInvalid(
+            f"{n_selections} selections given; allowed: at most {settings.max_selections} "
+            "per request (EXCLIP_MAX_SELECTIONS)"
+        )
     if not 1 <= opts.steps <= settings.max_steps:
         raise RequestInvalid(f"steps {opts.steps} is out of range: use 1..{settings.max_steps}")
     text_layer = _layer("text_layer", opts.text_layer, info, "text")
     image_layer = _layer("image_layer", opts.image_layer, info, "image")
 
-    geometry = transform_geometry(*size, _transform(tuple(info.image_size)), tuple(info.patch_size),
-                                  tuple(info.grid))
+    patch_size = (info.patch_size[0], info.patch_size[1])
+    grid = (info.grid[0], info.grid[1])
+    geometry = transform_geometry(*size, _transform(tuple(info.image_size)), patch_size, grid)
     captions = []
     for i, caption in enumerate(inp.captions):
         try:
-            _, tokens = tokenize_caption(caption.text, _tokenizer(name), context_length=info.context_length,
-                                         max_chars=settings.max_caption_chars)
+            _, tokens = tokenize_caption(
+                caption.text,
+                _tokenizer(name),
+                context_length=info.context_length,
+                max_chars=settings.max_caption_chars,
+            )
             selections = [_selection(s, tokens, geometry) for s in caption.selections]
         except AttributionError as exc:
             raise RequestInvalid(f"caption {i}: {exc}") from None
         captions.append(CaptionRequest(caption.text, tuple(selections)))
 
-    request = JobRequest(model=name, text_layer=text_layer, image_layer=image_layer, steps=opts.steps,
-                         precision=opts.precision, format=opts.format, captions=tuple(captions))
+    request = JobRequest(
+        model=name,
+        text_layer=text_layer,
+        image_layer=image_layer,
+        steps=opts.steps,
+        precision=opts.precision,
+        format=opts.format,
+        captions=tuple(captions),
+    )
     return Job(request=request, owner=owner)

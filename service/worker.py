@@ -67,7 +67,8 @@ def _is_oom(exc: BaseException) -> bool:
     # CUDA says "out of memory"; the CPU allocator says "can't allocate memory" (or MemoryError).
     message = str(exc).lower()
     return isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError) or (
-        isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message))
+        isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+    )
 
 
 class Worker:
@@ -81,8 +82,13 @@ class Worker:
         self._next_claim = 0.0
         self._in_flight: list[Delivery] = []  # renewed by the heartbeat while a batch computes
         self._metrics: list[dict[str, float]] = []  # engine-call observations not yet sent
-        self.info = {"name": self.name, "pid": os.getpid(), "started_at": time.time(),
-                     "max_batch": settings.max_batch, "models": [m.describe() for m in models]}
+        self.info = {
+            "name": self.name,
+            "pid": os.getpid(),
+            "started_at": time.time(),
+            "max_batch": settings.max_batch,
+            "models": [m.describe() for m in models],
+        }
 
     def stop(self) -> None:
         """Finish the current batch, then leave ``run``."""
@@ -151,11 +157,13 @@ class Worker:
             if remaining_ms <= 0:
                 break
             try:
-                deliveries += await self.queue.read(self.name, names, s.max_batch - len(deliveries),
-                                                    remaining_ms)
+                deliveries += await self.queue.read(
+                    self.name, names, s.max_batch - len(deliveries), remaining_ms
+                )
             except QUEUE_DOWN as exc:  # compute what was read rather than leave it to the visibility timeout
-                log.warning("queue unavailable while filling a batch (%s); computing %d job(s)", exc,
-                            len(deliveries))
+                log.warning(
+                    "queue unavailable while filling a batch (%s); computing %d job(s)", exc, len(deliveries)
+                )
                 break
         return deliveries
 
@@ -188,9 +196,13 @@ class Worker:
                     log.warning("job %s is gone (expired, or lost with Redis's data); not computed", d.job_id)
                 skipped.append(d)
             elif job.deliveries > self.settings.max_deliveries:
-                job.fail(f"the job was delivered {job.deliveries - 1} times and never finished (its worker "
-                         f"crashed or was stopped each time); given up after EXCLIP_MAX_DELIVERIES="
-                         f"{self.settings.max_deliveries}", "PoisonJob", Fault.SERVER)
+                job.fail(
+                    f"the job was delivered {job.deliveries - 1} times and never finished (its worker "
+                    f"crashed or was stopped each time); given up after EXCLIP_MAX_DELIVERIES="
+                    f"{self.settings.max_deliveries}",
+                    "PoisonJob",
+                    Fault.SERVER,
+                )
                 await self._store([_Item(d, job)])
             else:
                 items.append(_Item(d, job))
@@ -224,14 +236,21 @@ class Worker:
         """One engine call for ``items``; on failure split (halves on OOM, singles otherwise)."""
         request = items[0].job.request
         loaded = self.models[request.model]
-        requests = [i.request for i in items]
+        requests: list[ExplainRequest] = []
+        for i in items:
+            assert i.request is not None  # _compute_batch passes on only the items it prepared
+            requests.append(i.request)
         t0 = time.monotonic()
         part = 0  # > 0: retry in parts of this many jobs
         try:
             explanations = await asyncio.to_thread(
                 call_with_deadline,
-                lambda: explain_requests(loaded, requests, **request.engine_options,
-                                         max_caption_chars=self.settings.max_caption_chars),
+                lambda: explain_requests(
+                    loaded,
+                    requests,
+                    **request.engine_options,
+                    max_caption_chars=self.settings.max_caption_chars,
+                ),
                 self.settings.job_timeout_s * len(items),
             )
         except Exception as exc:  # noqa: BLE001 - every failure is either retried smaller or reported
@@ -239,22 +258,30 @@ class Worker:
                 self._record_failure(items[0].job, exc, loaded)
                 return
             oom = _is_oom(exc)
-            log.warning("batch of %d failed (%s: %s); retrying it %s", len(items), type(exc).__name__,
-                        exc, "in halves" if oom else "job by job")
+            log.warning(
+                "batch of %d failed (%s: %s); retrying it %s",
+                len(items),
+                type(exc).__name__,
+                exc,
+                "in halves" if oom else "job by job",
+            )
             part = (len(items) + 1) // 2 if oom else 1
         if part:  # outside the except block: the failed call's traceback (and its tensors) is freed
             for start in range(0, len(items), part):
-                await self._compute(items[start:start + part])
+                await self._compute(items[start : start + part])
             return
         compute_ms = (time.monotonic() - t0) * 1000
-        self._metrics += [metrics.observe("batch_size", len(items)),
-                          metrics.observe("compute_seconds", compute_ms / 1000)]
+        self._metrics += [
+            metrics.observe("batch_size", len(items)),
+            metrics.observe("compute_seconds", compute_ms / 1000),
+        ]
         for item, per_caption in zip(items, explanations, strict=True):
             queued_ms = ((item.job.started_at or item.job.created_at) - item.job.created_at) * 1000
             timings = {"queued_ms": queued_ms, "compute_ms": compute_ms}
             fmt = item.job.request.format
-            item.result = {"captions": [{**e.to_dict(matrix_format=fmt), "timings": timings}
-                                        for e in per_caption]}
+            item.result = {
+                "captions": [{**e.to_dict(matrix_format=fmt), "timings": timings} for e in per_caption]
+            }
 
     def _record_failure(self, job: Job, exc: BaseException, loaded: LoadedModel) -> None:
         if _is_oom(exc):
@@ -262,8 +289,12 @@ class Worker:
                 import torch
 
                 torch.cuda.empty_cache()
-            job.fail(f"out of memory computing this job alone on {loaded.device}: {exc}. Use fewer "
-                     "steps or captions, or a worker with more memory", "OutOfMemory", Fault.SERVER)
+            job.fail(
+                f"out of memory computing this job alone on {loaded.device}: {exc}. Use fewer "
+                "steps or captions, or a worker with more memory",
+                "OutOfMemory",
+                Fault.SERVER,
+            )
         elif isinstance(exc, AttributionError):
             job.fail(str(exc), type(exc).__name__, Fault.CLIENT)
         elif isinstance(exc, JobTimeout):
@@ -280,9 +311,10 @@ class Worker:
             job.status = JobStatus.FAILED if item.failed else JobStatus.DONE
             job.result, job.finished_at = item.result, time.time()
             await self.queue.finish(job)
-            increments += [metrics.outcome(job.status.value),
-                           metrics.observe("queue_wait_seconds", (job.started_at or job.created_at)
-                                           - job.created_at)]
+            increments += [
+                metrics.outcome(job.status.value),
+                metrics.observe("queue_wait_seconds", (job.started_at or job.created_at) - job.created_at),
+            ]
         await self.queue.ack([i.delivery for i in items])
         await self.queue.add_metrics(metrics.merge(*increments))
 

@@ -40,6 +40,7 @@ from tests.harness import REDIS_SERVER, RedisServer, ServiceLauncher, free_port,
 
 __all__ = ["RedisServer", "ServiceLauncher", "free_port"]  # imported from here by older test modules
 
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     if not os.path.exists(REDIS_SERVER):
@@ -83,8 +84,9 @@ def tiny_loaded(tiny_checkpoint: str):
 
 
 @pytest.fixture
-def launcher(redis_server: RedisServer, key_prefix: str, tiny_checkpoint: str,
-             tmp_path: Path) -> Iterator[ServiceLauncher]:
+def launcher(
+    redis_server: RedisServer, key_prefix: str, tiny_checkpoint: str, tmp_path: Path
+) -> Iterator[ServiceLauncher]:
     launch = ServiceLauncher(redis_server.url, key_prefix, tiny_checkpoint, tmp_path)
     yield launch
     launch.close()

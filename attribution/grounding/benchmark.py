@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -111,7 +112,7 @@ class BenchmarkResult:
             return sorted(counts, key=_natural) + [ALL_GROUPS]
         return sorted(counts, key=lambda g: (-counts[g], g)) + [ALL_GROUPS]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "pointing_rule": self.pointing_rule,
             "summaries": [asdict(s) for s in self.summaries()],
@@ -123,9 +124,10 @@ class BenchmarkResult:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> BenchmarkResult:
+    def from_dict(cls, data: dict[str, Any]) -> BenchmarkResult:
         """The scores and costs of a JSON file written by ``to_dict`` (examples are not kept)."""
-        def layers(value: list) -> Layers:
+
+        def layers(value: list[int]) -> Layers:
             return (value[0], value[1])
 
         scores = [PhraseScore(**{**s, "layers": layers(s["layers"])}) for s in data["scores"]]
@@ -165,12 +167,20 @@ class BenchmarkResult:
         for (method, layers), parts in costs.items():
             captions = sum(c.captions for c in parts)
             forward_s = sum(c.image_forward_s * c.captions for c in parts) / max(captions, 1)
-            merged.costs.append(Cost(method, layers, sum(c.seconds for c in parts), captions,
-                                     sum(c.phrases for c in parts), forward_s))
+            merged.costs.append(
+                Cost(
+                    method,
+                    layers,
+                    sum(c.seconds for c in parts),
+                    captions,
+                    sum(c.phrases for c in parts),
+                    forward_s,
+                )
+            )
         return merged
 
 
-def _natural(text: str) -> list:
+def _natural(text: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
@@ -181,11 +191,12 @@ def batches(loaded: LoadedModel, samples: Sequence[GroundingSample], size: int) 
 @torch.no_grad()
 def image_forward_seconds(loaded: LoadedModel, prepared: Sequence[Batch]) -> float:
     """Seconds of one plain image forward (``encode_image``) per image, over the same batches."""
-    loaded.model.encode_image(prepared[0].tensors[:1].to(loaded.device))  # warm-up
+    clip: Any = loaded.model  # open_clip's CLIP is untyped
+    clip.encode_image(prepared[0].tensors[:1].to(loaded.device))  # warm-up
     start = time.perf_counter()
     images = 0
     for batch in prepared:
-        loaded.model.encode_image(batch.tensors.to(loaded.device))
+        clip.encode_image(batch.tensors.to(loaded.device))
         images += len(batch.samples)
     return (time.perf_counter() - start) / images
 
@@ -228,7 +239,12 @@ def run_benchmark(
                 for i, (phrase, heatmap) in enumerate(zip(sample.phrases, maps, strict=True)):
                     result.scores.append(
                         PhraseScore(
-                            sample.id, i, sample.phrase_text(i), phrase.group, method.name, layers,
+                            sample.id,
+                            i,
+                            sample.phrase_text(i),
+                            phrase.group,
+                            method.name,
+                            layers,
                             pointing_hit(heatmap, geometry, phrase.boxes, pointing_rule),
                             energy_in_box(heatmap, geometry, phrase.boxes),
                         )
@@ -242,8 +258,9 @@ def run_benchmark(
     return result
 
 
-def n_batches(methods: Sequence[GroundingMethod], layer_pairs: Sequence[LayerPair], n_samples: int,
-              batch_size: int) -> int:
+def n_batches(
+    methods: Sequence[GroundingMethod], layer_pairs: Sequence[LayerPair], n_samples: int, batch_size: int
+) -> int:
     """How many ``progress`` steps ``run_benchmark`` will report."""
     runs = sum(len({effective_layers(m, p) for p in layer_pairs}) for m in methods)
     return runs * -(-n_samples // batch_size)

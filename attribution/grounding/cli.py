@@ -95,8 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS, default="scenes")
     p.add_argument("--n", type=int, default=200, help="scenes to generate / most samples to read (200)")
     p.add_argument("--seed", type=int, default=SCENES_TEST_SEED, help="scenes seed (held-out set by default)")
-    p.add_argument("--skip", type=int, default=0,
-                   help="scenes: leave out the first SKIP (split a run over processes; merge with --tables)")
+    p.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        help="scenes: leave out the first SKIP (split a run over processes; merge with --tables)",
+    )
     p.add_argument("--captions", help="coco: captions json")
     p.add_argument("--instances", help="coco: instances json (boxes and categories)")
     p.add_argument("--annotations", help="flickr30k: folder with Sentences/ and Annotations/")
@@ -105,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default="scenes", help="tag, checkpoint path, or none (scenes)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", default="all", help=f"all or a comma list of: {', '.join(METHODS)}")
-    p.add_argument("--layers", default="default",
-                   help="all, default (the model's), last, or TEXT/IMAGE pairs like 1/1,3/3 (default)")
+    p.add_argument(
+        "--layers",
+        default="default",
+        help="all, default (the model's), last, or TEXT/IMAGE pairs like 1/1,3/3 (default)",
+    )
     p.add_argument("--steps", type=int, default=10, help="interpolation steps (interactions, IG)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--pointing-rule", choices=POINTING_RULES, default="centre")
@@ -116,15 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=8, help="rows of the figure")
     p.add_argument("--figure-dpi", type=int, default=90, help="resolution of the figure (90)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random-patch baseline")
-    p.add_argument("--tables", nargs="+", metavar="JSON",
-                   help="only print the tables of these result files, merged (runs split over processes)")
+    p.add_argument(
+        "--tables",
+        nargs="+",
+        metavar="JSON",
+        help="only print the tables of these result files, merged (runs split over processes)",
+    )
     return p
 
 
 def _commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -157,8 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         n_examples = args.examples if args.figure else 0
         with tqdm(total=n_batches(methods, pairs, len(samples), args.batch_size), unit="batch") as bar:
             result = run_benchmark(
-                loaded, samples, methods, pairs, batch_size=args.batch_size,
-                pointing_rule=args.pointing_rule, n_examples=n_examples, progress=bar.update,
+                loaded,
+                samples,
+                methods,
+                pairs,
+                batch_size=args.batch_size,
+                pointing_rule=args.pointing_rule,
+                n_examples=n_examples,
+                progress=bar.update,
             )
     except AttributionError as e:
         print(f"evaluate: {e}", file=sys.stderr)

@@ -26,8 +26,22 @@ from attribution.grounding.samples import BoxCoords, GroundingSample, Phrase
 
 # Words that name a category in captions although they are not its COCO name.
 SYNONYMS: dict[str, tuple[str, ...]] = {
-    "person": ("person", "people", "man", "men", "woman", "women", "boy", "girl", "child", "children",
-               "kid", "player", "guy", "lady"),
+    "person": (
+        "person",
+        "people",
+        "man",
+        "men",
+        "woman",
+        "women",
+        "boy",
+        "girl",
+        "child",
+        "children",
+        "kid",
+        "player",
+        "guy",
+        "lady",
+    ),
     "motorcycle": ("motorcycle", "motorbike"),
     "airplane": ("airplane", "plane", "jet"),
     "couch": ("couch", "sofa"),
@@ -80,7 +94,7 @@ def read_coco(
             x, y, w, h = (float(v) for v in ann["bbox"])
             if w > 0 and h > 0:
                 boxes[int(ann["image_id"])][names[int(ann["category_id"])]].append((x, y, x + w, y + h))
-        samples = []
+        samples: list[GroundingSample] = []
         for ann in captions["annotations"]:
             image_id, caption = int(ann["image_id"]), str(ann["caption"]).strip()
             phrases = find_phrases(caption, boxes.get(image_id, {}))

@@ -53,7 +53,9 @@ def parse_boxes(xml_path: Path) -> dict[str, list[BoxCoords]]:
         if box is None:
             continue
         try:
-            xmin, ymin, xmax, ymax = (float(box.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))
+            # A missing tag gives None, and float(None) raises the TypeError caught below.
+            texts = [box.findtext(t) for t in ("xmin", "ymin", "xmax", "ymax")]
+            xmin, ymin, xmax, ymax = (float(v) for v in texts)  # type: ignore[arg-type]
         except (TypeError, ValueError) as e:
             raise AnnotationError(f"{xml_path}: a <bndbox> lacks a number: {e}") from e
         for name in obj.findall("name"):

@@ -98,7 +98,8 @@ def plot_examples(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    picks = []  # (sample index, phrase index): one phrase per sample, cycling through the phrases
+    # (sample index, phrase index): one phrase per sample, cycling through the phrases
+    picks: list[tuple[int, int]] = []
     for i, sample in enumerate(batch.samples):
         if sample.phrases and len(picks) < max_rows:
             picks.append((i, i % len(sample.phrases)))
@@ -117,14 +118,22 @@ def plot_examples(
                 ax.add_patch(Rectangle((bx0, by0), bx1 - bx0, by1 - by0, fill=False, color="lime", lw=1.2))
             if col == 0:
                 ax.set_title(f'"{sample.phrase_text(p)}"', fontsize=7)
-                ax.set_ylabel(sample.caption if len(sample.caption) < 40 else sample.caption[:37] + "…",
-                              fontsize=5)
+                ax.set_ylabel(
+                    sample.caption if len(sample.caption) < 40 else sample.caption[:37] + "…", fontsize=5
+                )
                 continue
             method, layers = columns[col - 1]
             heatmap = result.examples[(method, layers)][i][p]
             limit = float(heatmap.abs().max()) or 1.0
-            ax.imshow(heatmap.numpy(), cmap="bwr", vmin=-limit, vmax=limit, alpha=0.6,
-                      extent=(x0, x1, y1, y0), interpolation="nearest")
+            ax.imshow(
+                heatmap.numpy(),
+                cmap="bwr",
+                vmin=-limit,
+                vmax=limit,
+                alpha=0.6,
+                extent=(x0, x1, y1, y0),
+                interpolation="nearest",
+            )
             r, c = argmax_patch(heatmap)
             px0, py0, px1, py1 = geometry.patch_box(r, c)
             ax.plot([(px0 + px1) / 2], [(py0 + py1) / 2], marker="x", color="black", markersize=5)

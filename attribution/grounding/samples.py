@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from attribution.grounding.errors import AnnotationError
 from attribution.images import decode_image
+
+if TYPE_CHECKING:
+    from attribution.scenes import Scene
 
 BoxCoords = tuple[float, float, float, float]
 
@@ -70,10 +74,11 @@ class GroundingSample:
         return decode_image(data)
 
 
-def from_scene(scene, index: int) -> GroundingSample:
+def from_scene(scene: Scene, index: int) -> GroundingSample:
     """A sample from one ``attribution.scenes.Scene``; phrases grouped by the scene's number of objects."""
     group = f"{len(scene.objects)} object" + ("s" if len(scene.objects) != 1 else "")
-    phrases = tuple(
-        Phrase(tuple(obj.span), (tuple(float(v) for v in obj.box),), group) for obj in scene.objects
-    )
-    return GroundingSample(f"scene-{index}", scene.image, scene.caption, phrases)
+    phrases = []
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.box
+        phrases.append(Phrase(obj.span, ((float(x0), float(y0), float(x1), float(y1)),), group))
+    return GroundingSample(f"scene-{index}", scene.image, scene.caption, tuple(phrases))

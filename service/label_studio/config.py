@@ -43,19 +43,22 @@ class LabelConfig:
 def _data_key(tag: ET.Element) -> str:
     value = (tag.get("value") or "").strip()
     if not value.startswith("$") or len(value) < 2:
-        raise LabelConfigInvalid(f'<{tag.tag} name="{tag.get("name")}"> needs value="$field" naming a '
-                                 f"task data field, got {value!r}")
+        raise LabelConfigInvalid(
+            f'<{tag.tag} name="{tag.get("name")}"> needs value="$field" naming a '
+            f"task data field, got {value!r}"
+        )
     return value[1:]
 
 
 def _control(tags: list[ET.Element], kind: str, to_name: str) -> Control | None:
     for tag in tags:
         if tag.tag.lower() == kind.lower() and tag.get("toName") == to_name and tag.get("name"):
-            labels = [lab.get("value") for lab in tag.iter()
-                      if lab.tag.lower() == "label" and lab.get("value")]
+            labels = [
+                lab.attrib["value"] for lab in tag.iter() if lab.tag.lower() == "label" and lab.get("value")
+            ]
             if not labels:
                 raise LabelConfigInvalid(f'<{tag.tag} name="{tag.get("name")}"> has no <Label value="...">')
-            return Control(from_name=tag.get("name"), to_name=to_name, label=labels[0])
+            return Control(from_name=tag.attrib["name"], to_name=to_name, label=labels[0])
     return None
 
 
@@ -81,14 +84,18 @@ def parse_label_config(xml: str) -> LabelConfig:
     tags = list(root.iter())
     image, text = _single(tags, "Image"), _single(tags, "Text")
     config = LabelConfig(
-        image_name=image.get("name"), image_key=_data_key(image),
-        text_name=text.get("name"), text_key=_data_key(text),
-        spans=_control(tags, "Labels", text.get("name")),
-        rectangles=_control(tags, "RectangleLabels", image.get("name")),
-        brushes=_control(tags, "BrushLabels", image.get("name")),
+        # _single checked that both tags have a name.
+        image_name=image.attrib["name"],
+        image_key=_data_key(image),
+        text_name=text.attrib["name"],
+        text_key=_data_key(text),
+        spans=_control(tags, "Labels", text.attrib["name"]),
+        rectangles=_control(tags, "RectangleLabels", image.attrib["name"]),
+        brushes=_control(tags, "BrushLabels", image.attrib["name"]),
     )
     if not (config.spans or config.rectangles or config.brushes):
         raise LabelConfigInvalid(
-            f'the label config has no control the backend can fill: add <RectangleLabels> or <BrushLabels> '
-            f'with toName="{config.image_name}", or <Labels> with toName="{config.text_name}"')
+            f"the label config has no control the backend can fill: add <RectangleLabels> or <BrushLabels> "
+            f'with toName="{config.image_name}", or <Labels> with toName="{config.text_name}"'
+        )
     return config

@@ -72,8 +72,10 @@ def resolve(origin: Origin, ref: str) -> str:
         url = ref
     target = Origin.parse(url)
     if target != origin:
-        raise ImageRefused(f"image {_shown(ref)} is not on the Label Studio host {origin.url}; "
-                           "the backend fetches images only from there")
+        raise ImageRefused(
+            f"image {_shown(ref)} is not on the Label Studio host {origin.url}; "
+            "the backend fetches images only from there"
+        )
     return url
 
 
@@ -91,10 +93,13 @@ async def check_host(origin: Origin) -> None:
         infos = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise ImageUnavailable(f"cannot resolve the Label Studio host {origin.host!r}: {exc}") from None
-    bad = sorted({info[4][0] for info in infos if _refused_address(info[4][0])})
+    # The address is always a str for the IP families getaddrinfo answers with.
+    bad = sorted({str(info[4][0]) for info in infos if _refused_address(str(info[4][0]))})
     if bad:
-        raise ImageRefused(f"the Label Studio host {origin.host!r} resolves to {', '.join(bad)} "
-                           "(link-local, multicast or unspecified); images are not fetched from there")
+        raise ImageRefused(
+            f"the Label Studio host {origin.host!r} resolves to {', '.join(bad)} "
+            "(link-local, multicast or unspecified); images are not fetched from there"
+        )
 
 
 class ImageFetcher:
@@ -111,6 +116,7 @@ class ImageFetcher:
         limit = asyncio.Semaphore(concurrency)
         client = httpx.AsyncClient(follow_redirects=False, timeout=self.timeout_s, trust_env=False)
         async with client:
+
             async def one(ref: str) -> bytes | Exception:
                 async with limit:
                     try:
@@ -131,11 +137,15 @@ class ImageFetcher:
         try:
             async with client.stream("GET", url, headers=self.headers) as response:
                 if response.is_redirect:
-                    raise ImageRefused(f"image {_shown(ref)}: Label Studio answered with a redirect "
-                                       f"({response.status_code}); redirects are not followed")
+                    raise ImageRefused(
+                        f"image {_shown(ref)}: Label Studio answered with a redirect "
+                        f"({response.status_code}); redirects are not followed"
+                    )
                 if response.status_code != 200:
-                    raise ImageUnavailable(f"image {_shown(ref)}: Label Studio answered "
-                                           f"{response.status_code}; check the backend's access token")
+                    raise ImageUnavailable(
+                        f"image {_shown(ref)}: Label Studio answered "
+                        f"{response.status_code}; check the backend's access token"
+                    )
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > self.max_bytes:
                     raise ImageRefused(self._too_large(ref))

@@ -54,8 +54,9 @@ def settings_model_version(settings: Settings) -> str:
 
 
 def default_thresholds(settings: Settings) -> Thresholds:
-    return Thresholds(mask_level=settings.label_studio_mask_level,
-                      min_token_score=settings.label_studio_min_token_score)
+    return Thresholds(
+        mask_level=settings.label_studio_mask_level, min_token_score=settings.label_studio_min_token_score
+    )
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,14 @@ def parse_context(context: dict[str, Any] | None, config: LabelConfig) -> Contex
             if item.get("to_name") == config.text_name and "start" in value and "end" in value:
                 return Context(span=(int(value["start"]), int(value["end"])))
             if item.get("to_name") == config.image_name and all(k in value for k in BOX_KEYS):
-                return Context(box=tuple(float(value[k]) for k in BOX_KEYS))
+                x, y, w, h = (float(value[k]) for k in BOX_KEYS)
+                return Context(box=(x, y, w, h))
         except (TypeError, ValueError):
             raise TaskInvalid(f"context region {item.get('id')!r} has non-numeric coordinates") from None
-    raise TaskInvalid(f"the context has no span on <Text name=\"{config.text_name}\"> and no rectangle on "
-                      f"<Image name=\"{config.image_name}\">; draw one of those")
+    raise TaskInvalid(
+        f'the context has no span on <Text name="{config.text_name}"> and no rectangle on '
+        f'<Image name="{config.image_name}">; draw one of those'
+    )
 
 
 @dataclass
@@ -111,23 +115,30 @@ def _caption(task: dict[str, Any], config: LabelConfig) -> str:
         raise TaskInvalid(f"task {task.get('id')}: data must be an object")
     caption = data.get(config.text_key)
     if not isinstance(caption, str) or not caption.strip():
-        raise TaskInvalid(f"task {task.get('id')}: data.{config.text_key} must be the caption "
-                          "(a non-empty string)")
+        raise TaskInvalid(
+            f"task {task.get('id')}: data.{config.text_key} must be the caption (a non-empty string)"
+        )
     return caption
 
 
 def _checked_span(caption: str, start: int, end: int) -> tuple[int, int]:
     if not 0 <= start < end <= len(caption):
-        raise TaskInvalid(f"span [{start}, {end}] does not fit the caption: need 0 <= start < end <= "
-                          f"{len(caption)} (characters, an emoji counts one)")
+        raise TaskInvalid(
+            f"span [{start}, {end}] does not fit the caption: need 0 <= start < end <= "
+            f"{len(caption)} (characters, an emoji counts one)"
+        )
     return start, end
 
 
 def _find(phrase: str, caption: str) -> re.Match | None:
     """The first match: as a whole word if possible (so "a" is not the "a" in "cat"), exact case first."""
     escaped = re.escape(phrase)
-    for pattern, flags in ((rf"(?<!\w){escaped}(?!\w)", 0), (rf"(?<!\w){escaped}(?!\w)", re.I),
-                           (escaped, 0), (escaped, re.I)):
+    for pattern, flags in (
+        (rf"(?<!\w){escaped}(?!\w)", 0),
+        (rf"(?<!\w){escaped}(?!\w)", re.I),
+        (escaped, 0),
+        (escaped, re.I),
+    ):
         found = re.search(pattern, caption, flags)
         if found:
             return found
@@ -147,24 +158,31 @@ def _phrase_spans(caption: str, phrases: Any, limit: int) -> list[tuple[int, int
             if not phrase.strip() or found is None:
                 raise TaskInvalid(f"phrase {phrase[:80]!r} is not in the caption {caption[:80]!r}")
             span = found.span()
-        elif (isinstance(phrase, list) and len(phrase) == 2
-              and all(isinstance(v, int) and not isinstance(v, bool) for v in phrase)):
+        elif (
+            isinstance(phrase, list)
+            and len(phrase) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in phrase)
+        ):
             span = _checked_span(caption, *phrase)
         else:
             raise TaskInvalid(f"phrase {str(phrase)[:80]} is neither a string nor a [start, end] pair")
         if span not in spans:
             spans.append(span)
     if len(spans) > limit:
-        log.warning("label-studio: %d phrases in one task; only the first %d are explained "
-                    "(EXCLIP_MAX_SELECTIONS)", len(spans), limit)
+        log.warning(
+            "label-studio: %d phrases in one task; only the first %d are explained (EXCLIP_MAX_SELECTIONS)",
+            len(spans),
+            limit,
+        )
     return spans[:limit]
 
 
 class Predictor:
     """Answers one ``/predict`` call; see the module docstring."""
 
-    def __init__(self, queue: JobQueue, settings: Settings, owner: str | None,
-                 setup: ProjectSetup | None) -> None:
+    def __init__(
+        self, queue: JobQueue, settings: Settings, owner: str | None, setup: ProjectSetup | None
+    ) -> None:
         self.queue, self.settings, self.owner = queue, settings, owner
         self.setup = setup
         self.thresholds = default_thresholds(settings).updated(setup.extra_params if setup else None)
@@ -177,8 +195,11 @@ class Predictor:
         elif setup and setup.hostname:
             url, token = setup.hostname, setup.access_token  # never send our own key to a host /setup named
         else:
-            raise ImageRefused("the Label Studio URL is unknown: set LABEL_STUDIO_URL or connect the backend "
-                               "from Label Studio (its /setup call tells it)", 422)
+            raise ImageRefused(
+                "the Label Studio URL is unknown: set LABEL_STUDIO_URL or connect the backend "
+                "from Label Studio (its /setup call tells it)",
+                422,
+            )
         return ImageFetcher(url, token, max_bytes=s.max_upload_bytes)
 
     async def predict(self, body: PredictIn) -> list[dict[str, Any]]:
@@ -193,7 +214,9 @@ class Predictor:
         served = served_models(await self.queue.workers())
         if not served:
             raise RequestInvalid("no worker is serving a model right now; retry in a few seconds", 503)
-        info = served[default_model(served, self.settings)]
+        name = default_model(served, self.settings)
+        assert name is not None  # served is not empty
+        info = served[name]
         version = model_version(info.name, info.pretrained)
 
         works = [_Work(task=task) for task in body.tasks]
@@ -218,8 +241,9 @@ class Predictor:
                 log.warning("label-studio: no prediction for task %s: %s", work.task_id, work.error)
                 out.append({"model_version": version, "error": work.error})
         done = sum(w.prediction is not None for w in works)
-        log.info("label-studio: %d of %d task(s) predicted in %.1f s", done, len(works),
-                 time.monotonic() - started)
+        log.info(
+            "label-studio: %d of %d task(s) predicted in %.1f s", done, len(works), time.monotonic() - started
+        )
         return out
 
     @staticmethod
@@ -255,6 +279,7 @@ class Predictor:
 
     async def _build_job(self, work: _Work, served: dict[str, ModelInfo]) -> None:
         name = default_model(served, self.settings)
+        assert work.image is not None  # called only for works without an error: the image was fetched
         try:
             width, height = await run_in_threadpool(image_size, work.image, self.settings)
             if work.box_pct is not None:
@@ -272,8 +297,14 @@ class Predictor:
         except ValueError as exc:  # a SelectionIn the model validator refused (e.g. a box with NaN)
             work.error = f"task {work.task_id}: {exc}"
 
-    async def _run_chunks(self, works: list[_Work], fetcher: ImageFetcher, served: dict[str, ModelInfo],
-                          target: tuple[LabelConfig, str], started: float) -> None:
+    async def _run_chunks(
+        self,
+        works: list[_Work],
+        fetcher: ImageFetcher,
+        served: dict[str, ModelInfo],
+        target: tuple[LabelConfig, str],
+        started: float,
+    ) -> None:
         """Fetch, compute and convert chunk by chunk, stopping before a chunk that would overrun the budget.
 
         Only one chunk's images are held at a time, so memory does not grow with the number of tasks.
@@ -281,13 +312,20 @@ class Predictor:
         budget, size = self.settings.label_studio_budget_s, self.settings.max_batch
         slowest = 0.0
         for at in range(0, len(works), size):
-            chunk, left = works[at:at + size], len(works) - at
+            chunk, left = works[at : at + size], len(works) - at
             remaining = budget - (time.monotonic() - started)
             if at and slowest > remaining:
-                log.warning("label-studio: %d of %d task(s) left for the next call: a chunk of %d takes "
-                            "about %.0f s and %.0f s of the %.0f s budget remain (Label Studio waits 100 s); "
-                            "run 'Retrieve predictions' again for them", left, len(works), size, slowest,
-                            remaining, budget)
+                log.warning(
+                    "label-studio: %d of %d task(s) left for the next call: a chunk of %d takes "
+                    "about %.0f s and %.0f s of the %.0f s budget remain (Label Studio waits 100 s); "
+                    "run 'Retrieve predictions' again for them",
+                    left,
+                    len(works),
+                    size,
+                    slowest,
+                    remaining,
+                    budget,
+                )
                 for work in works[at:]:
                     work.error = "left for the next call (time budget)"
                 return
@@ -297,8 +335,9 @@ class Predictor:
                 for work in chunk:
                     if work.error is None:
                         await self._build_job(work, served)
-                await self._run_chunk([w for w in chunk if w.job is not None], served,
-                                      budget - (time.monotonic() - started))
+                await self._run_chunk(
+                    [w for w in chunk if w.job is not None], served, budget - (time.monotonic() - started)
+                )
                 for work in chunk:
                     if work.error is None and work.job is not None and work.job.result is not None:
                         work.prediction = await run_in_threadpool(self._prediction, work, *target)
@@ -313,12 +352,15 @@ class Predictor:
                     work.image = None
             slowest = max(slowest, time.monotonic() - chunk_started)
 
-    async def _run_chunk(self, chunk: list[_Work], served: dict[str, ModelInfo],
-                         timeout_s: float) -> None:
+    async def _run_chunk(self, chunk: list[_Work], served: dict[str, ModelInfo], timeout_s: float) -> None:
+        jobs: list[Job] = []
         for work in chunk:
-            await self.queue.enqueue(work.job, work.image, max_depth=self.settings.max_queue,
-                                     depth_models=list(served))
-        finished = await asyncio.gather(*(self.queue.wait_finished(w.job.id, timeout_s) for w in chunk))
+            assert work.job is not None and work.image is not None  # only works with a built job come here
+            await self.queue.enqueue(
+                work.job, work.image, max_depth=self.settings.max_queue, depth_models=list(served)
+            )
+            jobs.append(work.job)
+        finished = await asyncio.gather(*(self.queue.wait_finished(j.id, timeout_s) for j in jobs))
         for work, job in zip(chunk, finished, strict=True):
             if job is None:
                 work.error = "the job expired"
@@ -331,6 +373,7 @@ class Predictor:
                 work.error = f"task {work.task_id}: not finished within the time budget"
 
     def _prediction(self, work: _Work, config: LabelConfig, version: str) -> dict[str, Any]:
+        assert work.job is not None and work.job.result is not None  # called only for finished jobs
         caption = work.job.result["captions"][0]
         image, regions = caption["image"], []
         for selection in caption["selections"]:
@@ -342,6 +385,11 @@ class Predictor:
                     regions += [span] if span else []
                 regions += results.image_regions(config, mask, image)
             else:
-                regions += results.token_regions(config, work.caption, caption["tokens"],
-                                                 selection["token_scores"], self.thresholds.min_token_score)
+                regions += results.token_regions(
+                    config,
+                    work.caption,
+                    caption["tokens"],
+                    selection["token_scores"],
+                    self.thresholds.min_token_score,
+                )
         return {"result": regions, "score": float(caption["score"]), "model_version": version}

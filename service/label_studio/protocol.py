@@ -72,5 +72,6 @@ class Thresholds(BaseModel):
             return Thresholds(**{**self.model_dump(), **given})
         except ValidationError as exc:
             problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
-            raise TaskInvalid(f"extra_params: {problems} (mask_level in (0, 1], min_token_score in [0, 1])") \
-                from None
+            raise TaskInvalid(
+                f"extra_params: {problems} (mask_level in (0, 1], min_token_score in [0, 1])"
+            ) from None

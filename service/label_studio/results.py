@@ -23,8 +23,15 @@ def _region_id() -> str:
 
 
 def _item(control: Control, kind: str, value: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"id": _region_id(), "from_name": control.from_name, "to_name": control.to_name, "type": kind,
-            "origin": "prediction", "value": {**value, kind: [control.label]}, **extra}
+    return {
+        "id": _region_id(),
+        "from_name": control.from_name,
+        "to_name": control.to_name,
+        "type": kind,
+        "origin": "prediction",
+        "value": {**value, kind: [control.label]},
+        **extra,
+    }
 
 
 def heatmap_mask(heatmap: np.ndarray, image: dict[str, Any], level: float) -> np.ndarray:
@@ -53,8 +60,9 @@ def _image_fields(image: dict[str, Any]) -> dict[str, Any]:
     return {"original_width": image["width"], "original_height": image["height"], "image_rotation": 0}
 
 
-def image_regions(config: LabelConfig, mask: np.ndarray, image: dict[str, Any],
-                  score: float | None = None) -> list[dict[str, Any]]:
+def image_regions(
+    config: LabelConfig, mask: np.ndarray, image: dict[str, Any], score: float | None = None
+) -> list[dict[str, Any]]:
     """The brush mask and the rectangle around it (for the controls the config has); none if empty."""
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
@@ -66,14 +74,20 @@ def image_regions(config: LabelConfig, mask: np.ndarray, image: dict[str, Any],
         out.append(_item(config.brushes, "brushlabels", {"format": "rle", "rle": mask_rle(mask)}, **extra))
     if config.rectangles:
         x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
-        box = {"x": 100 * x0 / width, "y": 100 * y0 / height, "width": 100 * (x1 - x0) / width,
-               "height": 100 * (y1 - y0) / height, "rotation": 0}
+        box = {
+            "x": 100 * x0 / width,
+            "y": 100 * y0 / height,
+            "width": 100 * (x1 - x0) / width,
+            "height": 100 * (y1 - y0) / height,
+            "rotation": 0,
+        }
         out.append(_item(config.rectangles, "rectanglelabels", box, **extra))
     return out
 
 
-def text_region(config: LabelConfig, caption: str, start: int, end: int,
-                score: float | None = None) -> dict[str, Any] | None:
+def text_region(
+    config: LabelConfig, caption: str, start: int, end: int, score: float | None = None
+) -> dict[str, Any] | None:
     """A ``labels`` result on the Text for Python indices [start, end) of the caption (None: no <Labels>)."""
     if config.spans is None:
         return None
@@ -81,8 +95,9 @@ def text_region(config: LabelConfig, caption: str, start: int, end: int,
     return _item(config.spans, "labels", value, **({"score": score} if score is not None else {}))
 
 
-def token_regions(config: LabelConfig, caption: str, tokens: list[dict[str, Any]], scores: list[float],
-                  min_score: float) -> list[dict[str, Any]]:
+def token_regions(
+    config: LabelConfig, caption: str, tokens: list[dict[str, Any]], scores: list[float], min_score: float
+) -> list[dict[str, Any]]:
     """Caption tokens by box score, strongest first: those scoring ``min_score`` x the best or more.
 
     Start and end tokens (empty spans) are left out; a region's ``score`` is its share of the best.

@@ -80,6 +80,6 @@ def _encode(total: int, values: list[int], lengths: list[int]) -> list[int]:
 
 def _flush(out: _Bits, literal: list[int]) -> None:
     for at in range(0, len(literal), MAX_CHUNK):
-        words = literal[at:at + MAX_CHUNK]
+        words = literal[at : at + MAX_CHUNK]
         out.chunk(False, words, len(words))
     literal.clear()

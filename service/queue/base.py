@@ -70,8 +70,9 @@ class JobQueue(Protocol):
     async def read(self, consumer: str, models: list[str], count: int, block_ms: int) -> list[Delivery]:
         """New entries for these models, at most ``count``, waiting up to ``block_ms`` for the first."""
 
-    async def claim_stale(self, consumer: str, models: list[str], min_idle_s: float,
-                          count: int) -> list[Delivery]:
+    async def claim_stale(
+        self, consumer: str, models: list[str], min_idle_s: float, count: int
+    ) -> list[Delivery]:
         """Take over entries delivered to any consumer but unacknowledged for ``min_idle_s`` or more."""
 
     async def renew(self, consumer: str, deliveries: list[Delivery]) -> None:
@@ -136,8 +137,13 @@ class FinishWaiters:
                 event.set()
 
 
-async def wait_notified(get: Callable[[str], Awaitable[Job | None]], waiters: FinishWaiters, job_id: str,
-                        timeout_s: float, safety_poll_s: float) -> Job | None:
+async def wait_notified(
+    get: Callable[[str], Awaitable[Job | None]],
+    waiters: FinishWaiters,
+    job_id: str,
+    timeout_s: float,
+    safety_poll_s: float,
+) -> Job | None:
     """Read the job whenever its finish is notified (or every ``safety_poll_s`` in case a notification
     was missed) until it is finished or ``timeout_s`` passed; return its last record."""
     deadline = time.monotonic() + timeout_s

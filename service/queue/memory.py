@@ -14,7 +14,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from service.errors import QueueFull
 from service.jobs import Job, JobStatus
@@ -60,8 +60,9 @@ class MemoryQueue:
 
     def stored_bytes(self) -> int:
         """Bytes of images and results held (the quantity ``max_stored_bytes`` bounds)."""
-        return (sum(len(data) for data, _ in self._images.values())
-                + sum(len(fields.get("result", "")) for fields, _ in self._jobs.values()))
+        return sum(len(data) for data, _ in self._images.values()) + sum(
+            len(fields.get("result", "")) for fields, _ in self._jobs.values()
+        )
 
     def _evict(self, needed: int = 0) -> int:
         """Drop finished jobs' images, then results, oldest finished first, until ``needed`` more bytes
@@ -69,8 +70,9 @@ class MemoryQueue:
         over = self.stored_bytes() + needed - self.max_stored_bytes
         if over <= 0:
             return 0
-        finished = sorted((float(f["finished_at"]), job_id) for job_id, (f, _) in self._jobs.items()
-                          if "finished_at" in f)
+        finished = sorted(
+            (float(f["finished_at"]), job_id) for job_id, (f, _) in self._jobs.items() if "finished_at" in f
+        )
         for _, job_id in finished:
             if over > 0 and job_id in self._images:
                 over -= len(self._images.pop(job_id)[0])
@@ -101,12 +103,15 @@ class MemoryQueue:
             raise QueueFull(f"the queue holds {max_depth} or more jobs (EXCLIP_MAX_QUEUE); retry later")
         self._purge()
         if self._evict(len(image)):
-            raise QueueFull(f"the images of unfinished jobs fill the stored-bytes budget of "
-                            f"{self.max_stored_bytes} bytes (EXCLIP_MAX_STORED_BYTES); retry later")
+            raise QueueFull(
+                f"the images of unfinished jobs fill the stored-bytes budget of "
+                f"{self.max_stored_bytes} bytes (EXCLIP_MAX_STORED_BYTES); retry later"
+            )
         self._save(job)
         self._images[job.id] = (image, time.monotonic() + self.ttl_s)
-        self._new.setdefault(job.model, deque()).append(Delivery(f"{next(self._ids)}-0", job.id, job.model,
-                                                                   job.batch_tag))
+        self._new.setdefault(job.model, deque()).append(
+            Delivery(f"{next(self._ids)}-0", job.id, job.model, job.batch_tag)
+        )
         self._metrics["jobs_enqueued"] = self._metrics.get("jobs_enqueued", 0.0) + 1
         self._arrived.set()
 
@@ -167,11 +172,15 @@ class MemoryQueue:
             except asyncio.TimeoutError:
                 pass
 
-    async def claim_stale(self, consumer: str, models: list[str], min_idle_s: float,
-                          count: int) -> list[Delivery]:
+    async def claim_stale(
+        self, consumer: str, models: list[str], min_idle_s: float, count: int
+    ) -> list[Delivery]:
         now = time.monotonic()
-        stale = [p for p in self._pending.values()
-                 if p.delivery.model in models and now - p.delivered_at >= min_idle_s][:count]
+        stale = [
+            p
+            for p in self._pending.values()
+            if p.delivery.model in models and now - p.delivered_at >= min_idle_s
+        ][:count]
         for p in stale:
             p.consumer, p.delivered_at = consumer, now
         return [p.delivery for p in stale]
@@ -182,9 +191,9 @@ class MemoryQueue:
             pending = self._pending.get(d.entry_id)
             if pending is not None and pending.consumer == consumer:
                 pending.delivered_at = now
-            for store in (self._jobs, self._images):  # in-flight jobs do not expire under their worker
-                if d.job_id in store:
-                    store[d.job_id] = (store[d.job_id][0], now + self.ttl_s)
+            # In-flight jobs do not expire under their worker.
+            _extend(self._jobs, d.job_id, now + self.ttl_s)
+            _extend(self._images, d.job_id, now + self.ttl_s)
 
     async def start(self, job_id: str) -> Job | None:
         job = self._load(job_id)
@@ -226,3 +235,12 @@ class MemoryQueue:
 
     async def close(self) -> None:
         return None
+
+
+_Stored = TypeVar("_Stored")
+
+
+def _extend(store: dict[str, tuple[_Stored, float]], key: str, expires_at: float) -> None:
+    """Give a stored entry a new expiry time, if it is there."""
+    if key in store:
+        store[key] = (store[key][0], expires_at)

@@ -74,7 +74,9 @@ end
 
 # KEYS: budget (5), job, image, stream, metrics. ARGV: now, ttl, budget, image prefix, job prefix,
 # metrics ttl, job id, image bytes, batch tag, job fields... Returns 0 when the image does not fit.
-_ENQUEUE = _BUDGET + """
+_ENQUEUE = (
+    _BUDGET
+    + """
 local now, ttl, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local id, image = ARGV[7], ARGV[8]
 if evict(now, ttl, budget, string.len(image), ARGV[4], ARGV[5]) > 0 then return 0 end
@@ -91,6 +93,7 @@ redis.call('ZADD', UNFINISHED, now + ttl, 'i:' .. id)
 for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
 return 1
 """
+)
 
 # Mark a queued (or re-delivered running) job running and count the delivery; return the record.
 _START = """
@@ -106,7 +109,9 @@ return redis.call('HGETALL', KEYS[1])
 
 # Cancel only a job that no worker has started (its image goes: nothing will read it); return the
 # record either way. KEYS: budget (5), job, image, channel. ARGV: now, ttl, job id.
-_CANCEL = _BUDGET + """
+_CANCEL = (
+    _BUDGET
+    + """
 local s = redis.call('HGET', KEYS[6], 'status')
 if not s then return nil end
 if s == 'queued' then
@@ -119,12 +124,15 @@ if s == 'queued' then
 end
 return redis.call('HGETALL', KEYS[6])
 """
+)
 
 # Write outcome fields only if the record still exists (never resurrect an expired job); a done job
 # keeps its image for heatmaps (evictable), a failed one drops it; the result joins the budget; then
 # wake the waiters. KEYS: budget (5), job, image, channel. ARGV: now, ttl, budget, image prefix,
 # job prefix, job id, done (1/0), fields...
-_FINISH = _BUDGET + """
+_FINISH = (
+    _BUDGET
+    + """
 local now, ttl, budget, id = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[6]
 if redis.call('EXISTS', KEYS[6]) == 0 then return 0 end
 redis.call('HSET', KEYS[6], unpack(ARGV, 8))
@@ -146,6 +154,7 @@ evict(now, ttl, budget, 0, ARGV[4], ARGV[5])
 redis.call('PUBLISH', KEYS[8], id)
 return 1
 """
+)
 
 # Reset the idle time of the entries (ARGV[4..]) that consumer ARGV[2] of group ARGV[1] still owns,
 # and keep the stream and the jobs' records and images (KEYS[2..]) from expiring under them (ARGV[3]:
@@ -166,6 +175,9 @@ return renewed
 """
 
 
+ScriptArg = bytes | str | int | float  # what a Lua script's ARGV takes
+
+
 def _pairs(flat: list[str] | None) -> dict[str, str] | None:
     return None if not flat else dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -184,9 +196,14 @@ class RedisStreamsQueue:
     subscription per process (started by the first waiting request) wakes all its waiters.
     """
 
-    def __init__(self, r: aioredis.Redis, rb: aioredis.Redis, keys: Keys, *, ttl_s: int,
-                 max_stored_bytes: int = 2**62) -> None:
-        self.r, self.rb, self.keys, self.ttl_s = r, rb, keys, ttl_s
+    def __init__(
+        self, r: aioredis.Redis, rb: aioredis.Redis, keys: Keys, *, ttl_s: int, max_stored_bytes: int = 2**62
+    ) -> None:
+        # redis-py types every reply as bytes | str whatever the client decodes, so its replies are
+        # held as Any here: ``r`` decodes them to str, ``rb`` (images) leaves them bytes.
+        self.r: Any = r
+        self.rb: Any = rb
+        self.keys, self.ttl_s = keys, ttl_s
         self.max_stored_bytes = max_stored_bytes
         self._enqueue = r.register_script(_ENQUEUE)
         self._start = r.register_script(_START)
@@ -213,13 +230,30 @@ class RedisStreamsQueue:
         if await self.depth(depth_models) >= max_depth:
             raise QueueFull(f"the queue holds {max_depth} or more jobs (EXCLIP_MAX_QUEUE); retry later")
         fields = [x for kv in job.to_fields().items() for x in kv]
-        keys = [*self.keys.budget, self.keys.job(job.id), self.keys.image(job.id),
-                self.keys.stream(job.model), self.keys.metrics]
-        args = [time.time(), self.ttl_s, self.max_stored_bytes, self.keys.image(""), self.keys.job(""),
-                METRICS_TTL_S, job.id, image, job.batch_tag, *fields]
+        keys = [
+            *self.keys.budget,
+            self.keys.job(job.id),
+            self.keys.image(job.id),
+            self.keys.stream(job.model),
+            self.keys.metrics,
+        ]
+        args: list[ScriptArg] = [
+            time.time(),
+            self.ttl_s,
+            self.max_stored_bytes,
+            self.keys.image(""),
+            self.keys.job(""),
+            METRICS_TTL_S,
+            job.id,
+            image,
+            job.batch_tag,
+            *fields,
+        ]
         if not await self._enqueue(keys=keys, args=args):
-            raise QueueFull(f"the images of unfinished jobs fill the stored-bytes budget of "
-                            f"{self.max_stored_bytes} bytes (EXCLIP_MAX_STORED_BYTES); retry later")
+            raise QueueFull(
+                f"the images of unfinished jobs fill the stored-bytes budget of "
+                f"{self.max_stored_bytes} bytes (EXCLIP_MAX_STORED_BYTES); retry later"
+            )
 
     async def get(self, job_id: str) -> Job | None:
         fields = await self.r.hgetall(self.keys.job(job_id))
@@ -254,8 +288,9 @@ class RedisStreamsQueue:
                 raise
             except Exception as exc:  # noqa: BLE001 - waiters fall back to polling meanwhile
                 self._listening.clear()
-                log.warning("finish notifications interrupted (%s: %s); resubscribing",
-                            type(exc).__name__, exc)
+                log.warning(
+                    "finish notifications interrupted (%s: %s); resubscribing", type(exc).__name__, exc
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
@@ -323,23 +358,36 @@ class RedisStreamsQueue:
                 raise
             await self._ensure_groups(models)  # first start, or the stream expired / Redis restarted
             reply = await self.r.xreadgroup(GROUP, consumer, streams, count=count, block=block)
-        return [Delivery(entry_id, fields["job_id"], by_stream[stream], fields.get("batch", ""))
-                for stream, entries in (reply or []) for entry_id, fields in entries]
+        return [
+            Delivery(entry_id, fields["job_id"], by_stream[stream], fields.get("batch", ""))
+            for stream, entries in (reply or [])
+            for entry_id, fields in entries
+        ]
 
-    async def claim_stale(self, consumer: str, models: list[str], min_idle_s: float,
-                          count: int) -> list[Delivery]:
+    async def claim_stale(
+        self, consumer: str, models: list[str], min_idle_s: float, count: int
+    ) -> list[Delivery]:
         claimed: list[Delivery] = []
         for model in models:
             try:
-                reply = await self.r.xautoclaim(self.keys.stream(model), GROUP, consumer,
-                                                int(min_idle_s * 1000), start_id="0-0", count=count)
+                reply = await self.r.xautoclaim(
+                    self.keys.stream(model),
+                    GROUP,
+                    consumer,
+                    int(min_idle_s * 1000),
+                    start_id="0-0",
+                    count=count,
+                )
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 await self._ensure_groups([model])
                 continue
-            claimed += [Delivery(entry_id, fields["job_id"], model, fields.get("batch", ""))
-                        for entry_id, fields in reply[1] if fields]
+            claimed += [
+                Delivery(entry_id, fields["job_id"], model, fields.get("batch", ""))
+                for entry_id, fields in reply[1]
+                if fields
+            ]
         return claimed
 
     async def renew(self, consumer: str, deliveries: list[Delivery]) -> None:
@@ -348,8 +396,12 @@ class RedisStreamsQueue:
             stream, ids = self.keys.stream(model), [d.entry_id for d in mine]
             job_keys = [k for d in mine for k in (self.keys.job(d.job_id), self.keys.image(d.job_id))]
             if await self._renew(keys=[stream, *job_keys], args=[GROUP, consumer, self.ttl_s, *ids]) == -1:
-                log.warning("stream %s or its group vanished under %d job(s) in flight (Redis restarted or "
-                            "flushed?); their records decide whether they are stored", stream, len(ids))
+                log.warning(
+                    "stream %s or its group vanished under %d job(s) in flight (Redis restarted or "
+                    "flushed?); their records decide whether they are stored",
+                    stream,
+                    len(ids),
+                )
 
     async def start(self, job_id: str) -> Job | None:
         fields = _pairs(await self._start(keys=[self.keys.job(job_id)], args=[time.time(), self.ttl_s]))
@@ -361,8 +413,16 @@ class RedisStreamsQueue:
     async def finish(self, job: Job) -> None:
         fields = [x for kv in job.to_fields().items() if kv[0] in Job.OUTCOME_FIELDS for x in kv]
         keys = [*self.keys.budget, self.keys.job(job.id), self.keys.image(job.id), self.keys.finished]
-        args = [time.time(), self.ttl_s, self.max_stored_bytes, self.keys.image(""), self.keys.job(""),
-                job.id, int(job.status is JobStatus.DONE), *fields]
+        args: list[ScriptArg] = [
+            time.time(),
+            self.ttl_s,
+            self.max_stored_bytes,
+            self.keys.image(""),
+            self.keys.job(""),
+            job.id,
+            int(job.status is JobStatus.DONE),
+            *fields,
+        ]
         await self._finish(keys=keys, args=args)
 
     async def ack(self, deliveries: list[Delivery]) -> None:

@@ -37,8 +37,9 @@ router = APIRouter(tags=["jobs"])
 SLOT_WAIT_S = 30.0
 
 
-def selection_heatmap(caption: dict[str, Any], span: str | None, tokens: str | None,
-                      box: str | None) -> tuple[np.ndarray, Box | None]:
+def selection_heatmap(
+    caption: dict[str, Any], span: str | None, tokens: str | None, box: str | None
+) -> tuple[np.ndarray, Box | None]:
     """The (rows, cols) heatmap to draw and the box to outline: a span's or token range's heatmap, else
     the whole caption's (a box is validated, then outlined)."""
     given = {k: v for k, v in (("span", span), ("tokens", tokens), ("box", box)) if v is not None}
@@ -58,13 +59,18 @@ def selection_heatmap(caption: dict[str, Any], span: str | None, tokens: str | N
     return interactions.sum(dim=0).numpy(), selection
 
 
-@router.get("/jobs/{job_id}/heatmap.png", response_class=Response,
-            responses={200: {"content": {"image/png": {}}, "description": "The overlay as PNG"},
-                       401: {"model": ErrorOut, "description": "missing or wrong API key"},
-                       404: {"model": ErrorOut, "description": "unknown job"},
-                       409: {"model": ErrorOut, "description": "the job is not done"},
-                       410: {"model": ErrorOut, "description": "its image or result was evicted"},
-                       503: {"model": ErrorOut, "description": "every render slot is busy: retry"}})
+@router.get(
+    "/jobs/{job_id}/heatmap.png",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The overlay as PNG"},
+        401: {"model": ErrorOut, "description": "missing or wrong API key"},
+        404: {"model": ErrorOut, "description": "unknown job"},
+        409: {"model": ErrorOut, "description": "the job is not done"},
+        410: {"model": ErrorOut, "description": "its image or result was evicted"},
+        503: {"model": ErrorOut, "description": "every render slot is busy: retry"},
+    },
+)
 async def heatmap_png(
     request: Request,
     queue: Queue,
@@ -79,15 +85,24 @@ async def heatmap_png(
     max_side: int = Query(MAX_SIDE, ge=16, le=MAX_SIDE, description="Longest side of the PNG in pixels"),
 ) -> Response:
     if job.status is not JobStatus.DONE:
-        raise HTTPException(409, f"job {job.id} is {job.status.value}; a heatmap needs a done job "
-                                 "(poll GET /jobs/{id} until its status is done)")
+        raise HTTPException(
+            409,
+            f"job {job.id} is {job.status.value}; a heatmap needs a done job "
+            "(poll GET /jobs/{id} until its status is done)",
+        )
     if job.result is None or job.evicted:
-        raise HTTPException(410, f"the result of job {job.id} was dropped to keep the stored bytes within "
-                                 "their budget (EXCLIP_MAX_STORED_BYTES); submit the job again")
+        raise HTTPException(
+            410,
+            f"the result of job {job.id} was dropped to keep the stored bytes within "
+            "their budget (EXCLIP_MAX_STORED_BYTES); submit the job again",
+        )
     captions = job.result["captions"]
     if caption >= len(captions):
-        raise HTTPException(422, f"caption={caption} is out of range: the job has {len(captions)} "
-                                 f"caption(s), indices 0..{len(captions) - 1}")
+        raise HTTPException(
+            422,
+            f"caption={caption} is out of range: the job has {len(captions)} "
+            f"caption(s), indices 0..{len(captions) - 1}",
+        )
     chosen = captions[caption]
     heat, outline = selection_heatmap(chosen, span, tokens, box)
     state = request.app.state  # one semaphore per app, made inside the app's event loop
@@ -97,27 +112,50 @@ async def heatmap_png(
     try:
         await asyncio.wait_for(slots.acquire(), SLOT_WAIT_S)
     except TimeoutError:
-        raise HTTPException(503, f"{settings.max_renders} heatmaps are being rendered; retry in a moment "
-                                 "(EXCLIP_MAX_RENDERS)", headers={"Retry-After": "2"}) from None
+        raise HTTPException(
+            503,
+            f"{settings.max_renders} heatmaps are being rendered; retry in a moment (EXCLIP_MAX_RENDERS)",
+            headers={"Retry-After": "2"},
+        ) from None
     try:
         data = await queue.image(job.id)
         if data is None:
-            raise HTTPException(410, f"the image of job {job.id} was dropped to keep the stored bytes within "
-                                     "their budget (EXCLIP_MAX_STORED_BYTES); submit the job again")
+            raise HTTPException(
+                410,
+                f"the image of job {job.id} was dropped to keep the stored bytes within "
+                "their budget (EXCLIP_MAX_STORED_BYTES); submit the job again",
+            )
         box_coords = None if outline is None else (outline.x0, outline.y0, outline.x1, outline.y1)
-        png = await run_in_threadpool(_render_png, data, heat, chosen["image"]["crop_box"], alpha, box_coords,
-                                      legend, max_side, settings.max_pixels)
+        png = await run_in_threadpool(
+            _render_png,
+            data,
+            heat,
+            chosen["image"]["crop_box"],
+            alpha,
+            box_coords,
+            legend,
+            max_side,
+            settings.max_pixels,
+        )
     finally:
         slots.release()
     return Response(png, media_type="image/png")
 
 
-def _render_png(data: bytes, heat: np.ndarray, crop_box: list[float], alpha: float,
-                box: tuple[float, float, float, float] | None, legend: bool, max_side: int,
-                max_pixels: int) -> bytes:
+def _render_png(
+    data: bytes,
+    heat: np.ndarray,
+    crop_box: list[float],
+    alpha: float,
+    box: tuple[float, float, float, float] | None,
+    legend: bool,
+    max_side: int,
+    max_pixels: int,
+) -> bytes:
     """Decode, draw and encode (CPU-bound: run off the event loop)."""
     image = decode_image(data, max_pixels=max_pixels)
     out = io.BytesIO()
     render_overlay(image, heat, crop_box, alpha=alpha, box=box, legend=legend, max_side=max_side).save(
-        out, format="PNG")
+        out, format="PNG"
+    )
     return out.getvalue()

@@ -24,15 +24,27 @@ from service.validation import build_job, image_size
 router = APIRouter(tags=["jobs"])
 log = logging.getLogger("exclip.api")
 
-_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": form_schema()},
-    "application/json": {"schema": inline_schema(ExplainJSON)},
-}}}
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": form_schema()},
+            "application/json": {"schema": inline_schema(ExplainJSON)},
+        },
+    }
+}
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut, "description": text} for code, text in [
-        (400, "malformed body"), (401, "missing or wrong API key"), (413, "upload too large"),
-        (415, "unsupported content type"), (422, "invalid request"), (429, "queue full"),
-        (503, "queue or workers unavailable")]}
+    code: {"model": ErrorOut, "description": text}
+    for code, text in [
+        (400, "malformed body"),
+        (401, "missing or wrong API key"),
+        (413, "upload too large"),
+        (415, "unsupported content type"),
+        (422, "invalid request"),
+        (429, "queue full"),
+        (503, "queue or workers unavailable"),
+    ]
+}
 
 
 _SERVED_TTL_S = 1.0  # heartbeats come every few seconds: re-reading them per request buys nothing
@@ -48,8 +60,9 @@ async def _served(request: Request, queue: JobQueue) -> dict[str, Any]:
     return served
 
 
-async def _submit(request: Request, owner: str | None, queue: JobQueue,
-                  settings: Settings) -> tuple[Job, float]:
+async def _submit(
+    request: Request, owner: str | None, queue: JobQueue, settings: Settings
+) -> tuple[Job, float]:
     inp = await parse_request(request, max_selections=settings.max_selections)
     served = await _served(request, queue)
     if not served:
@@ -60,9 +73,12 @@ async def _submit(request: Request, owner: str | None, queue: JobQueue,
         await queue.enqueue(job, inp.image, max_depth=settings.max_queue, depth_models=list(served))
     except QUEUE_DOWN as exc:  # the reply may be what was lost: say which job to look for
         log.warning("enqueue of job %s failed: %s", job.id, exc)
-        raise RequestInvalid(f"the job queue (Redis) is unreachable right now; retry later (if job "
-                             f"{job.id} was queued before the connection failed, GET /jobs/{job.id} "
-                             "finds it)", 503) from None
+        raise RequestInvalid(
+            f"the job queue (Redis) is unreachable right now; retry later (if job "
+            f"{job.id} was queued before the connection failed, GET /jobs/{job.id} "
+            "finds it)",
+            503,
+        ) from None
     wait = settings.wait_max_s if inp.options.wait is None else min(inp.options.wait, settings.wait_max_s)
     return job, wait
 
@@ -83,13 +99,16 @@ def _finished(job: Job) -> JSONResponse:
 
 
 def _lost(job_id: str) -> JSONResponse:
-    return JSONResponse({"detail": f"no job {job_id!r}: unknown or lost (expired, or Redis lost its data)"},
-                        status_code=404)
+    return JSONResponse(
+        {"detail": f"no job {job_id!r}: unknown or lost (expired, or Redis lost its data)"}, status_code=404
+    )
 
 
 def _evicted(job: Job) -> JSONResponse:
-    detail = (f"the result of job {job.id} was dropped to keep the stored bytes within their budget "
-              "(EXCLIP_MAX_STORED_BYTES); submit the job again")
+    detail = (
+        f"the result of job {job.id} was dropped to keep the stored bytes within their budget "
+        "(EXCLIP_MAX_STORED_BYTES); submit the job again"
+    )
     return JSONResponse({"detail": detail, **job.to_public()}, status_code=410)
 
 
@@ -99,26 +118,39 @@ async def _wait(queue: JobQueue, job: Job, wait_s: float) -> JSONResponse:
         latest = await queue.wait_finished(job.id, wait_s)
     except Exception as exc:  # noqa: BLE001 - the job is queued: never lose its handle over a wait
         log.warning("waiting for job %s failed (%s: %s); answering 202", job.id, type(exc).__name__, exc)
-        return _accepted(job, f"the job is queued but the queue stopped answering while waiting "
-                              f"({type(exc).__name__}); poll GET /jobs/{job.id}")
+        return _accepted(
+            job,
+            f"the job is queued but the queue stopped answering while waiting "
+            f"({type(exc).__name__}); poll GET /jobs/{job.id}",
+        )
     if latest is None:
         return _lost(job.id)
     return _finished(latest) if latest.status.finished else _accepted(latest)
 
 
-@router.post("/explain", openapi_extra=_BODY, status_code=200,
-             responses={200: {"model": JobOut, "description": "done within `wait`"},
-                        202: {"model": JobOut, "description": "still running: poll Location"},
-                        410: {"model": ErrorOut, "description": "the job's image expired before it ran"},
-                        **_ERRORS})
+@router.post(
+    "/explain",
+    openapi_extra=_BODY,
+    status_code=200,
+    responses={
+        200: {"model": JobOut, "description": "done within `wait`"},
+        202: {"model": JobOut, "description": "still running: poll Location"},
+        410: {"model": ErrorOut, "description": "the job's image expired before it ran"},
+        **_ERRORS,
+    },
+)
 async def explain(request: Request, owner: Owner, queue: Queue, settings: AppSettings) -> JSONResponse:
     """Explain one image with one or more captions; wait up to `wait` seconds for the result."""
     job, wait = await _submit(request, owner, queue, settings)
     return await _wait(queue, job, wait)
 
 
-@router.post("/jobs", openapi_extra=_BODY, status_code=202,
-             responses={202: {"model": JobOut, "description": "queued: poll Location"}, **_ERRORS})
+@router.post(
+    "/jobs",
+    openapi_extra=_BODY,
+    status_code=202,
+    responses={202: {"model": JobOut, "description": "queued: poll Location"}, **_ERRORS},
+)
 async def submit_job(request: Request, owner: Owner, queue: Queue, settings: AppSettings) -> JSONResponse:
     """Queue an explanation and return at once (same body as POST /explain)."""
     job, _ = await _submit(request, owner, queue, settings)
@@ -128,11 +160,17 @@ async def submit_job(request: Request, owner: Owner, queue: Queue, settings: App
 _WAIT = "seconds to wait for the job to finish (long poll; at most EXCLIP_WAIT_MAX_S)"
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut,
-            responses={404: {"model": ErrorOut}, 410: {"model": ErrorOut, "description": "result evicted"}})
-async def get_job(job: OwnedJob, queue: Queue, settings: AppSettings,
-                  wait: Annotated[float | None, Query(ge=0, allow_inf_nan=False, description=_WAIT)] = None,
-                  ) -> JSONResponse:
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobOut,
+    responses={404: {"model": ErrorOut}, 410: {"model": ErrorOut, "description": "result evicted"}},
+)
+async def get_job(
+    job: OwnedJob,
+    queue: Queue,
+    settings: AppSettings,
+    wait: Annotated[float | None, Query(ge=0, allow_inf_nan=False, description=_WAIT)] = None,
+) -> JSONResponse:
     """The job's status, and its result when done or its error when failed; `wait` long-polls."""
     if wait and not job.status.finished:
         latest = await queue.wait_finished(job.id, min(wait, settings.wait_max_s))
@@ -142,8 +180,9 @@ async def get_job(job: OwnedJob, queue: Queue, settings: AppSettings,
     return _evicted(job) if job.evicted else JSONResponse(job.to_public())
 
 
-@router.delete("/jobs/{job_id}", response_model=JobOut,
-               responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}})
+@router.delete(
+    "/jobs/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}}
+)
 async def cancel_job(job: OwnedJob, queue: Queue) -> JSONResponse:
     """Cancel a job that has not started; a running or finished job is not changed (409)."""
     if job.status is JobStatus.CANCELLED:

@@ -28,13 +28,28 @@ router = APIRouter(prefix=PREFIX, tags=["label-studio"])
 LabelStudioOwner = Annotated[str | None, Depends(basic_or_bearer_owner)]
 
 _AUTH: dict[int | str, dict[str, Any]] = {401: {"model": ErrorOut, "description": "missing or wrong API key"}}
-_BODY: dict[int | str, dict[str, Any]] = {**_AUTH, **{
-    code: {"model": ErrorOut, "description": text} for code, text in [
-        (400, "malformed body"), (413, "body too large"),
-        (422, "invalid request, label config or thresholds"), (503, "queue or workers unavailable")]}}
-_PREDICT: dict[int | str, dict[str, Any]] = {**_BODY, **{
-    code: {"model": ErrorOut, "description": text} for code, text in [
-        (429, "queue full"), (502, "Label Studio did not give the image (interactive requests)")]}}
+_BODY: dict[int | str, dict[str, Any]] = {
+    **_AUTH,
+    **{
+        code: {"model": ErrorOut, "description": text}
+        for code, text in [
+            (400, "malformed body"),
+            (413, "body too large"),
+            (422, "invalid request, label config or thresholds"),
+            (503, "queue or workers unavailable"),
+        ]
+    },
+}
+_PREDICT: dict[int | str, dict[str, Any]] = {
+    **_BODY,
+    **{
+        code: {"model": ErrorOut, "description": text}
+        for code, text in [
+            (429, "queue full"),
+            (502, "Label Studio did not give the image (interactive requests)"),
+        ]
+    },
+}
 
 
 def _projects(request: Request) -> Projects:
@@ -59,8 +74,13 @@ async def health() -> dict[str, str]:
 
 
 @router.post("/setup", responses=_BODY)
-async def setup(request: Request, body: Annotated[SetupIn, Body()], owner: LabelStudioOwner, queue: Queue,
-                settings: AppSettings) -> dict[str, Any]:
+async def setup(
+    request: Request,
+    body: Annotated[SetupIn, Body()],
+    owner: LabelStudioOwner,
+    queue: Queue,
+    settings: AppSettings,
+) -> dict[str, Any]:
     """Remember the project's Label Studio host, token and extra_params; check its label config."""
     if body.label_config:
         parse_label_config(body.label_config)
@@ -71,8 +91,13 @@ async def setup(request: Request, body: Annotated[SetupIn, Body()], owner: Label
 
 
 @router.post("/predict", responses=_PREDICT)
-async def predict(request: Request, body: Annotated[PredictIn, Body()], owner: LabelStudioOwner, queue: Queue,
-                  settings: AppSettings) -> dict[str, Any]:
+async def predict(
+    request: Request,
+    body: Annotated[PredictIn, Body()],
+    owner: LabelStudioOwner,
+    queue: Queue,
+    settings: AppSettings,
+) -> dict[str, Any]:
     """One prediction per task, in order (a batch), or the regions for the annotator's span or box."""
     project = body.project or (body.tasks[0].get("project") if body.tasks else None)
     predictor = Predictor(queue, settings, owner, _projects(request).get(project))

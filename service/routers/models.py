@@ -15,6 +15,7 @@ router = APIRouter(tags=["models"])
 async def list_models(queue: Queue, settings: AppSettings) -> ModelsOut:
     """Patch grid, image size, context length and layer counts of each model, and the option ranges."""
     served = served_models(await queue.workers())
-    models = [{**info.model_dump(), "options": option_ranges(info, settings)}
-              for _, info in sorted(served.items())]
+    models = [
+        {**info.model_dump(), "options": option_ranges(info, settings)} for _, info in sorted(served.items())
+    ]
     return ModelsOut(models=models, default=default_model(served, settings))

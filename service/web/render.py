@@ -79,8 +79,9 @@ def _axis(n: int, start: float, end: float, cells: int) -> tuple[np.ndarray, ...
     return inside, lo, np.minimum(lo + 1, cells - 1), (u - lo).astype(np.float32)
 
 
-def _row_blocks(grid: np.ndarray, crop_box: Sequence[float], width: int, height: int,
-                rows_per_block: int = ROWS_PER_BLOCK) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+def _row_blocks(
+    grid: np.ndarray, crop_box: Sequence[float], width: int, height: int, rows_per_block: int = ROWS_PER_BLOCK
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
     """``upsample`` by blocks of rows: (rows, float32 values, inside mask), so memory stays small."""
     grid = np.asarray(grid, dtype=np.float32)
     rows, cols = grid.shape

@@ -93,6 +93,7 @@ def test_batch_composition_does_not_change_results(models, tokenizer):
     captions = [caption_of(3, 1), caption_of(20, 2), caption_of(7, 3)]
     pairs = [(i, c) for i in range(2) for c in captions]
     explainer = Explainer(model, tokenizer, 1, 2, 5)
+
     def run(order: list[tuple[int, str]]) -> list:
         return explainer.explain(torch.stack([images[i] for i, _ in order]), [c for _, c in order])
 
@@ -266,6 +267,7 @@ def test_path_expected_from_open_clip(models, tokenizer):
 def test_reference_arange_gives_n_plus_one_points_at_49():
     """The documented difference: the reference's float ``arange(1, 0, -1/N)`` has N + 1 points for N = 49
     (its last one is almost 0, the reference itself), N for 7 and 100; the engine always has N."""
+
     def reference_points(n: int) -> torch.Tensor:
         return torch.arange(1, 0, -1 / n, dtype=torch.float32)
 

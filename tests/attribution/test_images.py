@@ -42,7 +42,10 @@ def variant(loaded, size=(32, 32), resize_mode="shortest", patch=8):
     """The tiny model with another open_clip preprocessing (only transform and geometry fields matter)."""
     transform = image_transform_v2(PreprocessCfg(size=size, resize_mode=resize_mode), is_train=False)
     return dataclasses.replace(
-        loaded, transform=transform, image_size=size, patch_size=(patch, patch),
+        loaded,
+        transform=transform,
+        image_size=size,
+        patch_size=(patch, patch),
         grid=(size[0] // patch, size[1] // patch),
     )
 
@@ -72,7 +75,9 @@ def to_input(geometry, x: float, y: float, loaded) -> tuple[float, float]:
 def patch_of_point(geometry, x: float, y: float) -> tuple[int, int]:
     rows, cols = geometry.grid
     hits = [
-        (r, c) for r in range(rows) for c in range(cols)
+        (r, c)
+        for r in range(rows)
+        for c in range(cols)
         if geometry.patch_box(r, c)[0] <= x < geometry.patch_box(r, c)[2]
         and geometry.patch_box(r, c)[1] <= y < geometry.patch_box(r, c)[3]
     ]
@@ -81,6 +86,7 @@ def patch_of_point(geometry, x: float, y: float) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- decoding
+
 
 def test_rgb_png_round_trips_exactly():
     rng = np.random.default_rng(0)
@@ -173,6 +179,7 @@ def test_exif_orientation_is_applied(orientation, fmt):
 
 # ---------------------------------------------------------------- bad bytes
 
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -239,8 +246,9 @@ def test_markers_land_where_the_geometry_predicts(tiny_model, size, mode, patch,
     k = max(1, round(1.5 * scale))  # marker about one input pixel wide
     rows, cols = geometry.grid
     points = [(0.5, 0.5), (0.3, 0.6), (0.8, 0.35)]  # fractions of the image, then of some patches
-    boxes = [(0.0, 0.0, width, height)] + [geometry.patch_box(r, c) for r, c in
-                                            {(0, 0), (rows // 2, cols // 3), (rows - 1, cols - 1)}]
+    boxes = [(0.0, 0.0, width, height)] + [
+        geometry.patch_box(r, c) for r, c in {(0, 0), (rows // 2, cols // 3), (rows - 1, cols - 1)}
+    ]
     checked = 0
     for bx0, by0, bx1, by1 in boxes:
         for fx, fy in points:
@@ -279,8 +287,10 @@ def test_exif_rotated_image_geometry(tiny_model, orientation):
     assert abs(u - eu) < 0.5 and abs(v - ev) < 0.5
 
 
-@pytest.mark.parametrize(("width", "height", "mode"), [(640, 480, "shortest"), (480, 640, "shortest"),
-                                                        (20, 12, "shortest"), (640, 480, "longest")])
+@pytest.mark.parametrize(
+    ("width", "height", "mode"),
+    [(640, 480, "shortest"), (480, 640, "shortest"), (20, 12, "shortest"), (640, 480, "longest")],
+)
 def test_patch_boxes_round_trip(tiny_model, width, height, mode):
     _, geometry = preprocess(Image.new("RGB", (width, height)), variant(tiny_model, (32, 32), mode))
     rows, cols = geometry.grid
@@ -323,7 +333,8 @@ def test_to_dict(tiny_model):
     _, geometry = preprocess(Image.new("RGB", (640, 480)), tiny_model)
     d = json.loads(json.dumps(geometry.to_dict()))
     assert d == {
-        "width": 640, "height": 480,
+        "width": 640,
+        "height": 480,
         "crop_box": pytest.approx([640 / 42 * 5, 0.0, 640 / 42 * 37, 480.0]),
         "patch_size": pytest.approx([640 / 42 * 8, 120.0]),
         "grid": [4, 4],
@@ -362,8 +373,11 @@ def with_transform(loaded, size, resize_mode, interpolation):
     cfg = PreprocessCfg(size=size, resize_mode=resize_mode, interpolation=interpolation)
     patch = 16 if size[0] % 16 == 0 and size[1] % 16 == 0 else 8
     return dataclasses.replace(
-        loaded, transform=image_transform_v2(cfg, is_train=False), image_size=size,
-        patch_size=(patch, patch), grid=(size[0] // patch, size[1] // patch),
+        loaded,
+        transform=image_transform_v2(cfg, is_train=False),
+        image_size=size,
+        patch_size=(patch, patch),
+        grid=(size[0] // patch, size[1] // patch),
     )
 
 

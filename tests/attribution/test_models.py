@@ -57,9 +57,19 @@ def test_tiny_architecture_is_registered_with_open_clip():
 
 def test_random_model_metadata_and_state(tiny_model):
     assert tiny_model.describe() == {
-        "name": TINY_MODEL, "pretrained": None, "image_size": [32, 32], "patch_size": [8, 8],
-        "grid": [4, 4], "context_length": 77, "text_layers": 3, "image_layers": 3, "embed_dim": 32,
-        "default_text_layer": 2, "default_image_layer": 2, "description": None, "demo": False,
+        "name": TINY_MODEL,
+        "pretrained": None,
+        "image_size": [32, 32],
+        "patch_size": [8, 8],
+        "grid": [4, 4],
+        "context_length": 77,
+        "text_layers": 3,
+        "image_layers": 3,
+        "embed_dim": 32,
+        "default_text_layer": 2,
+        "default_image_layer": 2,
+        "description": None,
+        "demo": False,
         "device": "cpu",
     }
     json.dumps(tiny_model.describe())
@@ -200,11 +210,20 @@ def test_tags_offline_never_fall_back_to_random(tiny_state_file, tmp_path):
     (snapshot / "open_clip_pytorch_model.bin").write_bytes(ckpt.read_bytes())
     (cache / "models--exclip--tiny-test" / "refs").mkdir()
     (cache / "models--exclip--tiny-test" / "refs" / "main").write_text("0" * 40)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"),
-               PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf-home"),
+        PYTHONPATH=str(REPO),
+    )
     proc = subprocess.run(
         [sys.executable, "-c", _OFFLINE_SCRIPT, str(cache), str(ckpt)],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=180,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])

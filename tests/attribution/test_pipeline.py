@@ -54,8 +54,19 @@ def test_result_json_reads_back_typed_and_writes_the_same_bytes(explanation, fmt
 
 def test_result_keeps_its_documented_keys(explanation):
     d = explanation.to_dict()
-    assert list(d) == ["caption", "model", "options", "tokens", "image", "grid", "interactions", "cls",
-                       "score", "completeness", "selections"]
+    assert list(d) == [
+        "caption",
+        "model",
+        "options",
+        "tokens",
+        "image",
+        "grid",
+        "interactions",
+        "cls",
+        "score",
+        "completeness",
+        "selections",
+    ]
     assert list(d["image"]) == ["width", "height", "crop_box", "patch_size"]  # the grid has its own key
     assert d["grid"] == {"rows": 4, "cols": 4}
     d["timings"] = {"queued_ms": 1.0}  # added by the service; reading back ignores it

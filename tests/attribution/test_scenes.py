@@ -86,8 +86,9 @@ def test_box_holds_the_object_in_its_colour(scenes):
 
 
 def test_larger_objects_are_larger(scenes):
-    sides = {size: [o.box[2] - o.box[0] for s in scenes for o in s.objects if o.size == size]
-             for size in SIZES}
+    sides = {
+        size: [o.box[2] - o.box[0] for s in scenes for o in s.objects if o.size == size] for size in SIZES
+    }
     assert max(sides["small"]) < min(sides["large"])
 
 
@@ -185,15 +186,20 @@ def test_every_caption_describes_its_scene_and_no_swap_does(scenes):
 def test_describes_is_about_content_not_wording():
     (s,) = [x for x in generate_scenes(200, 3) if len(x.objects) == 2 and _distinct(x)][:1]
     a, b = s.objects
+
     def phrase(o, with_size=False):
         return f"{o.size} {o.colour} {o.shape}" if with_size else f"{o.colour} {o.shape}"
+
     assert describes(f"there is a {phrase(b, True)} and a {phrase(a)}", s)  # other template, order, sizes
     assert not describes(f"a {phrase(a)}", s)  # incomplete
     assert not describes(f"a {phrase(a)}, a {phrase(b)} and a {phrase(a)}", s)  # too many
     wrong_size = "large" if a.size == "small" else "small"
     assert not describes(f"a {wrong_size} {a.colour} {a.shape} and a {phrase(b)}", s)
     assert caption_phrases("a small red circle, a blue square and a large green triangle") == [
-        ("small", "red", "circle"), (None, "blue", "square"), ("large", "green", "triangle")]
+        ("small", "red", "circle"),
+        (None, "blue", "square"),
+        ("large", "green", "triangle"),
+    ]
 
 
 def _distinct(s: Scene) -> bool:

@@ -68,8 +68,37 @@ def test_ids_match_the_model_tokenizer_and_spans_are_sound(caption, tiny_model):
 
 def test_random_captions_match_the_tokenizer(tiny_model):
     rng = random.Random(7)
-    pieces = ["dog", "Cat", "ÉTÉ", "naïve", "42", "7", " ", "  ", "\t", ",", ".", "'s", "'", "’", "!",
-              "&amp;", "&lt;", "&#39;", "&nbsp;", "🐶", "👍🏽", "中", "ß", "ﬁ", "-", "(", ")", '"', "a\u0301"]
+    pieces = [
+        "dog",
+        "Cat",
+        "ÉTÉ",
+        "naïve",
+        "42",
+        "7",
+        " ",
+        "  ",
+        "\t",
+        ",",
+        ".",
+        "'s",
+        "'",
+        "’",
+        "!",
+        "&amp;",
+        "&lt;",
+        "&#39;",
+        "&nbsp;",
+        "🐶",
+        "👍🏽",
+        "中",
+        "ß",
+        "ﬁ",
+        "-",
+        "(",
+        ")",
+        '"',
+        "a\u0301",
+    ]
     checked = 0
     for _ in range(300):
         caption = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14)))
@@ -247,8 +276,34 @@ def test_bpe_memo_stays_bounded(tiny_model, monkeypatch):
 
 
 # Captions from anywhere in unicode, plus pieces that exercise the cleaning (entities, quotes, spaces).
-_PIECES = ["&amp;", "&lt;", "&gt;", "&#39;", "&#x27;", "&nbsp;", "&AMP;", "&amp", "&", "<", ">", ";", "#",
-           "amp", "’", "“", "Ã©", "\u0301", " ", "\t", "\n", "dog", "DOG", "'s", "<end_of_text>", "🐶"]
+_PIECES = [
+    "&amp;",
+    "&lt;",
+    "&gt;",
+    "&#39;",
+    "&#x27;",
+    "&nbsp;",
+    "&AMP;",
+    "&amp",
+    "&",
+    "<",
+    ">",
+    ";",
+    "#",
+    "amp",
+    "’",
+    "“",
+    "Ã©",
+    "\u0301",
+    " ",
+    "\t",
+    "\n",
+    "dog",
+    "DOG",
+    "'s",
+    "<end_of_text>",
+    "🐶",
+]
 CAPTION_TEXT = st.one_of(
     st.text(max_size=80),
     st.lists(st.sampled_from(_PIECES) | st.text(max_size=3), max_size=25).map("".join),

@@ -44,8 +44,24 @@ def test_learning_rate_warms_up_holds_and_decays():
 
 
 def test_a_short_run_checkpoints_and_resumes(tmp_path):
-    common = ["--out", str(tmp_path), "--batch", "4", "--held-out", "8", "--eval-every", "1",
-              "--ckpt-every", "1", "--warmup", "1", "--decay-steps", "1", "--threads", "1"]
+    common = [
+        "--out",
+        str(tmp_path),
+        "--batch",
+        "4",
+        "--held-out",
+        "8",
+        "--eval-every",
+        "1",
+        "--ckpt-every",
+        "1",
+        "--warmup",
+        "1",
+        "--decay-steps",
+        "1",
+        "--threads",
+        "1",
+    ]
     main([*common, "--steps", "2"])
     rows = list(csv.DictReader(open(tmp_path / "curve.csv")))
     assert [r["step"] for r in rows] == ["1", "2"]

@@ -125,7 +125,7 @@ def test_compose_api_port_and_health_paths_match_the_app(compose, api_paths):
     assert container_port == port
     probe = " ".join(api["healthcheck"]["test"])
     paths = re.findall(r"http://127\.0\.0\.1:(\d+)(/\w+)", probe)
-    assert paths and all(p == port and path in api_paths for p, path in paths), (probe)
+    assert paths and all(p == port and path in api_paths for p, path in paths), probe
 
 
 def test_compose_builds_name_existing_targets_matching_the_tag(compose):
@@ -359,8 +359,11 @@ def _worker_settings(settings_cls, names: dict[str, str], env: dict[str, str]):
 def test_no_batch_outlives_the_visibility_timeout(compose, k8s_docs, settings_cls, setting_env_names):
     """The worker does not extend its claim while computing: a batch running longer than the visibility
     timeout is taken over by another worker and computed twice (and counts as a failed delivery)."""
-    envs = {f"compose {n}": s["environment"] for n, s in _exclip_services(compose).items()
-            if s["command"][0] == "worker"}
+    envs = {
+        f"compose {n}": s["environment"]
+        for n, s in _exclip_services(compose).items()
+        if s["command"][0] == "worker"
+    }
     envs["k8s worker"] = _container_env(k8s_docs, _container(_exclip_deployments(k8s_docs)["worker"]))
     for where, env in envs.items():
         s = _worker_settings(settings_cls, setting_env_names, env)

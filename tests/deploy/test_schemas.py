@@ -38,8 +38,11 @@ def _compose_schema() -> dict:
     return json.loads(vendored.read_text())
 
 
-@pytest.mark.parametrize(("where", "obj"), [o for o in OBJECTS if o[1]["kind"] not in NO_PUBLISHED_SCHEMA],
-                         ids=[o[0] for o in OBJECTS if o[1]["kind"] not in NO_PUBLISHED_SCHEMA])
+@pytest.mark.parametrize(
+    ("where", "obj"),
+    [o for o in OBJECTS if o[1]["kind"] not in NO_PUBLISHED_SCHEMA],
+    ids=[o[0] for o in OBJECTS if o[1]["kind"] not in NO_PUBLISHED_SCHEMA],
+)
 def test_kubernetes_object_matches_the_api_schema(where: str, obj: dict) -> None:
     kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 

@@ -135,8 +135,9 @@ def test_api_and_three_workers_survive_a_sigkilled_worker(
         api = Process([], env_of(api_service), tmp_path, argv=[*_cli(), *api_argv], name="api")
         procs.append(api)
         workers = [
-            Process([], env_of(worker_service), tmp_path, argv=[*_cli(), *worker_service["command"]],
-                    name=f"w{i}")
+            Process(
+                [], env_of(worker_service), tmp_path, argv=[*_cli(), *worker_service["command"]], name=f"w{i}"
+            )
             for i in range(N_WORKERS)
         ]
         procs += workers

@@ -28,8 +28,11 @@ import httpx
 from tests.conftest import free_port
 
 VERSION = "1.23.2"
-CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exclip-tests" / \
-    f"label-studio-{VERSION}"
+CACHE = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    / "exclip-tests"
+    / f"label-studio-{VERSION}"
+)
 USER = "admin@example.com"  # Label Studio wants a real-looking domain
 PASSWORD = "exclip-test-password"
 TOKEN = "e" * 8 + "0123456789abcdef0123456789abcdef"  # 40 hex digits, a legacy API token
@@ -37,8 +40,10 @@ TOKEN = "e" * 8 + "0123456789abcdef0123456789abcdef"  # 40 hex digits, a legacy 
 ENV = {
     "ML_BLOCK_LOCAL_IP": "false",  # the backend under test listens on 127.0.0.1
     "SSRF_PROTECTION_ENABLED": "false",
-    "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",  # stay off the network
-    "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false",
+    "SENTRY_DSN": "",
+    "FRONTEND_SENTRY_DSN": "",  # stay off the network
+    "LATEST_VERSION_CHECK": "false",
+    "COLLECT_ANALYTICS": "false",
     "fflag_feat_utc_210_prediction_validation_15082025": "true",  # a prediction LS would reject fails
     "PYTHONUNBUFFERED": "1",
 }
@@ -75,8 +80,21 @@ def ensure_installation() -> tuple[Path, Path]:
             log = CACHE / "install.log"
             _run([sys.executable, "-m", "venv", str(venv)], log, 120)
             # Few retries: without a package index this fails in about a minute instead of many.
-            _run([str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", "-q", "--retries", "2",
-                  "--timeout", "20", f"label-studio=={VERSION}"], log, 900)
+            _run(
+                [
+                    str(venv / "bin" / "pip"),
+                    "install",
+                    "--disable-pip-version-check",
+                    "-q",
+                    "--retries",
+                    "2",
+                    "--timeout",
+                    "20",
+                    f"label-studio=={VERSION}",
+                ],
+                log,
+                900,
+            )
             (venv / ".complete").touch()
         if not (template / ".complete").exists():
             shutil.rmtree(template, ignore_errors=True)
@@ -93,8 +111,9 @@ def ensure_installation() -> tuple[Path, Path]:
 class LabelStudio:
     """``label-studio start`` on a free port with a data dir of its own; ``url``, ``token``, ``log``."""
 
-    def __init__(self, venv: Path, data_dir: Path, home: Path, *, first_start: bool = False,
-                 port: int | None = None) -> None:
+    def __init__(
+        self, venv: Path, data_dir: Path, home: Path, *, first_start: bool = False, port: int | None = None
+    ) -> None:
         self.venv, self.data_dir, self.home = venv, data_dir, home
         self.port = port or free_port()
         self.url, self.token = f"http://127.0.0.1:{self.port}", TOKEN
@@ -113,13 +132,28 @@ class LabelStudio:
         self.home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **ENV, "HOME": str(self.home), "LABEL_STUDIO_BASE_DATA_DIR": str(self.data_dir)}
         env.pop("PYTHONPATH", None)
-        args = [str(self.venv / "bin" / "label-studio"), "start", "--no-browser",
-                "--internal-host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
-                "--username", USER, "--password", PASSWORD, "--user-token", TOKEN,
-                "--enable-legacy-api-token"]
+        args = [
+            str(self.venv / "bin" / "label-studio"),
+            "start",
+            "--no-browser",
+            "--internal-host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--username",
+            USER,
+            "--password",
+            PASSWORD,
+            "--user-token",
+            TOKEN,
+            "--enable-legacy-api-token",
+        ]
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(args, env=env, cwd=self.data_dir, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                args, env=env, cwd=self.data_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -21,17 +21,20 @@ def client():
         yield client
 
 
-@pytest.mark.parametrize(("headers", "status"), [
-    ({}, 401),
-    (_basic("label-studio", "k-two"), 200),
-    (_basic("", "k-one"), 200),
-    (_basic("k-one", ""), 401),  # the key is the password, not the user name
-    (_basic("label-studio", "k-three"), 401),
-    ({"Authorization": "Basic !!not-base64!!"}, 401),
-    ({"Authorization": "Basic " + base64.b64encode(b"no-colon").decode()}, 401),
-    ({"Authorization": "Bearer k-one"}, 200),
-    ({"Authorization": "Bearer k-three"}, 401),
-])
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        (_basic("label-studio", "k-two"), 200),
+        (_basic("", "k-one"), 200),
+        (_basic("k-one", ""), 401),  # the key is the password, not the user name
+        (_basic("label-studio", "k-three"), 401),
+        ({"Authorization": "Basic !!not-base64!!"}, 401),
+        ({"Authorization": "Basic " + base64.b64encode(b"no-colon").decode()}, 401),
+        ({"Authorization": "Bearer k-one"}, 200),
+        ({"Authorization": "Bearer k-three"}, 401),
+    ],
+)
 def test_label_studio_routes(client: TestClient, headers: dict, status: int) -> None:
     reply = client.get("/label-studio/versions", headers=headers)
     assert reply.status_code == status, reply.text

@@ -75,19 +75,22 @@ def test_upload_path_and_same_origin_url_with_token(host: str) -> None:
     assert _Host.seen == [("/data/upload/1/img.png", "Token tok")] * 2
 
 
-@pytest.mark.parametrize("ref", [
-    "http://example.org/img.png",  # another host
-    "http://127.0.0.2:{port}/data/upload/1/img.png",  # another address
-    "http://127.0.0.1:{other}/data/upload/1/img.png",  # another port
-    "https://127.0.0.1:{port}/data/upload/1/img.png",  # another scheme
-    "//example.org/img.png",  # protocol-relative: another host
-    "file:///etc/passwd",
-    "data:image/png;base64,iVBORw0KGgo=",
-    "ftp://127.0.0.1:{port}/img.png",
-    "http://user:pw@127.0.0.1:{port}/data/upload/1/img.png",  # credentials in the URL
-    "http://169.254.169.254/latest/meta-data/",  # cloud metadata (link-local)
-    "",
-])
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "http://example.org/img.png",  # another host
+        "http://127.0.0.2:{port}/data/upload/1/img.png",  # another address
+        "http://127.0.0.1:{other}/data/upload/1/img.png",  # another port
+        "https://127.0.0.1:{port}/data/upload/1/img.png",  # another scheme
+        "//example.org/img.png",  # protocol-relative: another host
+        "file:///etc/passwd",
+        "data:image/png;base64,iVBORw0KGgo=",
+        "ftp://127.0.0.1:{port}/img.png",
+        "http://user:pw@127.0.0.1:{port}/data/upload/1/img.png",  # credentials in the URL
+        "http://169.254.169.254/latest/meta-data/",  # cloud metadata (link-local)
+        "",
+    ],
+)
 def test_other_places_are_refused_without_a_request(host: str, ref: str) -> None:
     port = int(host.rsplit(":", 1)[1])
     _Host.seen.clear()
@@ -96,20 +99,31 @@ def test_other_places_are_refused_without_a_request(host: str, ref: str) -> None
     assert _Host.seen == []
 
 
-@pytest.mark.parametrize("base", ["http://169.254.169.254", "http://[fe80::1]:8080", "http://0.0.0.0:8080",
-                                  "http://224.0.0.1", "file:///data"])
+@pytest.mark.parametrize(
+    "base",
+    [
+        "http://169.254.169.254",
+        "http://[fe80::1]:8080",
+        "http://0.0.0.0:8080",
+        "http://224.0.0.1",
+        "file:///data",
+    ],
+)
 def test_label_studio_url_on_refused_addresses(base: str) -> None:
     """Even as the configured Label Studio URL: link-local, multicast, unspecified hosts are refused."""
     with pytest.raises(ImageRefused):
         _fetch(base, "/data/upload/1/img.png")
 
 
-@pytest.mark.parametrize(("ref", "error", "message"), [
-    ("/redirect", ImageRefused, "redirect"),
-    ("/big", ImageRefused, "larger than 1000 bytes"),
-    ("/big-chunked", ImageRefused, "larger than 1000 bytes"),
-    ("/data/upload/1/nothing.png", ImageUnavailable, "404"),
-])
+@pytest.mark.parametrize(
+    ("ref", "error", "message"),
+    [
+        ("/redirect", ImageRefused, "redirect"),
+        ("/big", ImageRefused, "larger than 1000 bytes"),
+        ("/big-chunked", ImageRefused, "larger than 1000 bytes"),
+        ("/data/upload/1/nothing.png", ImageUnavailable, "404"),
+    ],
+)
 def test_redirects_limits_and_errors(host: str, ref: str, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         _fetch(host, ref)

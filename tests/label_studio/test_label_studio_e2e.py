@@ -30,8 +30,10 @@ KEY = "ls-e2e-key"
 WIDTH, HEIGHT = 96, 64
 CAPTION = "a yellow 🐕 block on a blue field"
 PHRASES = ["yellow 🐕 block", "blue field"]
-IMAGE_ONLY = '<View><Image name="image" value="$image"/>' \
-             '<RectangleLabels name="region" toName="image"><Label value="Phrase"/></RectangleLabels></View>'
+IMAGE_ONLY = (
+    '<View><Image name="image" value="$image"/>'
+    '<RectangleLabels name="region" toName="image"><Label value="Phrase"/></RectangleLabels></View>'
+)
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "test-artifacts" / "screenshots" / "label-studio.png"
 DOCS_SCREENSHOT = ROOT / "docs" / "label-studio.png"
@@ -40,7 +42,7 @@ DOCS_SCREENSHOT = ROOT / "docs" / "label-studio.png"
 def _png() -> bytes:
     y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
     arr = np.stack([x * 255 // WIDTH, np.full_like(x, 90), y * 255 // HEIGHT], axis=-1).astype(np.uint8)
-    arr[HEIGHT // 4: HEIGHT // 2, WIDTH // 3: WIDTH // 2] = (250, 240, 30)
+    arr[HEIGHT // 4 : HEIGHT // 2, WIDTH // 3 : WIDTH // 2] = (250, 240, 30)
     out = io.BytesIO()
     Image.fromarray(arr, "RGB").save(out, format="PNG")
     return out.getvalue()
@@ -91,10 +93,19 @@ def project(ls, backend: str) -> dict:
     data = {"image": image, "caption": CAPTION, "phrases": PHRASES}
     assert ls.patch(f"/api/tasks/{task['id']}", json={"data": data}).status_code == 200
 
-    reply = ls.post("/api/ml", json={
-        "url": backend, "project": pid, "title": "exclip", "is_interactive": True,
-        "auth_method": "BASIC_AUTH", "basic_auth_user": "label-studio", "basic_auth_pass": KEY,
-        "extra_params": {"mask_level": 0.5, "min_token_score": 0.3}})
+    reply = ls.post(
+        "/api/ml",
+        json={
+            "url": backend,
+            "project": pid,
+            "title": "exclip",
+            "is_interactive": True,
+            "auth_method": "BASIC_AUTH",
+            "basic_auth_user": "label-studio",
+            "basic_auth_pass": KEY,
+            "extra_params": {"mask_level": 0.5, "min_token_score": 0.3},
+        },
+    )
     assert reply.status_code == 201, reply.text
     ml = reply.json()
     assert ml["state"] == "CO", ml  # connected: /health and /setup (with Basic auth) answered
@@ -103,11 +114,19 @@ def project(ls, backend: str) -> dict:
 
 def _decode_with_label_studio(rles: list[list[int]]) -> list[list[int]]:
     """Label Studio's own decoder, run in its virtualenv: flat RGBA bytes per RLE."""
-    code = ("import json, sys\nfrom label_studio_sdk.converter.brush import decode_rle\n"
-            "print(json.dumps([decode_rle(r).tolist() for r in json.load(sys.stdin)]))")
+    code = (
+        "import json, sys\nfrom label_studio_sdk.converter.brush import decode_rle\n"
+        "print(json.dumps([decode_rle(r).tolist() for r in json.load(sys.stdin)]))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([str(venv_python()), "-c", code], input=json.dumps(rles), capture_output=True,
-                          text=True, timeout=120, env=env)
+    done = subprocess.run(
+        [str(venv_python()), "-c", code],
+        input=json.dumps(rles),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
@@ -129,8 +148,11 @@ def _check_image_region(region: dict) -> np.ndarray | None:
 @pytest.fixture(scope="module")
 def prediction(ls, project: dict) -> dict:
     """The data-manager action "Retrieve predictions" on all tasks; the task's stored prediction."""
-    reply = ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project["id"]},
-                    json={"selectedItems": {"all": True, "excluded": []}})
+    reply = ls.post(
+        "/api/dm/actions",
+        params={"id": "retrieve_tasks_predictions", "project": project["id"]},
+        json={"selectedItems": {"all": True, "excluded": []}},
+    )
     assert reply.status_code == 200, reply.text
     (stored,) = ls.get("/api/predictions", params={"task": project["task"]}).json()
     return stored
@@ -142,9 +164,12 @@ def test_retrieve_predictions(project: dict, prediction: dict) -> None:
     spans = [r for r in result if r["type"] == "labels"]
     assert [r["value"]["text"] for r in spans] == PHRASES
     for region in spans:
-        assert (region["from_name"], region["to_name"], region["value"]["labels"]) == \
-            ("phrase", "caption", ["Phrase"])
-        assert CAPTION[region["value"]["start"]:region["value"]["end"]] == region["value"]["text"]
+        assert (region["from_name"], region["to_name"], region["value"]["labels"]) == (
+            "phrase",
+            "caption",
+            ["Phrase"],
+        )
+        assert CAPTION[region["value"]["start"] : region["value"]["end"]] == region["value"]["text"]
     rles = [rle for rle in map(_check_image_region, [r for r in result if r["type"] != "labels"]) if rle]
     assert len(rles) >= 1, result  # the tiny model's heatmaps have a positive patch for these phrases
     rects = [r for r in result if r["type"] == "rectanglelabels"]
@@ -158,8 +183,17 @@ def test_retrieve_predictions(project: dict, prediction: dict) -> None:
 def test_encoder_decodes_with_label_studio_decoder() -> None:
     """Masks of many shapes and densities: Label Studio's decoder gives back exactly the mask."""
     rng = np.random.default_rng(3)
-    masks = [rng.random((h, w)) < d for h, w, d in
-             [(1, 1, 0.5), (3, 70_000, 0.0001), (17, 5, 0.5), (64, 96, 0.9), (50, 40, 0.01), (8, 8, 1.0)]]
+    masks = [
+        rng.random((h, w)) < d
+        for h, w, d in [
+            (1, 1, 0.5),
+            (3, 70_000, 0.0001),
+            (17, 5, 0.5),
+            (64, 96, 0.9),
+            (50, 40, 0.01),
+            (8, 8, 1.0),
+        ]
+    ]
     decoded = _decode_with_label_studio([mask_rle(m) for m in masks])
     for mask, flat in zip(masks, decoded, strict=True):
         rgba = np.array(flat, np.uint8).reshape(*mask.shape, 4)
@@ -167,8 +201,10 @@ def test_encoder_decodes_with_label_studio_decoder() -> None:
 
 
 def _interactive(ls, project: dict, region: dict) -> list[dict]:
-    reply = ls.post(f"/api/ml/{project['ml']}/interactive-annotating",
-                    json={"task": project["task"], "context": {"result": [region]}})
+    reply = ls.post(
+        f"/api/ml/{project['ml']}/interactive-annotating",
+        json={"task": project["task"], "context": {"result": [region]}},
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert "errors" not in body, body
@@ -177,8 +213,14 @@ def _interactive(ls, project: dict, region: dict) -> list[dict]:
 
 def test_interactive_span(ls, project: dict) -> None:
     start = CAPTION.index("yellow")
-    span = {"id": "sel1", "from_name": "phrase", "to_name": "caption", "type": "labels", "origin": "manual",
-            "value": {"start": start, "end": start + 6, "text": "yellow", "labels": ["Phrase"]}}
+    span = {
+        "id": "sel1",
+        "from_name": "phrase",
+        "to_name": "caption",
+        "type": "labels",
+        "origin": "manual",
+        "value": {"start": start, "end": start + 6, "text": "yellow", "labels": ["Phrase"]},
+    }
     result = _interactive(ls, project, span)
     assert {r["type"] for r in result} == {"rectanglelabels", "brushlabels"}
     for region in result:
@@ -186,10 +228,17 @@ def test_interactive_span(ls, project: dict) -> None:
 
 
 def test_interactive_rectangle(ls, project: dict) -> None:
-    box = {"id": "sel2", "from_name": "region", "to_name": "image", "type": "rectanglelabels",
-           "origin": "manual", "original_width": WIDTH, "original_height": HEIGHT, "image_rotation": 0,
-           "value": {"x": 30, "y": 20, "width": 30, "height": 40, "rotation": 0,
-                     "rectanglelabels": ["Phrase"]}}
+    box = {
+        "id": "sel2",
+        "from_name": "region",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "origin": "manual",
+        "original_width": WIDTH,
+        "original_height": HEIGHT,
+        "image_rotation": 0,
+        "value": {"x": 30, "y": 20, "width": 30, "height": 40, "rotation": 0, "rectanglelabels": ["Phrase"]},
+    }
     result = _interactive(ls, project, box)
     assert result and all(r["type"] == "labels" and r["to_name"] == "caption" for r in result)
     scores = [r["score"] for r in result]
@@ -200,17 +249,27 @@ def test_interactive_rectangle(ls, project: dict) -> None:
 
 
 def test_wrong_key_is_refused(ls, project: dict, backend: str) -> None:
-    reply = ls.post("/api/ml", json={"url": backend, "project": project["id"], "title": "wrong key",
-                                     "auth_method": "BASIC_AUTH", "basic_auth_user": "label-studio",
-                                     "basic_auth_pass": "not-the-key"})
+    reply = ls.post(
+        "/api/ml",
+        json={
+            "url": backend,
+            "project": project["id"],
+            "title": "wrong key",
+            "auth_method": "BASIC_AUTH",
+            "basic_auth_user": "label-studio",
+            "basic_auth_pass": "not-the-key",
+        },
+    )
     assert reply.status_code == 400 or reply.json().get("state") != "CO", reply.text
 
 
 def test_labeling_page(label_studio: LabelStudio, ls, project: dict, prediction: dict, browser) -> None:
     """The labeling page highlights exactly the phrases, emoji and all (Label Studio counts offsets in
     code points); its screenshot is the README's image (docs/label-studio.png)."""
-    reply = ls.patch(f"/api/projects/{project['id']}",
-                     json={"show_collab_predictions": True, "model_version": project["model_version"]})
+    reply = ls.patch(
+        f"/api/projects/{project['id']}",
+        json={"show_collab_predictions": True, "model_version": project["model_version"]},
+    )
     assert reply.status_code == 200, reply.text
     page = browser.new_page(viewport={"width": 1200, "height": 760})
     try:
@@ -219,8 +278,10 @@ def test_labeling_page(label_studio: LabelStudio, ls, project: dict, prediction:
         page.fill("input[name=password]", PASSWORD)
         page.click("button[type=submit]")
         page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
-        page.goto(f"{label_studio.url}/projects/{project['id']}/data?task={project['task']}",
-                  wait_until="domcontentloaded")
+        page.goto(
+            f"{label_studio.url}/projects/{project['id']}/data?task={project['task']}",
+            wait_until="domcontentloaded",
+        )
         page.get_by_text("yellow 🐕 block").first.wait_for(timeout=90_000)
         page.wait_for_timeout(3000)  # the canvas draws masks after the image loads
         highlighted = page.locator(".htx-highlight").all_text_contents()

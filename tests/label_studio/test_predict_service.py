@@ -44,13 +44,20 @@ def image_host(tmp_path_factory) -> Iterator[str]:
 
 
 def _task(i: int, **data) -> dict:
-    return {"id": 100 + i, "project": 1,
-            "data": {"image": f"/data/upload/1/img{i}.png", "caption": CAPTION, **data}}
+    return {
+        "id": 100 + i,
+        "project": 1,
+        "data": {"image": f"/data/upload/1/img{i}.png", "caption": CAPTION, **data},
+    }
 
 
 def _predict(url: str, tasks: list[dict]) -> httpx.Response:
-    body = {"tasks": tasks, "project": "1.1700000000", "label_config": DOCUMENTED,
-            "params": {"context": None}}
+    body = {
+        "tasks": tasks,
+        "project": "1.1700000000",
+        "label_config": DOCUMENTED,
+        "params": {"context": None},
+    }
     return httpx.post(url + "/label-studio/predict", json=body, timeout=120)
 
 
@@ -64,9 +71,13 @@ def stack(launcher, image_host: str):
 
 
 def test_batch_in_redis_mode(stack) -> None:
-    tasks = [_task(0, phrases=["red square", "blue"]), _task(1), _task(2, phrases=["not in it"]),
-             {"id": 200, "project": 1, "data": {"image": "http://169.254.169.254/x.png", "caption": CAPTION}},
-             _task(3, phrases=[[18, 24]])]  # character offsets of "🐕 blue"
+    tasks = [
+        _task(0, phrases=["red square", "blue"]),
+        _task(1),
+        _task(2, phrases=["not in it"]),
+        {"id": 200, "project": 1, "data": {"image": "http://169.254.169.254/x.png", "caption": CAPTION}},
+        _task(3, phrases=[[18, 24]]),
+    ]  # character offsets of "🐕 blue"
     reply = _predict(stack.url, tasks)
     assert reply.status_code == 200, reply.text
     results = reply.json()["results"]
@@ -87,8 +98,9 @@ def test_batch_in_redis_mode(stack) -> None:
 
 
 def test_time_budget_leaves_tasks_for_the_next_call(launcher, image_host: str) -> None:
-    api = launcher.embedded(LABEL_STUDIO_URL=image_host, EXCLIP_MAX_BATCH="1",
-                            EXCLIP_LABEL_STUDIO_BUDGET_S="0.05")
+    api = launcher.embedded(
+        LABEL_STUDIO_URL=image_host, EXCLIP_MAX_BATCH="1", EXCLIP_LABEL_STUDIO_BUDGET_S="0.05"
+    )
     api.wait_ready()
     tasks = [_task(i % 4) for i in range(6)]
     started = time.monotonic()

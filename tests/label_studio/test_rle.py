@@ -19,7 +19,7 @@ def decode(rle: list[int]) -> np.ndarray:
 
     def read(n: int) -> int:
         nonlocal pos
-        value = int(bits[pos:pos + n], 2)
+        value = int(bits[pos : pos + n], 2)
         pos += n
         return value
 
@@ -40,8 +40,9 @@ def decode(rle: list[int]) -> np.ndarray:
 
 
 # Runs of random lengths (up to past the 16-bit chunk limit) of random bytes: long runs and literals.
-runs = st.lists(st.tuples(st.integers(0, 255), st.sampled_from([1, 1, 2, 3, 8, 9, 255, 256, 257, 70_000])),
-                max_size=40)
+runs = st.lists(
+    st.tuples(st.integers(0, 255), st.sampled_from([1, 1, 2, 3, 8, 9, 255, 256, 257, 70_000])), max_size=40
+)
 
 
 @settings(max_examples=150, deadline=None)

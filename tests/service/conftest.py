@@ -65,8 +65,11 @@ class Stack:
         enqueued = self.metrics()["exclip_jobs_enqueued_total"]
         if self.redis is None:
             return enqueued, -1, -1
-        stream_len = self.redis.xlen(self.keys.stream("exclip-tiny")) if self.redis.exists(
-            self.keys.stream("exclip-tiny")) else 0
+        stream_len = (
+            self.redis.xlen(self.keys.stream("exclip-tiny"))
+            if self.redis.exists(self.keys.stream("exclip-tiny"))
+            else 0
+        )
         return enqueued, stream_len, len(self.redis.keys(self.keys.job("*")))
 
 

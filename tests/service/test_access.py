@@ -55,14 +55,21 @@ def test_every_endpoint_but_health_and_page_needs_a_key(keyed):
     url, _, _, _ = keyed
     schema = httpx.get(url + "/openapi.json", timeout=10).json()
     with httpx.Client(base_url=url, timeout=30) as c:
-        job_id = c.post("/jobs", headers=bearer(KEY_A), files={"image": ("x.png", png_bytes())},
-                        data={"caption": "a dog", "steps": "1"}).json()["id"]
+        job_id = c.post(
+            "/jobs",
+            headers=bearer(KEY_A),
+            files={"image": ("x.png", png_bytes())},
+            data={"caption": "a dog", "steps": "1"},
+        ).json()["id"]
         checked = []
         for path, methods in schema["paths"].items():
             for method in methods:
                 target = concrete(path, job_id)
                 bad_headers = (
-                    {}, bearer(WRONG), {"Authorization": KEY_A}, {"Authorization": "Basic " + KEY_A}
+                    {},
+                    bearer(WRONG),
+                    {"Authorization": KEY_A},
+                    {"Authorization": "Basic " + KEY_A},
                 )
                 for headers in bad_headers:
                     r = c.request(method.upper(), target, headers=headers)
@@ -77,8 +84,15 @@ def test_every_endpoint_but_health_and_page_needs_a_key(keyed):
                 checked.append((method, path))
         static = c.get("/static/app.js")
     assert static.status_code == 200
-    assert {("post", "/explain"), ("post", "/jobs"), ("get", "/jobs/{job_id}"), ("delete", "/jobs/{job_id}"),
-            ("get", "/jobs/{job_id}/heatmap.png"), ("get", "/models"), ("get", "/metrics")} <= set(checked)
+    assert {
+        ("post", "/explain"),
+        ("post", "/jobs"),
+        ("get", "/jobs/{job_id}"),
+        ("delete", "/jobs/{job_id}"),
+        ("get", "/jobs/{job_id}/heatmap.png"),
+        ("get", "/models"),
+        ("get", "/metrics"),
+    } <= set(checked)
 
 
 def test_both_key_sources_work_and_jobs_belong_to_their_key(keyed):
@@ -86,8 +100,12 @@ def test_both_key_sources_work_and_jobs_belong_to_their_key(keyed):
     with httpx.Client(base_url=url, timeout=60) as c:
         for key in (KEY_A, KEY_B):
             assert c.get("/models", headers=bearer(key)).status_code == 200
-        done = c.post("/explain", headers=bearer(KEY_A), files={"image": ("x.png", png_bytes())},
-                      data={"caption": "a dog", "steps": "1", "span": "2:5"})
+        done = c.post(
+            "/explain",
+            headers=bearer(KEY_A),
+            files={"image": ("x.png", png_bytes())},
+            data={"caption": "a dog", "steps": "1", "span": "2:5"},
+        )
         assert done.status_code == 200 and done.json()["status"] == "done", done.text
         job_id = done.json()["id"]
         owner_reads = {
@@ -113,8 +131,12 @@ def test_owner_can_cancel_a_queued_job_and_no_one_else_can(keyed):
     with httpx.Client(base_url=url, timeout=60) as c:
         worker.send_signal(signal.SIGSTOP)  # nothing can start the job: it stays queued (heartbeat lives 6 s)
         try:
-            queued = c.post("/jobs", headers=bearer(KEY_B), files={"image": ("x.png", png_bytes())},
-                            data={"caption": "a cat", "steps": "1"})
+            queued = c.post(
+                "/jobs",
+                headers=bearer(KEY_B),
+                files={"image": ("x.png", png_bytes())},
+                data={"caption": "a cat", "steps": "1"},
+            )
             assert queued.status_code == 202, queued.text
             job_id = queued.json()["id"]
             assert c.delete(f"/jobs/{job_id}", headers=bearer(KEY_A)).status_code == 404
@@ -124,8 +146,12 @@ def test_owner_can_cancel_a_queued_job_and_no_one_else_can(keyed):
         assert r.status_code == 200, r.text
         assert r.json()["status"] == "cancelled"
         # The worker, running again, skips it: still cancelled, never computed.
-        after = c.post("/explain", headers=bearer(KEY_B), files={"image": ("x.png", png_bytes())},
-                       data={"caption": "a dog", "steps": "1"})
+        after = c.post(
+            "/explain",
+            headers=bearer(KEY_B),
+            files={"image": ("x.png", png_bytes())},
+            data={"caption": "a dog", "steps": "1"},
+        )
         assert after.status_code == 200, after.text
         cancelled = c.get(f"/jobs/{job_id}", headers=bearer(KEY_B)).json()
         assert cancelled["status"] == "cancelled" and cancelled["result"] is None
@@ -135,8 +161,12 @@ def test_keys_appear_in_no_log_and_no_redis_value(keyed, redis_server):
     url, api, worker, prefix = keyed
     with httpx.Client(base_url=url, timeout=60) as c:
         for key in (KEY_A, KEY_B, WRONG):
-            c.post("/explain", headers=bearer(key), files={"image": ("x.png", png_bytes())},
-                   data={"caption": "a dog", "steps": "1"})
+            c.post(
+                "/explain",
+                headers=bearer(key),
+                files={"image": ("x.png", png_bytes())},
+                data={"caption": "a dog", "steps": "1"},
+            )
             c.get("/models", headers=bearer(key))
     r = redis_server.client()
     values = []
@@ -159,12 +189,15 @@ def test_cors_is_off_by_default_and_limited_to_configured_origins(session_launch
     allowed = session_launcher.embedded(EXCLIP_CORS_ORIGINS="https://ok.example").wait_healthy()
     preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
     try:
-        for origin, proc, want in [("https://ok.example", plain, None),
-                                   ("https://ok.example", allowed, "https://ok.example"),
-                                   ("https://evil.example", allowed, None)]:
+        for origin, proc, want in [
+            ("https://ok.example", plain, None),
+            ("https://ok.example", allowed, "https://ok.example"),
+            ("https://evil.example", allowed, None),
+        ]:
             get = httpx.get(proc.url + "/healthz", headers={"Origin": origin}, timeout=10)
-            options = httpx.options(proc.url + "/explain", headers={"Origin": origin, **preflight},
-                                    timeout=10)
+            options = httpx.options(
+                proc.url + "/explain", headers={"Origin": origin, **preflight}, timeout=10
+            )
             assert get.headers.get("access-control-allow-origin") == want, (origin, proc.url)
             assert options.headers.get("access-control-allow-origin") == want, (origin, proc.url)
     finally:

@@ -15,11 +15,21 @@ from tests.harness import distinct_captions
 from tests.service.conftest import assert_close, b64, png_bytes, strip_timings
 
 
-def direct(loaded, image: bytes, captions: list[str], selections=None, *, steps=10, fmt="json",
-           text_layer=None, image_layer=None) -> list[dict]:
+def direct(
+    loaded,
+    image: bytes,
+    captions: list[str],
+    selections=None,
+    *,
+    steps=10,
+    fmt="json",
+    text_layer=None,
+    image_layer=None,
+) -> list[dict]:
     request = ExplainRequest(decode_image(image), captions, selections or [[] for _ in captions])
-    [explanations] = explain_requests(loaded, [request], text_layer=text_layer, image_layer=image_layer,
-                                      steps=steps, precision="float32")
+    [explanations] = explain_requests(
+        loaded, [request], text_layer=text_layer, image_layer=image_layer, steps=steps, precision="float32"
+    )
     return [e.to_dict(matrix_format=fmt) for e in explanations]
 
 
@@ -36,8 +46,11 @@ def wait_done(client, job_id: str, timeout_s: float = 60) -> dict:
 def test_multipart_request_equals_the_engine(stack, tiny_loaded):
     image = png_bytes(64, 48, seed=1)
     with stack.client() as c:
-        r = c.post("/explain", files={"image": ("dog.png", image, "image/png")},
-                   data={"caption": "a dog on the grass", "steps": "4"})
+        r = c.post(
+            "/explain",
+            files={"image": ("dog.png", image, "image/png")},
+            data={"caption": "a dog on the grass", "steps": "4"},
+        )
     assert r.status_code == 200, r.text
     job = r.json()
     assert job["status"] == "done" and job["error"] is None and job["model"] == "exclip-tiny"
@@ -46,17 +59,32 @@ def test_multipart_request_equals_the_engine(stack, tiny_loaded):
 
 def test_json_request_with_several_captions_and_selections_equals_the_engine(stack, tiny_loaded):
     image = png_bytes(80, 60, seed=2)
-    body = {"image": b64(image), "steps": 3, "text_layer": 1, "image_layer": 0, "captions": [
-        "a red ball",
-        {"text": "two cats sleeping", "selections": [{"span": [4, 8]}, {"tokens": [1, 3]},
-                                                     {"box": [10, 5, 50, 40]}]},
-    ]}
+    body = {
+        "image": b64(image),
+        "steps": 3,
+        "text_layer": 1,
+        "image_layer": 0,
+        "captions": [
+            "a red ball",
+            {
+                "text": "two cats sleeping",
+                "selections": [{"span": [4, 8]}, {"tokens": [1, 3]}, {"box": [10, 5, 50, 40]}],
+            },
+        ],
+    }
     with stack.client() as c:
         r = c.post("/explain", json=body)
     assert r.status_code == 200, r.text
     selections = [[], [Span(4, 8), TokenRange(1, 3), Box(10, 5, 50, 40)]]
-    want = direct(tiny_loaded, image, ["a red ball", "two cats sleeping"], selections, steps=3,
-                  text_layer=1, image_layer=0)
+    want = direct(
+        tiny_loaded,
+        image,
+        ["a red ball", "two cats sleeping"],
+        selections,
+        steps=3,
+        text_layer=1,
+        image_layer=0,
+    )
     got = strip_timings(r.json()["result"])
     assert [s["kind"] for s in got[1]["selections"]] == ["span", "tokens", "box"]
     assert got[1]["options"] == {"text_layer": 1, "image_layer": 0, "steps": 3, "precision": "float32"}
@@ -66,20 +94,34 @@ def test_json_request_with_several_captions_and_selections_equals_the_engine(sta
 def test_multipart_selections_with_caption_index(stack, tiny_loaded):
     image = png_bytes(50, 50, seed=3)
     with stack.client() as c:
-        r = c.post("/explain", files={"image": ("x.png", image)},
-                   data={"caption": ["a dog", "a small cat"], "span": ["1:2:7"], "token_range": ["0:1:2"],
-                         "box": ["1:0,0,25,25"], "steps": "2"})
+        r = c.post(
+            "/explain",
+            files={"image": ("x.png", image)},
+            data={
+                "caption": ["a dog", "a small cat"],
+                "span": ["1:2:7"],
+                "token_range": ["0:1:2"],
+                "box": ["1:0,0,25,25"],
+                "steps": "2",
+            },
+        )
     assert r.status_code == 200, r.text
-    want = direct(tiny_loaded, image, ["a dog", "a small cat"],
-                  [[TokenRange(1, 2)], [Span(2, 7), Box(0, 0, 25, 25)]], steps=2)
+    want = direct(
+        tiny_loaded,
+        image,
+        ["a dog", "a small cat"],
+        [[TokenRange(1, 2)], [Span(2, 7), Box(0, 0, 25, 25)]],
+        steps=2,
+    )
     assert_close(strip_timings(r.json()["result"]), want)
 
 
 def test_base64_matrix_round_trips(stack, tiny_loaded):
     image = png_bytes(40, 40, seed=4)
     with stack.client() as c:
-        r = c.post("/explain", json={"image": b64(image), "captions": ["a tree"], "steps": 3,
-                                     "format": "base64"})
+        r = c.post(
+            "/explain", json={"image": b64(image), "captions": ["a tree"], "steps": 3, "format": "base64"}
+        )
     assert r.status_code == 200, r.text
     [caption] = r.json()["result"]["captions"]
     encoded = caption["interactions"]
@@ -105,8 +147,11 @@ def test_async_job_is_accepted_then_fetched(stack, tiny_loaded):
 
 def test_explain_answers_202_when_the_result_is_not_ready_in_time(stack):
     with stack.client() as c:
-        r = c.post("/explain", files={"image": ("a.png", png_bytes(seed=6))},
-                   data={"caption": "a house", "steps": "3", "wait": "0"})
+        r = c.post(
+            "/explain",
+            files={"image": ("a.png", png_bytes(seed=6))},
+            data={"caption": "a house", "steps": "3", "wait": "0"},
+        )
         assert r.status_code == 202 and r.headers["Location"] == f"/jobs/{r.json()['id']}"
         assert wait_done(c, r.json()["id"])["status"] == "done"
 
@@ -118,8 +163,9 @@ def test_cancelled_job_is_not_computed(stack):
         deadline = time.monotonic() + 30
         while c.get(f"/jobs/{busy['id']}").json()["status"] == "queued" and time.monotonic() < deadline:
             time.sleep(0.01)  # the worker is now computing the slow job and reads nothing new
-        victim = c.post("/jobs", files={"image": ("b.png", png_bytes(seed=8))},
-                        data={"caption": "a cat", "steps": "3"}).json()
+        victim = c.post(
+            "/jobs", files={"image": ("b.png", png_bytes(seed=8))}, data={"caption": "a cat", "steps": "3"}
+        ).json()
         r = c.delete(f"/jobs/{victim['id']}")
         assert r.status_code == 200, r.text
         assert r.json()["status"] == "cancelled"
@@ -142,7 +188,11 @@ def test_models_lists_the_workers_model_with_option_ranges(stack):
     [model] = body["models"]
     assert body["default"] == "exclip-tiny"
     assert (model["name"], model["grid"], model["image_size"], model["context_length"]) == (
-        "exclip-tiny", [4, 4], [32, 32], 77)
+        "exclip-tiny",
+        [4, 4],
+        [32, 32],
+        77,
+    )
     assert model["options"]["text_layer"] == {"min": 0, "max": 2, "default": 2}
     assert model["options"]["steps"]["max"] == 100
     assert model["options"]["caption_chars"]["max"] == 1000  # EXCLIP_MAX_CAPTION_CHARS
@@ -164,15 +214,17 @@ def test_health_ready_and_docs(stack):
 def test_concurrent_requests_are_batched_and_all_correct(stack, tiny_loaded):
     images = [png_bytes(40 + 8 * i, 40, seed=20 + i) for i in range(4)]
     captions = ["a dog", "a red car on a road", "two birds", "a bowl of fruit"]
-    want = {(i, j): direct(tiny_loaded, images[i], [captions[j]], steps=3)
-            for i in range(4) for j in range(4)}
+    want = {
+        (i, j): direct(tiny_loaded, images[i], [captions[j]], steps=3) for i in range(4) for j in range(4)
+    }
     before = stack.metrics()
 
     def call(n: int):
         i, j = n % 4, (n // 4) % 4
         with stack.client() as c:
-            return (i, j), c.post("/explain", files={"image": ("x.png", images[i])},
-                                  data={"caption": captions[j], "steps": "3"})
+            return (i, j), c.post(
+                "/explain", files={"image": ("x.png", images[i])}, data={"caption": captions[j], "steps": "3"}
+            )
 
     with ThreadPoolExecutor(32) as pool:
         replies = list(pool.map(call, range(32)))
@@ -195,4 +247,4 @@ def test_metrics_are_prometheus_text(stack, path):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     values = stack.metrics()
     assert values["exclip_workers"] >= 1 and "exclip_queue_wait_seconds_count" in values
-    assert "exclip_compute_seconds_bucket{le=\"+Inf\"}" in values
+    assert 'exclip_compute_seconds_bucket{le="+Inf"}' in values

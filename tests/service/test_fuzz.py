@@ -43,8 +43,15 @@ def test_the_fuzzed_schema_is_the_served_one(fuzz_target):
 
 
 @schema.parametrize()
-@settings(max_examples=30, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                 HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 def test_api_answers_every_generated_request_within_its_schema(case, fuzz_target):
     case.call_and_validate(base_url=fuzz_target, checks=CHECKS, timeout=30)

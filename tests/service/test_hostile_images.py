@@ -92,8 +92,10 @@ def wrong_magic() -> bytes:
     return bytes(data)
 
 
-SVG = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="100" height="100">'
-       b'<circle cx="50" cy="50" r="40" fill="red"/></svg>')
+SVG = (
+    b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="100" height="100">'
+    b'<circle cx="50" cy="50" r="40" fill="red"/></svg>'
+)
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto showpage\n"
 
 # name -> (filename, bytes factory, expected upright (width, height) when accepted, else refusal message)
@@ -105,13 +107,19 @@ ACCEPTED: dict[str, tuple[str, Callable[[], bytes], tuple[int, int]]] = {
     "RGBA PNG": ("alpha.png", lambda: _encode(_photo(30, 30, "RGBA"), "PNG"), (30, 30)),
     "1x1 pixel PNG": ("dot.png", lambda: _encode(Image.new("RGB", (1, 1), "white"), "PNG"), (1, 1)),
     "wide 320x20 PNG (16:1, the most elongated allowed)": (
-        "strip.png", lambda: _encode(Image.new("RGB", (320, 20), "gray"), "PNG"), (320, 20)),
+        "strip.png",
+        lambda: _encode(Image.new("RGB", (320, 20), "gray"), "PNG"),
+        (320, 20),
+    ),
     "JPEG sent as .png": ("photo.png", lambda: _encode(_photo(), "JPEG"), (60, 40)),
 }
 REFUSED: dict[str, tuple[str, Callable[[], bytes], str]] = {
     "3000x2 PNG": ("strip.png", lambda: _encode(Image.new("RGB", (3000, 2), "gray"), "PNG"), "1500:1"),
-    "566-byte 1x250000 PNG": ("line.png", lambda: _encode(Image.new("L", (1, 250_000), 128), "PNG"),
-                              "exceeds 16 times their short side"),
+    "566-byte 1x250000 PNG": (
+        "line.png",
+        lambda: _encode(Image.new("L", (1, 250_000), 128), "PNG"),
+        "exceeds 16 times their short side",
+    ),
     "24000x1 PNG": ("line.png", lambda: _encode(Image.new("L", (24_000, 1), 128), "PNG"), "exceeds 16 times"),
     "wrong magic bytes": ("x.png", wrong_magic, "is not an image in a supported format"),
     "30000x30000 PNG bomb": ("bomb.png", png_bomb, "the limit is 40000000 pixels"),
@@ -120,8 +128,11 @@ REFUSED: dict[str, tuple[str, Callable[[], bytes], str]] = {
     "PNG declaring zero width": ("flat.png", png_zero_width, "declares an empty"),
     "SVG": ("vector.svg", lambda: SVG, "is not an image in a supported format"),
     "EPS (would run Ghostscript)": ("doc.eps", lambda: EPS, "EPS images are not accepted"),
-    "text file named .jpg": ("notes.jpg", lambda: b"Dear diary,\nthis is not a photo.\n",
-                             "is not an image in a supported format"),
+    "text file named .jpg": (
+        "notes.jpg",
+        lambda: b"Dear diary,\nthis is not a photo.\n",
+        "is not an image in a supported format",
+    ),
 }
 
 
@@ -134,15 +145,18 @@ def test_the_png_bomb_is_what_it_claims():
     # The first rows decode (the stream is genuine), which is what a naive server would go on doing.
     z = zlib.decompressobj()
     start = data.index(b"IDAT") + 4
-    assert z.decompress(data[start:start + 20000], 1_000_000) == b"\0" * 1_000_000
+    assert z.decompress(data[start : start + 20000], 1_000_000) == b"\0" * 1_000_000
 
 
 @pytest.mark.parametrize("case", list(ACCEPTED))
 def test_unusual_but_valid_image_is_explained(stack, case):
     filename, make, (width, height) = ACCEPTED[case]
     with stack.client() as c:
-        r = c.post("/explain", files={"image": (filename, make())},
-                   data={"caption": "a thing", "steps": "2", "box": f"0,0,{width},{height}"})
+        r = c.post(
+            "/explain",
+            files={"image": (filename, make())},
+            data={"caption": "a thing", "steps": "2", "box": f"0,0,{width},{height}"},
+        )
     assert r.status_code == 200, r.text
     job = r.json()
     assert job["status"] == "done"

@@ -49,38 +49,63 @@ CASES = {
     "span beyond caption": (form({"caption": "a dog", "span": "0:40"}), 422, "the caption has 5 characters"),
     "span on missing caption": (form({"caption": "a dog", "span": "3:0:1"}), 422, "refers to caption 3"),
     "malformed token range": (form({"caption": "a dog", "token_range": "1-2"}), 422, "malformed"),
-    "token range beyond tokens": (body(captions=[{"text": "a dog", "selections": [{"tokens": [1, 9]}]}]),
-                                  422, "the caption has 4 tokens"),
+    "token range beyond tokens": (
+        body(captions=[{"text": "a dog", "selections": [{"tokens": [1, 9]}]}]),
+        422,
+        "the caption has 4 tokens",
+    ),
     "malformed box": (form({"caption": "a dog", "box": "1,2,3"}), 422, "box '1,2,3' is malformed"),
     "empty box": (form({"caption": "a dog", "box": "30,30,10,10"}), 422, "need x0 < x1"),
-    "box outside image": (form({"caption": "a dog", "box": "100,100,200,200"}), 422,
-                          "outside the 48x48 image"),
-    "two selection kinds": (body(captions=[{"text": "a dog",
-                                            "selections": [{"span": [0, 1], "box": [0, 0, 1, 1]}]}]),
-                            422, "exactly one of span, tokens, box"),
+    "box outside image": (
+        form({"caption": "a dog", "box": "100,100,200,200"}),
+        422,
+        "outside the 48x48 image",
+    ),
+    "two selection kinds": (
+        body(captions=[{"text": "a dog", "selections": [{"span": [0, 1], "box": [0, 0, 1, 1]}]}]),
+        422,
+        "exactly one of span, tokens, box",
+    ),
     "bad base64": (body(image="!!not base64!!"), 422, "not valid base64"),
     "base64 of text": (body(image=b64(b"plain text")), 422, "not an image"),
-    "not JSON": ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
-                 "not valid JSON"),
+    "not JSON": (
+        {"content": b"{not json", "headers": {"content-type": "application/json"}},
+        400,
+        "not valid JSON",
+    ),
     "unknown JSON field": (body(colour="red"), 422, "colour"),
-    "unknown form field": (form({"caption": "a dog", "captions": "x"}), 422,
-                           "unknown form field(s) captions"),
-    "wrong content type": ({"content": b"a dog", "headers": {"content-type": "text/plain"}}, 415,
-                           "unsupported content type"),
+    "unknown form field": (
+        form({"caption": "a dog", "captions": "x"}),
+        422,
+        "unknown form field(s) captions",
+    ),
+    "wrong content type": (
+        {"content": b"a dog", "headers": {"content-type": "text/plain"}},
+        415,
+        "unsupported content type",
+    ),
     "negative wait": (body(wait=-1), 422, "wait"),
-    "wait not a number": (form({"caption": "a dog", "wait": "NaN"}), 422,
-                          "wait: Input should be a finite number"),
+    "wait not a number": (
+        form({"caption": "a dog", "wait": "NaN"}),
+        422,
+        "wait: Input should be a finite number",
+    ),
     "infinite wait": (form({"caption": "a dog", "wait": "inf"}), 422, "finite number"),
     "caption too long offers no truncation": (body(captions=["dog " * 80]), 422, "shorten the caption"),
     "caption over the character limit": (body(captions=["a" * 1001]), 422, "the limit is 1000"),
     "quadratic-cleaning caption": (body(captions=["&" + "amp;" * 4000 + " dog"]), 422, "16005 characters"),
     "control-token text": (body(captions=["a photo <end_of_text> of a red ball"]), 422, "control tokens"),
     "control-token text, other case": (body(captions=["a <START_OF_TEXT> dog"]), 422, "control tokens"),
-    "box outside the crop region": (form({"caption": "a dog", "box": "0,0,10,10"}, image=WIDE), 422,
-                                    "crop_box [24.0, 0.0, 72.0, 48.0]"),
-    "unclosed multipart body": ({"content": UNCLOSED_MULTIPART,
-                                 "headers": {"content-type": "multipart/form-data; boundary=XX"}}, 400,
-                                "does not end with the closing boundary"),
+    "box outside the crop region": (
+        form({"caption": "a dog", "box": "0,0,10,10"}, image=WIDE),
+        422,
+        "crop_box [24.0, 0.0, 72.0, 48.0]",
+    ),
+    "unclosed multipart body": (
+        {"content": UNCLOSED_MULTIPART, "headers": {"content-type": "multipart/form-data; boundary=XX"}},
+        400,
+        "does not end with the closing boundary",
+    ),
 }
 
 
@@ -114,7 +139,7 @@ def test_oversized_upload_is_413_with_or_without_content_length(stack):
 
         def chunks():
             for i in range(0, len(big), 1 << 20):
-                yield big[i:i + (1 << 20)]
+                yield big[i : i + (1 << 20)]
 
         streamed = c.post("/explain", content=chunks(), headers={"content-type": "application/json"})
     for r in (declared, streamed):
@@ -124,6 +149,7 @@ def test_oversized_upload_is_413_with_or_without_content_length(stack):
 
 
 # In-process checks of the HTTP surface (no worker needed): the app object itself, no queue traffic.
+
 
 @pytest.fixture(scope="module")
 def app_client():
@@ -159,9 +185,15 @@ def test_bearer_with_any_whitespace_is_accepted(app_client, header):
     assert app_client.get("/models", headers={"Authorization": header}).status_code == 200
 
 
-@pytest.mark.parametrize(("header", "words"), [
-    (None, "missing API key"), ("Bearer", "malformed Authorization header"),
-    ("Basic k3y", "malformed Authorization header"), ("Bearer\twrong", "invalid API key")])
+@pytest.mark.parametrize(
+    ("header", "words"),
+    [
+        (None, "missing API key"),
+        ("Bearer", "malformed Authorization header"),
+        ("Basic k3y", "malformed Authorization header"),
+        ("Bearer\twrong", "invalid API key"),
+    ],
+)
 def test_auth_failures_say_which(app_client, header, words):
     r = app_client.get("/models", headers={"Authorization": header} if header else {})
     assert r.status_code == 401 and r.json()["detail"].startswith(words)
@@ -177,9 +209,14 @@ def test_form_schema_is_generated_from_the_options_model(app_client):
     assert form["properties"]["text_layer"]["type"] == "integer"  # a form field is absent, never null
 
 
-@given(field=st.sampled_from(["span", "token_range", "box"]),
-       value=st.one_of(st.text(max_size=40), st.from_regex(r"-?\d{1,4}(:-?\d{1,4}){1,2}", fullmatch=True),
-                       st.from_regex(r"(\d:)?(-?\d{1,5}(\.\d*)?,){3}-?\d{1,5}(\.\d*)?", fullmatch=True)))
+@given(
+    field=st.sampled_from(["span", "token_range", "box"]),
+    value=st.one_of(
+        st.text(max_size=40),
+        st.from_regex(r"-?\d{1,4}(:-?\d{1,4}){1,2}", fullmatch=True),
+        st.from_regex(r"(\d:)?(-?\d{1,5}(\.\d*)?,){3}-?\d{1,5}(\.\d*)?", fullmatch=True),
+    ),
+)
 @settings(max_examples=300, deadline=None)
 def test_any_selection_string_is_a_selection_or_a_422(field, value):
     from service.errors import RequestInvalid
@@ -203,8 +240,9 @@ def test_any_heatmap_selection_string_is_a_selection_or_a_422(kind, value):
     from service.routers.heatmap import selection_heatmap
 
     try:
-        heat, outline = selection_heatmap(CAPTION_RESULT, **{"span": None, "tokens": None, "box": None,
-                                                             kind: value})
+        heat, outline = selection_heatmap(
+            CAPTION_RESULT, **{"span": None, "tokens": None, "box": None, kind: value}
+        )
     except HTTPException as exc:
         assert exc.status_code == 422 and exc.detail
         return
@@ -212,12 +250,23 @@ def test_any_heatmap_selection_string_is_a_selection_or_a_422(kind, value):
 
 
 CAPTION_RESULT = {  # one caption of a result (as Explanation.to_dict gives it): "a dog", a 4x4 grid
-    "caption": "a dog", "model": {"name": "exclip-tiny", "pretrained": None}, "options": {},
-    "tokens": [{"index": i, "text": text, "start": start, "end": end} for i, (text, start, end) in
-               enumerate([("<start_of_text>", 0, 0), ("a", 0, 1), ("dog", 2, 5), ("<end_of_text>", 5, 5)])],
+    "caption": "a dog",
+    "model": {"name": "exclip-tiny", "pretrained": None},
+    "options": {},
+    "tokens": [
+        {"index": i, "text": text, "start": start, "end": end}
+        for i, (text, start, end) in enumerate(
+            [("<start_of_text>", 0, 0), ("a", 0, 1), ("dog", 2, 5), ("<end_of_text>", 5, 5)]
+        )
+    ],
     "image": {"width": 96, "height": 48, "crop_box": [24.0, 0.0, 72.0, 48.0], "patch_size": [12.0, 12.0]},
-    "grid": {"rows": 4, "cols": 4}, "interactions": [[[0.5] * 4] * 4] * 4, "cls": [0.0] * 4, "score": 0.1,
-    "completeness": {f.name: 0.0 for f in dataclasses.fields(Completeness)}, "selections": []}
+    "grid": {"rows": 4, "cols": 4},
+    "interactions": [[[0.5] * 4] * 4] * 4,
+    "cls": [0.0] * 4,
+    "score": 0.1,
+    "completeness": {f.name: 0.0 for f in dataclasses.fields(Completeness)},
+    "selections": [],
+}
 
 
 def _dribble(url: str, first: bytes, then: bytes, every_s: float, for_s: float) -> tuple[float, bytes]:
@@ -236,7 +285,7 @@ def _dribble(url: str, first: bytes, then: bytes, every_s: float, for_s: float) 
             if time.monotonic() - start > for_s:
                 return float("inf"), b""
             try:
-                sock.sendall(then[i % len(then): i % len(then) + 1] if then else b"")
+                sock.sendall(then[i % len(then) : i % len(then) + 1] if then else b"")
             except OSError:  # closed by the server
                 return time.monotonic() - start, b""
     raise AssertionError("unreachable")
@@ -258,8 +307,9 @@ def impatient_service(session_launcher):
 
 
 def test_client_dribbling_its_headers_is_disconnected(impatient_service):
-    took, _ = _dribble(impatient_service, b"GET /healthz HTTP/1.1\r\nHost: x\r\n", b"X-Slow: aaaa",
-                       every_s=0.3, for_s=30)
+    took, _ = _dribble(
+        impatient_service, b"GET /healthz HTTP/1.1\r\nHost: x\r\n", b"X-Slow: aaaa", every_s=0.3, for_s=30
+    )
     assert took < 30, "the server kept a connection whose headers never ended"
 
 
@@ -269,16 +319,23 @@ def test_idle_connection_is_closed(impatient_service):
 
 
 def test_client_dribbling_its_body_gets_408(impatient_service):
-    head = (b"POST /explain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100000\r\n\r\n{\"captions\": [")
+    head = (
+        b"POST /explain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100000\r\n\r\n{"captions": ['
+    )
     took, reply = _dribble(impatient_service, head, b'"a", ', every_s=0.3, for_s=30)
     assert took < 30 and reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert b"too slowly" in reply
 
 
-@pytest.mark.parametrize(("flag", "value", "words"), [("--span", "2:a", "span '2:a' is malformed"),
-                                                      ("--span", "5:2", "empty or negative"),
-                                                      ("--box", "1,2,3", "box '1,2,3' is malformed")])
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--span", "2:a", "span '2:a' is malformed"),
+        ("--span", "5:2", "empty or negative"),
+        ("--box", "1,2,3", "box '1,2,3' is malformed"),
+    ],
+)
 def test_cli_checks_selections_with_the_library_syntax(capsys, flag, value, words):
     from service.cli import build_parser
 

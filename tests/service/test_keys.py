@@ -59,15 +59,21 @@ def test_serve_with_a_bad_keys_file_exits_naming_the_file(launcher, tmp_path, co
 
 @pytest.mark.slow  # three processes start: about a minute on a busy 2-core machine
 def test_replicas_sharing_the_secret_serve_each_others_jobs_and_redis_holds_only_the_tag(
-        launcher, redis_server):
+    launcher, redis_server
+):
     env = {"EXCLIP_API_KEYS": KEY, "EXCLIP_OWNER_SECRET": "shared-across-replicas"}
     first, second = launcher.api(**env), launcher.api(**env)
     launcher.worker()
     for api in (first, second):
         api.wait_ready(timeout_s=180)
     auth = {"Authorization": f"Bearer {KEY}"}
-    r = httpx.post(first.url + "/jobs", headers=auth, files={"image": ("x.png", png_bytes())},
-                   data={"caption": "a dog", "steps": "1"}, timeout=30)
+    r = httpx.post(
+        first.url + "/jobs",
+        headers=auth,
+        files={"image": ("x.png", png_bytes())},
+        data={"caption": "a dog", "steps": "1"},
+        timeout=30,
+    )
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     deadline = time.monotonic() + 60

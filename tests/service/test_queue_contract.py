@@ -41,8 +41,15 @@ async def budget_queue(request, redis_server, key_prefix):
 
 
 def make_job(model: str = MODEL, steps: int = 10) -> Job:
-    request = JobRequest(model=model, text_layer=2, image_layer=2, steps=steps, precision="float32",
-                         format="json", captions=(CaptionRequest("a dog", (Span(0, 1), Box(0, 0, 2, 2))),))
+    request = JobRequest(
+        model=model,
+        text_layer=2,
+        image_layer=2,
+        steps=steps,
+        precision="float32",
+        format="json",
+        captions=(CaptionRequest("a dog", (Span(0, 1), Box(0, 0, 2, 2))),),
+    )
     return Job(request=request, owner="h")
 
 
@@ -218,7 +225,10 @@ async def test_byte_budget_evicts_finished_images_then_results_oldest_first(budg
     assert await q.image(big.id) == b"b" * 650 and await q.image(newer.id) == b"n" * 250
     kept = [await q.get(j.id) for j in jobs]
     assert [(j.status, j.evicted, j.result is None) for j in kept] == [
-        (JobStatus.DONE, True, True), (JobStatus.DONE, True, True), (JobStatus.DONE, False, False)]
+        (JobStatus.DONE, True, True),
+        (JobStatus.DONE, True, True),
+        (JobStatus.DONE, False, False),
+    ]
 
 
 async def test_wait_finished_wakes_when_the_job_finishes(queue):

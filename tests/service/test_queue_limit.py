@@ -16,8 +16,12 @@ def test_full_queue_gives_429_and_the_queued_jobs_finish(launcher, redis_server)
     api.wait_ready()
     worker.send_signal(signal.SIGSTOP)  # a stalled worker: jobs pile up
     try:
-        post = lambda: httpx.post(api.url + "/jobs", files={"image": ("x.png", png_bytes())},  # noqa: E731
-                                  data={"caption": "a dog", "steps": "2"}, timeout=30)
+        post = lambda: httpx.post(  # noqa: E731
+            api.url + "/jobs",
+            files={"image": ("x.png", png_bytes())},
+            data={"caption": "a dog", "steps": "2"},
+            timeout=30,
+        )
         accepted = [post(), post()]
         assert [r.status_code for r in accepted] == [202, 202]
         stream = f"{launcher.key_prefix}:stream:exclip-tiny"

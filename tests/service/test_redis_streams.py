@@ -26,8 +26,17 @@ async def queue(redis_server, key_prefix):
 
 
 def job() -> Job:
-    return Job(request=JobRequest(model=MODEL, text_layer=2, image_layer=2, steps=3, precision="float32",
-                                  format="json", captions=(CaptionRequest("a"),)))
+    return Job(
+        request=JobRequest(
+            model=MODEL,
+            text_layer=2,
+            image_layer=2,
+            steps=3,
+            precision="float32",
+            format="json",
+            captions=(CaptionRequest("a"),),
+        )
+    )
 
 
 async def test_every_key_the_service_writes_expires(queue, redis_server, key_prefix):

@@ -21,8 +21,14 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 
 
@@ -33,7 +39,7 @@ def image_png() -> bytes:
     rng = np.random.default_rng(7)
     y, x = np.mgrid[0:height, 0:width]
     arr = np.stack([x * 255 // width, np.full_like(x, 90), y * 255 // height], axis=-1).astype(np.uint8)
-    arr[height // 4: height // 2, width // 3: width // 2] = (250, 240, 30)  # a yellow block
+    arr[height // 4 : height // 2, width // 3 : width // 2] = (250, 240, 30)  # a yellow block
     arr = np.clip(arr.astype(int) + rng.integers(-20, 20, arr.shape), 0, 255).astype(np.uint8)
     out = io.BytesIO()
     Image.fromarray(arr, "RGB").save(out, format="PNG")
@@ -60,10 +66,16 @@ def explain(api: httpx.Client):
     return lambda *args, **kwargs: _explain(api, *args, **kwargs)
 
 
-def _explain(api: httpx.Client, image: bytes, caption: str, selections: list[dict] | None = None,
-             **options) -> dict:
-    body = {"image": base64.b64encode(image).decode(), "wait": 60, "format": "json",
-            "captions": [{"text": caption, "selections": selections or []}], **options}
+def _explain(
+    api: httpx.Client, image: bytes, caption: str, selections: list[dict] | None = None, **options
+) -> dict:
+    body = {
+        "image": base64.b64encode(image).decode(),
+        "wait": 60,
+        "format": "json",
+        "captions": [{"text": caption, "selections": selections or []}],
+        **options,
+    }
     response = api.post("/explain", json=body)
     assert response.status_code == 200, response.text
     job = response.json()

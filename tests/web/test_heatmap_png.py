@@ -53,8 +53,11 @@ def test_selection_draws_the_api_heatmap(api, job, selection):
     """At alpha=1 the crop box shows exactly the colormap of the API's heatmap for that selection."""
     caption = job["result"]["captions"][0]
     kind, value = next(iter(selection.items()))
-    api_heat = np.asarray(next(s for s in caption["selections"] if s["kind"] == kind
-                               and f"{s['start']}:{s['end']}" == value)["heatmap"])
+    api_heat = np.asarray(
+        next(s for s in caption["selections"] if s["kind"] == kind and f"{s['start']}:{s['end']}" == value)[
+            "heatmap"
+        ]
+    )
     image = np.asarray(png(api, job["id"], alpha=1, **selection)).astype(int)
     values, inside = upsample(api_heat, caption["image"]["crop_box"], image.shape[1], image.shape[0])
     expected = colormap(values, symmetric_limit(api_heat)).astype(int)
@@ -70,7 +73,7 @@ def test_outside_crop_box_and_alpha(api, job, image_png):
     image = np.asarray(png(api, job["id"], alpha=0.5)).astype(int)
     left = int(crop[0])
     assert (image[:, :left] == original[:, :left]).all()
-    assert np.abs(image[:, left:int(crop[2])] - original[:, left:int(crop[2])]).max() > 10
+    assert np.abs(image[:, left : int(crop[2])] - original[:, left : int(crop[2])]).max() > 10
     assert (np.asarray(png(api, job["id"], alpha=0)).astype(int) == original).all()
 
 
@@ -109,17 +112,20 @@ def test_base64_job_gives_the_same_png(api, explain, image_png, job):
     assert np.abs(a - b).max() <= 1
 
 
-@pytest.mark.parametrize(("params", "words"), [
-    ({"tokens": "5:2"}, "token"),
-    ({"tokens": "1:999"}, "token"),
-    ({"span": "abc"}, "START:END"),
-    ({"tokens": "1:2:3"}, "malformed"),
-    ({"box": "1,2,3"}, "x0,y0,x1,y1"),
-    ({"box": "500,500,600,600"}, "outside"),
-    ({"box": "0,0,10,64"}, "crop_box"),
-    ({"span": "0:3", "box": "0,0,10,10"}, "at most one"),
-    ({"caption": "3"}, "out of range"),
-])
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        ({"tokens": "5:2"}, "token"),
+        ({"tokens": "1:999"}, "token"),
+        ({"span": "abc"}, "START:END"),
+        ({"tokens": "1:2:3"}, "malformed"),
+        ({"box": "1,2,3"}, "x0,y0,x1,y1"),
+        ({"box": "500,500,600,600"}, "outside"),
+        ({"box": "0,0,10,64"}, "crop_box"),
+        ({"span": "0:3", "box": "0,0,10,10"}, "at most one"),
+        ({"caption": "3"}, "out of range"),
+    ],
+)
 def test_bad_selection_is_422_with_a_message(api, job, params, words):
     response = api.get(f"/jobs/{job['id']}/heatmap.png", params=params)
     assert response.status_code == 422, response.text

@@ -67,15 +67,17 @@ def page(browser, service_url, image_file, screenshots):
 
 
 def overlay_pixels(page, points: list[tuple[int, int]]) -> np.ndarray:
-    return np.asarray(page.evaluate(
-        """(pts) => { const c = document.getElementById('overlay');
+    return np.asarray(
+        page.evaluate(
+            """(pts) => { const c = document.getElementById('overlay');
                       const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
                       return pts.map(([x, y]) => {
                         const o = (y * c.width + x) * 4;
                         return Array.from(d.slice(o, o + 4));
                       }); }""",
-        points,
-    ))
+            points,
+        )
+    )
 
 
 def token_box(page, index: int) -> dict:
@@ -83,7 +85,7 @@ def token_box(page, index: int) -> dict:
 
 
 def rgb_of(css: str) -> np.ndarray:
-    return np.asarray([int(v) for v in css[css.index("(") + 1: css.index(")")].split(",")[:3]])
+    return np.asarray([int(v) for v in css[css.index("(") + 1 : css.index(")")].split(",")[:3]])
 
 
 def test_page_served_without_external_resources(api):
@@ -120,12 +122,15 @@ def test_progress_was_shown_while_the_job_ran(page):
 
 def test_drop_an_image(browser, service_url, image_png):
     page = open_page(browser, service_url, LAPTOP)
-    page.evaluate("""(bytes) => {
+    page.evaluate(
+        """(bytes) => {
         const dt = new DataTransfer();
         dt.items.add(new File([new Uint8Array(bytes)], 'dropped.png', {type: 'image/png'}));
         const drop = new DragEvent('drop', {dataTransfer: dt, bubbles: true});
         document.getElementById('dropzone').dispatchEvent(drop);
-      }""", list(image_png))
+      }""",
+        list(image_png),
+    )
     page.wait_for_selector("#stage:not([hidden])")
     assert "dropped.png" in page.text_content("#file-name")
     page.close()
@@ -204,8 +209,9 @@ def test_drawn_box_colours_tokens_like_api(page, explain, image_png, screenshots
     assert page.is_visible("#box-rect") and page.is_visible("#token-legend")
     page.screenshot(path=screenshots / "04-box-drawn.png", full_page=True)
 
-    scores = np.asarray(explain(image_png, CAPTION, [{"box": box}])["result"]["captions"][0]
-                        ["selections"][0]["token_scores"])
+    scores = np.asarray(
+        explain(image_png, CAPTION, [{"box": box}])["result"]["captions"][0]["selections"][0]["token_scores"]
+    )
     limit = symmetric_limit(scores)
     n = page.locator("#tokens .token").count()
     assert n == len(scores)
@@ -310,4 +316,3 @@ def test_api_key_field(browser, session_launcher, image_file, screenshots):
     assert explain_on_page(page, image_file)
     page.close()
     proc.stop()
-

@@ -92,8 +92,9 @@ def test_large_image_is_rendered_at_max_side_with_the_same_picture():
     big = Image.new("RGB", (6000, 3000), (100, 150, 200))
     out = render_overlay(big, heat, (1500, 0, 4500, 3000), alpha=1.0)
     assert out.size == (MAX_SIDE, MAX_SIDE // 2)
-    small = render_overlay(Image.new("RGB", (2048, 1024), (100, 150, 200)), heat, (512, 0, 1536, 1024),
-                           alpha=1.0)
+    small = render_overlay(
+        Image.new("RGB", (2048, 1024), (100, 150, 200)), heat, (512, 0, 1536, 1024), alpha=1.0
+    )
     assert np.abs(np.asarray(out).astype(int) - np.asarray(small)).max() <= 1
     assert render_overlay(big, heat, (1500, 0, 4500, 3000), max_side=300).size == (300, 150)
 
@@ -115,5 +116,5 @@ def test_legend_bar_runs_from_blue_to_red_with_labels():
     blue, white, red = (np.array(s[1]) for s in COLORMAP_STOPS)
     assert (bar_row[margin] == blue).all() and (bar_row[240 - margin - 1] == red).all()
     assert np.abs(bar_row[120] - white).max() <= 8  # the middle of the bar is zero: white
-    labels = band[6 + max(6, band.shape[0] // 3):]
+    labels = band[6 + max(6, band.shape[0] // 3) :]
     assert (labels.sum(axis=2) < 200).any()  # dark label text below the bar (-2, 0, 2)

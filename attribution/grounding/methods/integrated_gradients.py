@@ -27,8 +27,9 @@ def texts_of(batch: Batch, text: str) -> list[list[str]]:
     return [[s.phrase_text(i) for i in range(len(s.phrases))] for s in batch.samples]
 
 
-def integrated_gradients(similarity: ImageSimilarity, hidden: Tensor, reference: Tensor, texts: Tensor,
-                         steps: int) -> Tensor:
+def integrated_gradients(
+    similarity: ImageSimilarity, hidden: Tensor, reference: Tensor, texts: Tensor, steps: int
+) -> Tensor:
     """Attributions (K, S) of one image's hidden states (S, W) for K unit text embeddings."""
     alphas = interpolation_points(steps).to(dtype=hidden.dtype, device=hidden.device)
     delta = hidden - reference
@@ -52,7 +53,7 @@ class IntegratedGradients(GroundingMethod):
     ) -> list[list[Tensor]]:
         similarity = ImageSimilarity(loaded, image_layer)
         hidden = similarity.hidden(batch.tensors)
-        reference = similarity.reference(tuple(batch.tensors.shape[-2:]))
+        reference = similarity.reference((batch.tensors.shape[-2], batch.tensors.shape[-1]))
         rows, cols = loaded.grid
         out = []
         for h, sample, texts in zip(hidden, batch.samples, texts_of(batch, self.text), strict=True):

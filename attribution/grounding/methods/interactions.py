@@ -24,7 +24,10 @@ from attribution.selections import Span
 TARGETS = ("phrase", "caption")
 
 # Batch -> {(model id, text layer, image layer, steps): ({target: heatmaps}, seconds)}
-_MEMO: weakref.WeakKeyDictionary[Batch, dict] = weakref.WeakKeyDictionary()
+_Heatmaps = dict[str, list[list[torch.Tensor]]]  # target -> per sample, per phrase
+_MEMO: weakref.WeakKeyDictionary[Batch, dict[tuple[int, int, int, int], tuple[_Heatmaps, float]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class Interactions(GroundingMethod):
@@ -66,7 +69,11 @@ def _readouts(
     )
     out: dict[str, list[list[torch.Tensor]]] = {"phrase": [], "caption": []}
     for (explanation,), sample in zip(explained, batch.samples, strict=True):
-        out["phrase"].append([s.heatmap.float() for s in explanation.selections])
+        phrase_maps = []
+        for s in explanation.selections:
+            assert s.heatmap is not None  # span selections always carry a heatmap
+            phrase_maps.append(s.heatmap.float())
+        out["phrase"].append(phrase_maps)
         whole = explanation.result.interactions.sum(dim=0).float()
         out["caption"].append([whole] * len(sample.phrases))
     return out

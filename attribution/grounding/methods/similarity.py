@@ -10,6 +10,7 @@ reference is the engine's: an all-zero input image, run to the same cut.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,19 +46,23 @@ class ImageSimilarity:
         ids = torch.stack(
             [tokenize_caption(t, self.loaded, context_length=self.loaded.context_length)[0] for t in texts]
         )
-        embedding = self.loaded.model.encode_text(ids.to(self.loaded.device)).float()
-        return embedding / embedding.norm(dim=-1, keepdim=True)
+        clip: Any = self.loaded.model  # open_clip's CLIP is untyped
+        embedding: Tensor = clip.encode_text(ids.to(self.loaded.device)).float()
+        unit: Tensor = embedding / embedding.norm(dim=-1, keepdim=True)
+        return unit
 
     def embed(self, hidden: Tensor) -> Tensor:
         """Image embeddings (M, E) of hidden states (M, S, W) at the cut."""
         pool = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        return embed(self.tail, hidden, pool)
+        embedding: Tensor = embed(self.tail, hidden, pool)
+        return embedding
 
     def similarity(self, hidden: Tensor, texts: Tensor) -> Tensor:
         """cos similarity (K, M) of K unit text embeddings with the images of hidden states (M, S, W)."""
         with torch.no_grad():
             image = self.embed(hidden)
-        return texts @ (image / image.norm(dim=-1, keepdim=True)).T
+        cosine: Tensor = texts @ (image / image.norm(dim=-1, keepdim=True)).T
+        return cosine
 
     def gradients(self, hidden: Tensor, texts: Tensor) -> Tensor:
         """∂cos(text_k, image(hidden_m)) / ∂hidden_m for K unit texts and M points → (K, M, S, W).

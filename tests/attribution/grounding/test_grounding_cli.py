@@ -24,12 +24,19 @@ def test_runner_computes_each_method_once_per_layer_setting_it_reads(tiny_model)
     pairs = [(0, 2), (1, 2)]
     result = run_benchmark(tiny_model, samples, methods, pairs, batch_size=2, n_examples=3)
     runs = {(s.method, s.layers) for s in result.scores}
-    assert runs == {("random", (None, None)), ("ig-phrase", (None, 2)),
-                    ("interactions", (0, 2)), ("interactions", (1, 2))}
+    assert runs == {
+        ("random", (None, None)),
+        ("ig-phrase", (None, 2)),
+        ("interactions", (0, 2)),
+        ("interactions", (1, 2)),
+    }
     assert len(result.scores) == 4 * n_phrases
     assert [(c.method, c.captions, c.phrases) for c in result.costs] == [
-        ("random", 5, n_phrases), ("ig-phrase", 5, n_phrases),
-        ("interactions", 5, n_phrases), ("interactions", 5, n_phrases)]
+        ("random", 5, n_phrases),
+        ("ig-phrase", 5, n_phrases),
+        ("interactions", 5, n_phrases),
+        ("interactions", 5, n_phrases),
+    ]
     assert all(c.seconds > 0 and c.image_forward_s > 0 for c in result.costs)
     overall = {(s.method, s.layers): s for s in result.summaries() if s.group == "all"}
     hits = sum(s.hit for s in result.scores if s.method == "random")
@@ -72,8 +79,24 @@ def test_runs_over_sample_slices_merge_into_the_whole(tiny_model, tmp_path):
     parts = []
     for skip in (0, 2):
         out = tmp_path / f"s{skip}.json"
-        assert main([*TINY, "--n", "2", "--skip", str(skip), "--seed", "9", "--methods", "random",
-                     "--json", str(out)]) == 0
+        assert (
+            main(
+                [
+                    *TINY,
+                    "--n",
+                    "2",
+                    "--skip",
+                    str(skip),
+                    "--seed",
+                    "9",
+                    "--methods",
+                    "random",
+                    "--json",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         parts.append(read_json(out)[1])
     whole_json = str(tmp_path / "w.json")
     assert main([*TINY, "--n", "4", "--seed", "9", "--methods", "random", "--json", whole_json]) == 0
@@ -86,9 +109,29 @@ def test_runs_over_sample_slices_merge_into_the_whole(tiny_model, tmp_path):
 
 def test_cli_on_scenes_prints_tables_and_writes_json_and_figure(tmp_path, capsys):
     out_json, out_png = tmp_path / "g.json", tmp_path / "g.png"
-    code = main([*TINY, "--n", "4", "--seed", "1", "--methods", "random,ig-phrase,interactions",
-                 "--layers", "2/2", "--steps", "2", "--batch-size", "2",
-                 "--json", str(out_json), "--figure", str(out_png), "--examples", "3"])
+    code = main(
+        [
+            *TINY,
+            "--n",
+            "4",
+            "--seed",
+            "1",
+            "--methods",
+            "random,ig-phrase,interactions",
+            "--layers",
+            "2/2",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--json",
+            str(out_json),
+            "--figure",
+            str(out_png),
+            "--examples",
+            "3",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "Pointing game (centre rule)" in printed and "| interactions | 2/2 |" in printed
@@ -103,28 +146,57 @@ def test_cli_on_scenes_prints_tables_and_writes_json_and_figure(tmp_path, capsys
 
 def test_cli_reads_coco_and_groups_by_category(tmp_path, capsys):
     Image.new("RGB", (64, 48), (10, 120, 10)).save(tmp_path / "1.png")
-    (tmp_path / "captions.json").write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "1.png"}],
-        "annotations": [{"id": 5, "image_id": 1, "caption": "a cat next to a dog"}]}))
-    (tmp_path / "instances.json").write_text(json.dumps({
-        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
-        "annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20]},
-                        {"image_id": 1, "category_id": 2, "bbox": [30, 20, 30, 25]}]}))
-    code = main([*TINY, "--dataset", "coco", "--captions", str(tmp_path / "captions.json"),
-                 "--instances", str(tmp_path / "instances.json"), "--images", str(tmp_path),
-                 "--methods", "random", "--json", str(tmp_path / "c.json")])
+    (tmp_path / "captions.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "1.png"}],
+                "annotations": [{"id": 5, "image_id": 1, "caption": "a cat next to a dog"}],
+            }
+        )
+    )
+    (tmp_path / "instances.json").write_text(
+        json.dumps(
+            {
+                "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+                "annotations": [
+                    {"image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20]},
+                    {"image_id": 1, "category_id": 2, "bbox": [30, 20, 30, 25]},
+                ],
+            }
+        )
+    )
+    code = main(
+        [
+            *TINY,
+            "--dataset",
+            "coco",
+            "--captions",
+            str(tmp_path / "captions.json"),
+            "--instances",
+            str(tmp_path / "instances.json"),
+            "--images",
+            str(tmp_path),
+            "--methods",
+            "random",
+            "--json",
+            str(tmp_path / "c.json"),
+        ]
+    )
     assert code == 0
     assert "cat (n=1)" in capsys.readouterr().out
     groups = {s["group"] for s in json.loads((tmp_path / "c.json").read_text())["summaries"]}
     assert groups == {"cat", "dog", "all"}
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--layers", "9/0"], "out of range"),
-    (["--layers", "one"], "TEXT/IMAGE"),
-    (["--methods", "saliency"], "unknown method"),
-    (["--dataset", "coco", "--images", "."], "--captions"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layers", "9/0"], "out of range"),
+        (["--layers", "one"], "TEXT/IMAGE"),
+        (["--methods", "saliency"], "unknown method"),
+        (["--dataset", "coco", "--images", "."], "--captions"),
+    ],
+)
 def test_cli_bad_options_exit_2_with_a_message(args, message, capsys):
     assert main([*TINY, "--n", "1", *args]) == 2
     assert message in capsys.readouterr().err

@@ -33,8 +33,12 @@ def coco(tmp_path: Path) -> tuple[Path, Path, Path]:
         ],
     }
     instances = {
-        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 58, "name": "hot dog"},
-                       {"id": 63, "name": "couch"}],
+        "categories": [
+            {"id": 1, "name": "person"},
+            {"id": 18, "name": "dog"},
+            {"id": 58, "name": "hot dog"},
+            {"id": 63, "name": "couch"},
+        ],
         "annotations": [
             {"image_id": 1, "category_id": 18, "bbox": [1, 2, 10, 5]},
             {"image_id": 1, "category_id": 18, "bbox": [20, 3, 4.5, 6]},
@@ -72,8 +76,11 @@ def test_coco_malformed_files_raise_annotation_errors(coco, tmp_path):
     broken.write_text(json.dumps({"images": []}))
     with pytest.raises(AnnotationError, match="annotations"):
         read_coco(captions, broken, images)
-    broken.write_text(json.dumps({"annotations": [{"image_id": 1, "category_id": 99, "bbox": [0, 0, 1, 1]}],
-                                  "categories": []}))
+    broken.write_text(
+        json.dumps(
+            {"annotations": [{"image_id": 1, "category_id": 99, "bbox": [0, 0, 1, 1]}], "categories": []}
+        )
+    )
     with pytest.raises(AnnotationError, match="malformed"):
         read_coco(captions, broken, images)
 
