@@ -47,9 +47,21 @@ class RedisServer:
 
     def start(self, timeout_s: float = 10.0) -> None:
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout_s
         while True:
@@ -91,14 +103,23 @@ def save_tiny_checkpoint(directory: Path, seed: int = 0) -> str:
 class Process:
     """One subprocess (default: ``python -m service.cli ARGS``); its stdout and stderr go to a log file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_dir: Path, port: int | None = None, *,
-                 argv: list[str] | None = None, name: str | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        log_dir: Path,
+        port: int | None = None,
+        *,
+        argv: list[str] | None = None,
+        name: str | None = None,
+    ) -> None:
         self.args, self.env = args, env
         self.url = f"http://127.0.0.1:{port}" if port else None
         self.log_path = log_dir / f"{name or args[0]}-{uuid.uuid4().hex[:8]}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv or [*SERVICE_CLI, *args], env=env, cwd=ROOT,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            argv or [*SERVICE_CLI, *args], env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     @property
     def output(self) -> str:
@@ -195,8 +216,6 @@ class ServiceLauncher:
     def close(self) -> None:
         for proc in self.processes:
             proc.stop(timeout_s=15)
-
-
 
 
 def distinct_captions(text: str, n: int) -> list[str]:
