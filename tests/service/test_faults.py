@@ -473,7 +473,7 @@ def test_a_batch_longer_than_the_ttl_keeps_its_stream_record_and_image(private_s
         time.sleep(0.2)
     assert time.monotonic() - started > 4, "the batch was not longer than the TTL: the test proves nothing"
     [done] = wait_finished(api.url, [long_job])
-    assert done["status"] == "done" and len(done["result"]["captions"]) == 4
+    assert done["status"] == "done" and len(done["result"]["captions"]) == 8
     assert "vanished" not in worker.output
 
 
