@@ -40,6 +40,9 @@ def free_port() -> int:
 class RedisServer:
     """A private ``redis-server`` without persistence on its own port."""
 
+    # No persistence by default; a subclass or caller may ask for an append-only file instead.
+    persistence: tuple[str, ...] = ("--save", "", "--appendonly", "no")
+
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -53,10 +56,7 @@ class RedisServer:
                 str(self.port),
                 "--bind",
                 "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
+                *self.persistence,
                 "--protected-mode",
                 "no",
             ],

@@ -22,7 +22,6 @@ import resource
 import select
 import signal
 import socket
-import subprocess
 import threading
 import time
 from typing import Any
@@ -32,7 +31,7 @@ import pytest
 import redis
 
 from service.keys import GROUP, METRICS_TTL_S, Keys
-from tests.conftest import REDIS_SERVER, RedisServer, ServiceLauncher
+from tests.conftest import RedisServer, ServiceLauncher
 from tests.harness import distinct_captions
 from tests.service.conftest import b64, png_bytes
 
@@ -572,37 +571,16 @@ class AofRedisServer(RedisServer):
 
     def __init__(self, data_dir) -> None:
         super().__init__()
-        self.data_dir = data_dir
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--dir",
-                str(self.data_dir),
-                "--protected-mode",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.persistence = (
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            str(data_dir),
         )
-        wait_for(lambda: self._answers(), timeout_s, "redis-server to start")
-
-    def _answers(self) -> bool:
-        try:
-            return bool(self.client().ping())
-        except redis.ConnectionError:
-            return False
 
 
 def test_queued_jobs_survive_a_redis_crash_with_aof_and_complete_once(key_prefix, tiny_checkpoint, tmp_path):
