@@ -3,8 +3,8 @@
 The commands and environment come from docker-compose.yml (the API and the CPU worker service), with
 only what a test must change replaced: Redis URL, key prefix, port, the tiny model and its checkpoint
 shared by all processes, and a short visibility timeout so the killed worker's jobs are reclaimed fast.
-60 jobs spread over the three workers; one worker is SIGKILLed while it holds unacknowledged jobs; every
-job still reaches `done` exactly once for the client, with the result a direct engine call gives.
+At least 60 jobs spread over the three workers; one worker is SIGKILLed while it holds unacknowledged
+jobs; every job still reaches `done` exactly once for the client, with the result a direct engine call gives.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from PIL import Image
 from tests.harness import Process, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-N_JOBS = 60
+MIN_JOBS = 60  # submitted before the victim may be killed
+MAX_JOBS = 600
+STEPS = 50  # long enough that workers fall behind a posting client and hold jobs
 N_WORKERS = 3
 VISIBILITY_TIMEOUT_S = 3
 CAPTIONS = ["a photo of a dog", "a red car parked on the street", "two cats sleeping"]
@@ -113,7 +115,7 @@ def test_api_and_three_workers_survive_a_sigkilled_worker(
                 "EXCLIP_CACHE_DIR": str(cache / "open_clip"),
                 "HF_HOME": str(cache / "huggingface"),
                 "EXCLIP_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
-                "EXCLIP_MAX_BATCH": "2",  # small batches spread 60 jobs over all three workers
+                "EXCLIP_MAX_BATCH": "2",  # small batches spread the jobs over all three workers
                 "EXCLIP_HEARTBEAT_S": "0.5",
                 "OMP_NUM_THREADS": "1",  # four processes share the CI machine's cores
             }
@@ -171,60 +173,74 @@ def test_api_and_three_workers_survive_a_sigkilled_worker(
         sampler.start()
         job_ids: list[str] = []
         combo: dict[str, tuple[int, int]] = {}
-        with httpx.Client(base_url=base, timeout=10) as client:
-            for i in range(N_JOBS):
-                body = {
-                    "image": base64.b64encode(images[i % 4]).decode(),
-                    "captions": [CAPTIONS[i % 3]],
-                    "steps": 20,
-                }
-                response = client.post("/jobs", json=body)
-                assert response.status_code == 202, response.text
-                job_ids.append(response.json()["id"])
-                combo[job_ids[-1]] = (i % 4, i % 3)
+        victim = workers[0]
+        victim_name = consumer_of[victim.proc.pid]
 
-            # Kill a worker midway: once a quarter of the jobs are finished, the victim finished some of
-            # them and holds at least one unacknowledged.
-            victim = workers[0]
-            victim_name = consumer_of[victim.proc.pid]
-            deadline = time.monotonic() + 60
-            while True:
-                held_now = sampler.snapshot()
-                with sampler.lock:
-                    seen = {e for e, holders in sampler.holders.items() if victim_name in holders}
-                    finished = set(sampler.holders) - set(held_now)
-                in_flight = {e for e, c in held_now.items() if c == victim_name}
-                if in_flight and seen - in_flight and len(finished) >= N_JOBS // 4:
-                    victim.proc.kill()  # SIGKILL: no cleanup, no ack
-                    victim.proc.wait(10)
-                    break
-                assert time.monotonic() < deadline, "the victim never held a job:\n" + victim.output
-                time.sleep(0.002)
-            finished_by_victim = seen - in_flight
-            orphaned = in_flight
+        def submit(client: httpx.Client) -> None:
+            i = len(job_ids)
+            body = {"image": base64.b64encode(images[i % 4]).decode(), "captions": [CAPTIONS[i % 3]]}
+            response = client.post("/jobs", json=body | {"steps": STEPS})
+            assert response.status_code == 202, response.text
+            job_ids.append(response.json()["id"])
+            combo[job_ids[-1]] = (i % 4, i % 3)
 
-            statuses: dict[str, dict] = {}
-            deadline = time.monotonic() + 120
-            while len(statuses) < N_JOBS:
+        def kill_window() -> tuple[set[str], set[str]] | None:
+            """(finished, held) by the victim once it finished some jobs, holds one, and a quarter of
+            the jobs so far are done; else None."""
+            held_now = sampler.snapshot()
+            with sampler.lock:
+                seen = {e for e, holders in sampler.holders.items() if victim_name in holders}
+                finished = set(sampler.holders) - set(held_now)
+            in_flight = {e for e, c in held_now.items() if c == victim_name}
+            if in_flight and seen - in_flight and len(finished) >= MIN_JOBS // 4:
+                return seen - in_flight, in_flight
+            return None
+
+        try:
+            with httpx.Client(base_url=base, timeout=10) as client:
+                # Submit until the victim is caught holding a job (workers may keep pace with a client
+                # posting tiny jobs, so the window is looked for between posts, not after them all), then
+                # kill it: SIGKILL, no cleanup, no ack. A few more jobs follow for the survivors.
+                window = None
+                deadline = time.monotonic() + 90
+                while window is None:
+                    if len(job_ids) < MAX_JOBS:
+                        submit(client)
+                    window = kill_window() if len(job_ids) >= MIN_JOBS else None
+                    assert time.monotonic() < deadline, "the victim never held a job:\n" + victim.output
+                    if len(job_ids) >= MAX_JOBS:
+                        time.sleep(0.002)
+                victim.proc.kill()
+                victim.proc.wait(10)
+                finished_by_victim, orphaned = window
+                for _ in range(N_WORKERS * 2):
+                    submit(client)
+                n_jobs = len(job_ids)
+
+                statuses: dict[str, dict] = {}
+                deadline = time.monotonic() + 120
+                while len(statuses) < n_jobs:
+                    for job_id in job_ids:
+                        if job_id in statuses:
+                            continue
+                        job = client.get(f"/jobs/{job_id}").json()
+                        assert job["status"] in ("queued", "running", "done"), job
+                        if job["status"] == "done":
+                            statuses[job_id] = job
+                    assert time.monotonic() < deadline, (
+                        f"{n_jobs - len(statuses)} jobs never finished:\n"
+                        + "\n".join(p.output for p in procs)
+                    )
+                    time.sleep(0.2)
+                # Done is final: a second read gives the same record.
                 for job_id in job_ids:
-                    if job_id in statuses:
-                        continue
-                    job = client.get(f"/jobs/{job_id}").json()
-                    assert job["status"] in ("queued", "running", "done"), job
-                    if job["status"] == "done":
-                        statuses[job_id] = job
-                assert time.monotonic() < deadline, (
-                    f"{N_JOBS - len(statuses)} jobs never finished:\n" + "\n".join(p.output for p in procs)
-                )
-                time.sleep(0.2)
+                    assert client.get(f"/jobs/{job_id}").json() == statuses[job_id]
+        finally:
             sampler.stopped.set()
             sampler.join(5)
-            # Done is final: a second read gives the same record.
-            for job_id in job_ids:
-                assert client.get(f"/jobs/{job_id}").json() == statuses[job_id]
 
         # Exactly once for the client: every id done, each with a result, nothing failed or duplicated.
-        assert sorted(statuses) == sorted(job_ids) and len(set(job_ids)) == N_JOBS
+        assert sorted(statuses) == sorted(job_ids) and len(set(job_ids)) == n_jobs
         assert all(j["error"] is None and len(j["result"]["captions"]) == 1 for j in statuses.values())
         assert redis.xpending(stream, GROUP)["pending"] == 0, "entries left unacknowledged"
 

@@ -65,6 +65,17 @@ def wait_for(predicate, timeout_s: float, what: str, step_s: float = 0.05) -> An
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def wait_running(url: str, job_id: str, what: str = "the batch to start") -> None:
+    """Wait until the job is running; fail at once if it finished first (the test's window is gone)."""
+
+    def running() -> bool:
+        status = job(url, job_id)["status"]
+        assert status in ("queued", "running"), f"{job_id} was {status} before the test could act on it"
+        return status == "running"
+
+    wait_for(running, 60, what)
+
+
 def wait_finished(url: str, ids: list[str], timeout_s: float = 120) -> list[dict[str, Any]]:
     def all_finished():
         jobs = [job(url, i) for i in ids]
@@ -119,8 +130,8 @@ def test_job_failing_in_the_worker_fails_alone_and_its_batch_completes(launcher,
     api = launcher.api(**SLOW, EXCLIP_RESULT_TTL_S=str(TTL_S))
     launcher.worker(EXCLIP_MAX_WAIT_MS="1000", EXCLIP_RESULT_TTL_S=str(TTL_S))
     api.wait_ready()
-    blocker = submit(api.url, distinct_captions("a long caption to keep the worker busy", 4), steps=3000)
-    wait_for(lambda: job(api.url, blocker)["status"] == "running", 60, "the blocker to start")
+    blocker = submit(api.url, distinct_captions("a long caption to keep the worker busy", 4), steps=10000)
+    wait_running(api.url, blocker, "the blocker to start")
     good1, broken, expired, good2, cancelled = (submit(api.url, ["a cat"], steps=2, seed=i) for i in range(5))
     # The API checked these images; now they change under the worker's feet.
     assert r.set(keys.image(broken), b"not an image any more", xx=True, keepttl=True)
@@ -430,8 +441,9 @@ def test_workers_survive_a_flushed_database_a_lost_group_and_an_empty_restart(pr
     api.wait_ready()
     r, keys = server.client(), Keys(launch.key_prefix)
 
-    flushed = submit(api.url, distinct_captions("a dog on the grass", 4), steps=3000)
-    wait_for(lambda: job(api.url, flushed)["status"] == "running", 60, "the batch to start")
+    # 12000 steps: seconds of compute, so the flush lands mid-batch even on a loaded machine.
+    flushed = submit(api.url, distinct_captions("a dog on the grass", 4), steps=12000)
+    wait_running(api.url, flushed)
     r.flushall()  # mid-batch: record, image, stream and group all go
     assert lost(api.url, flushed)
     wait_for(lambda: "vanished" in worker.output, 120, "the worker to finish the batch it was computing")
@@ -443,8 +455,8 @@ def test_workers_survive_a_flushed_database_a_lost_group_and_an_empty_restart(pr
     no_group = submit(api.url, ["a bird"], steps=2, seed=1)
     assert wait_finished(api.url, [no_group])[0]["status"] == "done"
 
-    restarted = submit(api.url, distinct_captions("a dog on the grass", 4), steps=3000, seed=2)
-    wait_for(lambda: job(api.url, restarted)["status"] == "running", 60, "the batch to start")
+    restarted = submit(api.url, distinct_captions("a dog on the grass", 4), steps=12000, seed=2)
+    wait_running(api.url, restarted)
     server.stop()
     server.start()  # same port, empty: no persistence
     api.wait_ready(timeout_s=60)
@@ -513,8 +525,8 @@ def test_a_job_whose_image_expired_before_it_ran_answers_410(launcher, redis_ser
     api = launcher.api(**SLOW)
     launcher.worker()
     api.wait_ready()
-    blocker = submit(api.url, distinct_captions("a long caption to keep the worker busy", 4), steps=2000)
-    wait_for(lambda: job(api.url, blocker)["status"] == "running", 60, "the blocker to start")
+    blocker = submit(api.url, distinct_captions("a long caption to keep the worker busy", 4), steps=10000)
+    wait_running(api.url, blocker, "the blocker to start")
     answer: dict[str, httpx.Response] = {}
     thread = threading.Thread(
         target=lambda: answer.setdefault(
