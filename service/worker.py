@@ -7,8 +7,9 @@ One loop, top to bottom (``Worker.run``):
 2. group the jobs by model, layers, steps and precision; right before a group computes, start each
    of its jobs — the cancellation check: only a job still queued (or re-delivered) runs — and fail
    the ones delivered more than ``max_deliveries`` times (poison jobs);
-3. compute each group with ONE ``explain_requests`` call; if that call fails the group is split
-   (halves on out-of-memory, one job at a time otherwise) so one bad job cannot sink the others;
+3. compute each group with ONE ``explain_requests`` call; if that call fails the group is retried
+   one job at a time so one bad job cannot sink the others (also on out-of-memory: the engine computes
+   each job on its own, so a smaller batch needs no less memory, and only the job too big alone fails);
 4. store each outcome, then acknowledge (a crash before the ack means another worker redoes it).
 
 A heartbeat task advertises the models while the loop runs and renews the deliveries being computed,
@@ -233,7 +234,7 @@ class Worker:
         return job.request.explain_request(prepare_image(data, loaded, max_pixels=self.settings.max_pixels))
 
     async def _compute(self, items: list[_Item]) -> None:
-        """One engine call for ``items``; on failure split (halves on OOM, singles otherwise)."""
+        """One engine call for ``items``; on failure, one call per job."""
         request = items[0].job.request
         loaded = self.models[request.model]
         requests: list[ExplainRequest] = []
@@ -241,7 +242,7 @@ class Worker:
             assert i.request is not None  # _compute_batch passes on only the items it prepared
             requests.append(i.request)
         t0 = time.monotonic()
-        part = 0  # > 0: retry in parts of this many jobs
+        retry_alone = False
         try:
             explanations = await asyncio.to_thread(
                 call_with_deadline,
@@ -257,18 +258,13 @@ class Worker:
             if len(items) == 1:
                 self._record_failure(items[0].job, exc, loaded)
                 return
-            oom = _is_oom(exc)
             log.warning(
-                "batch of %d failed (%s: %s); retrying it %s",
-                len(items),
-                type(exc).__name__,
-                exc,
-                "in halves" if oom else "job by job",
+                "batch of %d failed (%s: %s); retrying it job by job", len(items), type(exc).__name__, exc
             )
-            part = (len(items) + 1) // 2 if oom else 1
-        if part:  # outside the except block: the failed call's traceback (and its tensors) is freed
-            for start in range(0, len(items), part):
-                await self._compute(items[start : start + part])
+            retry_alone = True
+        if retry_alone:  # outside the except block: the failed call's traceback (and its tensors) is freed
+            for item in items:
+                await self._compute([item])
             return
         compute_ms = (time.monotonic() - t0) * 1000
         self._metrics += [
