@@ -13,18 +13,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from attribution.explainer import interpolation_points
-from attribution.grounding.methods.base import Batch, GroundingMethod, MethodOptions
-from attribution.grounding.methods.similarity import ImageSimilarity
-from attribution.models import LoadedModel
-
-TEXTS = ("caption", "phrase")
-
-
-def texts_of(batch: Batch, text: str) -> list[list[str]]:
-    """Per sample, the text scored against the image for each phrase (deduplicated by the caller)."""
-    if text == "caption":
-        return [[s.caption] for s in batch.samples]
-    return [[s.phrase_text(i) for i in range(len(s.phrases))] for s in batch.samples]
+from attribution.grounding.methods.base import Batch
+from attribution.grounding.methods.similarity import ImageGradientMethod, ImageSimilarity
 
 
 def integrated_gradients(
@@ -38,28 +28,12 @@ def integrated_gradients(
     return (grads.mean(dim=1) * delta).sum(dim=-1)
 
 
-class IntegratedGradients(GroundingMethod):
-    layers = "image"
+class IntegratedGradients(ImageGradientMethod):
+    prefix = "ig"
 
-    def __init__(self, options: MethodOptions, text: str = "phrase") -> None:
-        super().__init__(options)
-        if text not in TEXTS:
-            raise ValueError(f"text must be one of {TEXTS}, got {text!r}")
-        self.text = text
-        self.name = f"ig-{text}"
-
-    def heatmaps(
-        self, loaded: LoadedModel, batch: Batch, text_layer: int, image_layer: int
-    ) -> list[list[Tensor]]:
-        similarity = ImageSimilarity(loaded, image_layer)
-        hidden = similarity.hidden(batch.tensors)
+    def attributions(
+        self, similarity: ImageSimilarity, hidden: Tensor, texts: Tensor, batch: Batch
+    ) -> Tensor:
+        # The zero image at the cut: the same for every image of the batch (one size per batch).
         reference = similarity.reference((batch.tensors.shape[-2], batch.tensors.shape[-1]))
-        rows, cols = loaded.grid
-        out = []
-        for h, sample, texts in zip(hidden, batch.samples, texts_of(batch, self.text), strict=True):
-            attributions = integrated_gradients(
-                similarity, h, reference, similarity.text_embeddings(texts), self.options.steps
-            )
-            maps = [a[1:].reshape(rows, cols).cpu() for a in attributions]
-            out.append(maps * len(sample.phrases) if self.text == "caption" else maps)
-        return out
+        return integrated_gradients(similarity, hidden, reference, texts, self.options.steps)

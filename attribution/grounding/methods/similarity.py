@@ -1,5 +1,5 @@
 """First-order machinery: the image–text cosine similarity as a function of the image tower's hidden
-states entering one block, and its gradient there.
+states entering one block, its gradient there, and the base of the methods built on it.
 
 Reuses the engine's towers: ``ImageTower.hidden`` runs the blocks below the cut and ``ImageTower.tail``
 gives the blocks above it as plain differentiable functions (``attribution.tail.embed``). The text is
@@ -9,12 +9,14 @@ reference is the engine's: an all-zero input image, run to the same cut.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from attribution.grounding.methods.base import Batch, GroundingMethod, MethodOptions
 from attribution.models import LoadedModel
 from attribution.tail import embed
 from attribution.text import tokenize_caption
@@ -30,15 +32,18 @@ class ImageSimilarity:
         self.tower.check_layer(layer)
         self.layer = layer
         self.tail = self.tower.tail(layer, torch.float32, loaded.device)
+        self._references: dict[tuple[int, int], Tensor] = {}
 
     def hidden(self, images: Tensor) -> Tensor:
         """Hidden states entering the cut, (B, 1 + patches, W), float32; the class token is row 0."""
         return self.tower.hidden(images.to(self.loaded.device), self.layer).float()
 
     def reference(self, image_shape: tuple[int, int]) -> Tensor:
-        """The zero image's hidden states at the cut, (1 + patches, W)."""
-        zeros = torch.zeros(1, 3, *image_shape, device=self.loaded.device)
-        return self.hidden(zeros)[0]
+        """The zero image's hidden states at the cut, (1 + patches, W); computed once per size."""
+        if image_shape not in self._references:
+            zeros = torch.zeros(1, 3, *image_shape, device=self.loaded.device)
+            self._references[image_shape] = self.hidden(zeros)[0]
+        return self._references[image_shape]
 
     @torch.no_grad()
     def text_embeddings(self, texts: Sequence[str]) -> Tensor:
@@ -79,3 +84,51 @@ class ImageSimilarity:
             cotangents = (texts.unsqueeze(1) - cos.unsqueeze(-1) * unit.unsqueeze(0)) / norm.unsqueeze(0)
             (grads,) = torch.autograd.grad(image, h, cotangents.detach(), is_grads_batched=True)
         return grads
+
+
+# What a first-order method scores the image against: the whole caption (one text for all its
+# phrases) or each phrase on its own (one backward pass per phrase: the cost the interactions avoid).
+TEXTS = ("caption", "phrase")
+
+
+def texts_of(batch: Batch, text: str) -> list[list[str]]:
+    """Per sample, the text scored against the image for each phrase (deduplicated by the caller)."""
+    if text == "caption":
+        return [[s.caption] for s in batch.samples]
+    return [[s.phrase_text(i) for i in range(len(s.phrases))] for s in batch.samples]
+
+
+class ImageGradientMethod(GroundingMethod):
+    """A first-order attribution of the image tokens at the cut, for the caption or each phrase.
+
+    Subclasses give ``prefix`` (the method's name is ``{prefix}-{text}``) and ``attributions``.
+    """
+
+    layers = "image"
+    prefix: str
+
+    def __init__(self, options: MethodOptions, text: str = "phrase") -> None:
+        super().__init__(options)
+        if text not in TEXTS:
+            raise ValueError(f"text must be one of {TEXTS}, got {text!r}")
+        self.text = text
+        self.name = f"{self.prefix}-{text}"
+
+    @abstractmethod
+    def attributions(
+        self, similarity: ImageSimilarity, hidden: Tensor, texts: Tensor, batch: Batch
+    ) -> Tensor:
+        """Attributions (K, S) of one image's hidden states (S, W) for K unit text embeddings."""
+
+    def heatmaps(
+        self, loaded: LoadedModel, batch: Batch, text_layer: int, image_layer: int
+    ) -> list[list[Tensor]]:
+        similarity = ImageSimilarity(loaded, image_layer)
+        hidden = similarity.hidden(batch.tensors)
+        rows, cols = loaded.grid
+        out = []
+        for h, sample, texts in zip(hidden, batch.samples, texts_of(batch, self.text), strict=True):
+            attributions = self.attributions(similarity, h, similarity.text_embeddings(texts), batch)
+            maps = [a[1:].reshape(rows, cols).cpu() for a in attributions]  # the class token dropped
+            out.append(maps * len(sample.phrases) if self.text == "caption" else maps)
+        return out
