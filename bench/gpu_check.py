@@ -42,7 +42,8 @@ from exclip.explanation import OpenClipExplainer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import service_throughput as harness  # noqa: E402 - the bench's process and client harness
+import common  # noqa: E402 - the bench's process harness
+from service_throughput import BATCHING, WAIT_S, drive  # noqa: E402 - its client driver and modes
 
 from attribution.explainer import Explainer  # noqa: E402
 from attribution.models import TINY_MODEL  # noqa: E402 - importing registers exclip-tiny
@@ -192,27 +193,27 @@ def throughput(name: str, plan: Plan, device: torch.device) -> list[dict]:
 
 def service(plan: Plan, device: torch.device, log_dir: Path) -> list[dict]:
     """The service in embedded mode (no Redis) under ``plan.clients`` concurrent clients."""
-    procs = harness.Processes(log_dir)
-    images = harness._images()
+    procs = common.Processes(log_dir)
+    images = common.images()
     rows = []
     try:
-        for batching, extra in harness.BATCHING.items():
+        for batching, extra in BATCHING.items():
             env = {
                 **os.environ,
                 "EXCLIP_MODEL": plan.service_model,
                 "EXCLIP_PRETRAINED": "none",
                 "EXCLIP_DEVICE": device.type,
-                "EXCLIP_WAIT_MAX_S": str(harness.WAIT_S),
+                "EXCLIP_WAIT_MAX_S": str(WAIT_S),
                 "EXCLIP_MAX_WAIT_MS": "20",
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                 **extra,
             }
             env.pop("REDIS_URL", None)  # embedded mode
-            port = harness.free_port()
+            port = common.free_port()
             name = f"embedded-{batching}"
             api = procs.start(
-                name, [*harness._service_command(), "serve", "--host", "127.0.0.1", "--port", str(port)], env
+                name, [*common.service_command(), "serve", "--host", "127.0.0.1", "--port", str(port)], env
             )
             url = f"http://127.0.0.1:{port}"
             try:
@@ -228,11 +229,9 @@ def service(plan: Plan, device: torch.device, log_dir: Path) -> list[dict]:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"service not ready after 300 s:\n{procs.log_tail(name)}")
                     time.sleep(0.2)
-                asyncio.run(
-                    harness._drive(url, plan.clients, plan.clients, plan.service_steps, images, None, 1000)
-                )
+                asyncio.run(drive(url, plan.clients, plan.clients, plan.service_steps, images, None, 1000))
                 latencies, failures, _, seconds = asyncio.run(
-                    harness._drive(url, plan.service_requests, plan.clients, plan.service_steps, images, None)
+                    drive(url, plan.service_requests, plan.clients, plan.service_steps, images, None)
                 )
             finally:
                 procs.stop(api, timeout_s=20)
@@ -247,8 +246,8 @@ def service(plan: Plan, device: torch.device, log_dir: Path) -> list[dict]:
                     "failures": len(failures),
                     "failure_examples": failures[:3],
                     "req_per_s": len(latencies) / seconds,
-                    "p50_ms": harness._percentile(latencies, 0.5) * 1000,
-                    "p95_ms": harness._percentile(latencies, 0.95) * 1000,
+                    "p50_ms": common.percentile(latencies, 0.5) * 1000,
+                    "p95_ms": common.percentile(latencies, 0.95) * 1000,
                 }
             )
     finally:

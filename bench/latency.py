@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_throughput import Processes, _free_port, _images, _wait_http, start_redis  # noqa: E402
+from common import Processes, free_port, images  # noqa: E402
 
 CAPTION = "a photo of a cat sleeping on a sofa"
 
@@ -48,7 +48,7 @@ class Row:
 
 
 def _start(procs: Processes, code: Path, mode: str, model: str, max_wait_ms: int) -> str:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(code),
@@ -69,11 +69,11 @@ def _start(procs: Processes, code: Path, mode: str, model: str, max_wait_ms: int
         "sys.argv[0] = 'exclip-service'; runpy.run_module('service.cli', run_name='__main__')",
     ]
     if mode == "redis":
-        env["REDIS_URL"] = start_redis(procs)
+        env["REDIS_URL"] = procs.start_redis()
         procs.start("worker", [*cli, "worker"], env)
     api = procs.start("api", [*cli, "serve", "--port", str(port)], env)
     url = f"http://127.0.0.1:{port}"
-    _wait_http(url + "/readyz", api, procs, "api", timeout_s=300)
+    procs.wait_http(url + "/readyz", api, "api", timeout_s=300)
     return url
 
 
@@ -92,7 +92,7 @@ def measure(code: Path, mode: str, model: str, max_wait_ms: int, requests: int) 
     procs = Processes(Path(tempfile.mkdtemp(prefix="exclip-latency-")))
     try:
         url = _start(procs, code, mode, model, max_wait_ms)
-        image = _images()[0]
+        image = images()[0]
         with httpx.Client(base_url=url, timeout=120) as client:
             samples = [_one(client, image) for _ in range(requests + 1)]
     finally:

@@ -25,7 +25,7 @@ import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_throughput import Processes, _free_port, _wait_http  # noqa: E402
+from common import Processes, free_port  # noqa: E402
 
 
 def big_jpeg(target_bytes: int = 6_800_000) -> bytes:
@@ -45,7 +45,7 @@ def rss_mb(pid: int) -> float:
 
 def run(code: Path, budget_mb: int | None, requests: int, every: int, image: bytes) -> list[float]:
     procs = Processes(Path(tempfile.mkdtemp(prefix="exclip-retained-")))
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
@@ -65,7 +65,7 @@ def run(code: Path, budget_mb: int | None, requests: int, every: int, image: byt
     try:
         api = procs.start("api", [*cli, "serve", "--port", str(port)], env)
         url = f"http://127.0.0.1:{port}"
-        _wait_http(url + "/readyz", api, procs, "api", timeout_s=300)
+        procs.wait_http(url + "/readyz", api, "api", timeout_s=300)
         samples = [rss_mb(api.pid)]
         with httpx.Client(base_url=url, timeout=120) as client:
             for i in range(1, requests + 1):

@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
-import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,12 +37,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
-from PIL import Image
+from common import IMAGE_SIZES, REDIS_SERVER, ROOT, Processes, free_port, images, percentile, service_command
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.harness import REDIS_SERVER, RedisServer, free_port  # noqa: E402  (the harness shared with tests/)
+from tests.harness import RedisServer
 
 # Defaults sized so the whole default run stays under ~10 minutes on 2 busy CPU cores.
 DEFAULT_REQUESTS = {"exclip-tiny": 96}
@@ -63,79 +57,6 @@ CAPTIONS = [
     "a small bird sitting on a branch in the snow",
     "a plate of pasta",
 ]
-IMAGE_SIZES = [(320, 240), (256, 256), (400, 300), (224, 320), (640, 480), (180, 180)]
-
-
-def _images() -> list[bytes]:
-    """Distinct JPEGs: a colour gradient plus seeded noise, each of its own size."""
-    out = []
-    for i, (w, h) in enumerate(IMAGE_SIZES):
-        rng = random.Random(i)
-        noise = Image.frombytes("RGB", (w, h), rng.randbytes(w * h * 3))
-        base = Image.linear_gradient("L").resize((w, h)).convert("RGB")
-        tint = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
-        img = Image.blend(Image.blend(base, tint, 0.5), noise, 0.3)
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=85)
-        out.append(buf.getvalue())
-    return out
-
-
-def _service_command() -> list[str]:
-    """``exclip-service`` when installed, else the same entry point through ``python -m``."""
-    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    exe = shutil.which("exclip-service", path=search)
-    return [exe] if exe else [sys.executable, "-m", "service.cli"]
-
-
-class Processes:
-    """Every subprocess started here; ``stop_all`` ends them (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps writing to it
-        # Own session: a Ctrl-C reaches only this script, which then stops the children in order.
-        proc = subprocess.Popen(
-            args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        self.procs.append((name, proc))
-        return proc
-
-    def log_tail(self, name: str, lines: int = 30) -> str:
-        text = (self.log_dir / f"{name}.log").read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self, proc: subprocess.Popen, timeout_s: float = 30) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        self.procs = [(n, p) for n, p in self.procs if p is not proc]
-
-    def stop_all(self) -> None:
-        for _, proc in reversed(list(self.procs)):  # workers and API before Redis
-            self.stop(proc)
-
-
-def _wait_http(url: str, proc: subprocess.Popen, procs: Processes, name: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{procs.log_tail(name)}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not 200 after {timeout_s:.0f}s:\n{procs.log_tail(name)}")
 
 
 @dataclass
@@ -156,16 +77,6 @@ class Row:
     failure_examples: list[str] = field(default_factory=list)
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_values:
-        return float("nan")
-    pos = (len(sorted_values) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def _batch_counters(client: httpx.Client) -> tuple[float, float]:
     text = client.get("/metrics").text
     values = {}
@@ -177,7 +88,7 @@ def _batch_counters(client: httpx.Client) -> tuple[float, float]:
     return values["exclip_batch_size_sum"], values["exclip_batch_size_count"]
 
 
-async def _drive(
+async def drive(
     url: str,
     n: int,
     concurrency: int,
@@ -259,12 +170,12 @@ def run_config(
     }
     port = free_port()
     tag = f"{model}-{batching}-c{concurrency}"
-    cmd = _service_command()
+    cmd = service_command()
     api = procs.start(f"api-{tag}", [*cmd, "serve", "--host", "127.0.0.1", "--port", str(port)], env)
     worker = procs.start(f"worker-{tag}", [*cmd, "worker"], env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(url + "/healthz", api, procs, f"api-{tag}", 60)
+        procs.wait_http(url + "/healthz", api, f"api-{tag}", 60)
         deadline = time.monotonic() + 180
         while True:  # /readyz: a worker advertises the model (it may take a while to load)
             if worker.poll() is not None:
@@ -278,14 +189,14 @@ def run_config(
         # Warm-up (not measured): first engine calls, connection pools, tokenizer caches.
         if args.warmup:
             _, warm_fail, _, _ = asyncio.run(
-                _drive(url, args.warmup, min(args.warmup, concurrency), args.steps, images, None, offset=1000)
+                drive(url, args.warmup, min(args.warmup, concurrency), args.steps, images, None, offset=1000)
             )
             if warm_fail:
                 raise RuntimeError(f"warm-up failed: {warm_fail[0]}")
         with httpx.Client(base_url=url, timeout=10) as client:
             sum0, count0 = _batch_counters(client)
             latencies, failures, stopped, seconds = asyncio.run(
-                _drive(url, n, concurrency, args.steps, images, args.time_limit)
+                drive(url, n, concurrency, args.steps, images, args.time_limit)
             )
             sum1, count1 = _batch_counters(client)
     finally:  # normally nothing is in flight; after an interrupt abandoned long polls would hold the API
@@ -303,8 +214,8 @@ def run_config(
         failures=len(failures),
         seconds=seconds,
         req_per_s=len(latencies) / seconds if seconds > 0 else float("nan"),
-        p50_ms=_percentile(latencies, 0.5) * 1000,
-        p95_ms=_percentile(latencies, 0.95) * 1000,
+        p50_ms=percentile(latencies, 0.5) * 1000,
+        p95_ms=percentile(latencies, 0.95) * 1000,
         mean_batch=(sum1 - sum0) / (count1 - count0) if count1 > count0 else float("nan"),
         stopped_by_time_limit=stopped,
         failure_examples=failures[:3],
@@ -409,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(REDIS_SERVER):
         raise SystemExit(f"{REDIS_SERVER} not found (apt-get install redis-server)")
     pretrained = _pretrained_map(args.pretrained, models)
-    images = _images()
+    jpegs = images()
 
     # SIGTERM runs the same cleanup as Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -434,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     rows.append(
                         run_config(
-                            procs, redis_url, model, pretrained[model], mode, concurrency, n, args, images
+                            procs, redis_url, model, pretrained[model], mode, concurrency, n, args, jpegs
                         )
                     )
                     print(_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
@@ -461,9 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(f'{m}={p}' for m, p in pretrained.items())}; steps {args.steps}; "
         f"batching on = EXCLIP_MAX_BATCH=8, EXCLIP_MAX_WAIT_MS={args.max_wait_ms}; "
         "off = EXCLIP_MAX_BATCH=1; "
-        f"{args.warmup} warm-up requests per row; {len(images)} distinct images "
+        f"{args.warmup} warm-up requests per row; {len(jpegs)} distinct images "
         f"({', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)} JPEG), {len(CAPTIONS)} distinct captions, "
-        f"request i uses image i mod {len(images)} and caption i mod {len(CAPTIONS)}; "
+        f"request i uses image i mod {len(jpegs)} and caption i mod {len(CAPTIONS)}; "
         "one caption per request, "
         "format json; latency = client-side POST /explain (wait) to 200; req/s = good answers / wall time; "
         "mean batch from /metrics exclip_batch_size over the measured requests"
