@@ -20,7 +20,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -28,6 +31,15 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_SERVER = "/usr/bin/redis-server"
 SERVICE_CLI = [sys.executable, "-m", "service.cli"]
+CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright drives it (never `playwright install`)
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def free_port() -> int:
@@ -221,3 +233,23 @@ class ServiceLauncher:
 def distinct_captions(text: str, n: int) -> list[str]:
     """``n`` different captions: the engine computes each distinct caption once, so repeats cost nothing."""
     return [f"{text} {i}" for i in range(n)]
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """A headless Chromium (a Playwright ``Browser``) for as long as the ``with`` block runs.
+
+    Each fixture scope opens its own: a sync Playwright session cannot be shared into tests that run
+    an asyncio loop of their own, so tests/web and tests/label_studio do not share one browser.
+    """
+    import pytest
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is required for the browser tests (apt-get install -y chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

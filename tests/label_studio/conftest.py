@@ -1,21 +1,13 @@
-"""Fixtures of the Label Studio tests: a headless Debian Chromium (same flags as tests/web)."""
+"""Fixtures of the Label Studio tests: a headless Debian Chromium per module (tests/harness.py)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS
+from tests.harness import chromium
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is required for the browser tests (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
