@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from attribution.errors import InvalidOption
+from attribution.memory import DEFAULT_MEMORY_FRACTION, tangent_budget
 from attribution.tail import Tail, dense_token_vjps, embed, token_jvps
 from attribution.text import Tokenizer, tokenize_caption
 from attribution.towers import ImageTower, TextTower
@@ -117,8 +118,9 @@ class Explainer:
         steps: int = 10,
         precision: str = "float32",
         scale_cos: bool = False,
-        max_tangents: int = 4096,
+        max_tangents: int | None = None,
         *,
+        memory_fraction: float = DEFAULT_MEMORY_FRACTION,
         points: Sequence[float] | Tensor | None = None,
     ) -> None:
         self.model = model
@@ -138,7 +140,13 @@ class Explainer:
         self.steps = steps
         self.precision = precision
         self.scale_cos = scale_cos
-        self.max_tangents = max_tangents  # bounds the batch of tangent rows per pass (memory)
+        if max_tangents is not None and max_tangents < 1:
+            raise InvalidOption(f"max_tangents must be ≥ 1, got {max_tangents!r}")
+        if not 0 < memory_fraction <= 1:
+            raise InvalidOption(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
+        # Tangent rows per pass: fixed, or (None) sized from the device's free memory before each pass.
+        self.max_tangents = max_tangents
+        self.memory_fraction = memory_fraction
         self.points = interpolation_points(steps) if points is None else _explicit_points(points)
 
     @property
@@ -241,12 +249,13 @@ class Explainer:
         points = (ref_hidden[:s] + alphas.view(n, 1, 1) * delta).to(dt)  # (N, S, W)
         deltas = delta.to(dt).expand(n, s, w)
         pools = pool.expand(n)
+        max_tangents = self.max_tangents or tangent_budget(self.model, self.device, dt, self.memory_fraction)
         if len(tail.blocks) > 1 and tail.head.projection.shape[1] < s:
             # Fewer embedding axes than tokens: reverse mode needs fewer passes.
-            chunk = max(1, self.max_tangents // (n * s))
+            chunk = max(1, max_tangents // (n * s))
             derivatives = dense_token_vjps(tail, points, deltas, pools, chunk)
         else:
-            derivatives = token_jvps(tail, points, deltas, pools, self.max_tangents)
+            derivatives = token_jvps(tail, points, deltas, pools, max_tangents)
         factor = derivatives.float().mean(dim=0).T  # (E, S)
         embedding = embed(exact, hidden, pool)[0]
         ref_rows = max(s, int(ref_pool) + 1)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from attribution.explainer import Completeness, Explainer, PairResult
 from attribution.images import MAX_ASPECT_RATIO, ImageGeometry, ModelInput, preprocess
+from attribution.memory import DEFAULT_MEMORY_FRACTION
 from attribution.models import LoadedModel
 from attribution.selections import (
     SELECTION_KINDS,
@@ -201,17 +202,27 @@ def explain_requests(
     precision: str = "float32",
     max_caption_chars: int = MAX_CAPTION_CHARS,
     max_aspect_ratio: float = MAX_ASPECT_RATIO,
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
 ) -> list[list[Explanation]]:
     """Explain every caption of every request in one engine call; one list per request.
 
     Layers default to the model's default blocks (the last unless its model card says otherwise).
     Bad captions, options or selections raise an ``AttributionError`` subclass before anything is
     computed. The two limits are those of
-    ``tokenize_caption`` and ``preprocess`` (for images not yet prepared).
+    ``tokenize_caption`` and ``preprocess`` (for images not yet prepared). The engine's passes use
+    at most ``memory_fraction`` of the device's free memory (``attribution.memory``).
     """
     text_layer = loaded.default_text_layer if text_layer is None else text_layer
     image_layer = loaded.default_image_layer if image_layer is None else image_layer
-    explainer = Explainer(loaded.model, loaded.tokenizer, text_layer, image_layer, steps, precision)
+    explainer = Explainer(
+        loaded.model,
+        loaded.tokenizer,
+        text_layer,
+        image_layer,
+        steps,
+        precision,
+        memory_fraction=memory_fraction,
+    )
 
     inputs = [_model_input(request.image, loaded, max_aspect_ratio) for request in requests]
     pairs: list[_Pair] = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from attribution.memory import DEFAULT_MEMORY_FRACTION
 from attribution.text import MAX_CAPTION_CHARS
 from service.errors import ConfigError
 
@@ -55,6 +56,12 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=3, ge=1)
     job_timeout_s: float = Field(default=300.0, gt=0)
     heartbeat_s: float = Field(default=5.0, gt=0, description="heartbeat period; the key lives 3 periods")
+    memory_fraction: float = Field(
+        default=DEFAULT_MEMORY_FRACTION,
+        gt=0,
+        le=1,
+        description="share of the device's free memory one engine pass may use (sizes the tangent batches)",
+    )
     worker_name: str = Field(default_factory=_default_worker_name, min_length=1)
 
     # API limits.

@@ -251,6 +251,7 @@ class Worker:
                     requests,
                     **request.engine_options,
                     max_caption_chars=self.settings.max_caption_chars,
+                    memory_fraction=self.settings.memory_fraction,
                 ),
                 self.settings.job_timeout_s * len(items),
             )
