@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402 - the bench's process harness
 from service_throughput import BATCHING, WAIT_S, drive  # noqa: E402 - its client driver and modes
 
-from attribution.explainer import Explainer  # noqa: E402
+from attribution.explainer import PRECISIONS, Explainer  # noqa: E402
+from attribution.memory import tangent_budget  # noqa: E402
 from attribution.models import TINY_MODEL  # noqa: E402 - importing registers exclip-tiny
 
 CAPTION = "a photo of a brown dog with a red ball on the green grass"  # 16 tokens with SOT, EOT
@@ -186,6 +187,8 @@ def throughput(name: str, plan: Plan, device: torch.device) -> list[dict]:
                     "seconds": seconds,
                     "pairs_per_s": len(captions) / seconds,
                     "peak_gb": memory.peak_gb,
+                    # the pass size the engine chose from the free memory (attribution/memory.py)
+                    "max_tangents": tangent_budget(model, device, PRECISIONS[precision]),
                 }
             )
     return rows
@@ -305,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             table(
                 out["throughput"],
-                ["model", "precision", "pairs", "n_pairs", "seconds", "pairs_per_s", "peak_gb"],
+                [
+                    *("model", "precision", "pairs", "n_pairs", "seconds"),
+                    *("pairs_per_s", "peak_gb", "max_tangents"),
+                ],
             ),
             flush=True,
         )

@@ -46,6 +46,7 @@ def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:
     rows = {(r["precision"], r["pairs"]): r for r in report["throughput"]}
     assert set(rows) == {(p, k) for p in ("float32", "bfloat16") for k in ("distinct", "2x4")}
     assert all(r["n_pairs"] == 8 and r["pairs_per_s"] > 0 for r in rows.values())
+    assert all(0 < r["max_tangents"] <= 4096 for r in rows.values())  # the CPU cap of attribution/memory.py
 
     service = {r["batching"]: r for r in report["service"]}
     assert set(service) == {"on", "off"}
