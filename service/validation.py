@@ -34,11 +34,16 @@ def _tokenizer(model: str) -> Any:
     return open_clip.get_tokenizer(model)
 
 
-def warm_tokenizers(models: list[str]) -> None:
-    """Load the tokenizers of these models (and PIL's decoders) now, so the first request does not pay."""
-    for model in models:
-        _tokenizer(model)
+def warm_up(models: dict[str, ModelInfo]) -> None:
+    """Run what a request's checks run once per model now (tokenizer, eval transform, geometry, PIL's
+    decoders), so the first request does not pay for loading and first calls."""
     Image.init()
+    for name, info in models.items():
+        tokenize_caption("a photo of a dog", _tokenizer(name), context_length=info.context_length)
+        transform = _transform(tuple(info.image_size))
+        transform_geometry(
+            320, 240, transform, (info.patch_size[0], info.patch_size[1]), (info.grid[0], info.grid[1])
+        )
 
 
 def _layer(name: str, value: int | None, info: ModelInfo, tower: str) -> int:

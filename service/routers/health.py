@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from service.catalog import served_models
 from service.dependencies import Queue
 from service.errors import QUEUE_DOWN
-from service.validation import warm_tokenizers
+from service.validation import warm_up
 
 router = APIRouter(tags=["health"])
 
@@ -28,11 +28,11 @@ def _not_ready(reason: str) -> JSONResponse:
 async def readyz(queue: Queue) -> JSONResponse:
     try:
         await queue.ping()
-        models = sorted(served_models(await queue.workers()))
+        served = served_models(await queue.workers())
     except QUEUE_DOWN as exc:
         return _not_ready(f"queue unreachable: {exc}")
-    if not models:
+    if not served:
         return _not_ready("no live worker holds a model")
-    await run_in_threadpool(warm_tokenizers, models)  # cached: only the first call loads them
+    await run_in_threadpool(warm_up, served)  # loads on the first call; about a millisecond after
     await queue.warm_up()
-    return JSONResponse({"status": "ready", "models": models})
+    return JSONResponse({"status": "ready", "models": sorted(served)})
