@@ -38,11 +38,11 @@ from attribution.retrieval import retrieval_accuracy, scene_pixels
 from attribution.scenes import generate_scenes
 
 REPO = Path(__file__).resolve().parents[2]
-# The shipped exclip-scenes on 128 held-out scenes (seed 4242) measured i2t 0.219 and t2i 0.195 (chance,
-# a random caption being true of the image: 0.015); thresholds are those minus a margin of ~0.07. Its
-# colour/shape-swap accuracy measured 0.48 / 0.46, i.e. chance: the CPU-starved training run did not reach
-# binding (BENCHMARKS.md, exclip-scenes), so nothing above chance is asserted for the swaps.
-SHIPPED_MIN = {"i2t_top1": 0.15, "t2i_top1": 0.12}
+# The shipped exclip-scenes (step 8750) on 128 held-out scenes (seed 4242) measured i2t 1.0, t2i 0.992
+# (chance, a random caption being true of the image: 0.015) and colour / shape swaps 1.0 / 1.0 (chance
+# 0.5); BENCHMARKS.md, exclip-scenes. The thresholds leave a margin of 0.1 below the measured values for
+# numerical differences between machines; the issue's own targets are 0.9 and 0.95.
+SHIPPED_MIN = {"i2t_top1": 0.9, "t2i_top1": 0.89, "colour_swap": 0.9, "shape_swap": 0.9}
 
 
 def test_tiny_architecture_is_registered_with_open_clip():
@@ -290,9 +290,7 @@ def test_shipped_model_matches_scenes_well_above_chance(scenes_model):
     # Training fed the pixels straight in: the same tensor as the serving transform for 64x64 images.
     torch.testing.assert_close(pixels, scene_pixels(scenes, mean, std), atol=1e-5, rtol=0)
     acc = retrieval_accuracy(scenes_model.model, scenes_model.tokenizer, pixels, scenes)
-    assert acc["i2t_top1"] >= SHIPPED_MIN["i2t_top1"], acc  # chance: 0.015
-    assert acc["t2i_top1"] >= SHIPPED_MIN["t2i_top1"], acc
-    assert 0 <= acc["colour_swap"] <= 1 and 0 <= acc["shape_swap"] <= 1, acc  # measured at chance (0.5)
+    assert all(acc[name] >= low for name, low in SHIPPED_MIN.items()), acc
 
 
 class _Silent:
