@@ -107,7 +107,7 @@ def test_sigkill_mid_batch_loses_no_job_and_trims_only_acknowledged_entries(laun
     api = launcher.api(**SLOW, **env)
     first = launcher.worker(EXCLIP_WORKER_NAME="first", EXCLIP_MAX_WAIT_MS="3000", **env)
     api.wait_ready()
-    ids = [submit(api.url, distinct_captions("a dog on the grass", 4), steps=3000, seed=i) for i in range(4)]
+    ids = [submit(api.url, distinct_captions("a dog on the grass", 4), steps=12000, seed=i) for i in range(4)]
     wait_for(lambda: all(job(api.url, i)["status"] == "running" for i in ids), 60, "the batch to start")
     first.kill()  # SIGKILL while the engine call for all four is in progress
     assert [job(api.url, i)["status"] for i in ids] == ["running"] * 4
@@ -180,7 +180,7 @@ def test_job_that_kills_its_worker_every_time_is_failed_after_max_deliveries(lau
         90,
         "three live workers",
     )
-    poison = submit(api.url, distinct_captions("this job crashes whichever worker runs it", 8), steps=3000)
+    poison = submit(api.url, distinct_captions("this job crashes whichever worker runs it", 8), steps=12000)
     for delivery in ("1", "2"):  # the crash, simulated: SIGKILL whoever computes it, twice
         wait_for(
             lambda d=delivery: r.hget(Keys(prefix).job(poison), "deliveries") == d, 60, f"delivery {delivery}"
@@ -486,7 +486,7 @@ def test_a_batch_longer_than_the_ttl_keeps_its_stream_record_and_image(private_s
     api = launch.api(**SLOW, **env)
     worker = launch.worker(**env)
     api.wait_ready()
-    long_job = submit(api.url, distinct_captions("a dog on the grass", 8), steps=20000)  # ~10 s
+    long_job = submit(api.url, distinct_captions("a dog on the grass", 16), steps=20000)  # ~12 s idle
     r, keys = server.client(), Keys(launch.key_prefix)
     wait_for(lambda: r.hget(keys.job(long_job), "status") == "running", 60, "the batch to start")
     started = time.monotonic()
@@ -495,7 +495,7 @@ def test_a_batch_longer_than_the_ttl_keeps_its_stream_record_and_image(private_s
         time.sleep(0.2)
     assert time.monotonic() - started > 4, "the batch was not longer than the TTL: the test proves nothing"
     [done] = wait_finished(api.url, [long_job])
-    assert done["status"] == "done" and len(done["result"]["captions"]) == 8
+    assert done["status"] == "done" and len(done["result"]["captions"]) == 16
     assert "vanished" not in worker.output
 
 
@@ -571,7 +571,9 @@ def test_two_live_workers_hold_each_long_job_alone_past_the_visibility_timeout(l
     api = launcher.api(**SLOW, **env)
     workers = [launcher.worker(EXCLIP_WORKER_NAME=name, **env) for name in ("w1", "w2")]
     api.wait_ready()
-    ids = [submit(api.url, distinct_captions("a dog on the grass", 8), steps=20000, seed=i) for i in range(2)]
+    ids = [
+        submit(api.url, distinct_captions("a dog on the grass", 16), steps=20000, seed=i) for i in range(2)
+    ]
     r = redis_server.client()
     holders: dict[str, set[str]] = {}
     t0 = time.monotonic()

@@ -61,15 +61,14 @@ def test_killed_workers_job_is_taken_over_and_sigterm_finishes_the_batch(launche
 
 
 def test_compute_time_limit_fails_the_job_and_the_worker_goes_on(launcher):
-    api = launcher.api(EXCLIP_MAX_STEPS="5000")
-    launcher.worker(EXCLIP_JOB_TIMEOUT_S="3", EXCLIP_MAX_STEPS="5000")
+    api = launcher.api(EXCLIP_MAX_STEPS="40000")
+    launcher.worker(EXCLIP_JOB_TIMEOUT_S="3", EXCLIP_MAX_STEPS="40000")
     api.wait_ready()
     warm = submit(api.url, ["a dog"], steps=1)  # the first call in a process is slow (may hit the limit)
     wait_status(api.url, warm, {"done", "failed"})
     t0 = time.monotonic()
-    slow = submit(
-        api.url, distinct_captions("a dog running on the beach near the sea", 16), steps=5000
-    )  # about a minute
+    # About 24 s of compute on an idle 2-core machine (5000 steps took 2.95 s there: too close to 3 s).
+    slow = submit(api.url, distinct_captions("a dog running on the beach near the sea", 16), steps=40000)
     failed = wait_status(api.url, slow, {"done", "failed"})
     assert failed["status"] == "failed" and failed["error"]["type"] == "JobTimeout"
     assert "EXCLIP_JOB_TIMEOUT_S" in failed["error"]["message"]
