@@ -30,11 +30,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import open_clip
+import common  # noqa: F401 - puts the repository root on sys.path, for tests.harness
 import torch
 
 from attribution.explainer import Explainer
-from attribution.models import TINY_MODEL  # noqa: F401 - importing registers exclip-tiny
+from attribution.models import TINY_MODEL
+from tests.harness import random_clip
 
 WORDS = "dog cat red ball grass tree sky blue car road house window street person".split()
 BASE_MODEL = "ViT-B-32"
@@ -79,13 +80,8 @@ def measure(call: Callable[[], object], repeats: int) -> tuple[float, float]:
 
 class Model:
     def __init__(self, name: str) -> None:
-        torch.manual_seed(0)
         self.name = name
-        self.model = open_clip.create_model(name, pretrained=None).eval()
-        self.tokenizer = open_clip.get_tokenizer(name)
-        size = self.model.visual.image_size
-        size = size if isinstance(size, tuple) else (size, size)
-        self.images = torch.randn(8, 3, *size, generator=torch.Generator().manual_seed(1))
+        self.model, self.tokenizer, self.images = random_clip(name, 8)
         with torch.no_grad():
             self.forward = measure(lambda: self.model.encode_image(self.images[:1]), 3)[0]
 

@@ -24,10 +24,11 @@ import os
 import sys
 import time
 
-import open_clip
+import common  # noqa: F401 - puts the repository root on sys.path, for tests.harness
 import torch
 
 from attribution.explainer import Explainer
+from tests.harness import random_clip
 
 CAPTION = "a photo of a brown dog with a red ball on the green grass"  # 16 tokens with SOT, EOT
 
@@ -65,12 +66,7 @@ def main() -> None:
     print("| model | layer | steps N | CPU seconds | image forward CPU s | cost in image forwards |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in args.models:
-        torch.manual_seed(0)
-        model = open_clip.create_model(name, pretrained=None).eval()
-        tokenizer = open_clip.get_tokenizer(name)
-        size = model.visual.image_size
-        size = size if isinstance(size, tuple) else (size, size)
-        image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+        model, tokenizer, image = random_clip(name)
         n_layers = len(model.visual.transformer.resblocks)
         layers = args.layers if args.layers is not None else list(range(n_layers))
         too_slow: set[int] = set()

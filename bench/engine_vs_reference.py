@@ -50,15 +50,9 @@ def _rss_gb() -> float:
 
 
 def _setup(model_name: str, device: str):
-    import open_clip
-    import torch
+    from tests.harness import random_clip  # the child runs with the repository root on PYTHONPATH
 
-    torch.manual_seed(0)
-    model = open_clip.create_model(model_name, pretrained=None).eval().to(device)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    size = model.visual.image_size
-    size = size if isinstance(size, tuple) else (size, size)
-    image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1)).to(device)
+    model, tokenizer, image = random_clip(model_name, 1, device)
     assert len(tokenizer.encode(CAPTION)) + 2 == 16
     return model, tokenizer, image
 

@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
-import open_clip
 import torch
 from exclip.explanation import OpenClipExplainer
 
@@ -48,6 +47,7 @@ from service_throughput import BATCHING, WAIT_S, drive  # noqa: E402 - its clien
 from attribution.explainer import PRECISIONS, Explainer  # noqa: E402
 from attribution.memory import tangent_budget  # noqa: E402
 from attribution.models import TINY_MODEL  # noqa: E402 - importing registers exclip-tiny
+from tests.harness import random_clip  # noqa: E402
 
 CAPTION = "a photo of a brown dog with a red ball on the green grass"  # 16 tokens with SOT, EOT
 CAPTIONS = [
@@ -116,15 +116,6 @@ def timed(call, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def load(name: str, device: torch.device) -> tuple[torch.nn.Module, object, torch.Tensor]:
-    torch.manual_seed(0)
-    model = open_clip.create_model(name, pretrained=None).eval().to(device)
-    size = model.visual.image_size
-    size = size if isinstance(size, tuple) else (size, size)
-    images = torch.randn(64, 3, *size, generator=torch.Generator().manual_seed(1)).to(device)
-    return model, open_clip.get_tokenizer(name), images
-
-
 def forward_seconds(model: torch.nn.Module, image: torch.Tensor) -> float:
     with torch.no_grad():
         model.encode_image(image)
@@ -132,7 +123,7 @@ def forward_seconds(model: torch.nn.Module, image: torch.Tensor) -> float:
 
 
 def equivalence(name: str, plan: Plan, device: torch.device) -> dict:
-    model, tokenizer, images = load(name, device)
+    model, tokenizer, images = random_clip(name, 64, str(device))
     image = images[:1]
     forward = forward_seconds(model, image)
     reference = OpenClipExplainer(model, image_dim=image.shape[-1], device=device)
@@ -163,7 +154,7 @@ def equivalence(name: str, plan: Plan, device: torch.device) -> dict:
 
 
 def throughput(name: str, plan: Plan, device: torch.device) -> list[dict]:
-    model, tokenizer, images = load(name, device)
+    model, tokenizer, images = random_clip(name, 64, str(device))
     n_img, n_cap = plan.grid
     distinct = (
         images[: plan.distinct_pairs],

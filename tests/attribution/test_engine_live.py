@@ -22,6 +22,7 @@ from exclip.explanation import OpenClipExplainer
 
 from attribution.explainer import Explainer
 from attribution.models import TINY_MODEL
+from tests.harness import random_clip
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTION = "a red dog"  # SOT + 3 tokens + EOT
@@ -111,8 +112,7 @@ def test_mid_size_model_matches_reference_every_layer(mid_size, layer):
 
 @pytest.fixture(scope="module")
 def vit_b32():
-    torch.manual_seed(0)
-    return open_clip.create_model("ViT-B-32", pretrained=None).eval(), open_clip.get_tokenizer("ViT-B-32")
+    return random_clip("ViT-B-32")
 
 
 @pytest.mark.slow
@@ -126,8 +126,7 @@ def test_vit_b32_matches_reference(vit_b32, layer):
     the cut: measured 2026-11-28 on the 2-core machine, N = 1, about 40 s of CPU at the last blocks and
     120 s at block 4 (the engine: 1.8 s and 3.4 s). The mid-size model above covers every block.
     """
-    model, tokenizer = vit_b32
-    image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    model, tokenizer, image = vit_b32
     expected = reference_with_cls(model, tokenizer, image, layer, layer, 1)
     result = Explainer(model, tokenizer, layer, layer, steps=1).explain(image, [CAPTION])[0]
     assert result.interactions.shape == (5, 7, 7)
@@ -186,12 +185,7 @@ needs_cuda = pytest.mark.skipif(
 @needs_cuda
 @pytest.mark.parametrize("name", [TINY_MODEL, pytest.param("ViT-B-32", marks=pytest.mark.slow)])
 def test_cuda_matches_cpu(name):
-    torch.manual_seed(0)
-    model = open_clip.create_model(name, pretrained=None).eval()
-    tokenizer = open_clip.get_tokenizer(name)
-    size = model.visual.image_size
-    size = size if isinstance(size, tuple) else (size, size)
-    image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    model, tokenizer, image = random_clip(name)
     caption = "a photo of a brown dog with a red ball"
     on_cpu = Explainer(model, tokenizer, steps=5).explain(image, [caption])[0]
     model = model.cuda()
