@@ -215,6 +215,11 @@ class RedisStreamsQueue:
         self._listening = asyncio.Event()
         self._scripts_loaded = False
 
+    def _eviction_args(self) -> list[ScriptArg]:
+        """ARGV[1..5] of the scripts that call ``_BUDGET``'s ``evict``: now, the TTL, the byte budget,
+        and the image and job key prefixes (an evicted member's keys)."""
+        return [time.time(), self.ttl_s, self.max_stored_bytes, self.keys.image(""), self.keys.job("")]
+
     # --- API side -------------------------------------------------------------------------------
     async def ping(self) -> None:
         await self.r.ping()
@@ -238,11 +243,7 @@ class RedisStreamsQueue:
             self.keys.metrics,
         ]
         args: list[ScriptArg] = [
-            time.time(),
-            self.ttl_s,
-            self.max_stored_bytes,
-            self.keys.image(""),
-            self.keys.job(""),
+            *self._eviction_args(),
             METRICS_TTL_S,
             job.id,
             image,
@@ -414,11 +415,7 @@ class RedisStreamsQueue:
         fields = [x for kv in job.to_fields().items() if kv[0] in Job.OUTCOME_FIELDS for x in kv]
         keys = [*self.keys.budget, self.keys.job(job.id), self.keys.image(job.id), self.keys.finished]
         args: list[ScriptArg] = [
-            time.time(),
-            self.ttl_s,
-            self.max_stored_bytes,
-            self.keys.image(""),
-            self.keys.job(""),
+            *self._eviction_args(),
             job.id,
             int(job.status is JobStatus.DONE),
             *fields,
