@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from attribution.errors import InvalidOption
-from attribution.memory import DEFAULT_MEMORY_FRACTION, tangent_budget
+from attribution.memory import DEFAULT_MEMORY_FRACTION, tangent_budget, widest_mlp
 from attribution.tail import Tail, dense_token_vjps, embed, token_jvps
 from attribution.text import Tokenizer, tokenize_caption
 from attribution.towers import ImageTower, TextTower
@@ -147,6 +147,7 @@ class Explainer:
         # Tangent rows per pass: fixed, or (None) sized from the device's free memory before each pass.
         self.max_tangents = max_tangents
         self.memory_fraction = memory_fraction
+        self.mlp_width = widest_mlp(model)  # a tangent row's cost, for tangent_budget
         self.points = interpolation_points(steps) if points is None else _explicit_points(points)
 
     @property
@@ -249,7 +250,9 @@ class Explainer:
         points = (ref_hidden[:s] + alphas.view(n, 1, 1) * delta).to(dt)  # (N, S, W)
         deltas = delta.to(dt).expand(n, s, w)
         pools = pool.expand(n)
-        max_tangents = self.max_tangents or tangent_budget(self.model, self.device, dt, self.memory_fraction)
+        max_tangents = self.max_tangents or tangent_budget(
+            self.mlp_width, self.device, dt, self.memory_fraction
+        )
         if len(tail.blocks) > 1 and tail.head.projection.shape[1] < s:
             # Fewer embedding axes than tokens: reverse mode needs fewer passes.
             chunk = max(1, max_tangents // (n * s))

@@ -49,17 +49,18 @@ def widest_mlp(model: nn.Module) -> int:
 
 
 def tangent_budget(
-    model: nn.Module,
+    mlp_width: int,
     device: torch.device,
     dtype: torch.dtype,
     fraction: float = DEFAULT_MEMORY_FRACTION,
     free_bytes: int | None = None,
 ) -> int:
-    """Tangent rows per pass: ``fraction`` of the free memory over a row's cost, within the device's
-    bounds. ``free_bytes`` defaults to what :func:`free_memory_bytes` reads now."""
+    """Tangent rows per pass: ``fraction`` of the free memory over a row's cost (``mlp_width``: the
+    model's :func:`widest_mlp`), within the device's bounds. ``free_bytes`` defaults to what
+    :func:`free_memory_bytes` reads now."""
     cap = CUDA_MAX_TANGENTS if device.type == "cuda" else CPU_MAX_TANGENTS
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
     if free is None:
         return cap
-    row_bytes = ROW_FACTOR * widest_mlp(model) * torch.finfo(dtype).bits // 8
+    row_bytes = ROW_FACTOR * mlp_width * torch.finfo(dtype).bits // 8
     return max(MIN_TANGENTS, min(cap, int(free * fraction) // row_bytes))

@@ -179,7 +179,7 @@ def throughput(name: str, plan: Plan, device: torch.device) -> list[dict]:
                     "pairs_per_s": len(captions) / seconds,
                     "peak_gb": memory.peak_gb,
                     # the pass size the engine chose from the free memory (attribution/memory.py)
-                    "max_tangents": tangent_budget(model, device, PRECISIONS[precision]),
+                    "max_tangents": tangent_budget(explainer.mlp_width, device, PRECISIONS[precision]),
                 }
             )
     return rows

@@ -29,30 +29,30 @@ def test_widest_mlp_reads_both_towers(tiny_model):
 
 @pytest.mark.parametrize("dtype,bytes_", [(torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)])
 def test_budget_is_the_free_share_over_a_rows_cost(tiny_model, dtype, bytes_):
-    model = tiny_model.model
-    row = ROW_FACTOR * widest_mlp(model) * bytes_
+    width = widest_mlp(tiny_model.model)
+    row = ROW_FACTOR * width * bytes_
     free = 300 * row  # between the floor and the caps
-    assert tangent_budget(model, CUDA, dtype, 0.5, free_bytes=free) == 150
-    assert tangent_budget(model, CPU, dtype, 1.0, free_bytes=free) == 300
+    assert tangent_budget(width, CUDA, dtype, 0.5, free_bytes=free) == 150
+    assert tangent_budget(width, CPU, dtype, 1.0, free_bytes=free) == 300
     # Less precision, twice the rows in the same memory.
     if bytes_ == 2:
-        assert tangent_budget(model, CUDA, dtype, 0.5, free) == 2 * tangent_budget(
-            model, CUDA, torch.float32, 0.5, free
+        assert tangent_budget(width, CUDA, dtype, 0.5, free) == 2 * tangent_budget(
+            width, CUDA, torch.float32, 0.5, free
         )
 
 
 def test_budget_is_bounded_by_the_device_and_a_floor(tiny_model):
-    model = tiny_model.model
+    width = widest_mlp(tiny_model.model)
     plenty = 1 << 50
-    assert tangent_budget(model, CUDA, torch.float32, 0.5, free_bytes=plenty) == CUDA_MAX_TANGENTS
-    assert tangent_budget(model, CPU, torch.float32, 0.5, free_bytes=plenty) == CPU_MAX_TANGENTS
-    assert tangent_budget(model, CUDA, torch.float32, 0.5, free_bytes=0) == MIN_TANGENTS
+    assert tangent_budget(width, CUDA, torch.float32, 0.5, free_bytes=plenty) == CUDA_MAX_TANGENTS
+    assert tangent_budget(width, CPU, torch.float32, 0.5, free_bytes=plenty) == CPU_MAX_TANGENTS
+    assert tangent_budget(width, CUDA, torch.float32, 0.5, free_bytes=0) == MIN_TANGENTS
 
 
 def test_free_memory_on_this_cpu_is_read():
     free = free_memory_bytes(CPU)
     assert free is not None and 0 < free < 1 << 50
-    assert tangent_budget(torch.nn.Linear(1, 1), CPU, torch.float32) <= CPU_MAX_TANGENTS
+    assert tangent_budget(widest_mlp(torch.nn.Linear(1, 1)), CPU, torch.float32) <= CPU_MAX_TANGENTS
 
 
 @pytest.mark.parametrize("layer", [0, 2])
