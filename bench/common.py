@@ -8,7 +8,6 @@ import io
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -84,23 +83,6 @@ class Processes:
     def stop_all(self) -> None:
         for _, proc in reversed(list(self.procs)):  # workers and API before Redis
             self.stop(proc)
-
-    def start_redis(self) -> str:
-        """A private redis-server (no persistence) on a free port, stopped with the others; its URL."""
-        port = free_port()
-        proc = self.start(
-            "redis",
-            [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return f"redis://127.0.0.1:{port}/0"
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start:\n{self.log_tail('redis')}") from None
-                time.sleep(0.05)
 
     def wait_http(self, url: str, proc: subprocess.Popen, name: str, timeout_s: float) -> None:
         """Until ``url`` answers 200; fail with the process's log tail if it exits or time runs out."""

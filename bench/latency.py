@@ -30,6 +30,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Processes, free_port, images  # noqa: E402
 
+from tests.harness import RedisServer  # noqa: E402
+
 CAPTION = "a photo of a cat sleeping on a sofa"
 
 
@@ -47,7 +49,7 @@ class Row:
     overhead_p90_ms: float
 
 
-def _start(procs: Processes, code: Path, mode: str, model: str, max_wait_ms: int) -> str:
+def _start(procs: Processes, code: Path, model: str, max_wait_ms: int, redis_url: str | None) -> str:
     port = free_port()
     env = {
         **os.environ,
@@ -68,8 +70,8 @@ def _start(procs: Processes, code: Path, mode: str, model: str, max_wait_ms: int
         f"import runpy, sys; sys.path.insert(0, {str(code)!r}); "
         "sys.argv[0] = 'exclip-service'; runpy.run_module('service.cli', run_name='__main__')",
     ]
-    if mode == "redis":
-        env["REDIS_URL"] = procs.start_redis()
+    if redis_url is not None:
+        env["REDIS_URL"] = redis_url
         procs.start("worker", [*cli, "worker"], env)
     api = procs.start("api", [*cli, "serve", "--port", str(port)], env)
     url = f"http://127.0.0.1:{port}"
@@ -90,13 +92,18 @@ def _one(client: httpx.Client, image: bytes) -> tuple[float, float]:
 
 def measure(code: Path, mode: str, model: str, max_wait_ms: int, requests: int) -> Row:
     procs = Processes(Path(tempfile.mkdtemp(prefix="exclip-latency-")))
+    redis = RedisServer() if mode == "redis" else None
     try:
-        url = _start(procs, code, mode, model, max_wait_ms)
+        if redis is not None:
+            redis.start()
+        url = _start(procs, code, model, max_wait_ms, redis.url if redis else None)
         image = images()[0]
         with httpx.Client(base_url=url, timeout=120) as client:
             samples = [_one(client, image) for _ in range(requests + 1)]
     finally:
-        procs.stop_all()
+        procs.stop_all()  # API and worker before Redis
+        if redis is not None:
+            redis.stop()
     latencies = [lat for lat, _ in samples]
     overheads = sorted(lat - comp for lat, comp in samples[1:])
     return Row(
