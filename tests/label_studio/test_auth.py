@@ -52,3 +52,13 @@ def test_without_keys_everyone_may_call() -> None:
     with TestClient(create_app(Settings())) as client:
         assert client.get("/label-studio/versions").status_code == 200
         assert client.get("/label-studio/versions", headers=_basic("any", "thing")).status_code == 200
+
+
+def test_webhook_takes_the_key_as_basic_password(client: TestClient) -> None:
+    """Label Studio posts its events (here one it sends when an annotation is made) with Basic auth."""
+    event = {"action": "ANNOTATION_CREATED", "project": {"id": 1}, "annotation": {"id": 5, "task": 3}}
+    reply = client.post("/label-studio/webhook", json=event, headers=_basic("label-studio", "k-one"))
+    assert 200 <= reply.status_code < 300, reply.text
+    assert reply.json() == {"status": "ignored"}
+    for headers in ({}, _basic("label-studio", "k-three")):
+        assert client.post("/label-studio/webhook", json=event, headers=headers).status_code == 401

@@ -6,16 +6,7 @@ import pytest
 
 from service.label_studio.config import Control, parse_label_config
 from service.label_studio.errors import LabelConfigInvalid
-
-DOCUMENTED = """
-<View>
-  <Image name="image" value="$image"/>
-  <Text name="caption" value="$caption"/>
-  <Labels name="phrase" toName="caption"><Label value="Phrase"/></Labels>
-  <RectangleLabels name="region" toName="image" smart="true"><Label value="Phrase"/></RectangleLabels>
-  <BrushLabels name="heatmap" toName="image"><Label value="Phrase"/></BrushLabels>
-</View>
-"""
+from tests.label_studio.scenario import DOCUMENTED
 
 
 def test_documented_config() -> None:

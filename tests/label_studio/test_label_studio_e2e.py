@@ -4,32 +4,33 @@ Label Studio runs from its own cached virtualenv (tests/label_studio/label_studi
 on first use, a few minutes; then about a minute for this module). The service is the embedded
 ``serve`` with the tiny model and an API key, which Label Studio sends as Basic auth. Only Label
 Studio's REST API is driven; it calls the backend itself. Prediction validation is on, so a result
-Label Studio would reject makes the predictions missing and the tests fail.
+Label Studio would reject makes the predictions missing and the tests fail
+(test_label_studio_rejects_invalid_predictions shows that it is on).
 """
 
 from __future__ import annotations
 
-import io
+import base64
 import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
+from service.label_studio.config import parse_label_config
+from service.label_studio.results import token_regions
 from service.label_studio.rle import mask_rle
 from tests.label_studio.label_studio_server import PASSWORD, USER, LabelStudio, venv_python
-from tests.label_studio.test_config import DOCUMENTED
+from tests.label_studio.scenario import CAPTION, DOCUMENTED, HEIGHT, PHRASES, WIDTH, scene_png
 
 pytestmark = pytest.mark.slow
 
 KEY = "ls-e2e-key"
-WIDTH, HEIGHT = 96, 64
-CAPTION = "a yellow 🐕 block on a blue field"
-PHRASES = ["yellow 🐕 block", "blue field"]
+MIN_TOKEN_SCORE = 0.3  # the backend's extra_params; the service's default is 0.5
 IMAGE_ONLY = (
     '<View><Image name="image" value="$image"/>'
     '<RectangleLabels name="region" toName="image"><Label value="Phrase"/></RectangleLabels></View>'
@@ -37,15 +38,6 @@ IMAGE_ONLY = (
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "test-artifacts" / "screenshots" / "label-studio.png"
 DOCS_SCREENSHOT = ROOT / "docs" / "label-studio.png"
-
-
-def _png() -> bytes:
-    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
-    arr = np.stack([x * 255 // WIDTH, np.full_like(x, 90), y * 255 // HEIGHT], axis=-1).astype(np.uint8)
-    arr[HEIGHT // 4 : HEIGHT // 2, WIDTH // 3 : WIDTH // 2] = (250, 240, 30)
-    out = io.BytesIO()
-    Image.fromarray(arr, "RGB").save(out, format="PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +75,7 @@ def project(ls, backend: str) -> dict:
     pid = reply.json()["id"]
     # Direct upload makes a task from a file only when the config has one data key: import the image
     # under the image-only config, then switch to the full one and give the task its caption.
-    reply = ls.post(f"/api/projects/{pid}/import", files={"file": ("scene.png", _png(), "image/png")})
+    reply = ls.post(f"/api/projects/{pid}/import", files={"file": ("scene.png", scene_png(), "image/png")})
     assert reply.status_code == 201, reply.text
     reply = ls.patch(f"/api/projects/{pid}", json={"label_config": DOCUMENTED})
     assert reply.status_code == 200, reply.text
@@ -103,7 +95,7 @@ def project(ls, backend: str) -> dict:
             "auth_method": "BASIC_AUTH",
             "basic_auth_user": "label-studio",
             "basic_auth_pass": KEY,
-            "extra_params": {"mask_level": 0.5, "min_token_score": 0.3},
+            "extra_params": {"mask_level": 0.5, "min_token_score": MIN_TOKEN_SCORE},
         },
     )
     assert reply.status_code == 201, reply.text
@@ -227,7 +219,23 @@ def test_interactive_span(ls, project: dict) -> None:
         _check_image_region(region)
 
 
-def test_interactive_rectangle(ls, project: dict) -> None:
+def _explain_box(service, box: list[float]) -> tuple[list[dict], list[float]]:
+    """The service's own ``POST /explain`` of the task's image and caption with a pixel box: the
+    caption's tokens and their box scores, from which the interactive labels follow."""
+    selection = {"box": box}
+    body = {
+        "image": base64.b64encode(scene_png()).decode(),
+        "captions": [{"text": CAPTION, "selections": [selection]}],
+    }
+    reply = httpx.post(
+        service.url + "/explain", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+    )
+    assert reply.status_code == 200, reply.text
+    caption = reply.json()["result"]["captions"][0]
+    return caption["tokens"], caption["selections"][0]["token_scores"]
+
+
+def test_interactive_rectangle(ls, project: dict, service) -> None:
     box = {
         "id": "sel2",
         "from_name": "region",
@@ -242,10 +250,24 @@ def test_interactive_rectangle(ls, project: dict) -> None:
     result = _interactive(ls, project, box)
     assert result and all(r["type"] == "labels" and r["to_name"] == "caption" for r in result)
     scores = [r["score"] for r in result]
-    assert scores == sorted(scores, reverse=True) and scores[0] == 1.0 and min(scores) >= 0.3
+    assert scores == sorted(scores, reverse=True) and scores[0] == 1.0 and min(scores) >= MIN_TOKEN_SCORE
     for region in result:
         start, end = region["value"]["start"], region["value"]["end"]
         assert CAPTION[start:end] == region["value"]["text"] and start < end
+    # The labels are the tokens whose box score is MIN_TOKEN_SCORE x the best or more (the threshold
+    # the backend was connected with), not those the default 0.5 keeps.
+    tokens, token_scores = _explain_box(service, [0.30 * WIDTH, 0.20 * HEIGHT, 0.60 * WIDTH, 0.60 * HEIGHT])
+    config = parse_label_config(DOCUMENTED)
+    words = [s for s, t in zip(token_scores, tokens, strict=True) if t["end"] > t["start"]]
+    shares = np.asarray(words) / max(words)
+    assert np.abs(shares - MIN_TOKEN_SCORE).min() > 1e-3  # none on the threshold: the count is exact
+
+    def expected(min_score: float) -> list[str]:
+        return [r["value"]["text"] for r in token_regions(config, CAPTION, tokens, token_scores, min_score)]
+
+    assert len(expected(MIN_TOKEN_SCORE)) != len(expected(0.5))  # the threshold changes the outcome
+    assert [r["value"]["text"] for r in result] == expected(MIN_TOKEN_SCORE)
+    assert len(result) == int((shares >= MIN_TOKEN_SCORE).sum())
 
 
 def test_wrong_key_is_refused(ls, project: dict, backend: str) -> None:
@@ -293,3 +315,37 @@ def test_labeling_page(label_studio: LabelStudio, ls, project: dict, prediction:
     assert SCREENSHOT.stat().st_size < 300_000
     if os.environ.get("EXCLIP_UPDATE_DOCS_SCREENSHOT") == "1":
         shutil.copyfile(SCREENSHOT, DOCS_SCREENSHOT)
+
+
+def _rectangle(**change) -> dict:
+    region = {
+        "from_name": "region",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "original_width": WIDTH,
+        "original_height": HEIGHT,
+        "image_rotation": 0,
+        "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rotation": 0, "rectanglelabels": ["Phrase"]},
+    }
+    return {**region, **change}
+
+
+@pytest.mark.parametrize(
+    "region",
+    [
+        _rectangle(value={"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["Dog"]}),
+        _rectangle(from_name="boxes"),  # no control of that name in the config
+    ],
+    ids=["label-not-in-config", "from-name-not-in-config"],
+)
+def test_label_studio_rejects_invalid_predictions(ls, project: dict, region: dict) -> None:
+    """Prediction validation (the feature flag label_studio_server.ENV sets) is on: a result that does
+    not fit the label config is refused, where Label Studio without the flag stores it."""
+    body = {"task": project["task"], "model_version": "validation-check", "score": 0.5}
+    reply = ls.post("/api/predictions", json={**body, "result": [region]})
+    assert reply.status_code == 400, reply.text
+    assert "Error validating prediction" in reply.text
+    # The same request with a result that fits is stored: the refusal is the validation's.
+    reply = ls.post("/api/predictions", json={**body, "result": [_rectangle()]})
+    assert reply.status_code == 201, reply.text
+    assert ls.delete(f"/api/predictions/{reply.json()['id']}").status_code == 204

@@ -8,7 +8,7 @@ from service.label_studio.config import parse_label_config
 from service.label_studio.errors import TaskInvalid
 from service.label_studio.predictor import Context, _phrase_spans, parse_context
 from service.label_studio.protocol import SetupIn, Thresholds
-from tests.label_studio.test_config import DOCUMENTED
+from tests.label_studio.scenario import DOCUMENTED
 
 CONFIG = parse_label_config(DOCUMENTED)
 CAPTION = "A 🐕 chases a Red ball"

@@ -1,0 +1,32 @@
+"""The Label Studio tests' shared scenario: the documented label config and one captioned image."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+DOCUMENTED = """
+<View>
+  <Image name="image" value="$image"/>
+  <Text name="caption" value="$caption"/>
+  <Labels name="phrase" toName="caption"><Label value="Phrase"/></Labels>
+  <RectangleLabels name="region" toName="image" smart="true"><Label value="Phrase"/></RectangleLabels>
+  <BrushLabels name="heatmap" toName="image"><Label value="Phrase"/></BrushLabels>
+</View>
+"""
+
+WIDTH, HEIGHT = 96, 64
+CAPTION = "a yellow 🐕 block on a blue field"  # an emoji: offsets must count code points
+PHRASES = ["yellow 🐕 block", "blue field"]
+
+
+def scene_png() -> bytes:
+    """A WIDTH×HEIGHT gradient with a yellow block, as PNG bytes."""
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    arr = np.stack([x * 255 // WIDTH, np.full_like(x, 90), y * 255 // HEIGHT], axis=-1).astype(np.uint8)
+    arr[HEIGHT // 4 : HEIGHT // 2, WIDTH // 3 : WIDTH // 2] = (250, 240, 30)
+    out = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(out, format="PNG")
+    return out.getvalue()
