@@ -7,14 +7,19 @@ and reads the peak (``VmHWM``) back: the table gives, per case, the time, the HT
 peak RSS above the process's RSS before the case, for the API and the worker.
 
 Cases: a 6000x6000 grey PNG (explain, then one or four concurrent ``heatmap.png?legend=true``, with
-the default two render slots and with four), a 1x250000 PNG, a 24000x1 PNG, the caption
+the default two render slots and with four), a 6324x6324 (40 MP) RGBA PNG and a 6324x6324 RGB JPEG
+(explain, then one legend PNG), a 1x250000 PNG, a 24000x1 PNG, the caption
 ``'&' + 'amp;'*4000 + ' dog'``, and a caption with literal special-token text.
 
     python bench/hostile_uploads.py
-    python bench/hostile_uploads.py --baseline-ref 6f4c82b   # also: one render, old vs new renderer
+    python bench/hostile_uploads.py --only RGBA --only JPEG          # the cases whose name has a word
+    python bench/hostile_uploads.py --baseline-ref 6f4c82b           # also: renders, old vs new renderer
+    python bench/hostile_uploads.py --baseline-ref HEAD --render-only
 
-``--baseline-ref`` first renders the 6000x6000 legend PNG in a fresh process with the renderer of
-that git revision and with the current one (decode + render + PNG encode, same input), side by side.
+``--baseline-ref`` first renders the legend PNG of the three large uploads (grey PNG, RGBA PNG, JPEG),
+each in a fresh process, with the renderer of that git revision and with the current one (decode +
+render + PNG encode of the same bytes: the heatmap route's whole ``_render_png``), side by side;
+``--render-only`` stops there.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +51,39 @@ def png(width: int, height: int) -> bytes:
     out = io.BytesIO()
     Image.new("L", (width, height), 128).save(out, format="PNG")
     return out.getvalue()
+
+
+def _picture(side: int) -> tuple[np.ndarray, np.ndarray]:
+    """A ``side`` x ``side`` RGB picture (gradients and waves) and an alpha plane (a checkerboard of opaque
+    squares and a transparency ramp): compressible, so 40 MP fit in an upload."""
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32)
+    rgb = np.stack(
+        [x * 255 / side, y * 255 / side, (np.sin(x / 50) * np.cos(y / 70) + 1) * 127], axis=-1
+    ).astype(np.uint8)
+    alpha = np.where((x // 400 + y // 400) % 2 == 0, 255, x * 255 / side).astype(np.uint8)
+    return rgb, alpha
+
+
+def rgba_png(side: int) -> bytes:
+    """A ``side`` x ``side`` RGBA PNG (6324: 40 MP in about 8 MB)."""
+    rgb, alpha = _picture(side)
+    out = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(out, format="PNG")
+    return out.getvalue()
+
+
+def noisy_jpeg(side: int) -> bytes:
+    """A ``side`` x ``side`` RGB JPEG with grain, quality 85 (6324: 40 MP in about 11 MB)."""
+    rgb, _ = _picture(side)
+    grain = np.random.default_rng(0).integers(-12, 13, rgb.shape, dtype=np.int16)
+    rgb = np.clip(rgb + grain, 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def mime(image: bytes) -> str:
+    return "image/jpeg" if image[:2] == b"\xff\xd8" else "image/png"
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -70,7 +109,7 @@ class Peak:
 
 
 async def _explain(client: httpx.AsyncClient, image: bytes, caption: str) -> httpx.Response:
-    files = {"image": ("x.png", image, "image/png")}
+    files = {"image": ("upload", image, mime(image))}
     return await client.post("/explain", files=files, data={"caption": caption, "steps": "2", "wait": "60"})
 
 
@@ -103,6 +142,8 @@ CASES = [
         4,
         {"EXCLIP_MAX_RENDERS": "4"},
     ),
+    ("6324x6324 RGBA PNG (40 MP) + 1 legend PNG", lambda: rgba_png(6324), "a checkerboard", 1, {}),
+    ("6324x6324 RGB JPEG (40 MP) + 1 legend PNG", lambda: noisy_jpeg(6324), "a grainy gradient", 1, {}),
     ("1x250000 PNG", lambda: png(1, 250_000), "a line", 0, {}),
     ("24000x1 PNG", lambda: png(24_000, 1), "a line", 0, {}),
     ("caption '&' + 'amp;'*4000 + ' dog'", lambda: png(64, 48), "&" + "amp;" * 4000 + " dog", 0, {}),
@@ -110,29 +151,47 @@ CASES = [
 ]
 
 
+# One heatmap route render (decode + overlay + legend + PNG encode) of the upload in argv[2], with the
+# render.py in directory argv[1]; prints the peak RSS above the RSS before it (MiB), the time and the size.
 RENDER_ONE = """
-import io, resource, sys, time
+import io, sys, time
+from pathlib import Path
 import numpy as np
 from PIL import Image
-from attribution.images import decode_image
 sys.path.insert(0, sys.argv[1])
-from render import render_overlay
-buf = io.BytesIO(); Image.new("L", (6000, 6000), 128).save(buf, "PNG")
+import render
+from attribution.images import decode_image
+
+def kib(field):
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+data = Path(sys.argv[2]).read_bytes()
+side = int(sys.argv[3])
 heat = np.random.default_rng(0).normal(size=(14, 14))
-start, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
-out = io.BytesIO()
-render_overlay(decode_image(buf.getvalue()), heat, (0, 0, 6000, 6000), legend=True).save(out, "PNG")
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024, time.monotonic() - t0,
-      *Image.open(out).size)
+crop = (0.0, 0.0, float(side), float(side))
+Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak of the render alone
+start, t0 = kib("VmRSS"), time.monotonic()
+if hasattr(render, "render_png"):
+    png = render.render_png(data, heat, crop, legend=True, max_pixels=40_000_000)
+else:  # renderers before render_png: the route decoded the whole image, then rendered it
+    out = io.BytesIO()
+    render.render_overlay(decode_image(data, max_pixels=40_000_000), heat, crop, legend=True).save(out, "PNG")
+    png = out.getvalue()
+print((kib("VmHWM") - start) / 1024, time.monotonic() - t0, *Image.open(io.BytesIO(png)).size)
 """
+
+RENDER_INPUTS = [  # name, bytes, side
+    ("6000x6000 grey PNG", lambda: png(6000, 6000), 6000),
+    ("6324x6324 RGBA PNG", lambda: rgba_png(6324), 6324),
+    ("6324x6324 RGB JPEG", lambda: noisy_jpeg(6324), 6324),
+]
 
 
 def render_only(ref: str, work: Path) -> None:
-    """One 6000x6000 legend render in a fresh process: the renderer at ``ref`` and the current one."""
-    print(
-        f"\nOne render of a 6000x6000 grey PNG with legend, fresh process each (renderer at {ref} vs now)\n"
-    )
-    print("| renderer | peak RSS +MiB | time s | PNG size |\n|---|---|---|---|")
+    """One legend render of each large upload in a fresh process: the renderer at ``ref`` and now."""
+    print(f"\nOne heatmap render with legend, fresh process each (renderer at {ref} vs now)\n")
+    print("| upload | renderer | peak RSS +MiB | time s | PNG size |\n|---|---|---|---|---|")
     old = work / "old"
     old.mkdir()
     (old / "render.py").write_text(
@@ -144,26 +203,42 @@ def render_only(ref: str, work: Path) -> None:
             text=True,
         ).stdout
     )
-    for name, directory in ((ref, old), ("current", ROOT / "service" / "web")):
-        reply = subprocess.run(
-            [sys.executable, "-c", RENDER_ONE, str(directory)],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        added, seconds, width, height = reply.stdout.split()
-        print(f"| {name} | {float(added):.0f} | {float(seconds):.1f} | {width}x{height} |")
+    for upload, make, side in RENDER_INPUTS:
+        path = work / upload.replace(" ", "_")
+        path.write_bytes(make())
+        for name, directory in ((ref, old), ("current", ROOT / "service" / "web")):
+            reply = subprocess.run(
+                [sys.executable, "-c", RENDER_ONE, str(directory), str(path), str(side)],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+            added, seconds, width, height = reply.stdout.split()
+            row = [
+                f"{upload} ({path.stat().st_size} B)",
+                name,
+                f"{float(added):.0f}",
+                f"{float(seconds):.1f}",
+            ]
+            print(f"| {' | '.join(row)} | {width}x{height} |")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline-ref", help="git revision whose renderer to compare with (one render)")
+    parser.add_argument("--baseline-ref", help="git revision whose renderer to compare with (renders)")
+    parser.add_argument("--render-only", action="store_true", help="only the --baseline-ref renders")
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="WORD", help="run the cases whose name has WORD"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="exclip-hostile-"))
     if args.baseline_ref:
         render_only(args.baseline_ref, work)
+    if args.render_only:
+        return 0
+    cases = [c for c in CASES if not args.only or any(word in c[0] for word in args.only)]
     redis = RedisServer()
     redis.start()
     launcher = ServiceLauncher(redis.url, f"h{uuid.uuid4().hex[:8]}", save_tiny_checkpoint(work), work)
@@ -176,7 +251,7 @@ def main() -> int:
             "| case | statuses | note | time s | API RSS before / peak +MiB | worker RSS before / peak +MiB |"
         )
         print("|---|---|---|---|---|---|")
-        for name, make, caption, heatmaps, env in CASES:
+        for name, make, caption, heatmaps, env in cases:
             image = make()
             api, worker = launcher.api(**env), launcher.worker()  # fresh: freed memory is not reused
             api.wait_ready(180)

@@ -4,7 +4,7 @@
 up front and counting the bytes as the app reads them, so an oversized upload is never buffered
 whole) and one that arrives too slowly with 408: each part must come within ``client_timeout_s``
 and the whole body within ``body_timeout_s``. The time a client may take over its request head is
-bounded by the server (service.server).
+bounded by the server (service.cli).
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ is the overlay opacity. At most ``EXCLIP_MAX_RENDERS`` renders run at once; a re
 from __future__ import annotations
 
 import asyncio
-import io
 from typing import Any
 
 import numpy as np
@@ -25,13 +24,12 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from attribution.errors import InvalidSelection
-from attribution.images import decode_image
 from attribution.pipeline import Explanation
 from attribution.selections import SELECTION_KINDS, Box, check_box, span_heatmap
 from service.dependencies import AppSettings, OwnedJob, Queue
 from service.jobs import JobStatus
 from service.schemas import ErrorOut
-from service.web.render import MAX_SIDE, render_overlay
+from service.web.render import MAX_SIDE, render_png
 
 router = APIRouter(tags=["jobs"])
 SLOT_WAIT_S = 30.0
@@ -152,10 +150,8 @@ def _render_png(
     max_side: int,
     max_pixels: int,
 ) -> bytes:
-    """Decode, draw and encode (CPU-bound: run off the event loop)."""
-    image = decode_image(data, max_pixels=max_pixels)
-    out = io.BytesIO()
-    render_overlay(image, heat, crop_box, alpha=alpha, box=box, legend=legend, max_side=max_side).save(
-        out, format="PNG"
+    """Decode, draw and encode (CPU-bound: run off the event loop); the upload is scaled down as it is
+    decoded, never copied at full size (``render.decode_scaled``)."""
+    return render_png(
+        data, heat, crop_box, alpha=alpha, box=box, legend=legend, max_side=max_side, max_pixels=max_pixels
     )
-    return out.getvalue()

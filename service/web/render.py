@@ -12,14 +12,26 @@ the model sees); a pixel whose centre (x + 0.5, y + 0.5) lies in the crop box ge
 interpolation of the patch values, patch centres at (col + 0.5, row + 0.5) patch sizes from the crop
 box origin, clamped at the border patches (``align_corners=False``); pixels outside the crop box get
 no overlay.
+
+Memory: a PNG is at most ``MAX_SIDE`` px a side, and ``render_png`` takes the upload there without a
+full-size copy of it: a JPEG is decoded at a reduced scale (DCT scaling) when that still covers the
+output; an RGB or greyscale image is resized as decoded (greyscale stays one channel until the end);
+any other mode (alpha, palette, 16-bit, CMYK, ...) is converted to RGB a band of rows at a time, each
+band resized to its output rows at once; EXIF orientation is applied to the small result. So a render
+holds the decoded upload plus a few MB, whatever its mode.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from attribution.errors import InvalidImage
+from attribution.images import _open, _orientation, _to_rgb_or_grey
 
 # Diverging blue-white-red ("coolwarm" end points): negative blue, zero white, positive red.
 COLORMAP_STOPS: tuple[tuple[float, tuple[int, int, int]], ...] = (
@@ -32,6 +44,18 @@ BoxCoords = tuple[float, float, float, float]
 MAX_SIDE = 2048  # default and largest long side of a rendered PNG: memory is bounded by this, not the upload
 LEGEND_MAX_HEIGHT = 96
 ROWS_PER_BLOCK = 256  # rows blended at a time: float temporaries stay at a few MB whatever the width
+REDUCING_GAP = 2.0  # RGB and grey images: Pillow's reduce-then-resample (see Image.resize)
+BAND_PIXELS = 1 << 20  # source pixels converted to RGB at a time for the other modes (4 MB of RGBA)
+# EXIF orientation -> the transposition that makes the image upright (as ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def colormap_json() -> dict:
@@ -128,54 +152,182 @@ def render_overlay(
     ``legend`` appends a colour-scale band below the image (the only case in which the result is
     taller than the image).
     """
-    scale_x = scale_y = 1.0
-    size = fit_size(*image.size, max_side)
-    if size != image.size:
-        scale_x, scale_y = size[0] / image.size[0], size[1] / image.size[1]
-        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-    pixels = np.array(image.convert("RGB"))
-    height, width = pixels.shape[:2]
+    scaled = scale_down(image, fit_size(*image.size, max_side))
+    return _overlay(scaled, image.size, heatmap, crop_box, alpha=alpha, box=box, legend=legend)
+
+
+def render_png(
+    data: bytes,
+    heatmap: np.ndarray,
+    crop_box: Sequence[float],
+    *,
+    alpha: float = 0.6,
+    box: BoxCoords | None = None,
+    legend: bool = False,
+    max_side: int = MAX_SIDE,
+    max_pixels: int = 64_000_000,
+) -> bytes:
+    """``render_overlay`` of encoded image bytes, as PNG bytes, without a full-size copy of the image
+    (``decode_scaled``); ``crop_box`` and ``box`` are in pixels of the upright original."""
+    image, size = decode_scaled(data, max_side, max_pixels=max_pixels)
+    out = io.BytesIO()
+    _overlay(image, size, heatmap, crop_box, alpha=alpha, box=box, legend=legend).save(out, format="PNG")
+    return out.getvalue()
+
+
+def decode_scaled(
+    data: bytes, max_side: int = MAX_SIDE, *, max_pixels: int = 64_000_000
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Untrusted image bytes decoded to an upright RGB or ``L`` image at most ``max_side`` px a side,
+    and the upright original's (width, height).
+
+    The picture is ``attribution.images.decode_image``'s (same checks, modes, orientation, alpha on
+    white) scaled down with ``fit_size``, up to the order of resampling; but no full-size copy is
+    made: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the output,
+    other modes than RGB and greyscale are converted a band at a time (``scale_down``), and the EXIF
+    orientation is applied to the scaled image. Broken data raises ``InvalidImage``.
+    """
+    img = _open(data, max_pixels)
+    width, height = img.size
+    try:
+        img.seek(0)  # first frame of animated GIF/WebP/TIFF
+        if img.format == "JPEG":  # its orientation is in the header: choose the scale before decoding
+            stored = _stored_output(width, height, _orientation(img), max_side)
+            if stored != (width, height):
+                img.draft(None, stored)  # Pillow keeps the decoded size >= stored
+        img.load()
+        orientation = _orientation(img)
+        scaled = scale_down(img, _stored_output(width, height, orientation, max_side))
+        method = _UPRIGHT.get(orientation)
+        upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        return (scaled if method is None else scaled.transpose(method)), upright
+    except InvalidImage:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise InvalidImage(f"{img.format} image data is broken or truncated: {e}") from e
+
+
+def _stored_output(width: int, height: int, orientation: int, max_side: int) -> tuple[int, int]:
+    """The output size (``fit_size`` of the upright image) in the stored orientation of a ``width`` x
+    ``height`` image: the size to scale the decoded pixels to before turning them upright."""
+    if orientation in (5, 6, 7, 8):
+        out_w, out_h = fit_size(height, width, max_side)
+        return out_h, out_w
+    return fit_size(width, height, max_side)
+
+
+def scale_down(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` as RGB or ``L`` (decode_image's mode rules, greyscale kept one channel) at ``size``.
+
+    RGB and ``L`` are resized directly (``BILINEAR``, ``REDUCING_GAP``); ``F`` (whose grey levels
+    stretch the whole image's range) is converted whole first, as is any image already at ``size``;
+    every other mode is converted and resized a band of rows at a time (``_scale_down_in_bands``),
+    so no full-size RGB copy is made.
+    """
+    if image.mode in ("RGB", "L"):
+        if image.size == size:
+            return image
+        return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
+    if image.size == size or image.mode == "F":
+        return scale_down(_to_rgb_or_grey(image), size)
+    return _scale_down_in_bands(image, size)
+
+
+def _scale_down_in_bands(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Convert (``_to_rgb_or_grey``) and resize (``BILINEAR``) ``image`` a band of rows at a time.
+
+    Each band of output rows is resampled from its source rows plus the filter's reach on either side
+    (``resize(box=...)`` places the filter exactly as for the whole image), so the result is the
+    whole image's conversion and resize, up to rounding; only a band is ever converted.
+    """
+    width, height = image.size
+    out_w, out_h = size
+    scale = height / out_h  # source rows per output row (>= 1: this only scales down)
+    margin = math.ceil(scale) + 2  # BILINEAR reaches one output row (scale source rows) each way
+    step = max(1, int(max(1, BAND_PIXELS // width) / scale))  # output rows per band
+    out: Image.Image | None = None
+    for top in range(0, out_h, step):
+        bottom = min(out_h, top + step)
+        y0, y1 = top * height / out_h, bottom * height / out_h  # exact at the ends: y1 <= height
+        r0, r1 = max(0, int(y0) - margin), min(height, math.ceil(y1) + margin)
+        band = _to_rgb_or_grey(image.crop((0, r0, width, r1)))
+        rows = band.resize((out_w, bottom - top), Image.Resampling.BILINEAR, box=(0, y0 - r0, width, y1 - r0))
+        if out is None:
+            out = Image.new(rows.mode, size)
+        out.paste(rows, (0, top))
+    assert out is not None  # out_h >= 1
+    return out
+
+
+def _overlay(
+    image: Image.Image,
+    source_size: tuple[int, int],
+    heatmap: np.ndarray,
+    crop_box: Sequence[float],
+    *,
+    alpha: float,
+    box: BoxCoords | None,
+    legend: bool,
+) -> Image.Image:
+    """Blend the heatmap over ``image`` (RGB or ``L``, already at the output size); ``crop_box`` and
+    ``box`` are in pixels of the ``source_size`` image it was scaled from. The legend band is part of
+    the one pixel array from the start, so the picture is never copied to append it."""
+    width, height = image.size
+    scale_x, scale_y = width / source_size[0], height / source_size[1]
+    band = _legend_height(width) if legend else 0
+    pixels = np.full((height + band, width, 3), 255, dtype=np.uint8)
+    picture = pixels[:height]
+    if image.mode == "L":  # greyscale: copied into the three channels here, never as an RGB image
+        picture[...] = np.asarray(image)[..., None]
+    else:
+        picture[...] = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     limit = symmetric_limit(heatmap)
     crop = [crop_box[0] * scale_x, crop_box[1] * scale_y, crop_box[2] * scale_x, crop_box[3] * scale_y]
     for rows, values, inside in _row_blocks(heatmap, crop, width, height):
         colours = colormap(values, limit).astype(np.float32)
-        base = pixels[rows].astype(np.float32)
+        base = picture[rows].astype(np.float32)
         blended = np.floor(base * (1 - alpha) + colours * alpha + 0.5).astype(np.uint8)
-        pixels[rows][inside] = blended[inside]  # only pixels inside the crop box change
+        picture[rows][inside] = blended[inside]  # only pixels inside the crop box change
     out = Image.fromarray(pixels, "RGB")
+    del pixels, picture
     if box is not None:
-        _draw_box(out, (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y))
-    if legend:
-        out = _with_legend(out, limit)
+        _draw_box(
+            out, (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y), (width, height)
+        )
+    if band:
+        _draw_legend(out, height, limit)
     return out
 
 
-def _draw_box(image: Image.Image, box: BoxCoords) -> None:
-    """A black outline with a white inner line, visible on any background."""
+def _draw_box(image: Image.Image, box: BoxCoords, size: tuple[int, int]) -> None:
+    """A black outline with a white inner line, visible on any background (``size``: the picture's,
+    which sets the line width)."""
     draw = ImageDraw.Draw(image)
-    line = max(1, round(min(image.size) / 150))
+    line = max(1, round(min(size) / 150))
     x0, y0, x1, y1 = box
     draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(0, 0, 0), width=line)
     draw.rectangle((x0 + line, y0 + line, x1 - 1 - line, y1 - 1 - line), outline=(255, 255, 255), width=line)
 
 
-def _with_legend(image: Image.Image, limit: float) -> Image.Image:
-    """Append a band with the colour bar from -limit to +limit and its value labels.
+def _legend_height(width: int) -> int:
+    """The legend band's height: it grows with the width (readable at any size), up to
+    ``LEGEND_MAX_HEIGHT``."""
+    return min(LEGEND_MAX_HEIGHT, max(36, width // 12))
 
-    Its height grows with the width (readable at any size) but is capped at ``LEGEND_MAX_HEIGHT``.
-    """
-    width, height = image.size
-    band = min(LEGEND_MAX_HEIGHT, max(36, width // 12))
+
+def _draw_legend(image: Image.Image, height: int, limit: float) -> None:
+    """Draw the colour bar from -limit to +limit and its value labels in the band below row ``height``
+    of ``image`` (whose bottom ``_legend_height`` rows are that band)."""
+    width = image.size[0]
+    band = image.size[1] - height
+    image.paste((255, 255, 255), (0, height, width, height + band))  # a box may have reached into it
     font = ImageFont.load_default(size=max(10, band // 3))
-    out = Image.new("RGB", (width, height + band), (255, 255, 255))
-    out.paste(image, (0, 0))
     margin = max(4, width // 40)
     bar_w = max(1, width - 2 * margin)
     bar_h = max(6, band // 3)
     ramp = colormap(np.linspace(-limit, limit, bar_w, dtype=np.float32)[None, :].repeat(bar_h, axis=0), limit)
-    out.paste(Image.fromarray(ramp, "RGB"), (margin, height + 4))
-    draw = ImageDraw.Draw(out)
+    image.paste(Image.fromarray(ramp, "RGB"), (margin, height + 4))
+    draw = ImageDraw.Draw(image)
     label_y = height + 6 + bar_h
     for value, anchor, x in ((-limit, "la", margin), (0.0, "ma", width // 2), (limit, "ra", width - margin)):
         draw.text((x, label_y), f"{value:.3g}", fill=(0, 0, 0), font=font, anchor=anchor)
-    return out

@@ -3,6 +3,10 @@
 ``stack`` (session, parametrised ``redis`` / ``embedded``): the same tests run against
 API + worker subprocesses sharing the private Redis, and against one embedded ``serve`` process.
 Both use ``EXCLIP_MAX_BATCH=8`` and ``EXCLIP_MAX_WAIT_MS=200`` so concurrent requests batch.
+
+``embedded_in_process(loaded, **settings)``: the embedded service (API and worker on the in-memory
+queue) in the test process, behind a Starlette ``TestClient``, for tests that patch a function of the
+service or look into its queue.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ import base64
 import io
 import math
 import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +102,10 @@ def assert_close(got: Any, want: Any, path: str = "") -> None:
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
             assert_close(g, w, f"{path}[{i}]")
     elif isinstance(want, float) and not isinstance(got, str):
-        # A gap is a difference of two sums: batching changes their rounding by about 1e-7.
+        # The service computes in another process (its own threads, its own decoding path), which
+        # changes float32 rounding; a gap is a difference of two sums, so it gets a wider absolute
+        # tolerance. Batching changes nothing: each input is computed on its own, so results are
+        # bit-identical whatever else is in the batch (docs/method.md).
         abs_tol = 1e-6 if path.endswith("gap") else 1e-7
         assert math.isclose(got, want, rel_tol=1e-4, abs_tol=abs_tol), f"{path}: {got} != {want}"
     else:
@@ -109,3 +119,26 @@ def strip_timings(result: dict[str, Any]) -> list[dict[str, Any]]:
         assert timings["queued_ms"] >= 0 and timings["compute_ms"] > 0
         out.append({k: v for k, v in caption.items() if k != "timings"})
     return out
+
+
+@contextmanager
+def embedded_in_process(
+    loaded: Any, *, raise_server_exceptions: bool = True, **settings: Any
+) -> Iterator[Any]:
+    """A ``TestClient`` of the embedded app (``create_app`` with ``loaded`` as its worker's model) whose
+    ``Settings`` are ``settings`` plus the ``EXCLIP_*`` environment, once ``/readyz`` says ready.
+
+    ``client.app.state.queue`` is its ``MemoryQueue``; the worker runs on the client's event loop.
+    """
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(redis_url=None, **settings), worker_models=[loaded])
+    with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the in-process worker did not become ready"
+            time.sleep(0.05)
+        yield client
