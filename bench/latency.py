@@ -3,13 +3,15 @@
 For each code tree (``--code``, default this checkout; give another checkout to compare side by side
 in one run), each queue mode (embedded: one ``serve`` process; redis: a private ``redis-server``,
 ``serve`` and one ``worker``) and each ``EXCLIP_MAX_WAIT_MS``, this script starts the processes, waits
-for ``/readyz``, sends the FIRST request at once (a cold worker makes it slow), then ``--requests``
+for ``/readyz``, connects (one ``GET /healthz``: the client's own connection set-up is not the
+service's), sends the FIRST request at once (a cold worker or API makes it slow), then ``--requests``
 more, one at a time, each a multipart ``POST /explain`` that waits for its 200. Per request it takes
 the client-side latency and the job's own ``timings.compute_ms`` (the engine call); the overhead is
-the difference. One markdown table; every process started here is stopped at the end.
+the difference. ``--repeats`` starts everything that many times per row (the first request is one
+sample per start). One markdown table; every process started here is stopped at the end.
 
     python bench/latency.py                                   # tiny model, both modes, this checkout
-    python bench/latency.py --code . --code /path/to/older/checkout --max-wait-ms 0,20
+    python bench/latency.py --code . --code /path/to/older/checkout --max-wait-ms 0,20 --repeats 3
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Row:
     max_wait_ms: int
     requests: int
     first_ms: float
+    first_overhead_ms: float
     tenth_ms: float
     latency_p50_ms: float
     compute_p50_ms: float
@@ -99,6 +102,7 @@ def measure(code: Path, mode: str, model: str, max_wait_ms: int, requests: int) 
         url = _start(procs, code, model, max_wait_ms, redis.url if redis else None)
         image = images()[0]
         with httpx.Client(base_url=url, timeout=120) as client:
+            client.get("/healthz").raise_for_status()
             samples = [_one(client, image) for _ in range(requests + 1)]
     finally:
         procs.stop_all()  # API and worker before Redis
@@ -112,6 +116,7 @@ def measure(code: Path, mode: str, model: str, max_wait_ms: int, requests: int) 
         max_wait_ms=max_wait_ms,
         requests=requests,
         first_ms=latencies[0],
+        first_overhead_ms=samples[0][0] - samples[0][1],
         tenth_ms=latencies[min(9, len(latencies) - 1)],
         latency_p50_ms=statistics.median(latencies[1:]),
         compute_p50_ms=statistics.median(comp for _, comp in samples[1:]),
@@ -127,6 +132,7 @@ def main() -> None:
     parser.add_argument("--model", default="exclip-tiny")
     parser.add_argument("--max-wait-ms", default="0", help="comma-separated EXCLIP_MAX_WAIT_MS values")
     parser.add_argument("--requests", type=int, default=40, help="measured requests after the first")
+    parser.add_argument("--repeats", type=int, default=1, help="starts per row (one first request each)")
     args = parser.parse_args()
     codes = args.code or [Path(__file__).resolve().parents[1]]
     rows = [
@@ -134,19 +140,21 @@ def main() -> None:
         for code in codes
         for mode in args.modes.split(",")
         for wait in args.max_wait_ms.split(",")
+        for _ in range(args.repeats)
     ]
     print(
         f"\n{args.model}, one request at a time; {platform.node()} ({os.cpu_count()} CPUs), "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n"
     )
     print(
-        "| code | mode | max_wait_ms | first ms | 10th ms | latency p50 ms | compute p50 ms "
-        "| overhead p50 ms | overhead p90 ms |"
+        "| code | mode | max_wait_ms | first ms | first overhead ms | 10th ms | latency p50 ms "
+        "| compute p50 ms | overhead p50 ms | overhead p90 ms |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {Path(r.code).name} | {r.mode} | {r.max_wait_ms} | {r.first_ms:.0f} | {r.tenth_ms:.0f} | "
+            f"| {Path(r.code).name} | {r.mode} | {r.max_wait_ms} | {r.first_ms:.0f} | "
+            f"{r.first_overhead_ms:.1f} | {r.tenth_ms:.0f} | "
             f"{r.latency_p50_ms:.1f} | {r.compute_p50_ms:.1f} | {r.overhead_p50_ms:.1f} | "
             f"{r.overhead_p90_ms:.1f} |"
         )

@@ -128,7 +128,7 @@ class Worker:
             log.info("worker %s stopped", self.name)
 
     def warm_up(self) -> None:
-        """One explanation per model (last block, default steps), so the first user's is not cold.
+        """One explanation per model (its default layers and steps), so the first user's is not cold.
 
         The first call in a process pays for lazy initialisation (kernels, allocator pools, cached
         references); this worker does not advertise itself before that is done.
