@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.jobs import CaptionRequest, Job, JobRequest
 from service.keys import Keys
 
 BATCH_ENV = {"EXCLIP_MAX_BATCH": "8", "EXCLIP_MAX_WAIT_MS": "200"}
@@ -40,6 +41,27 @@ def png_bytes(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def make_job(
+    captions: tuple[str, ...] | list[str] = ("a dog",),
+    *,
+    steps: int = 2,
+    selections: tuple = (),
+    model: str = "exclip-tiny",
+    owner: str | None = None,
+) -> Job:
+    """A job for the tiny model at its last blocks, every caption with the same ``selections``."""
+    request = JobRequest(
+        model=model,
+        text_layer=2,
+        image_layer=2,
+        steps=steps,
+        precision="float32",
+        format="json",
+        captions=tuple(CaptionRequest(c, selections) for c in captions),
+    )
+    return Job(request=request, owner=owner)
 
 
 def metric_values(text: str) -> dict[str, float]:

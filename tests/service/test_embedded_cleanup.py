@@ -10,24 +10,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from service.jobs import CaptionRequest, Job, JobRequest, JobStatus
+from service.jobs import JobStatus
 from service.queue.memory import PURGE_EVERY_S, MemoryQueue
-from tests.service.conftest import embedded_in_process, png_bytes
+from tests.service.conftest import embedded_in_process, make_job, png_bytes
 
 MODEL = "exclip-tiny"
-
-
-def _job() -> Job:
-    request = JobRequest(
-        model=MODEL,
-        text_layer=2,
-        image_layer=2,
-        steps=2,
-        precision="float32",
-        format="json",
-        captions=(CaptionRequest("a dog", ()),),
-    )
-    return Job(request=request, owner="h")
 
 
 def test_the_read_loop_drops_a_finished_job_after_its_ttl():
@@ -36,7 +23,7 @@ def test_the_read_loop_drops_a_finished_job_after_its_ttl():
 
     async def scenario() -> None:
         queue = MemoryQueue(ttl_s=1)
-        job = _job()
+        job = make_job(owner="h")
         await queue.enqueue(job, b"i" * 500, max_depth=10, depth_models=[MODEL])
         [delivery] = await queue.read("w1", [MODEL], count=8, block_ms=100)
         started = await queue.start(job.id)

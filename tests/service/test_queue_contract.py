@@ -9,9 +9,10 @@ import pytest
 
 from attribution.selections import Box, Span
 from service.connections import create_queue
-from service.jobs import CaptionRequest, Job, JobRequest, JobStatus
+from service.jobs import Job, JobStatus
 from service.queue import QueueFull
 from service.settings import Settings
+from tests.service.conftest import make_job
 
 pytestmark = pytest.mark.anyio
 
@@ -40,21 +41,12 @@ async def budget_queue(request, redis_server, key_prefix):
     await q.close()
 
 
-def make_job(model: str = MODEL, steps: int = 10) -> Job:
-    request = JobRequest(
-        model=model,
-        text_layer=2,
-        image_layer=2,
-        steps=steps,
-        precision="float32",
-        format="json",
-        captions=(CaptionRequest("a dog", (Span(0, 1), Box(0, 0, 2, 2))),),
-    )
-    return Job(request=request, owner="h")
+def contract_job(model: str = MODEL, steps: int = 10) -> Job:
+    return make_job(steps=steps, selections=(Span(0, 1), Box(0, 0, 2, 2)), model=model, owner="h")
 
 
 async def enqueue(q, job: Job | None = None, image: bytes = b"img") -> Job:
-    job = job or make_job()
+    job = job or contract_job()
     await q.enqueue(job, image, max_depth=100, depth_models=[job.model])
     return job
 
@@ -94,7 +86,7 @@ async def test_read_batches_up_to_count_in_order(queue):
 
 
 async def test_read_only_returns_the_consumers_models(queue):
-    other = await enqueue(queue, make_job(model="ViT-B-16"))
+    other = await enqueue(queue, contract_job(model="ViT-B-16"))
     assert await queue.read("w1", [MODEL], count=8, block_ms=50) == []
     [d] = await queue.read("w2", ["ViT-B-16"], count=8, block_ms=50)
     assert d.job_id == other.id
@@ -156,7 +148,7 @@ async def test_renewed_entries_are_not_claimed_while_their_worker_lives(queue):
 async def test_full_queue_refuses_and_adds_nothing(queue):
     await enqueue(queue)
     await enqueue(queue)
-    extra = make_job()
+    extra = contract_job()
     with pytest.raises(QueueFull, match="EXCLIP_MAX_QUEUE"):
         await queue.enqueue(extra, b"img", max_depth=2, depth_models=[MODEL])
     assert await queue.depth([MODEL]) == 2
@@ -208,7 +200,7 @@ async def test_byte_budget_evicts_finished_images_then_results_oldest_first(budg
     q = budget_queue  # 1000 bytes; each result below is 56 bytes of JSON
     jobs = [await enqueue(q, image=bytes([i]) * 250) for i in range(3)]  # 750 bytes of queued images
     with pytest.raises(QueueFull, match="EXCLIP_MAX_STORED_BYTES"):  # unfinished images are never evicted
-        await q.enqueue(make_job(), b"x" * 300, max_depth=100, depth_models=[MODEL])
+        await q.enqueue(contract_job(), b"x" * 300, max_depth=100, depth_models=[MODEL])
     await q.read("w1", [MODEL], count=8, block_ms=100)
     for j in jobs:
         await finish(q, j, {"captions": ["r" * 40]})  # 918 bytes stored

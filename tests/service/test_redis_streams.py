@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from service.connections import create_queue
-from service.jobs import CaptionRequest, Job, JobRequest, JobStatus
+from service.jobs import JobStatus
 from service.keys import GROUP, Keys
 from service.settings import Settings
+from tests.service.conftest import make_job
 
 pytestmark = pytest.mark.anyio
 MODEL = "exclip-tiny"
@@ -25,22 +26,8 @@ async def queue(redis_server, key_prefix):
     await q.close()
 
 
-def job() -> Job:
-    return Job(
-        request=JobRequest(
-            model=MODEL,
-            text_layer=2,
-            image_layer=2,
-            steps=3,
-            precision="float32",
-            format="json",
-            captions=(CaptionRequest("a"),),
-        )
-    )
-
-
 async def test_every_key_the_service_writes_expires(queue, redis_server, key_prefix):
-    jobs = [job() for _ in range(3)]
+    jobs = [make_job(steps=3, captions=("a",)) for _ in range(3)]
     for j in jobs:
         await queue.enqueue(j, b"img", max_depth=100, depth_models=[MODEL])
     deliveries = await queue.read("w1", [MODEL], count=8, block_ms=100)
@@ -65,7 +52,7 @@ async def test_every_key_the_service_writes_expires(queue, redis_server, key_pre
 
 async def test_ack_trims_the_stream_but_keeps_pending_and_unread_entries(queue, redis_server, key_prefix):
     for _ in range(4):
-        await queue.enqueue(job(), b"img", max_depth=100, depth_models=[MODEL])
+        await queue.enqueue(make_job(steps=3, captions=("a",)), b"img", max_depth=100, depth_models=[MODEL])
     first, second = await queue.read("w1", [MODEL], count=2, block_ms=100)
     stream = Keys(key_prefix).stream(MODEL)
     r = redis_server.client()

@@ -16,13 +16,13 @@ import pytest
 from attribution.pipeline import explain_requests
 from attribution.selections import Span
 from service.errors import Fault, JobTimeout
-from service.jobs import CaptionRequest, Job, JobRequest, JobStatus
+from service.jobs import Job, JobStatus
 from service.queue.memory import MemoryQueue
 from service.settings import Settings
 from service.timeouts import call_with_deadline
 from service.worker import Worker
 from tests.harness import distinct_captions
-from tests.service.conftest import png_bytes
+from tests.service.conftest import make_job, png_bytes
 
 pytestmark = pytest.mark.anyio
 MODEL = "exclip-tiny"
@@ -43,21 +43,6 @@ def settings(**kw) -> Settings:
         "worker_name": "w-test",
     }
     return Settings(**{**base, **kw})
-
-
-def make_job(captions: list[str], steps: int = 2, selections: tuple = ()) -> Job:
-    captions_ = tuple(CaptionRequest(c, selections) for c in captions)
-    return Job(
-        request=JobRequest(
-            model=MODEL,
-            text_layer=2,
-            image_layer=2,
-            steps=steps,
-            precision="float32",
-            format="json",
-            captions=captions_,
-        )
-    )
 
 
 async def enqueue(q: MemoryQueue, job: Job, seed: int = 0) -> Job:
