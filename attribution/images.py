@@ -5,13 +5,19 @@ first frame of animations, alpha composited on white, 16-bit greyscale scaled do
 count from the header before any pixel data is decoded. ``preprocess`` runs the model's own open_clip
 transform and derives an ``ImageGeometry`` from that transform's parameters (resize, then centre crop
 or pad), so heatmaps map back onto the original image and original-pixel boxes map onto patches.
+``prepare_image`` does both without a full-size RGB copy of the upload, and ``decode_scaled`` decodes
+an upload straight to a picture of bounded size (for heatmap renders): other modes than RGB and
+greyscale are converted, and stored images turned upright, a band of rows at a time
+(``convert_and_resize_in_bands``).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -20,7 +26,7 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from open_clip.transform import CenterCropOrPad, MaybeConvertMode, MaybeToTensor, ResizeKeepRatio
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 from torchvision.transforms.functional import pil_modes_mapping
 
@@ -53,9 +59,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return out if out.mode == "RGB" else out.convert("RGB")
 
 
-def _to_rgb_or_grey(img: Image.Image) -> Image.Image:
+def _to_rgb_or_grey(img: Image.Image, value_range: tuple[float, float] | None = None) -> Image.Image:
     """``_to_rgb``, except that greyscale sources stay one-channel ``L`` (a third of the memory; resizing
-    commutes with copying L into three channels, so it can come after)."""
+    commutes with copying L into three channels, so it can come after).
+
+    Every rule is per pixel except ``F``'s, which stretches the image's own min..max: a band of an ``F``
+    image is converted with the whole image's ``value_range`` (``_value_range``) to get the same grey.
+    """
     mode = img.mode
     if mode in ("RGB", "L"):
         return img
@@ -73,11 +83,7 @@ def _to_rgb_or_grey(img: Image.Image) -> Image.Image:
         # round(v / 257) in integers: v / 257 is never exactly half-way, as 257 is odd.
         return _rows_to_grey(img, lambda a: (2 * np.clip(a.astype(np.int64), 0, 65535) + 257) // 514)
     if mode == "F":  # floats have no fixed range: stretch min..max to 0..255
-        lo, hi = np.inf, -np.inf
-        for rows in _row_chunks(img):
-            arr = np.asarray(rows, dtype=np.float64)
-            if not np.isnan(arr).all():
-                lo, hi = min(lo, float(np.nanmin(arr))), max(hi, float(np.nanmax(arr)))
+        lo, hi = _value_range(img) if value_range is None else value_range
         if not hi > lo:
             return Image.new("L", img.size, 0)
         return _rows_to_grey(img, lambda a: np.nan_to_num((a.astype(np.float64) - lo) / (hi - lo) * 255.0))
@@ -87,13 +93,35 @@ def _to_rgb_or_grey(img: Image.Image) -> Image.Image:
         raise InvalidImage(f"image mode {mode!r} cannot be converted to RGB; send RGB or greyscale") from e
 
 
-_CHUNK_PIXELS = 1 << 20  # samples converted at a time, so a 40 MP 16-bit or float image is not copied whole
+def _value_range(img: Image.Image) -> tuple[float, float]:
+    """(min, max) of an ``F`` image's samples, NaN ignored ((inf, -inf) if all are NaN)."""
+    lo, hi = np.inf, -np.inf
+    for rows in _row_chunks(img):
+        arr = np.asarray(rows, dtype=np.float64)
+        if not np.isnan(arr).all():
+            lo, hi = min(lo, float(np.nanmin(arr))), max(hi, float(np.nanmax(arr)))
+    return lo, hi
+
+
+# Source pixels converted at a time: no full-size copy of a large image is made to convert its mode
+# (a band of 40 MP 16-bit, float or RGBA pixels is 4 MB).
+BAND_PIXELS = 1 << 20
+
+
+def _rows_per_band(width: int) -> int:
+    return max(1, BAND_PIXELS // max(width, 1))
+
+
+def _row_bands(start: int, stop: int, width: int) -> Iterator[tuple[int, int]]:
+    """(top, bottom) of the bands of rows ``start``..``stop`` of a ``width`` pixels wide image."""
+    step = _rows_per_band(width)
+    for top in range(start, stop, step):
+        yield top, min(top + step, stop)
 
 
 def _row_chunks(img: Image.Image) -> Iterator[Image.Image]:
-    step = max(1, _CHUNK_PIXELS // max(img.width, 1))
-    for top in range(0, img.height, step):
-        yield img.crop((0, top, img.width, min(top + step, img.height)))
+    for top, bottom in _row_bands(0, img.height, img.width):
+        yield img.crop((0, top, img.width, bottom))
 
 
 def _rows_to_grey(img: Image.Image, to_byte: Callable[[np.ndarray], np.ndarray]) -> Image.Image:
@@ -105,6 +133,151 @@ def _rows_to_grey(img: Image.Image, to_byte: Callable[[np.ndarray], np.ndarray])
         grey.paste(Image.fromarray(band, "L"), (0, top))
         top += rows.height
     return grey
+
+
+# EXIF orientation -> the transposition that turns the stored pixels upright (ImageOps.exif_transpose's).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _turned(orientation: int) -> bool:
+    """Whether the upright image is the stored one with width and height swapped."""
+    return orientation in (5, 6, 7, 8)
+
+
+def _swapped(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """The upright (width, height) of a stored image of ``size``, or the stored one of an upright one."""
+    return (size[1], size[0]) if _turned(orientation) else size
+
+
+def _upright_region(image: Image.Image, orientation: int, box: tuple[int, int, int, int]) -> Image.Image:
+    """``box`` (x0, y0, x1, y1, integers) of the upright image, copied out of the stored ``image`` without
+    turning the rest: ``transpose(_UPRIGHT[orientation]).crop(box)`` at the size of the box."""
+    method = _UPRIGHT.get(orientation)
+    if method is None:
+        return image.crop(box)
+    x0, y0, x1, y1 = box
+    if _turned(orientation):  # upright x runs along stored y, upright y along stored x
+        x0, y0, x1, y1 = y0, x0, y1, x1
+    width, height = image.size
+    if orientation in (2, 3, 7, 8):  # stored x runs the other way
+        x0, x1 = width - x1, width - x0
+    if orientation in (3, 4, 6, 7):  # stored y runs the other way
+        y0, y1 = height - y1, height - y0
+    return image.crop((x0, y0, x1, y1)).transpose(method)
+
+
+# Half-widths of Pillow's resampling filters (Resample.c), in output pixels: a filter reaches
+# support * max(1, source pixels per output pixel) source pixels either side of a sample point.
+_FILTER_SUPPORT = {
+    Image.Resampling.NEAREST: 1.0,
+    Image.Resampling.BOX: 0.5,
+    Image.Resampling.BILINEAR: 1.0,
+    Image.Resampling.HAMMING: 1.0,
+    Image.Resampling.BICUBIC: 2.0,
+    Image.Resampling.LANCZOS: 3.0,
+}
+
+
+def convert_and_resize_in_bands(
+    image: Image.Image,
+    size: tuple[int, int],
+    resample: Image.Resampling = Image.Resampling.BILINEAR,
+    box: tuple[float, float, float, float] | None = None,
+    *,
+    orientation: int = 1,
+    exact: bool = True,
+) -> Image.Image:
+    """``image`` turned upright (EXIF ``orientation``), converted to RGB or ``L`` by ``decode_image``'s
+    rules (greyscale kept one channel) and resized to ``size`` from ``box`` (upright pixels; the whole
+    image if None) with ``resample``, turning and converting a band of about ``BAND_PIXELS`` source
+    pixels at a time: no full-size RGB copy of the image is made.
+
+    ``exact`` (for model inputs): bit for bit the whole converted image's ``resize(size, resample,
+    box=box)``, by Pillow's own call on one channel at a time: each channel is filled a band at a time
+    into a full-size ``L`` image (a quarter of an RGB copy; rows out of the filter's reach are left
+    unfilled), resized, and dropped. Resampling each band on its own cannot be exact: Pillow (13)
+    chooses the order of its horizontal and vertical passes from the sizes involved and clips the
+    intermediate to 0..255, so a band may be resampled in the other order than the whole image.
+    Otherwise (for pictures) each band of output rows is resampled from its own source rows plus the
+    filter's reach (``resize(box=...)`` places the filter as for the whole image): the same picture
+    up to rounding, in a band's memory whatever the image's size. An image of at most
+    ``BAND_PIXELS`` pixels is converted whole; a box of exactly ``size`` pixels at whole-pixel
+    positions is copied, as ``resize`` does.
+    """
+    width, height = _swapped(image.size, orientation)
+    x0, y0, x1, y1 = box if box is not None else (0.0, 0.0, float(width), float(height))
+    out_w, out_h = size
+    value_range = _value_range(image) if image.mode == "F" else None
+
+    def upright(region: tuple[int, int, int, int]) -> Image.Image:
+        return _to_rgb_or_grey(_upright_region(image, orientation, region), value_range)
+
+    if (x1 - x0, y1 - y0) == size and float(x0).is_integer() and float(y0).is_integer():
+        return upright((int(x0), int(y0), int(x1), int(y1)))
+    if width * height <= BAND_PIXELS:  # one band: the whole image's resize itself
+        return upright((0, 0, width, height)).resize(size, resample, box=(x0, y0, x1, y1))
+    scale = (y1 - y0) / out_h  # source rows per output row
+    margin = math.ceil(_FILTER_SUPPORT.get(resample, 3.0) * max(scale, 1.0)) + 2  # the filter's reach
+    if exact:
+        first, last = max(0, int(y0) - margin), min(height, math.ceil(y1) + margin)
+        planes: list[Image.Image] = []
+        channels = 1  # RGB or L: known from the first band
+        while len(planes) < channels:
+            plane = Image.new("L", (width, height))
+            for top, bottom in _row_bands(first, last, width):
+                band = upright((0, top, width, bottom))
+                channels = len(band.getbands())
+                plane.paste(band.getchannel(len(planes)), (0, top))
+            planes.append(plane.resize(size, resample, box=(x0, y0, x1, y1)))
+            del plane
+        return planes[0] if channels == 1 else Image.merge("RGB", planes)
+    out: Image.Image | None = None
+    step = max(1, int(_rows_per_band(width) / scale))  # output rows per band
+    for top in range(0, out_h, step):
+        bottom = min(out_h, top + step)
+        by0 = y0 + (y1 - y0) * top / out_h
+        by1 = y1 if bottom == out_h else y0 + (y1 - y0) * bottom / out_h
+        r0, r1 = max(0, int(by0) - margin), min(height, math.ceil(by1) + margin)
+        band = upright((0, r0, width, r1))
+        band = band.resize((out_w, bottom - top), resample, box=(x0, by0 - r0, x1, by1 - r0))
+        if out is None:
+            out = band if bottom == out_h else Image.new(band.mode, size)
+        if out is not band:
+            out.paste(band, (0, top))
+    assert out is not None  # out_h >= 1
+    return out
+
+
+def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """``(width, height)`` scaled down (never up) so that the long side is at most ``max_side``."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+REDUCING_GAP = 2.0  # scaled_rgb_or_grey of RGB and grey images: Pillow's reduce-then-resample (Image.resize)
+
+
+def scaled_rgb_or_grey(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` as RGB or ``L`` (``decode_image``'s mode rules, greyscale kept one channel) at ``size``
+    (``BILINEAR``), for pictures rather than model inputs.
+
+    RGB and ``L`` are resized directly (with ``REDUCING_GAP``); every other mode is converted and
+    resized a band of output rows at a time (``convert_and_resize_in_bands``, not ``exact``), so no
+    full-size RGB copy is made.
+    """
+    if image.mode in ("RGB", "L"):
+        if image.size == size:
+            return image
+        return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
+    return convert_and_resize_in_bands(image, size, Image.Resampling.BILINEAR, exact=False)
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -133,25 +306,51 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation still to apply to ``img``'s pixels; 1 for a TIFF, whose size Pillow reports
+    upright and whose pixels it turns upright itself when loading."""
+    if img.format == "TIFF":
+        return 1
     try:
         return int(img.getexif().get(ExifTags.Base.Orientation, 1))
     except (OSError, SyntaxError, ValueError, TypeError, EOFError):
         return 1  # unreadable EXIF: take the pixels as stored, as viewers do
 
 
-def _decode(img: Image.Image, *, keep_grey: bool = False) -> Image.Image:
-    """Decode an opened image to upright RGB (or ``L`` for greyscale if ``keep_grey``); ``InvalidImage``
-    for broken data."""
+@contextmanager
+def _reading(img: Image.Image) -> Iterator[None]:
+    """Turns Pillow's errors while decoding ``img``'s pixels into ``InvalidImage`` for broken data."""
+    fmt = img.format
     try:
-        img.seek(0)  # first frame of animated GIF/WebP/TIFF
-        img.load()
-        if _orientation(img) != 1:  # exif_transpose copies even an upright image: only call it to turn
-            img = ImageOps.exif_transpose(img)
-        return _to_rgb_or_grey(img) if keep_grey else _to_rgb(img)
+        yield
     except InvalidImage:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise InvalidImage(f"{img.format} image data is broken or truncated: {e}") from e
+        raise InvalidImage(f"{fmt} image data is broken or truncated: {e}") from e
+
+
+def _load(img: Image.Image) -> None:
+    """Decode the pixels of the first frame (animated GIF/WebP/TIFF), inside ``_reading``."""
+    img.seek(0)
+    img.load()
+
+
+def _draft(img: Image.Image, upright_size: tuple[int, int], orientation: int) -> float:
+    """Have a JPEG decoded at the smallest DCT scale (1/2, 1/4 or 1/8) whose pixels still cover
+    ``upright_size`` (width, height of the upright image); call before loading. Returns the decoded
+    pixels per original pixel: 1 for other formats, or when no reduced scale is that large."""
+    if img.format != "JPEG":
+        return 1.0
+    width = img.width
+    drafted = img.draft(None, _swapped(upright_size, orientation))
+    return 1.0 if drafted is None else drafted[1][2] / width  # the draft's exact factor
+
+
+def _decode(img: Image.Image) -> Image.Image:
+    """Decode an opened image to upright RGB; ``InvalidImage`` for broken data."""
+    with _reading(img):
+        _load(img)
+        method = _UPRIGHT.get(_orientation(img))  # transposing copies: only for an image to turn
+        return _to_rgb(img if method is None else img.transpose(method))
 
 
 def image_size(
@@ -173,9 +372,9 @@ def image_size(
         orientation = Image.Exif()
         if exif:
             orientation.load(exif)
-        turned = orientation.get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+        turned = _turned(orientation.get(ExifTags.Base.Orientation, 1))
     else:
-        turned = _orientation(img) in (5, 6, 7, 8)
+        turned = _turned(_orientation(img))
     return (height, width) if turned else (width, height)
 
 
@@ -186,6 +385,32 @@ def decode_image(data: bytes, *, max_pixels: int = 64_000_000) -> Image.Image:
     decompression bomb costs nothing. Animated images give their first frame.
     """
     return _decode(_open(data, max_pixels))
+
+
+def decode_scaled(
+    data: bytes, max_side: int, *, max_pixels: int = 64_000_000
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Untrusted image bytes decoded to an upright RGB or ``L`` image at most ``max_side`` px a side
+    (``fit_size``), and the upright original's (width, height).
+
+    The picture is ``decode_image``'s (same checks, modes, orientation, alpha on white) scaled down
+    (``scaled_rgb_or_grey``), up to the order of resampling; but no full-size copy is made: a JPEG is
+    decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the output, other modes than
+    RGB and greyscale are converted a band at a time, and the EXIF orientation is applied to the
+    scaled image. Broken data raises ``InvalidImage``.
+    """
+    img = _open(data, max_pixels)
+    stored = img.size
+    with _reading(img):
+        if img.format == "JPEG":  # its orientation is in the header: choose the scale before decoding
+            orientation = _orientation(img)
+            _draft(img, fit_size(*_swapped(stored, orientation), max_side), orientation)
+        _load(img)
+        orientation = _orientation(img)
+        upright = _swapped(stored, orientation)
+        scaled = scaled_rgb_or_grey(img, _swapped(fit_size(*upright, max_side), orientation))
+        method = _UPRIGHT.get(orientation)
+        return (scaled if method is None else scaled.transpose(method)), upright
 
 
 def _unidentified_reason(prefix: bytes, size: int) -> str:
@@ -362,24 +587,37 @@ def transform_geometry(
     return _geometry(_plan(width, height, transform), patch_size, grid)
 
 
-def _crop_then_resize(image: Image.Image, plan: _ResizeCrop, source_scale: float = 1.0) -> Image.Image:
-    """The transform's resize + crop/pad, resampling only the pixels the crop keeps.
+def _crop_then_resize(
+    image: Image.Image, plan: _ResizeCrop, source_scale: float = 1.0, orientation: int = 1
+) -> Image.Image:
+    """The transform's resize + crop/pad, resampling only the pixels the crop keeps (RGB or ``L``).
 
     Pillow's ``resize(box=...)`` samples the source at the same points, with the same filter support
     (which may reach outside the box), as resizing the whole image and cropping, so the result equals
-    the transform's up to rounding; but nothing larger than the model input is ever allocated.
-    ``source_scale``: pixels of ``image`` per original pixel (below 1 for a JPEG decoded at a reduced
-    scale).
+    the transform's up to rounding; but nothing larger than the model input is allocated for an RGB
+    or ``L`` image, which is resampled as it is (after turning it upright, for a stored ``image`` with
+    an EXIF ``orientation``). ``source_scale``: pixels of ``image`` per original pixel (below 1 for a
+    JPEG decoded at a reduced scale). Any other mode is turned and converted a band at a time
+    (``convert_and_resize_in_bands``, ``exact``: the same result as converting and turning it whole
+    first, with one full-size ``L`` plane at a time instead of a full-size RGB copy).
     """
     (rw, rh), (ox, oy), (ow, oh) = plan.resized, plan.offset, plan.out
     ix0, iy0 = max(ox, 0), max(oy, 0)  # resized pixels inside both the image and the crop window
     ix1, iy1 = min(ox + ow, rw), min(oy + oh, rh)
-    if (rw, rh) == (plan.width, plan.height) and source_scale == 1:  # torchvision skips such a resize
-        region = image.crop((ix0, iy0, ix1, iy1))
+    size = (ix1 - ix0, iy1 - iy0)
+    skip = (rw, rh) == (plan.width, plan.height) and source_scale == 1  # torchvision skips such a resize
+    if skip:
+        box: tuple[float, float, float, float] = (ix0, iy0, ix1, iy1)
     else:
         sx, sy = (v * source_scale for v in plan.scale)
         box = (ix0 * sx, iy0 * sy, ix1 * sx, iy1 * sy)
-        region = image.resize((ix1 - ix0, iy1 - iy0), plan.resample, box=box)
+    method = _UPRIGHT.get(orientation)
+    if image.mode not in ("RGB", "L"):
+        region = convert_and_resize_in_bands(image, size, plan.resample, box, orientation=orientation)
+    elif skip:
+        region = (image if method is None else image.transpose(method)).crop((ix0, iy0, ix1, iy1))
+    else:
+        region = (image if method is None else image.transpose(method)).resize(size, plan.resample, box=box)
     if region.size == (ow, oh):
         return region
     fill = plan.fill if isinstance(plan.fill, (tuple, list)) else (int(plan.fill),) * 3
@@ -411,15 +649,15 @@ def preprocess(
     """The model's own transform of ``image`` (float32, (3, H, W), CPU) and where it lies in ``image``.
 
     Crops to the region the model sees before resizing (see ``_crop_then_resize``), so the work and the
-    memory are those of the model input whatever the image's shape. Raises ``InvalidImage`` for an
-    image whose long side exceeds ``max_aspect_ratio`` times its short side.
+    memory are those of the model input whatever the image's shape (``decode_image``'s mode rules
+    apply to a non-RGB ``image``, without a full-size RGB copy). Raises ``InvalidImage`` for an image
+    whose long side exceeds ``max_aspect_ratio`` times its short side.
     """
-    if image.mode != "RGB":
-        image = _to_rgb(image)
     plan = _plan(image.width, image.height, loaded.transform)
     _check_aspect_ratio(image.width, image.height, plan, max_aspect_ratio)
     geometry = _geometry(plan, loaded.patch_size, loaded.grid)
-    return _to_tensor(_crop_then_resize(image, plan), loaded.transform), geometry
+    pixels = _crop_then_resize(image, plan)  # other modes than RGB and L: converted a band at a time
+    return _to_tensor(pixels.convert("RGB"), loaded.transform), geometry
 
 
 def prepare_image(
@@ -435,23 +673,27 @@ def prepare_image(
     Refuses a too elongated image from its header, before decoding. A JPEG much larger than the model
     needs is decoded at a reduced scale (1/2, 1/4 or 1/8, in the DCT) that keeps at least
     ``draft_oversampling`` times the resolution the transform resizes to (0 disables this); the
-    result then differs from full decoding by less than one 8-bit level on most pixels.
+    result then differs from full decoding by less than one 8-bit level on most pixels. Other modes
+    than RGB and greyscale (alpha, palette, 16-bit, CMYK, ...) are converted (and turned upright) a
+    band of rows at a time while the crop region is resampled, with the same result as
+    ``decode_image`` + ``preprocess`` but no full-size RGB copy (one full-size one-channel plane at a
+    time).
     """
     img = _open(data, max_pixels)
     width, height = img.size
     if max(width, height) > max_aspect_ratio * min(width, height):  # before decoding (rotation-proof)
         _refuse_elongated(width, height, max_aspect_ratio)
-    turned = _orientation(img) in (5, 6, 7, 8)
-    upright = (height, width) if turned else (width, height)
+    orientation = _orientation(img)
+    upright = _swapped((width, height), orientation)
     plan = _plan(*upright, loaded.transform)
     _check_aspect_ratio(*upright, plan, max_aspect_ratio)
     geometry = _geometry(plan, loaded.patch_size, loaded.grid)
 
-    source_scale = 1.0
-    if img.format == "JPEG" and draft_oversampling > 0:
-        want_w, want_h = (int(draft_oversampling * v) + 1 for v in plan.resized)
-        drafted = img.draft("RGB", (want_h, want_w) if turned else (want_w, want_h))
-        if drafted is not None:
-            source_scale = drafted[1][2] / width  # the draft's exact factor (1/2, 1/4 or 1/8)
-    pixels = _crop_then_resize(_decode(img, keep_grey=True), plan, source_scale)
+    with _reading(img):
+        source_scale = 1.0
+        if draft_oversampling > 0:
+            want_w, want_h = (int(draft_oversampling * v) + 1 for v in plan.resized)
+            source_scale = _draft(img, (want_w, want_h), orientation)
+        _load(img)
+        pixels = _crop_then_resize(img, plan, source_scale, orientation)
     return ModelInput(_to_tensor(pixels.convert("RGB"), loaded.transform), geometry)

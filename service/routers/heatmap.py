@@ -151,7 +151,7 @@ def _render_png(
     max_pixels: int,
 ) -> bytes:
     """Decode, draw and encode (CPU-bound: run off the event loop); the upload is scaled down as it is
-    decoded, never copied at full size (``render.decode_scaled``)."""
+    decoded, never copied at full size (``attribution.images.decode_scaled``)."""
     return render_png(
         data, heat, crop_box, alpha=alpha, box=box, legend=legend, max_side=max_side, max_pixels=max_pixels
     )

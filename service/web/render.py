@@ -14,24 +14,20 @@ box origin, clamped at the border patches (``align_corners=False``); pixels outs
 no overlay.
 
 Memory: a PNG is at most ``MAX_SIDE`` px a side, and ``render_png`` takes the upload there without a
-full-size copy of it: a JPEG is decoded at a reduced scale (DCT scaling) when that still covers the
-output; an RGB or greyscale image is resized as decoded (greyscale stays one channel until the end);
-any other mode (alpha, palette, 16-bit, CMYK, ...) is converted to RGB a band of rows at a time, each
-band resized to its output rows at once; EXIF orientation is applied to the small result. So a render
-holds the decoded upload plus a few MB, whatever its mode.
+full-size copy of it (``attribution.images.decode_scaled``: a JPEG is decoded at a reduced scale, any
+mode but RGB and greyscale converted a band of rows at a time, EXIF orientation applied to the small
+result). So a render holds the decoded upload plus a few MB, whatever its mode.
 """
 
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from attribution.errors import InvalidImage
-from attribution.images import _open, _orientation, _to_rgb_or_grey
+from attribution.images import decode_scaled, fit_size, scaled_rgb_or_grey
 
 # Diverging blue-white-red ("coolwarm" end points): negative blue, zero white, positive red.
 COLORMAP_STOPS: tuple[tuple[float, tuple[int, int, int]], ...] = (
@@ -44,18 +40,6 @@ BoxCoords = tuple[float, float, float, float]
 MAX_SIDE = 2048  # default and largest long side of a rendered PNG: memory is bounded by this, not the upload
 LEGEND_MAX_HEIGHT = 96
 ROWS_PER_BLOCK = 256  # rows blended at a time: float temporaries stay at a few MB whatever the width
-REDUCING_GAP = 2.0  # RGB and grey images: Pillow's reduce-then-resample (see Image.resize)
-BAND_PIXELS = 1 << 20  # source pixels converted to RGB at a time for the other modes (4 MB of RGBA)
-# EXIF orientation -> the transposition that makes the image upright (as ImageOps.exif_transpose).
-_UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 
 
 def colormap_json() -> dict:
@@ -86,12 +70,6 @@ def colormap(values: np.ndarray, limit: float) -> np.ndarray:
             start, end = np.float32(c0[channel]), np.float32(c1[channel])
             out[..., channel][segment] = np.floor(start + (end - start) * frac + np.float32(0.5))
     return out
-
-
-def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """``(width, height)`` scaled down (never up) so that the long side is at most ``max_side``."""
-    scale = min(1.0, max_side / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _axis(n: int, start: float, end: float, cells: int) -> tuple[np.ndarray, ...]:
@@ -152,7 +130,7 @@ def render_overlay(
     ``legend`` appends a colour-scale band below the image (the only case in which the result is
     taller than the image).
     """
-    scaled = scale_down(image, fit_size(*image.size, max_side))
+    scaled = scaled_rgb_or_grey(image, fit_size(*image.size, max_side))
     return _overlay(scaled, image.size, heatmap, crop_box, alpha=alpha, box=box, legend=legend)
 
 
@@ -168,95 +146,12 @@ def render_png(
     max_pixels: int = 64_000_000,
 ) -> bytes:
     """``render_overlay`` of encoded image bytes, as PNG bytes, without a full-size copy of the image
-    (``decode_scaled``); ``crop_box`` and ``box`` are in pixels of the upright original."""
+    (``attribution.images.decode_scaled``); ``crop_box`` and ``box`` are in pixels of the upright
+    original."""
     image, size = decode_scaled(data, max_side, max_pixels=max_pixels)
     out = io.BytesIO()
     _overlay(image, size, heatmap, crop_box, alpha=alpha, box=box, legend=legend).save(out, format="PNG")
     return out.getvalue()
-
-
-def decode_scaled(
-    data: bytes, max_side: int = MAX_SIDE, *, max_pixels: int = 64_000_000
-) -> tuple[Image.Image, tuple[int, int]]:
-    """Untrusted image bytes decoded to an upright RGB or ``L`` image at most ``max_side`` px a side,
-    and the upright original's (width, height).
-
-    The picture is ``attribution.images.decode_image``'s (same checks, modes, orientation, alpha on
-    white) scaled down with ``fit_size``, up to the order of resampling; but no full-size copy is
-    made: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the output,
-    other modes than RGB and greyscale are converted a band at a time (``scale_down``), and the EXIF
-    orientation is applied to the scaled image. Broken data raises ``InvalidImage``.
-    """
-    img = _open(data, max_pixels)
-    width, height = img.size
-    try:
-        img.seek(0)  # first frame of animated GIF/WebP/TIFF
-        if img.format == "JPEG":  # its orientation is in the header: choose the scale before decoding
-            stored = _stored_output(width, height, _orientation(img), max_side)
-            if stored != (width, height):
-                img.draft(None, stored)  # Pillow keeps the decoded size >= stored
-        img.load()
-        orientation = _orientation(img)
-        scaled = scale_down(img, _stored_output(width, height, orientation, max_side))
-        method = _UPRIGHT.get(orientation)
-        upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-        return (scaled if method is None else scaled.transpose(method)), upright
-    except InvalidImage:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise InvalidImage(f"{img.format} image data is broken or truncated: {e}") from e
-
-
-def _stored_output(width: int, height: int, orientation: int, max_side: int) -> tuple[int, int]:
-    """The output size (``fit_size`` of the upright image) in the stored orientation of a ``width`` x
-    ``height`` image: the size to scale the decoded pixels to before turning them upright."""
-    if orientation in (5, 6, 7, 8):
-        out_w, out_h = fit_size(height, width, max_side)
-        return out_h, out_w
-    return fit_size(width, height, max_side)
-
-
-def scale_down(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """``image`` as RGB or ``L`` (decode_image's mode rules, greyscale kept one channel) at ``size``.
-
-    RGB and ``L`` are resized directly (``BILINEAR``, ``REDUCING_GAP``); ``F`` (whose grey levels
-    stretch the whole image's range) is converted whole first, as is any image already at ``size``;
-    every other mode is converted and resized a band of rows at a time (``_scale_down_in_bands``),
-    so no full-size RGB copy is made.
-    """
-    if image.mode in ("RGB", "L"):
-        if image.size == size:
-            return image
-        return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
-    if image.size == size or image.mode == "F":
-        return scale_down(_to_rgb_or_grey(image), size)
-    return _scale_down_in_bands(image, size)
-
-
-def _scale_down_in_bands(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Convert (``_to_rgb_or_grey``) and resize (``BILINEAR``) ``image`` a band of rows at a time.
-
-    Each band of output rows is resampled from its source rows plus the filter's reach on either side
-    (``resize(box=...)`` places the filter exactly as for the whole image), so the result is the
-    whole image's conversion and resize, up to rounding; only a band is ever converted.
-    """
-    width, height = image.size
-    out_w, out_h = size
-    scale = height / out_h  # source rows per output row (>= 1: this only scales down)
-    margin = math.ceil(scale) + 2  # BILINEAR reaches one output row (scale source rows) each way
-    step = max(1, int(max(1, BAND_PIXELS // width) / scale))  # output rows per band
-    out: Image.Image | None = None
-    for top in range(0, out_h, step):
-        bottom = min(out_h, top + step)
-        y0, y1 = top * height / out_h, bottom * height / out_h  # exact at the ends: y1 <= height
-        r0, r1 = max(0, int(y0) - margin), min(height, math.ceil(y1) + margin)
-        band = _to_rgb_or_grey(image.crop((0, r0, width, r1)))
-        rows = band.resize((out_w, bottom - top), Image.Resampling.BILINEAR, box=(0, y0 - r0, width, y1 - r0))
-        if out is None:
-            out = Image.new(rows.mode, size)
-        out.paste(rows, (0, top))
-    assert out is not None  # out_h >= 1
-    return out
 
 
 def _overlay(

@@ -12,11 +12,19 @@ import numpy as np
 import pytest
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torchvision.transforms import CenterCrop, Compose, RandomResizedCrop, Resize
 
+from attribution import images
 from attribution.errors import InvalidImage, InvalidSelection, UnsupportedModel
-from attribution.images import ALPHA_BACKGROUND, decode_image, image_size, prepare_image, preprocess
+from attribution.images import (
+    ALPHA_BACKGROUND,
+    decode_image,
+    decode_scaled,
+    image_size,
+    prepare_image,
+    preprocess,
+)
 from attribution.selections import Box, box_patch_weights
 
 # ---------------------------------------------------------------- helpers
@@ -526,3 +534,171 @@ def test_greyscale_is_resized_in_one_channel_with_the_same_result(tiny_model, mo
     tensor, geometry = preprocess(decode_image(data), loaded)
     prepared = prepare_image(data, loaded)
     assert torch.equal(prepared.tensor, tensor) and prepared.geometry == geometry
+
+
+# ---------------------------------------------------------------- a band at a time (issue 10)
+
+
+def with_exif(image: Image.Image, orientation: int, fmt: str = "PNG", **kwargs) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(image, fmt, exif=exif.tobytes(), **kwargs)
+
+
+def noise(width: int, height: int, seed: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """RGB pixel noise and an alpha plane with opaque, clear and ramped parts: the sharpest content,
+    on which a resampling that differs at all (filter positions, order of the passes) shows."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    alpha = np.where(
+        (x // 16 + y // 12) % 3 == 0, 255, np.where((x // 16 + y // 12) % 3 == 1, 0, x * 255 // width)
+    )
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8), alpha.astype(np.uint8)
+
+
+BAND_UPLOADS = {  # name -> bytes factory for a width x height picture
+    "RGBA PNG": lambda w, h: encode(Image.fromarray(np.dstack(noise(w, h)), "RGBA")),
+    "LA PNG": lambda w, h: encode(Image.fromarray(np.dstack([noise(w, h)[0][..., 0], noise(w, h)[1]]), "LA")),
+    "palette PNG with transparency": lambda w, h: encode(
+        Image.fromarray(noise(w, h)[0]).quantize(64), transparency=0
+    ),
+    "16-bit grey PNG": lambda w, h: encode(
+        Image.fromarray(noise(w, h)[0][..., 1].astype(np.uint16) * 257 + 5)
+    ),
+    "float TIFF": lambda w, h: encode(
+        Image.fromarray(noise(w, h)[0][..., 2].astype(np.float32) / 3 - 7), "TIFF"
+    ),
+    "1-bit PNG": lambda w, h: encode(Image.fromarray(noise(w, h)[0]).convert("1")),
+    "CMYK JPEG": lambda w, h: encode(Image.fromarray(noise(w, h)[0]).convert("CMYK"), "JPEG", quality=95),
+    "RGBA PNG, EXIF orientation 6": lambda w, h: with_exif(
+        Image.fromarray(np.dstack(noise(h, w)), "RGBA"), 6
+    ),
+    "CMYK JPEG, EXIF orientation 8": lambda w, h: with_exif(
+        Image.fromarray(noise(h, w)[0]).convert("CMYK"), 8, "JPEG", quality=95
+    ),
+}
+
+
+class _AllocationSpy:
+    """Records (mode, size) of every image Pillow makes from another one or anew (all go through
+    ``Image._new``; a decoded file's own pixels do not)."""
+
+    def __init__(self, monkeypatch):
+        self.made: list[tuple[str, tuple[int, int]]] = []
+        new = Image.Image._new
+
+        def spy(image, im):
+            self.made.append((im.mode, tuple(im.size)))
+            return new(image, im)
+
+        monkeypatch.setattr(Image.Image, "_new", spy)
+
+
+@pytest.mark.parametrize("name", list(BAND_UPLOADS))
+@pytest.mark.parametrize(("width", "height"), [(480, 360), (150, 1100)])  # 150x1100: Pillow 13 resizes it
+def test_prepare_image_converts_other_modes_a_band_at_a_time(tiny_model, monkeypatch, name, width, height):
+    """An upload needing conversion (alpha, palette, 16-bit, float, 1-bit, CMYK), turned upright or not,
+    is converted and turned a band of rows at a time, never as a whole: no image of more than one
+    channel larger than a band or the model input is made (only one full-size ``L`` plane per channel),
+    and the model
+    input is ``preprocess(decode_image(...))``'s bit for bit, on pixel noise, whatever order Pillow
+    runs its two resampling passes in (vertically first for 150x1100)."""
+    loaded = with_transform(tiny_model, (224, 224), "shortest", "bicubic")
+    data = BAND_UPLOADS[name](width, height)
+    want, geometry = preprocess(decode_image(data), loaded)
+    band = 1 << 13
+    monkeypatch.setattr(images, "BAND_PIXELS", band)
+    converted: list[tuple[int, int]] = []
+    to_rgb_or_grey = images._to_rgb_or_grey
+
+    def spy(image: Image.Image, *args) -> Image.Image:
+        converted.append(image.size)
+        return to_rgb_or_grey(image, *args)
+
+    monkeypatch.setattr(images, "_to_rgb_or_grey", spy)
+    made = _AllocationSpy(monkeypatch).made
+    prepared = prepare_image(data, loaded, draft_oversampling=0)  # a JPEG decoded whole, as decode_image
+    assert prepared.geometry == geometry and (geometry.width, geometry.height) == (width, height)
+    assert torch.equal(prepared.tensor, want)
+    assert len(converted) > 2 and all(w * h <= band for w, h in converted), converted
+    large = [(mode, size) for mode, size in made if size[0] * size[1] > max(band, 224 * 224)]
+    assert all(mode == "L" and size == (width, height) for mode, size in large), large
+    assert len(large) <= 3
+
+
+def test_the_one_band_shortcut_and_the_bands_give_the_same_model_input(tiny_model, monkeypatch):
+    """An image of at most BAND_PIXELS is converted whole; the same image in many bands gives the same
+    tensor."""
+    loaded = with_transform(tiny_model, (32, 32), "shortest", "bicubic")
+    data = BAND_UPLOADS["RGBA PNG, EXIF orientation 6"](300, 200)
+    whole = prepare_image(data, loaded).tensor
+    monkeypatch.setattr(images, "BAND_PIXELS", 1000)
+    assert torch.equal(prepare_image(data, loaded).tensor, whole)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_region_of_the_upright_image_is_cut_from_the_stored_one(orientation):
+    """``_upright_region`` equals turning the whole image upright (Pillow's own exif_transpose), then
+    cropping, for every orientation and boxes at the edges and inside."""
+    stored = Image.fromarray(noise(23, 17)[0])
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(with_exif(stored, orientation))))
+    width, height = upright.size
+    for box in [(0, 0, width, height), (0, 0, 5, 3), (width - 4, height - 6, width, height), (3, 2, 11, 9)]:
+        got = images._upright_region(stored, orientation, box)
+        assert np.array_equal(np.asarray(got), np.asarray(upright.crop(box))), box
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_an_exif_rotated_tiff_is_turned_once(tiny_model, orientation):
+    """Pillow turns a TIFF upright itself (and reports its upright size before loading): its EXIF
+    orientation must not be applied a second time, by image_size, prepare_image or decode_scaled."""
+    stored = Image.fromarray(noise(64, 40)[0])
+    data = with_exif(stored, orientation, "TIFF")
+    upright = decode_image(data)
+    assert upright.size == image_size(data) == ((64, 40) if orientation == 3 else (40, 64))
+    want, geometry = preprocess(upright, tiny_model)
+    prepared = prepare_image(data, tiny_model)
+    assert prepared.geometry == geometry and torch.equal(prepared.tensor, want)
+    scaled, size = decode_scaled(data, 1000)
+    assert size == upright.size and np.array_equal(np.asarray(scaled), np.asarray(upright))
+
+
+def test_decode_scaled_converts_an_rgba_upload_a_band_at_a_time(monkeypatch):
+    """A picture of an RGBA upload is never composited onto white at full size: each conversion covers
+    one band of rows (BAND_PIXELS plus the filter's reach), and the result has the ``max_side`` size."""
+    converted: list[tuple[int, int]] = []
+    to_rgb_or_grey = images._to_rgb_or_grey
+
+    def spy(image: Image.Image, *args) -> Image.Image:
+        converted.append(image.size)
+        return to_rgb_or_grey(image, *args)
+
+    monkeypatch.setattr(images, "_to_rgb_or_grey", spy)
+    monkeypatch.setattr(images, "BAND_PIXELS", 1 << 16)
+    width, height = 1200, 900
+    image, size = decode_scaled(BAND_UPLOADS["RGBA PNG"](width, height), 256)
+    assert size == (width, height) and image.size == (256, 192) and image.mode == "RGB"
+    rows_per_band = (1 << 16) // width
+    assert len(converted) >= height // rows_per_band
+    assert all(w == width and h <= rows_per_band + 2 * (height / 192 + 3) for w, h in converted), converted
+
+
+@pytest.mark.parametrize(
+    ("orientation", "scaled", "upright"), [(1, (500, 400), (400, 320)), (6, (500, 400), (320, 400))]
+)
+def test_decode_scaled_decodes_a_large_jpeg_at_a_reduced_scale(monkeypatch, orientation, scaled, upright):
+    """A 2000x1600 JPEG pictured at most 400 px a side is decoded at 1/4 scale (500x400, the smallest DCT
+    scale still covering the output in its stored orientation), then resized and turned upright."""
+    seen: list[tuple[int, int]] = []
+    scaled_rgb_or_grey = images.scaled_rgb_or_grey
+
+    def spy(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+        seen.append(image.size)
+        return scaled_rgb_or_grey(image, size)
+
+    monkeypatch.setattr(images, "scaled_rgb_or_grey", spy)
+    photo = Image.fromarray(np.random.default_rng(6).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    data = with_exif(photo.resize((2000, 1600)), orientation, "JPEG")
+    image, size = decode_scaled(data, 400)
+    assert seen == [scaled]
+    assert image.size == upright and size == ((2000, 1600) if orientation == 1 else (1600, 2000))

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from attribution import images
 from attribution.images import decode_image
 from service.routers import heatmap
-from service.web import render
 from service.web.render import render_overlay, render_png
 from tests.service.conftest import embedded_in_process, png_bytes
 
@@ -183,7 +183,7 @@ def test_render_png_is_the_decoded_image_rendered_small(name, legend, monkeypatc
     """``render_png`` of the bytes draws ``render_overlay(decode_image(bytes))``'s picture: the same size,
     orientation, alpha on white and overlay, up to the order of resampling (a JPEG is also decoded at a
     reduced scale). Bands of a few rows, so the band seams are checked too."""
-    monkeypatch.setattr(render, "BAND_PIXELS", 7 * W)  # a few rows per band
+    monkeypatch.setattr(images, "BAND_PIXELS", 7 * W)  # a few rows per band
     data = UPLOADS[name]()
     decoded = decode_image(data)
     w, h = decoded.size
@@ -202,66 +202,25 @@ def test_render_png_is_the_decoded_image_rendered_small(name, legend, monkeypatc
         assert diff.max() <= 1 and diff.mean() < 0.05, (diff.mean(), diff.max())
 
 
-def test_an_upload_needing_conversion_is_converted_a_band_at_a_time(monkeypatch):
-    """An RGBA upload is never composited onto white at full size: each conversion covers one band of
-    rows (BAND_PIXELS plus the filter's reach), and the result is the full render's size."""
-    converted: list[tuple[int, int]] = []
-    to_rgb = render._to_rgb_or_grey
-
-    def spy(image: Image.Image) -> Image.Image:
-        converted.append(image.size)
-        return to_rgb(image)
-
-    monkeypatch.setattr(render, "_to_rgb_or_grey", spy)
-    monkeypatch.setattr(render, "BAND_PIXELS", 1 << 16)
-    width, height = 1200, 900
-    data = _encode(Image.fromarray(np.dstack([_scene(width, height), _alpha(width, height)]), "RGBA"))
-    image, size = render.decode_scaled(data, 256)
-    assert size == (width, height) and image.size == (256, 192) and image.mode == "RGB"
-    rows_per_band = (1 << 16) // width
-    assert len(converted) >= height // rows_per_band
-    assert all(w == width and h <= rows_per_band + 2 * (height / 192 + 3) for w, h in converted), converted
-
-
 def test_the_heatmap_route_renders_an_rgba_upload_band_by_band(tiny_loaded, monkeypatch):
-    """GET heatmap.png of a job with an RGBA upload goes through ``render.decode_scaled``: the upload is
-    converted a band at a time, never whole, and the PNG has the ``max_side`` size."""
+    """GET heatmap.png of a job with an RGBA upload goes through ``attribution.images.decode_scaled``:
+    the upload is converted a band at a time, never whole, and the PNG has the ``max_side`` size."""
     converted: list[tuple[int, int]] = []
-    to_rgb = render._to_rgb_or_grey
+    to_rgb = images._to_rgb_or_grey
 
-    def spy(image: Image.Image) -> Image.Image:
+    def spy(image: Image.Image, *args) -> Image.Image:
         converted.append(image.size)
-        return to_rgb(image)
+        return to_rgb(image, *args)
 
-    monkeypatch.setattr(render, "_to_rgb_or_grey", spy)
-    monkeypatch.setattr(render, "BAND_PIXELS", 1 << 16)
+    monkeypatch.setattr(images, "BAND_PIXELS", 1 << 16)
     width, height = 1200, 900
     upload = _encode(Image.fromarray(np.dstack([_scene(width, height), _alpha(width, height)]), "RGBA"))
     with embedded_in_process(tiny_loaded) as client:
         job = explain(client, upload, "a disc on a gradient")
+        monkeypatch.setattr(images, "_to_rgb_or_grey", spy)  # the render's conversions only
         r = client.get(f"/jobs/{job}/heatmap.png", params={"max_side": 256, "legend": "true"})
     assert r.status_code == 200, r.text
     out = Image.open(io.BytesIO(r.content))
     assert out.size[0] == 256 and out.size[1] > 192
     assert len(converted) >= height // ((1 << 16) // width)
     assert max(h for _, h in converted) < height // 4, converted
-
-
-@pytest.mark.parametrize(
-    ("orientation", "scaled", "upright"), [(1, (500, 400), (400, 320)), (6, (500, 400), (320, 400))]
-)
-def test_a_large_jpeg_is_decoded_at_a_reduced_scale(monkeypatch, orientation, scaled, upright):
-    """A 2000x1600 JPEG rendered at most 400 px a side is decoded at 1/4 scale (500x400, the smallest DCT
-    scale still covering the output in its stored orientation), then resized and turned upright."""
-    seen: list[tuple[int, int]] = []
-    scale_down = render.scale_down
-
-    def spy(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-        seen.append(image.size)
-        return scale_down(image, size)
-
-    monkeypatch.setattr(render, "scale_down", spy)
-    data = _with_orientation(Image.fromarray(_scene(2000, 1600)), orientation, "JPEG")
-    image, size = render.decode_scaled(data, 400)
-    assert seen == [scaled]
-    assert image.size == upright and size == ((2000, 1600) if orientation == 1 else (1600, 2000))
