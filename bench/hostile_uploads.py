@@ -18,7 +18,7 @@ the default two render slots and with four), a 6324x6324 (40 MP) RGBA PNG and a 
 
 ``--baseline-ref`` first renders the legend PNG of the three large uploads (grey PNG, RGBA PNG, JPEG),
 each in a fresh process, with the renderer of that git revision and with the current one (decode +
-render + PNG encode of the same bytes: the heatmap route's whole ``_render_png``), side by side;
+render + PNG encode of the same bytes: the heatmap route's whole ``render_png``), side by side;
 ``--render-only`` stops there.
 """
 

@@ -124,34 +124,17 @@ async def heatmap_png(
                 "their budget (EXCLIP_MAX_STORED_BYTES); submit the job again",
             )
         box_coords = None if outline is None else (outline.x0, outline.y0, outline.x1, outline.y1)
-        png = await run_in_threadpool(
-            _render_png,
+        png = await run_in_threadpool(  # CPU-bound: off the event loop
+            render_png,
             data,
             heat,
             chosen["image"]["crop_box"],
-            alpha,
-            box_coords,
-            legend,
-            max_side,
-            settings.max_pixels,
+            alpha=alpha,
+            box=box_coords,
+            legend=legend,
+            max_side=max_side,
+            max_pixels=settings.max_pixels,
         )
     finally:
         slots.release()
     return Response(png, media_type="image/png")
-
-
-def _render_png(
-    data: bytes,
-    heat: np.ndarray,
-    crop_box: list[float],
-    alpha: float,
-    box: tuple[float, float, float, float] | None,
-    legend: bool,
-    max_side: int,
-    max_pixels: int,
-) -> bytes:
-    """Decode, draw and encode (CPU-bound: run off the event loop); the upload is scaled down as it is
-    decoded, never copied at full size (``attribution.images.decode_scaled``)."""
-    return render_png(
-        data, heat, crop_box, alpha=alpha, box=box, legend=legend, max_side=max_side, max_pixels=max_pixels
-    )

@@ -52,7 +52,7 @@ def test_a_render_beyond_the_slots_waits_then_gets_503_with_retry_after(tiny_loa
             assert release.wait(30), "the test never released the first render"
         return b"\x89PNG stand-in"
 
-    monkeypatch.setattr(heatmap, "_render_png", render_png_held)
+    monkeypatch.setattr(heatmap, "render_png", render_png_held)
     with embedded_in_process(tiny_loaded) as client:
         job = explain(client, png_bytes(64, 48, seed=1))
         url = f"/jobs/{job}/heatmap.png"
