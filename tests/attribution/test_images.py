@@ -26,6 +26,7 @@ from attribution.images import (
     preprocess,
 )
 from attribution.selections import Box, box_patch_weights
+from tests.harness import spy_conversions
 
 # ---------------------------------------------------------------- helpers
 
@@ -608,14 +609,7 @@ def test_prepare_image_converts_other_modes_a_band_at_a_time(tiny_model, monkeyp
     want, geometry = preprocess(decode_image(data), loaded)
     band = 1 << 13
     monkeypatch.setattr(images, "BAND_PIXELS", band)
-    converted: list[tuple[int, int]] = []
-    to_rgb_or_grey = images._to_rgb_or_grey
-
-    def spy(image: Image.Image, *args) -> Image.Image:
-        converted.append(image.size)
-        return to_rgb_or_grey(image, *args)
-
-    monkeypatch.setattr(images, "_to_rgb_or_grey", spy)
+    converted = spy_conversions(monkeypatch)
     made = _AllocationSpy(monkeypatch).made
     prepared = prepare_image(data, loaded, draft_oversampling=0)  # a JPEG decoded whole, as decode_image
     assert prepared.geometry == geometry and (geometry.width, geometry.height) == (width, height)
@@ -666,14 +660,7 @@ def test_an_exif_rotated_tiff_is_turned_once(tiny_model, orientation):
 def test_decode_scaled_converts_an_rgba_upload_a_band_at_a_time(monkeypatch):
     """A picture of an RGBA upload is never composited onto white at full size: each conversion covers
     one band of rows (BAND_PIXELS plus the filter's reach), and the result has the ``max_side`` size."""
-    converted: list[tuple[int, int]] = []
-    to_rgb_or_grey = images._to_rgb_or_grey
-
-    def spy(image: Image.Image, *args) -> Image.Image:
-        converted.append(image.size)
-        return to_rgb_or_grey(image, *args)
-
-    monkeypatch.setattr(images, "_to_rgb_or_grey", spy)
+    converted = spy_conversions(monkeypatch)
     monkeypatch.setattr(images, "BAND_PIXELS", 1 << 16)
     width, height = 1200, 900
     image, size = decode_scaled(BAND_UPLOADS["RGBA PNG"](width, height), 256)

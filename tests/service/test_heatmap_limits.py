@@ -21,6 +21,7 @@ from attribution import images
 from attribution.images import decode_image
 from service.routers import heatmap
 from service.web.render import render_overlay, render_png
+from tests.harness import spy_conversions
 from tests.service.conftest import embedded_in_process, png_bytes
 
 
@@ -205,19 +206,12 @@ def test_render_png_is_the_decoded_image_rendered_small(name, legend, monkeypatc
 def test_the_heatmap_route_renders_an_rgba_upload_band_by_band(tiny_loaded, monkeypatch):
     """GET heatmap.png of a job with an RGBA upload goes through ``attribution.images.decode_scaled``:
     the upload is converted a band at a time, never whole, and the PNG has the ``max_side`` size."""
-    converted: list[tuple[int, int]] = []
-    to_rgb = images._to_rgb_or_grey
-
-    def spy(image: Image.Image, *args) -> Image.Image:
-        converted.append(image.size)
-        return to_rgb(image, *args)
-
     monkeypatch.setattr(images, "BAND_PIXELS", 1 << 16)
     width, height = 1200, 900
     upload = _encode(Image.fromarray(np.dstack([_scene(width, height), _alpha(width, height)]), "RGBA"))
     with embedded_in_process(tiny_loaded) as client:
         job = explain(client, upload, "a disc on a gradient")
-        monkeypatch.setattr(images, "_to_rgb_or_grey", spy)  # the render's conversions only
+        converted = spy_conversions(monkeypatch)  # the render's conversions only
         r = client.get(f"/jobs/{job}/heatmap.png", params={"max_side": 256, "legend": "true"})
     assert r.status_code == 200, r.text
     out = Image.open(io.BytesIO(r.content))
