@@ -16,8 +16,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-# Not service settings but read inside the image: huggingface_hub's cache (open_clip downloads via it).
-FOREIGN_ENV = {"HF_HOME"}
+# Not service settings but read inside the image: huggingface_hub's cache (open_clip downloads via it),
+# and glibc's allocator tuning of the API (see tests/service/test_api_memory.py).
+MALLOC_ENV = {"MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_"}
+FOREIGN_ENV = {"HF_HOME", *MALLOC_ENV}
 CACHE_MOUNT = "/cache"
 IMAGE_REPO = "exclip-service"
 
@@ -321,6 +323,15 @@ def test_compose_and_k8s_agree_on_images_redis_and_settings(compose, k8s_docs):
         "EXCLIP_JOB_TIMEOUT_S",
     ):
         assert k8s_env[name] == gpu_worker["environment"][name], name
+
+
+def test_compose_and_k8s_run_the_api_with_the_measured_allocator_settings(compose, k8s_docs):
+    # tests/service/test_api_memory.py measures the API with compose's values; the cluster runs the same.
+    (api,) = [s for s in _exclip_services(compose).values() if s["command"][0] == "serve"]
+    compose_malloc = {k: v for k, v in api["environment"].items() if k in MALLOC_ENV}
+    assert set(compose_malloc) == MALLOC_ENV
+    k8s_env = _container_env(k8s_docs, _container(_exclip_deployments(k8s_docs)["serve"]))
+    assert {k: v for k, v in k8s_env.items() if k in MALLOC_ENV} == compose_malloc
 
 
 MANIFESTS = [

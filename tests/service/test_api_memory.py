@@ -13,14 +13,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import yaml
 from PIL import Image
+
+from tests.harness import ROOT
 
 BURST = 24
 # Measured 2026-11-28 on the 2-core machine, two bursts after a warm-up: +5 MB after each with the
-# allocator settings below. With glibc's default, dynamic mmap threshold the same bursts left +17 to
-# +62 MB: memory the allocator keeps for reuse, not objects (a second burst did not add to it). The
-# bound fails if a third of the burst's ~72 MB of uploads stayed resident.
+# allocator settings docker-compose.yml gives the API. With glibc's default, dynamic mmap threshold the
+# same bursts left +17 to +62 MB: memory the allocator keeps for reuse, not objects (a second burst did
+# not add to it). The bound fails if a third of the burst's ~72 MB of uploads stayed resident.
 RETAINED_BOUND_MB = 25
+
+
+def _deployed_malloc_env() -> dict[str, str]:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    env = compose["services"]["api"]["environment"]
+    return {k: str(v) for k, v in env.items() if k.startswith("MALLOC_")}
 
 
 def _rss_mb(pid: int) -> float:
@@ -36,9 +45,10 @@ def _noisy_png(seed: int) -> bytes:
 
 
 def test_api_memory_returns_near_its_baseline_after_a_burst(launcher):
-    # Few malloc arenas, and a fixed mmap threshold: large buffers freed go back to the OS at once, so
-    # the resident set shows what the process holds, not what glibc keeps for later.
-    api = launcher.api(MALLOC_ARENA_MAX="2", MALLOC_MMAP_THRESHOLD_="131072")
+    # The allocator settings the deployment gives the API (few malloc arenas, a fixed mmap threshold:
+    # large buffers freed go back to the OS at once, so the resident set shows what the process holds,
+    # not what glibc keeps for later).
+    api = launcher.api(**_deployed_malloc_env())
     launcher.worker()
     api.wait_ready()
     images = [_noisy_png(seed) for seed in range(4)]
