@@ -12,9 +12,9 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import Message, Scope
 
 from attribution.models import LoadedModel
 from service.connections import create_queue
@@ -103,8 +103,29 @@ async def _build_routes(app: FastAPI) -> None:
 
     FastAPI prepares an included router's routes (dependency graphs, validators) on the first request
     that walks it, about 10 ms that the first caller of /explain paid after /readyz said ready. One
-    in-process request for a path no route matches walks every router and answers 404.
+    in-process ASGI request for a path no route matches walks every router; its 404 goes nowhere (an
+    HTTP client would log it as if a caller had asked).
     """
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://exclip-warm-up") as client:
-        await client.get("/.exclip-warm-up")
+    path = "/.exclip-warm-up"
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", 0),
+    }
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        pass
+
+    await app(scope, receive, send)
