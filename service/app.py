@@ -17,7 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import Message, Scope
 
 from attribution.models import LoadedModel
-from service.connections import create_queue
+from service.connections import create_project_store, create_queue
 from service.dependencies import api_key_owner
 from service.errors import install_handlers
 from service.middleware import BodyLimits, HeadAndSecurityHeaders
@@ -42,6 +42,7 @@ def create_app(
             "jobs are readable only through it; set the same secret on every API replica"
         )
     queue = create_queue(settings)
+    projects = create_project_store(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,6 +60,7 @@ def create_app(
                 worker.stop()  # finishes and stores the batch it is computing
                 await worker_task
             await queue.close()
+            await projects.close()
 
     app = FastAPI(
         title="exclip-service",
@@ -67,7 +69,7 @@ def create_app(
         description="Second-order caption–image attributions (Moeller et al., TMLR 2025) for "
         "open_clip CLIP models.",
     )
-    app.state.settings, app.state.queue = settings, queue
+    app.state.settings, app.state.queue, app.state.label_studio_projects = settings, queue, projects
 
     app.add_middleware(
         BodyLimits,

@@ -5,7 +5,8 @@ Every key expires: job records and images after ``EXCLIP_RESULT_TTL_S`` (refresh
 heartbeats (and the worker index) after three heartbeat periods, the metrics hash ``METRICS_TTL_S``
 after its last update, the byte-budget index ``EXCLIP_RESULT_TTL_S`` after its last change, and each
 job stream ``EXCLIP_RESULT_TTL_S`` after its last entry (renewed by the heartbeat of a worker holding
-its entries); streams are also trimmed by workers.
+its entries), Label Studio project setups 30 days after the last ``/setup``; streams are also trimmed by
+workers.
 """
 
 from __future__ import annotations
@@ -78,6 +79,16 @@ class Keys:
     def evictable_results(self) -> str:
         """Sorted set of results of finished jobs scored by finish time: evicted after every image."""
         return f"{self.prefix}:stored:results"
+
+    @property
+    def label_studio_setups(self) -> str:
+        """Hash: Label Studio project id -> what its last ``/setup`` said (host, token, thresholds)."""
+        return f"{self.prefix}:label-studio:setups"
+
+    @property
+    def label_studio_setup_times(self) -> str:
+        """Sorted set of those project ids scored by their last ``/setup``: the oldest is forgotten first."""
+        return f"{self.prefix}:label-studio:setup-times"
 
     @property
     def budget(self) -> list[str]:

@@ -185,7 +185,7 @@ class Predictor:
     ) -> None:
         self.queue, self.settings, self.owner = queue, settings, owner
         self.setup = setup
-        self.thresholds = default_thresholds(settings).updated(setup.extra_params if setup else None)
+        self.thresholds = default_thresholds(settings).updated(setup.thresholds if setup else None)
 
     def fetcher(self) -> ImageFetcher:
         """The Label Studio host and token: the settings' URL wins over what /setup said."""

@@ -1,43 +1,114 @@
-"""What ``/setup`` told this API process about each Label Studio project.
+"""What ``/setup`` told the service about each Label Studio project, shared by every API replica.
 
 Label Studio calls ``/setup`` when a backend is connected and again before every batch of
-predictions, so the batch path always finds its project here; an interactive request may reach a
-replica that has not seen ``/setup`` and then uses the settings (``LABEL_STUDIO_URL``,
-``LABEL_STUDIO_API_KEY``, default thresholds). The table is bounded: the oldest project is forgotten.
+predictions. Behind a load balancer the ``/predict`` that follows may reach another replica, so the
+setups live where the jobs do: in Redis (a hash of setups and a sorted set of when each project was
+last set up), or in the process in embedded mode. A request for a project that no replica has seen
+uses the settings (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, default thresholds).
+
+Bounded whatever ``/setup`` is sent: only what predictions use is kept (the host, the token, this
+backend's validated thresholds; ``SetupIn`` bounds the strings), for at most ``MAX_PROJECTS``
+projects (the one set up longest ago is forgotten), and in Redis for ``PROJECT_TTL_S`` after the
+last ``/setup``.
 """
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import redis.asyncio as aioredis
+
+from service.keys import Keys
 
 MAX_PROJECTS = 1000
+PROJECT_TTL_S = 30 * 24 * 3600
+
+# KEYS: setups hash, order sorted set. ARGV: project, setup JSON, capacity, TTL seconds.
+_REMEMBER = """
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], tonumber(now[1]) + tonumber(now[2]) / 1e6, ARGV[1])
+local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
+if extra > 0 then
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, extra - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
+  redis.call('HDEL', KEYS[1], unpack(oldest))
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+"""
 
 
 @dataclass(frozen=True)
 class ProjectSetup:
     hostname: str | None
     access_token: str | None
-    extra_params: dict[str, Any] | None
+    thresholds: dict[str, float] = field(default_factory=dict)  # the ones /setup's extra_params gave
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ProjectSetup:
+        data = json.loads(text)
+        return cls(data["hostname"], data["access_token"], data["thresholds"])
 
 
-class Projects:
+def project_key(project: str | int | None) -> str:
+    """Label Studio names a project ``"<id>.<created timestamp>"``; the id alone is enough here."""
+    return str(project or "").split(".", 1)[0]
+
+
+class ProjectStore(Protocol):
+    async def remember(self, project: str, setup: ProjectSetup) -> None: ...
+
+    async def get(self, project: str | int | None) -> ProjectSetup | None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryProjects:
+    """Embedded mode: the one process is every replica."""
+
     def __init__(self, capacity: int = MAX_PROJECTS) -> None:
         self.capacity = capacity
         self._setups: OrderedDict[str, ProjectSetup] = OrderedDict()
 
-    @staticmethod
-    def key(project: str | int | None) -> str:
-        """Label Studio names a project ``"<id>.<created timestamp>"``; the id alone is enough here."""
-        return str(project or "").split(".", 1)[0]
-
-    def remember(self, project: str, setup: ProjectSetup) -> None:
-        key = self.key(project)
+    async def remember(self, project: str, setup: ProjectSetup) -> None:
+        key = project_key(project)
         self._setups.pop(key, None)
         self._setups[key] = setup
         while len(self._setups) > self.capacity:
             self._setups.popitem(last=False)
 
-    def get(self, project: str | int | None) -> ProjectSetup | None:
-        return self._setups.get(self.key(project))
+    async def get(self, project: str | int | None) -> ProjectSetup | None:
+        return self._setups.get(project_key(project))
+
+    async def close(self) -> None:
+        pass
+
+
+class RedisProjects:
+    """Every replica reads what any replica's ``/setup`` stored."""
+
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, capacity: int = MAX_PROJECTS, ttl_s: int = PROJECT_TTL_S
+    ) -> None:
+        self.redis, self.keys, self.capacity, self.ttl_s = redis, keys, capacity, ttl_s
+        self._remember = redis.register_script(_REMEMBER)
+
+    async def remember(self, project: str, setup: ProjectSetup) -> None:
+        await self._remember(
+            keys=[self.keys.label_studio_setups, self.keys.label_studio_setup_times],
+            args=[project_key(project), setup.to_json(), self.capacity, self.ttl_s],
+        )
+
+    async def get(self, project: str | int | None) -> ProjectSetup | None:
+        text = await self.redis.hget(self.keys.label_studio_setups, project_key(project))
+        return None if text is None else ProjectSetup.from_json(text)
+
+    async def close(self) -> None:
+        await self.redis.aclose()

@@ -17,10 +17,11 @@ class SetupIn(BaseModel):
     """``POST /setup``: sent when a backend is connected and before every batch of predictions."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    project: str = ""
+    # The strings the backend keeps per project are bounded (see service.label_studio.projects).
+    project: str = Field("", max_length=200)
     label_config: str | None = Field(None, alias="schema")
-    hostname: str | None = None
-    access_token: str | None = None
+    hostname: str | None = Field(None, max_length=2048)
+    access_token: str | None = Field(None, max_length=4096)
     extra_params: dict[str, Any] | None = None
 
     @field_validator("extra_params", mode="before")
@@ -75,3 +76,8 @@ class Thresholds(BaseModel):
             raise TaskInvalid(
                 f"extra_params: {problems} (mask_level in (0, 1], min_token_score in [0, 1])"
             ) from None
+
+    def given(self, extra_params: dict[str, Any] | None) -> dict[str, float]:
+        """The thresholds ``extra_params`` sets, validated (``TaskInvalid`` as ``updated`` raises)."""
+        updated = self.updated(extra_params)
+        return {k: getattr(updated, k) for k in type(self).model_fields if k in (extra_params or {})}

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Depends
 
 from service.catalog import default_model, served_models
-from service.dependencies import AppSettings, Queue, basic_or_bearer_owner
+from service.dependencies import AppSettings, Projects, Queue, basic_or_bearer_owner
 from service.label_studio.config import parse_label_config
 from service.label_studio.predictor import (
     Predictor,
@@ -20,7 +20,7 @@ from service.label_studio.predictor import (
     model_version,
     settings_model_version,
 )
-from service.label_studio.projects import Projects, ProjectSetup
+from service.label_studio.projects import ProjectSetup
 from service.label_studio.protocol import ErrorOut, PredictIn, SetupIn
 
 PREFIX = "/label-studio"
@@ -52,13 +52,6 @@ _PREDICT: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _projects(request: Request) -> Projects:
-    state = request.app.state
-    if not hasattr(state, "label_studio_projects"):
-        state.label_studio_projects = Projects()
-    return state.label_studio_projects
-
-
 async def _model_version(queue: Queue, settings: AppSettings) -> str:
     served = served_models(await queue.workers())
     name = default_model(served, settings)
@@ -75,32 +68,31 @@ async def health() -> dict[str, str]:
 
 @router.post("/setup", responses=_BODY)
 async def setup(
-    request: Request,
     body: Annotated[SetupIn, Body()],
     owner: LabelStudioOwner,
     queue: Queue,
+    projects: Projects,
     settings: AppSettings,
 ) -> dict[str, Any]:
-    """Remember the project's Label Studio host, token and extra_params; check its label config."""
+    """Remember the project's Label Studio host, token and thresholds; check its label config."""
     if body.label_config:
         parse_label_config(body.label_config)
-    default_thresholds(settings).updated(body.extra_params)  # refuse bad thresholds at connection time
-    known = ProjectSetup(body.hostname, body.access_token, body.extra_params)
-    _projects(request).remember(body.project, known)
+    thresholds = default_thresholds(settings).given(body.extra_params)  # refuses bad ones
+    await projects.remember(body.project, ProjectSetup(body.hostname, body.access_token, thresholds))
     return {"model_version": await _model_version(queue, settings)}
 
 
 @router.post("/predict", responses=_PREDICT)
 async def predict(
-    request: Request,
     body: Annotated[PredictIn, Body()],
     owner: LabelStudioOwner,
     queue: Queue,
+    projects: Projects,
     settings: AppSettings,
 ) -> dict[str, Any]:
     """One prediction per task, in order (a batch), or the regions for the annotator's span or box."""
     project = body.project or (body.tasks[0].get("project") if body.tasks else None)
-    predictor = Predictor(queue, settings, owner, _projects(request).get(project))
+    predictor = Predictor(queue, settings, owner, await projects.get(project))
     return {"results": await predictor.predict(body)}
 
 

@@ -131,7 +131,7 @@ def test_redirects_limits_and_errors(host: str, ref: str, error: type, message: 
 
 def test_configured_url_wins_and_our_key_never_goes_to_a_setup_host() -> None:
     configured = Settings(label_studio_url="http://ls.internal:8080", label_studio_api_key="ours")
-    told = ProjectSetup(hostname="http://elsewhere:9", access_token="theirs", extra_params=None)
+    told = ProjectSetup(hostname="http://elsewhere:9", access_token="theirs")
     fetcher = Predictor(None, configured, None, told).fetcher()
     assert fetcher.origin.url == "http://ls.internal:8080"
     assert fetcher.headers == {"Authorization": "Token ours"}

@@ -8,16 +8,13 @@ task, in order, batched by the worker), a bad task among good ones, and the time
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
-from tests.label_studio.scenario import DOCUMENTED
+from tests.label_studio.scenario import DOCUMENTED, file_server
 from tests.service.conftest import metric_values, png_bytes
 
 pytestmark = pytest.mark.slow  # service processes start in 20-60 s on a busy 2-core machine
@@ -25,22 +22,16 @@ pytestmark = pytest.mark.slow  # service processes start in 20-60 s on a busy 2-
 CAPTION = "a red square on a 🐕 blue field"
 
 
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def image_host(tmp_path_factory) -> Iterator[str]:
+def images_host(tmp_path_factory) -> Iterator[str]:
+    """Four PNGs of different sizes at ``/data/upload/1/img{i}.png``."""
     root = tmp_path_factory.mktemp("ls-host")
     upload = root / "data" / "upload" / "1"
     upload.mkdir(parents=True)
     for i in range(4):
         (upload / f"img{i}.png").write_bytes(png_bytes(80 + 8 * i, 48, seed=i))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with file_server(root) as url:
+        yield url
 
 
 def _task(i: int, **data) -> dict:
@@ -62,9 +53,9 @@ def _predict(url: str, tasks: list[dict]) -> httpx.Response:
 
 
 @pytest.fixture
-def stack(launcher, image_host: str):
+def stack(launcher, images_host: str):
     """API + worker on Redis; the worker batches up to 4 jobs and waits for them to come."""
-    api = launcher.api(LABEL_STUDIO_URL=image_host)
+    api = launcher.api(LABEL_STUDIO_URL=images_host)
     launcher.worker(EXCLIP_MAX_BATCH="4", EXCLIP_MAX_WAIT_MS="500")
     api.wait_ready()
     return api
@@ -97,14 +88,14 @@ def test_batch_in_redis_mode(stack) -> None:
     assert metrics["exclip_batch_size_count"] < 3
 
 
-def test_time_budget_leaves_tasks_for_the_next_call(launcher, image_host: str) -> None:
+def test_time_budget_leaves_tasks_for_the_next_call(launcher, images_host: str) -> None:
     """One task per chunk and a budget spent before the first chunk is back: the call stops after it.
 
     The first chunk always runs (its job may not finish in the budget left); every later task is
     answered "left for the next call", and the log says how many.
     """
     api = launcher.embedded(
-        LABEL_STUDIO_URL=image_host, EXCLIP_MAX_BATCH="1", EXCLIP_LABEL_STUDIO_BUDGET_S="0.001"
+        LABEL_STUDIO_URL=images_host, EXCLIP_MAX_BATCH="1", EXCLIP_LABEL_STUDIO_BUDGET_S="0.001"
     )
     api.wait_ready()
     tasks = [_task(i % 4) for i in range(6)]

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,30 +22,13 @@ from service.label_studio import results
 from service.label_studio.config import parse_label_config
 from service.label_studio.rle import mask_rle
 from service.settings import Settings
-from tests.label_studio.scenario import CAPTION, DOCUMENTED, HEIGHT, PHRASES, WIDTH, scene_png
+from tests.label_studio.scenario import CAPTION, DOCUMENTED, HEIGHT, PHRASES, SCENE_PATH, WIDTH, scene_png
 
 CONFIG = parse_label_config(DOCUMENTED)
-IMAGE = "/data/upload/1/scene.png"
+IMAGE = SCENE_PATH
 BOX_PCT = {"x": 50, "y": 0, "width": 50, "height": 100}  # the image's right half
 BOX_PX = [WIDTH / 2, 0, WIDTH, HEIGHT]
 DEFAULT = {"mask_level": 0.5, "min_token_score": 0.5}  # the settings' defaults
-
-
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def image_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Stands in for Label Studio's upload server (the backend fetches task images from it)."""
-    root: Path = tmp_path_factory.mktemp("ls-setup-host")
-    (root / IMAGE.lstrip("/")).parent.mkdir(parents=True)
-    (root / IMAGE.lstrip("/")).write_bytes(scene_png())
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,173 @@
+"""What ``/setup`` said about a project reaches every API replica, and stays bounded.
+
+The store's contract on both back-ends (memory: embedded mode; Redis: shared by replicas), then two
+API replicas over HTTP on one Redis: Label Studio's ``/setup`` reaches one, the ``/predict`` that
+follows reaches the other, which must still use the project's thresholds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.keys import Keys
+from service.label_studio.projects import (
+    PROJECT_TTL_S,
+    MemoryProjects,
+    ProjectSetup,
+    ProjectStore,
+    RedisProjects,
+)
+from service.settings import Settings
+from tests.label_studio.scenario import CAPTION, DOCUMENTED, PHRASES, SCENE_PATH
+
+SETUP = ProjectSetup("http://label-studio:8080", "token-1", {"mask_level": 0.3})
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_store(request, redis_server, key_prefix) -> AsyncIterator:
+    """Builds stores of one back-end; with Redis, every store built is another replica."""
+    stores: list[ProjectStore] = []
+
+    def make(capacity: int = 1000) -> ProjectStore:
+        if request.param == "memory":
+            store: ProjectStore = stores[0] if stores else MemoryProjects(capacity)
+        else:
+            client = aioredis.from_url(redis_server.url, decode_responses=True)
+            store = RedisProjects(client, Keys(key_prefix), capacity=capacity)
+        stores.append(store)
+        return store
+
+    yield make
+    for store in {id(s): s for s in stores}.values():
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_a_setup_is_read_back_by_project_id(make_store) -> None:
+    store = make_store()
+    await store.remember("21.1700000000", SETUP)
+    assert await store.get("21.1700000000") == SETUP
+    assert await store.get(21) == SETUP  # a task names its project by id only
+    assert await store.get("22") is None
+    assert await store.get(None) is None
+
+
+@pytest.mark.anyio
+async def test_the_project_set_up_longest_ago_is_forgotten(make_store) -> None:
+    store = make_store(capacity=3)
+    for project in ("1", "2", "3"):
+        await store.remember(project, SETUP)
+    await store.remember("1", SETUP)  # set up again: now the newest
+    await store.remember("4", SETUP)
+    assert [await store.get(p) is not None for p in ("1", "2", "3", "4")] == [True, False, True, True]
+
+
+@pytest.mark.anyio
+async def test_replicas_share_setups_through_redis(redis_server, key_prefix) -> None:
+    clients = [aioredis.from_url(redis_server.url, decode_responses=True) for _ in range(2)]
+    first, second = (RedisProjects(c, Keys(key_prefix)) for c in clients)
+    await first.remember("7", SETUP)
+    assert await second.get("7") == SETUP
+    later = ProjectSetup("http://label-studio:8080", "token-2", {})
+    await second.remember("7", later)
+    assert await first.get("7") == later
+    keys = Keys(key_prefix)
+    for key in (keys.label_studio_setups, keys.label_studio_setup_times):
+        assert 0 < await clients[0].ttl(key) <= PROJECT_TTL_S  # every key the service writes expires
+    for store in (first, second):
+        await store.close()
+
+
+# --- over HTTP -------------------------------------------------------------------------------------
+
+
+def _setup_body(project: str, **extra) -> dict:
+    body = {
+        "project": project,
+        "schema": DOCUMENTED,
+        "hostname": "",
+        "access_token": "",
+        "extra_params": None,
+    }
+    return body | extra
+
+
+def _predict(client: TestClient, project: str) -> list[dict]:
+    """The prediction's regions, without their ids (new for every prediction)."""
+    task = {
+        "id": 1,
+        "project": int(project),
+        "data": {"image": SCENE_PATH, "caption": CAPTION, "phrases": PHRASES},
+    }
+    reply = client.post("/label-studio/predict", json={"tasks": [task], "label_config": DOCUMENTED})
+    assert reply.status_code == 200, reply.text
+    (prediction,) = reply.json()["results"]
+    assert "result" in prediction, prediction
+    return [{k: v for k, v in region.items() if k != "id"} for region in prediction["result"]]
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    redis_server, tiny_checkpoint, tiny_loaded, image_host
+) -> Iterator[tuple[TestClient, TestClient]]:
+    """Two API replicas on one Redis; the first also runs a worker (the tiny model, in this process)."""
+    settings = Settings(
+        redis_url=redis_server.url,
+        key_prefix=f"replicas{time.monotonic_ns()}",
+        model="exclip-tiny",
+        pretrained=tiny_checkpoint,
+        device="cpu",
+        label_studio_url=image_host,
+    )
+    with (
+        TestClient(create_app(settings, worker_models=[tiny_loaded])) as first,
+        TestClient(create_app(settings)) as second,
+    ):
+        deadline = time.monotonic() + 60
+        while second.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the worker did not advertise its model"
+            time.sleep(0.1)
+        yield first, second
+
+
+def test_a_replica_that_missed_setup_predicts_with_the_projects_thresholds(replicas) -> None:
+    first, second = replicas
+    reply = first.post(
+        "/label-studio/setup", json=_setup_body("41.1700000000", extra_params={"mask_level": 0.05})
+    )
+    assert reply.status_code == 200, reply.text
+    on_second = _predict(second, "41")
+    assert on_second == _predict(first, "41")
+    # Project 42 had no /setup: the default mask_level (0.5) keeps fewer patches than 0.05 does.
+    assert on_second != _predict(second, "42")
+
+
+def test_setup_strings_are_bounded(replicas) -> None:
+    first, _ = replicas
+    for field, size in (("project", 201), ("hostname", 2049), ("access_token", 4097)):
+        reply = first.post("/label-studio/setup", json=_setup_body("43") | {field: "x" * size})
+        assert reply.status_code == 422, (field, reply.text)
+        assert field in reply.text
+
+
+def test_only_the_thresholds_of_extra_params_are_kept(replicas, redis_server) -> None:
+    first, _ = replicas
+    # Keys that are not this backend's thresholds may be anything; none of it is stored.
+    extra = {"mask_level": 0.4, "notes": "y" * 1_000_000}
+    assert first.post("/label-studio/setup", json=_setup_body("44", extra_params=extra)).status_code == 200
+    keys = Keys(first.app.state.settings.key_prefix)
+    stored = redis.Redis.from_url(redis_server.url).hget(keys.label_studio_setups, "44")
+    assert stored is not None and len(stored) < 200
+    assert ProjectSetup.from_json(stored).thresholds == {"mask_level": 0.4}
