@@ -34,20 +34,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
 import torch
 from exclip.explanation import OpenClipExplainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import common  # noqa: E402 - the bench's process harness
+import common  # noqa: E402 - the bench's images and percentiles
 from service_throughput import BATCHING, WAIT_S, drive  # noqa: E402 - its client driver and modes
 
 from attribution.explainer import PRECISIONS, Explainer  # noqa: E402
 from attribution.memory import tangent_budget  # noqa: E402
 from attribution.models import TINY_MODEL  # noqa: E402 - importing registers exclip-tiny
-from tests.harness import random_clip  # noqa: E402
+from tests.harness import Process, free_port, random_clip  # noqa: E402
 
 CAPTION = "a photo of a brown dog with a red ball on the green grass"  # 16 tokens with SOT, EOT
 CAPTIONS = [
@@ -187,65 +186,49 @@ def throughput(name: str, plan: Plan, device: torch.device) -> list[dict]:
 
 def service(plan: Plan, device: torch.device, log_dir: Path) -> list[dict]:
     """The service in embedded mode (no Redis) under ``plan.clients`` concurrent clients."""
-    procs = common.Processes(log_dir)
     images = common.images()
     rows = []
-    try:
-        for batching, extra in BATCHING.items():
-            env = {
-                **os.environ,
-                "EXCLIP_MODEL": plan.service_model,
-                "EXCLIP_PRETRAINED": "none",
-                "EXCLIP_DEVICE": device.type,
-                "EXCLIP_WAIT_MAX_S": str(WAIT_S),
-                "EXCLIP_MAX_WAIT_MS": "20",
-                "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                **extra,
+    for batching, extra in BATCHING.items():
+        env = {
+            **os.environ,
+            "EXCLIP_MODEL": plan.service_model,
+            "EXCLIP_PRETRAINED": "none",
+            "EXCLIP_DEVICE": device.type,
+            "EXCLIP_WAIT_MAX_S": str(WAIT_S),
+            "EXCLIP_MAX_WAIT_MS": "20",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            **extra,
+        }
+        env.pop("REDIS_URL", None)  # embedded mode
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        args = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+        argv = [*common.service_command(), *args]
+        api = Process(args, env, log_dir, port, argv=argv, name=f"embedded-{batching}", new_session=True)
+        try:
+            api.wait_ready(timeout_s=300)  # the in-process worker has loaded the model
+            asyncio.run(drive(url, plan.clients, plan.clients, plan.service_steps, images, None, 1000))
+            latencies, failures, _, seconds = asyncio.run(
+                drive(url, plan.service_requests, plan.clients, plan.service_steps, images, None)
+            )
+        finally:
+            api.stop(timeout_s=20)
+        latencies.sort()
+        rows.append(
+            {
+                "model": plan.service_model,
+                "batching": batching,
+                "clients": plan.clients,
+                "requests": plan.service_requests,
+                "ok": len(latencies),
+                "failures": len(failures),
+                "failure_examples": failures[:3],
+                "req_per_s": len(latencies) / seconds,
+                "p50_ms": common.percentile(latencies, 0.5) * 1000,
+                "p95_ms": common.percentile(latencies, 0.95) * 1000,
             }
-            env.pop("REDIS_URL", None)  # embedded mode
-            port = common.free_port()
-            name = f"embedded-{batching}"
-            api = procs.start(
-                name, [*common.service_command(), "serve", "--host", "127.0.0.1", "--port", str(port)], env
-            )
-            url = f"http://127.0.0.1:{port}"
-            try:
-                deadline = time.monotonic() + 300
-                while True:  # ready once the in-process worker has loaded the model
-                    if api.poll() is not None:
-                        raise RuntimeError(f"service exited with {api.returncode}:\n{procs.log_tail(name)}")
-                    try:
-                        if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"service not ready after 300 s:\n{procs.log_tail(name)}")
-                    time.sleep(0.2)
-                asyncio.run(drive(url, plan.clients, plan.clients, plan.service_steps, images, None, 1000))
-                latencies, failures, _, seconds = asyncio.run(
-                    drive(url, plan.service_requests, plan.clients, plan.service_steps, images, None)
-                )
-            finally:
-                procs.stop(api, timeout_s=20)
-            latencies.sort()
-            rows.append(
-                {
-                    "model": plan.service_model,
-                    "batching": batching,
-                    "clients": plan.clients,
-                    "requests": plan.service_requests,
-                    "ok": len(latencies),
-                    "failures": len(failures),
-                    "failure_examples": failures[:3],
-                    "req_per_s": len(latencies) / seconds,
-                    "p50_ms": common.percentile(latencies, 0.5) * 1000,
-                    "p95_ms": common.percentile(latencies, 0.95) * 1000,
-                }
-            )
-    finally:
-        procs.stop_all()
+        )
     return rows
 
 

@@ -17,6 +17,7 @@ sample per start). One markdown table; every process started here is stopped at 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -30,9 +31,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Processes, free_port, images  # noqa: E402
+from common import images  # noqa: E402
 
-from tests.harness import RedisServer  # noqa: E402
+from tests.harness import Process, RedisServer, free_port  # noqa: E402
 
 CAPTION = "a photo of a cat sleeping on a sofa"
 
@@ -52,7 +53,14 @@ class Row:
     overhead_p90_ms: float
 
 
-def _start(procs: Processes, code: Path, model: str, max_wait_ms: int, redis_url: str | None) -> str:
+def _start(
+    stack: contextlib.ExitStack,
+    log_dir: Path,
+    code: Path,
+    model: str,
+    max_wait_ms: int,
+    redis_url: str | None,
+) -> str:
     port = free_port()
     env = {
         **os.environ,
@@ -73,13 +81,17 @@ def _start(procs: Processes, code: Path, model: str, max_wait_ms: int, redis_url
         f"import runpy, sys; sys.path.insert(0, {str(code)!r}); "
         "sys.argv[0] = 'exclip-service'; runpy.run_module('service.cli', run_name='__main__')",
     ]
+
+    def start(args: list[str], port: int | None = None) -> Process:
+        proc = Process(args, env, log_dir, port, argv=[*cli, *args], name=args[0], new_session=True)
+        stack.callback(proc.stop)  # stopped when the stack closes, last started first
+        return proc
+
     if redis_url is not None:
         env["REDIS_URL"] = redis_url
-        procs.start("worker", [*cli, "worker"], env)
-    api = procs.start("api", [*cli, "serve", "--port", str(port)], env)
-    url = f"http://127.0.0.1:{port}"
-    procs.wait_http(url + "/readyz", api, "api", timeout_s=300)
-    return url
+        start(["worker"])
+    start(["serve", "--port", str(port)], port).wait_ready(timeout_s=300)
+    return f"http://127.0.0.1:{port}"
 
 
 def _one(client: httpx.Client, image: bytes) -> tuple[float, float]:
@@ -94,20 +106,19 @@ def _one(client: httpx.Client, image: bytes) -> tuple[float, float]:
 
 
 def measure(code: Path, mode: str, model: str, max_wait_ms: int, requests: int) -> Row:
-    procs = Processes(Path(tempfile.mkdtemp(prefix="exclip-latency-")))
-    redis = RedisServer() if mode == "redis" else None
-    try:
-        if redis is not None:
+    log_dir = Path(tempfile.mkdtemp(prefix="exclip-latency-"))
+    with contextlib.ExitStack() as stack:  # API and worker stopped before Redis
+        redis_url = None
+        if mode == "redis":
+            redis = RedisServer()
+            stack.callback(redis.stop)
             redis.start()
-        url = _start(procs, code, model, max_wait_ms, redis.url if redis else None)
+            redis_url = redis.url
+        url = _start(stack, log_dir, code, model, max_wait_ms, redis_url)
         image = images()[0]
         with httpx.Client(base_url=url, timeout=120) as client:
             client.get("/healthz").raise_for_status()
             samples = [_one(client, image) for _ in range(requests + 1)]
-    finally:
-        procs.stop_all()  # API and worker before Redis
-        if redis is not None:
-            redis.stop()
     latencies = [lat for lat, _ in samples]
     overheads = sorted(lat - comp for lat, comp in samples[1:])
     return Row(

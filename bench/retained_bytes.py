@@ -25,7 +25,9 @@ import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Processes, free_port  # noqa: E402
+import common  # noqa: E402, F401 - puts the repository root on sys.path, for tests.harness
+
+from tests.harness import Process, free_port  # noqa: E402
 
 
 def big_jpeg(target_bytes: int = 6_800_000) -> bytes:
@@ -44,7 +46,7 @@ def rss_mb(pid: int) -> float:
 
 
 def run(code: Path, budget_mb: int | None, requests: int, every: int, image: bytes) -> list[float]:
-    procs = Processes(Path(tempfile.mkdtemp(prefix="exclip-retained-")))
+    log_dir = Path(tempfile.mkdtemp(prefix="exclip-retained-"))
     port = free_port()
     env = {
         **os.environ,
@@ -62,11 +64,12 @@ def run(code: Path, budget_mb: int | None, requests: int, every: int, image: byt
         f"import runpy, sys; sys.path.insert(0, {str(code)!r}); "
         "sys.argv[0] = 'exclip-service'; runpy.run_module('service.cli', run_name='__main__')",
     ]
+    args = ["serve", "--port", str(port)]
+    api = Process(args, env, log_dir, port, argv=[*cli, *args], name="api", new_session=True)
     try:
-        api = procs.start("api", [*cli, "serve", "--port", str(port)], env)
+        api.wait_ready(timeout_s=300)
         url = f"http://127.0.0.1:{port}"
-        procs.wait_http(url + "/readyz", api, "api", timeout_s=300)
-        samples = [rss_mb(api.pid)]
+        samples = [rss_mb(api.proc.pid)]
         with httpx.Client(base_url=url, timeout=120) as client:
             for i in range(1, requests + 1):
                 r = client.post(
@@ -77,10 +80,10 @@ def run(code: Path, budget_mb: int | None, requests: int, every: int, image: byt
                 if r.status_code != 200:
                     raise RuntimeError(f"request {i}: {r.status_code} {r.text[:300]}")
                 if i % every == 0:
-                    samples.append(rss_mb(api.pid))
+                    samples.append(rss_mb(api.proc.pid))
         return samples
     finally:
-        procs.stop_all()
+        api.stop()
 
 
 def main() -> None:

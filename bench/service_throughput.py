@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -37,9 +38,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
-from common import IMAGE_SIZES, REDIS_SERVER, ROOT, Processes, free_port, images, percentile, service_command
+from common import IMAGE_SIZES, ROOT, images, percentile, service_command
 
-from tests.harness import RedisServer
+from tests.harness import REDIS_SERVER, Process, RedisServer, free_port
 
 # Defaults sized so the whole default run stays under ~10 minutes on 2 busy CPU cores.
 DEFAULT_REQUESTS = {"exclip-tiny": 96}
@@ -144,7 +145,7 @@ async def drive(
 
 
 def run_config(
-    procs: Processes,
+    log_dir: Path,
     redis_url: str,
     model: str,
     pretrained: str,
@@ -171,20 +172,28 @@ def run_config(
     port = free_port()
     tag = f"{model}-{batching}-c{concurrency}"
     cmd = service_command()
-    api = procs.start(f"api-{tag}", [*cmd, "serve", "--host", "127.0.0.1", "--port", str(port)], env)
-    worker = procs.start(f"worker-{tag}", [*cmd, "worker"], env)
     url = f"http://127.0.0.1:{port}"
-    try:
-        procs.wait_http(url + "/healthz", api, f"api-{tag}", 60)
+    # Normally nothing is in flight when they stop; after an interrupt abandoned long polls would
+    # hold the API, hence the short grace.
+    with contextlib.ExitStack() as stack:
+        api_args = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+        api = Process(
+            api_args, env, log_dir, port, argv=[*cmd, *api_args], name=f"api-{tag}", new_session=True
+        )
+        stack.callback(api.stop, timeout_s=10)
+        worker = Process(
+            ["worker"], env, log_dir, argv=[*cmd, "worker"], name=f"worker-{tag}", new_session=True
+        )
+        stack.callback(worker.stop, timeout_s=10)
+        api.wait_healthy(60)
         deadline = time.monotonic() + 180
         while True:  # /readyz: a worker advertises the model (it may take a while to load)
-            if worker.poll() is not None:
-                tail = procs.log_tail(f"worker-{tag}")
-                raise RuntimeError(f"worker exited with {worker.returncode}:\n{tail}")
+            if not worker.alive():
+                raise RuntimeError(f"worker exited with {worker.proc.returncode}:\n{worker.log_tail()}")
             if httpx.get(url + "/readyz", timeout=5).status_code == 200:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no worker ready after 180s:\n{procs.log_tail(f'worker-{tag}')}")
+                raise RuntimeError(f"no worker ready after 180s:\n{worker.log_tail()}")
             time.sleep(0.2)
         # Warm-up (not measured): first engine calls, connection pools, tokenizer caches.
         if args.warmup:
@@ -199,9 +208,6 @@ def run_config(
                 drive(url, n, concurrency, args.steps, images, args.time_limit)
             )
             sum1, count1 = _batch_counters(client)
-    finally:  # normally nothing is in flight; after an interrupt abandoned long polls would hold the API
-        procs.stop(worker, timeout_s=10)
-        procs.stop(api, timeout_s=10)
     latencies.sort()
     answered = len(latencies) + len(failures)
     return Row(
@@ -325,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM runs the same cleanup as Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     log_dir = Path(tempfile.mkdtemp(prefix="exclip-bench-"))
-    procs = Processes(log_dir)
     started = datetime.now(timezone.utc)
     t_start = time.monotonic()
     load_before = os.getloadavg()
@@ -345,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     rows.append(
                         run_config(
-                            procs, redis_url, model, pretrained[model], mode, concurrency, n, args, jpegs
+                            log_dir, redis_url, model, pretrained[model], mode, concurrency, n, args, jpegs
                         )
                     )
                     print(_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
@@ -356,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed; process logs in {log_dir}", file=sys.stderr)
         raise
     finally:
-        procs.stop_all()
         redis.stop()
     load_after = os.getloadavg()
     shutil.rmtree(log_dir, ignore_errors=True)

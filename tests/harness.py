@@ -7,6 +7,7 @@ a package module of ``service``: none of it ships, and pytest fixtures in tests/
 - ``RedisServer``: a private ``redis-server`` on its own port, no persistence (never the shared 6379).
 - ``save_tiny_checkpoint(directory)``: an ``exclip-tiny`` state_dict with seeded random weights.
 - ``Process``: any subprocess with its output in a log file; ``wait_healthy``/``wait_ready`` for APIs.
+  Several are stopped together, last started first, with a ``contextlib.ExitStack`` of their ``stop``.
 - ``ServiceLauncher``: API / worker / embedded ``python -m service.cli`` processes sharing one Redis and
   key prefix, with the tiny checkpoint.
 """
@@ -132,7 +133,11 @@ def save_tiny_checkpoint(directory: Path, seed: int = 0) -> str:
 
 
 class Process:
-    """One subprocess (default: ``python -m service.cli ARGS``); its stdout and stderr go to a log file."""
+    """One subprocess (default: ``python -m service.cli ARGS``); its stdout and stderr go to a log file.
+
+    ``new_session``: the child gets its own session, so a Ctrl-C in the terminal reaches only the
+    parent (a bench script), which then stops its children itself, in order.
+    """
 
     def __init__(
         self,
@@ -143,18 +148,28 @@ class Process:
         *,
         argv: list[str] | None = None,
         name: str | None = None,
+        new_session: bool = False,
     ) -> None:
         self.args, self.env = args, env
         self.url = f"http://127.0.0.1:{port}" if port else None
         self.log_path = log_dir / f"{name or args[0]}-{uuid.uuid4().hex[:8]}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            argv or [*SERVICE_CLI, *args], env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT
+            argv or [*SERVICE_CLI, *args],
+            env=env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
         )
 
     @property
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of the output."""
+        return "\n".join(self.output.splitlines()[-lines:])
 
     def alive(self) -> bool:
         return self.proc.poll() is None
