@@ -33,6 +33,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 from open_clip.transformer import VisionTransformer
 
 from attribution.errors import InvalidOption, ModelNotAvailable, UnknownModel, UnsupportedModel
+from attribution.text import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class LoadedModel:
     """A CLIP model ready for explanation, with the metadata the rest of the library needs."""
 
     model: torch.nn.Module = field(repr=False)
-    tokenizer: Any = field(repr=False)
+    tokenizer: Tokenizer = field(repr=False)
     transform: Callable[[Any], torch.Tensor] = field(repr=False)
     name: str
     pretrained: str | None

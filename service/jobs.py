@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypedDict
 
 from attribution.pipeline import ExplainRequest
 from attribution.selections import Box, Selection, Span, TokenRange
@@ -46,6 +46,12 @@ def selection_from_dict(d: dict[str, Any]) -> Selection:
     if d["kind"] == "tokens":
         return TokenRange(d["start"], d["end"])
     return Box(*d["box"])
+
+
+class JobResult(TypedDict):
+    """A done job's result: per caption, ``Explanation.to_dict()`` (its typed view) plus ``timings``."""
+
+    captions: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,7 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     deliveries: int = 0
-    result: dict[str, Any] | None = None
+    result: JobResult | None = None
     error: dict[str, str] | None = None
     fault: Fault | None = None  # set by the worker with ``error``: whose fault the failure is
     evicted: bool = False  # the result was dropped to keep stored bytes within their budget

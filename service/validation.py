@@ -19,7 +19,7 @@ from attribution.errors import AttributionError
 from attribution.images import ImageGeometry, transform_geometry
 from attribution.images import image_size as read_image_size
 from attribution.selections import SELECTION_KINDS, Box, Selection, Span, TokenRange, check_selection
-from attribution.text import tokenize_caption
+from attribution.text import Tokenizer, tokenize_caption
 from service.catalog import ModelInfo, default_model
 from service.errors import RequestInvalid
 from service.jobs import CaptionRequest, Job, JobRequest
@@ -28,7 +28,7 @@ from service.settings import Settings
 
 
 @lru_cache(maxsize=16)
-def _tokenizer(model: str) -> Any:
+def _tokenizer(model: str) -> Tokenizer:
     import open_clip
 
     return open_clip.get_tokenizer(model)

@@ -29,7 +29,6 @@ import os
 import time
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
 
 from PIL import Image
 
@@ -39,7 +38,7 @@ from attribution.models import LoadedModel
 from attribution.pipeline import ExplainRequest, explain_requests
 from service import metrics
 from service.errors import QUEUE_DOWN, Fault, JobTimeout
-from service.jobs import Job, JobStatus
+from service.jobs import Job, JobResult, JobStatus
 from service.queue import Delivery, JobQueue
 from service.schemas import ExplainOptions
 from service.settings import Settings
@@ -55,7 +54,7 @@ class _Item:
     delivery: Delivery
     job: Job
     request: ExplainRequest | None = None
-    result: dict[str, Any] | None = None
+    result: JobResult | None = None
 
     @property
     def failed(self) -> bool:
