@@ -13,13 +13,13 @@ and by BENCHMARKS.md, so the numbers everywhere mean the same thing:
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip import CLIP
 
 from attribution.scenes import Scene, describes, swapped_captions
+from attribution.text import Tokenizer
 
 
 def scene_pixels(scenes: list[Scene], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -30,7 +30,7 @@ def scene_pixels(scenes: list[Scene], mean: torch.Tensor, std: torch.Tensor) -> 
 
 @torch.no_grad()
 def retrieval_accuracy(
-    model: Any, tokenizer: Any, pixels: torch.Tensor, scenes: list[Scene]
+    model: CLIP, tokenizer: Tokenizer, pixels: torch.Tensor, scenes: list[Scene]
 ) -> dict[str, float]:
     """The four accuracies above, plus ``score`` = the smallest of i2t, colour_swap and shape_swap."""
     was_training = model.training
