@@ -11,6 +11,7 @@ import binascii
 import re
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
@@ -26,6 +27,7 @@ from service.schemas import (
     ExplainOptions,
     SelectionIn,
 )
+from service.settings import Settings
 
 OPTION_FIELDS = tuple(ExplainOptions.model_fields)
 REPEATABLE = ("caption", *SELECTION_FIELDS)
@@ -41,17 +43,41 @@ def _pydantic_message(exc: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-async def parse_request(request: Request, *, max_selections: int) -> ExplainInput:
+async def parse_request(request: Request, settings: Settings) -> ExplainInput:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
-        return parse_json(await request.body())
+        body = await request.body()
+        check_json_values(body, json_value_limit(settings))
+        return await run_in_threadpool(parse_json, body)
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return await parse_form(request, max_selections=max_selections)
+        return await parse_form(request, max_selections=settings.max_selections)
     raise RequestInvalid(
         f"unsupported content type {content_type or 'none'!r}: send multipart/form-data "
         "(image file + caption fields) or application/json (image as base64)",
         415,
     )
+
+
+def json_value_limit(settings: Settings) -> int:
+    """Most JSON values a request within the limits can hold: captions of the longest text (counted in
+    full, in case every character is a comma), their selections, and the options."""
+    return 64 + settings.max_captions * (settings.max_caption_chars + 16) + 16 * settings.max_selections
+
+
+def check_json_values(body: bytes, limit: int) -> None:
+    """Refuse a body with more JSON values than ``limit`` before parsing it.
+
+    Every value after the first needs a comma or opens an array or object, so these bytes bound the
+    count; the image's base64 has none. Parsing and validating millions of tiny values would cost
+    seconds and gigabytes before the caption and selection limits could be checked.
+    """
+    count = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if count > limit:
+        raise RequestInvalid(
+            f"JSON body holds more than {limit} values (commas, arrays, objects): more than a request "
+            "within the caption and selection limits (EXCLIP_MAX_CAPTIONS, EXCLIP_MAX_SELECTIONS, "
+            "EXCLIP_MAX_CAPTION_CHARS) can hold"
+        )
 
 
 def parse_json(body: bytes) -> ExplainInput:

@@ -63,7 +63,7 @@ async def _served(request: Request, queue: JobQueue) -> dict[str, Any]:
 async def _submit(
     request: Request, owner: str | None, queue: JobQueue, settings: Settings
 ) -> tuple[Job, float]:
-    inp = await parse_request(request, max_selections=settings.max_selections)
+    inp = await parse_request(request, settings)
     served = await _served(request, queue)
     if not served:
         raise RequestInvalid("no worker is serving a model right now; retry in a few seconds", 503)
