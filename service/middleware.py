@@ -3,8 +3,10 @@
 ``BodyLimits`` refuses a body over ``EXCLIP_MAX_UPLOAD_BYTES`` with 413 (checking ``Content-Length``
 up front and counting the bytes as the app reads them, so an oversized upload is never buffered
 whole) and one that arrives too slowly with 408: each part must come within ``client_timeout_s``
-and the whole body within ``body_timeout_s``. The time a client may take over its request head is
-bounded by the server (service.cli).
+and the whole body within ``body_timeout_s``. An answer given before the body has arrived (a 404, a
+route that reads no body) closes the connection: the server would otherwise read the rest of the
+body with no time limit, and a client trickling it could hold the connection for ever. The time a
+client may take over its request head is bounded by the server (service.cli).
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ class BodyLimits:
             f"request body is larger than the limit of {self.max_bytes} bytes "
             "(EXCLIP_MAX_UPLOAD_BYTES); send a smaller image"
         )
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        has_body = declared not in (None, b"0") or b"transfer-encoding" in headers
         if declared is not None:
             if not declared.isdigit():
                 await _refuse(send, 400, "Content-Length header is not a number")
@@ -99,7 +103,10 @@ class BodyLimits:
             nonlocal started
             if refused is not None and not started:
                 return  # whatever the app answers to the cut-off body, the client gets our refusal
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if has_body and not body_done:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:
