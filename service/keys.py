@@ -82,7 +82,8 @@ class Keys:
 
     @property
     def label_studio_setups(self) -> str:
-        """Hash: Label Studio project id -> what its last ``/setup`` said (host, token, thresholds)."""
+        """Hash: ``<owner tag>/<Label Studio project id>`` -> what its last ``/setup`` said (host, token,
+        thresholds)."""
         return f"{self.prefix}:label-studio:setups"
 
     @property

@@ -3,8 +3,9 @@
 Label Studio calls ``/setup`` when a backend is connected and again before every batch of
 predictions. Behind a load balancer the ``/predict`` that follows may reach another replica, so the
 setups live where the jobs do: in Redis (a hash of setups and a sorted set of when each project was
-last set up), or in the process in embedded mode. A request for a project that no replica has seen
-uses the settings (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, default thresholds).
+last set up), or in the process in embedded mode. A setup belongs to the API key that sent it: another
+key's ``/setup`` of the same project id neither reads nor replaces it. A request for a project that no
+replica has seen uses the settings (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, default thresholds).
 
 Bounded whatever ``/setup`` is sent: only what predictions use is kept (the host, the token, this
 backend's validated thresholds; ``SetupIn`` bounds the strings), for at most ``MAX_PROJECTS``
@@ -57,15 +58,18 @@ class ProjectSetup:
         return cls(data["hostname"], data["access_token"], data["thresholds"])
 
 
-def project_key(project: str | int | None) -> str:
-    """Label Studio names a project ``"<id>.<created timestamp>"``; the id alone is enough here."""
-    return str(project or "").split(".", 1)[0]
+def project_key(owner: str | None, project: str | int | None) -> str:
+    """One API key's project (another key's ``/setup`` of the same project id cannot change it).
+
+    Label Studio names a project ``"<id>.<created timestamp>"``; the id alone is enough here.
+    """
+    return f"{owner or '-'}/{str(project or '').split('.', 1)[0]}"
 
 
 class ProjectStore(Protocol):
-    async def remember(self, project: str, setup: ProjectSetup) -> None: ...
+    async def remember(self, owner: str | None, project: str, setup: ProjectSetup) -> None: ...
 
-    async def get(self, project: str | int | None) -> ProjectSetup | None: ...
+    async def get(self, owner: str | None, project: str | int | None) -> ProjectSetup | None: ...
 
     async def close(self) -> None: ...
 
@@ -77,15 +81,15 @@ class MemoryProjects:
         self.capacity = capacity
         self._setups: OrderedDict[str, ProjectSetup] = OrderedDict()
 
-    async def remember(self, project: str, setup: ProjectSetup) -> None:
-        key = project_key(project)
+    async def remember(self, owner: str | None, project: str, setup: ProjectSetup) -> None:
+        key = project_key(owner, project)
         self._setups.pop(key, None)
         self._setups[key] = setup
         while len(self._setups) > self.capacity:
             self._setups.popitem(last=False)
 
-    async def get(self, project: str | int | None) -> ProjectSetup | None:
-        return self._setups.get(project_key(project))
+    async def get(self, owner: str | None, project: str | int | None) -> ProjectSetup | None:
+        return self._setups.get(project_key(owner, project))
 
     async def close(self) -> None:
         pass
@@ -100,14 +104,14 @@ class RedisProjects:
         self.redis, self.keys, self.capacity, self.ttl_s = redis, keys, capacity, ttl_s
         self._remember = redis.register_script(_REMEMBER)
 
-    async def remember(self, project: str, setup: ProjectSetup) -> None:
+    async def remember(self, owner: str | None, project: str, setup: ProjectSetup) -> None:
         await self._remember(
             keys=[self.keys.label_studio_setups, self.keys.label_studio_setup_times],
-            args=[project_key(project), setup.to_json(), self.capacity, self.ttl_s],
+            args=[project_key(owner, project), setup.to_json(), self.capacity, self.ttl_s],
         )
 
-    async def get(self, project: str | int | None) -> ProjectSetup | None:
-        text = await self.redis.hget(self.keys.label_studio_setups, project_key(project))
+    async def get(self, owner: str | None, project: str | int | None) -> ProjectSetup | None:
+        text = await self.redis.hget(self.keys.label_studio_setups, project_key(owner, project))
         return None if text is None else ProjectSetup.from_json(text)
 
     async def close(self) -> None:

@@ -2,14 +2,18 @@
 
 ``GET /health`` is open (Label Studio gives it 1 s); the others take the service's API keys as
 ``Authorization: Bearer <key>`` or, since Label Studio can only send that, Basic auth with the key as
-password. Predictions are computed by the workers through the job queue (service.label_studio.predictor).
+password, and read their JSON body only after the key was checked. Predictions are computed by the
+workers through the job queue (service.label_studio.predictor).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Body, Depends
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 
 from service.catalog import default_model, served_models
 from service.dependencies import AppSettings, Projects, Queue, basic_or_bearer_owner
@@ -22,6 +26,7 @@ from service.label_studio.predictor import (
 )
 from service.label_studio.projects import ProjectSetup
 from service.label_studio.protocol import ErrorOut, PredictIn, SetupIn
+from service.schemas import inline_schema
 
 PREFIX = "/label-studio"
 router = APIRouter(prefix=PREFIX, tags=["label-studio"])
@@ -60,39 +65,63 @@ async def _model_version(queue: Queue, settings: AppSettings) -> str:
     return model_version(served[name].name, served[name].pretrained)
 
 
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads ``model`` itself (see ``_read``)."""
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(model)}}}
+    }
+
+
+async def _read(request: Request, model: type[Body]) -> Body:
+    """The JSON body as ``model``, read now: after the route's dependencies checked the key (FastAPI
+    reads and parses a ``Body()`` parameter before any dependency runs), and parsed off the event loop."""
+    raw = await request.body()
+    try:
+        return await run_in_threadpool(model.model_validate_json, raw)
+    except ValidationError as exc:
+        # Without the inputs: they may be large, or bytes that are not text.
+        errors = [{"type": e["type"], "loc": ("body", *e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+        raise RequestValidationError(errors) from None
+
+
 @router.get("/health")
 async def health() -> dict[str, str]:
     """Label Studio's liveness check."""
     return {"status": "UP", "model_class": "exclip"}
 
 
-@router.post("/setup", responses=_BODY)
+@router.post("/setup", responses=_BODY, openapi_extra=_json_body(SetupIn))
 async def setup(
-    body: Annotated[SetupIn, Body()],
+    request: Request,
     owner: LabelStudioOwner,
     queue: Queue,
     projects: Projects,
     settings: AppSettings,
 ) -> dict[str, Any]:
     """Remember the project's Label Studio host, token and thresholds; check its label config."""
+    body = await _read(request, SetupIn)
     if body.label_config:
         parse_label_config(body.label_config)
     thresholds = default_thresholds(settings).given(body.extra_params)  # refuses bad ones
-    await projects.remember(body.project, ProjectSetup(body.hostname, body.access_token, thresholds))
+    await projects.remember(owner, body.project, ProjectSetup(body.hostname, body.access_token, thresholds))
     return {"model_version": await _model_version(queue, settings)}
 
 
-@router.post("/predict", responses=_PREDICT)
+@router.post("/predict", responses=_PREDICT, openapi_extra=_json_body(PredictIn))
 async def predict(
-    body: Annotated[PredictIn, Body()],
+    request: Request,
     owner: LabelStudioOwner,
     queue: Queue,
     projects: Projects,
     settings: AppSettings,
 ) -> dict[str, Any]:
     """One prediction per task, in order (a batch), or the regions for the annotator's span or box."""
+    body = await _read(request, PredictIn)
     project = body.project or (body.tasks[0].get("project") if body.tasks else None)
-    predictor = Predictor(queue, settings, owner, await projects.get(project))
+    predictor = Predictor(queue, settings, owner, await projects.get(owner, project))
     return {"results": await predictor.predict(body)}
 
 

@@ -7,6 +7,7 @@ follows reaches the other, which must still use the project's thresholds.
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.dependencies import owner_tag
 from service.keys import Keys
 from service.label_studio.projects import (
     PROJECT_TTL_S,
@@ -23,6 +25,7 @@ from service.label_studio.projects import (
     ProjectSetup,
     ProjectStore,
     RedisProjects,
+    project_key,
 )
 from service.settings import Settings
 from tests.label_studio.scenario import CAPTION, DOCUMENTED, PHRASES, SCENE_PATH
@@ -57,32 +60,43 @@ async def make_store(request, redis_server, key_prefix) -> AsyncIterator:
 @pytest.mark.anyio
 async def test_a_setup_is_read_back_by_project_id(make_store) -> None:
     store = make_store()
-    await store.remember("21.1700000000", SETUP)
-    assert await store.get("21.1700000000") == SETUP
-    assert await store.get(21) == SETUP  # a task names its project by id only
-    assert await store.get("22") is None
-    assert await store.get(None) is None
+    await store.remember(None, "21.1700000000", SETUP)
+    assert await store.get(None, "21.1700000000") == SETUP
+    assert await store.get(None, 21) == SETUP  # a task names its project by id only
+    assert await store.get(None, "22") is None
+    assert await store.get(None, None) is None
 
 
 @pytest.mark.anyio
 async def test_the_project_set_up_longest_ago_is_forgotten(make_store) -> None:
     store = make_store(capacity=3)
     for project in ("1", "2", "3"):
-        await store.remember(project, SETUP)
-    await store.remember("1", SETUP)  # set up again: now the newest
-    await store.remember("4", SETUP)
-    assert [await store.get(p) is not None for p in ("1", "2", "3", "4")] == [True, False, True, True]
+        await store.remember(None, project, SETUP)
+    await store.remember(None, "1", SETUP)  # set up again: now the newest
+    await store.remember(None, "4", SETUP)
+    assert [await store.get(None, p) is not None for p in ("1", "2", "3", "4")] == [True, False, True, True]
+
+
+@pytest.mark.anyio
+async def test_a_setup_belongs_to_the_key_that_sent_it(make_store) -> None:
+    store = make_store()
+    theirs = ProjectSetup("http://attacker:9", "token-x", {"mask_level": 1.0})
+    await store.remember("owner-a", "3", SETUP)
+    await store.remember("owner-b", "3", theirs)  # another key, the same project id
+    assert await store.get("owner-a", "3") == SETUP
+    assert await store.get("owner-b", "3") == theirs
+    assert await store.get(None, "3") is None
 
 
 @pytest.mark.anyio
 async def test_replicas_share_setups_through_redis(redis_server, key_prefix) -> None:
     clients = [aioredis.from_url(redis_server.url, decode_responses=True) for _ in range(2)]
     first, second = (RedisProjects(c, Keys(key_prefix)) for c in clients)
-    await first.remember("7", SETUP)
-    assert await second.get("7") == SETUP
+    await first.remember(None, "7", SETUP)
+    assert await second.get(None, "7") == SETUP
     later = ProjectSetup("http://label-studio:8080", "token-2", {})
-    await second.remember("7", later)
-    assert await first.get("7") == later
+    await second.remember(None, "7", later)
+    assert await first.get(None, "7") == later
     keys = Keys(key_prefix)
     for key in (keys.label_studio_setups, keys.label_studio_setup_times):
         assert 0 < await clients[0].ttl(key) <= PROJECT_TTL_S  # every key the service writes expires
@@ -168,6 +182,48 @@ def test_only_the_thresholds_of_extra_params_are_kept(replicas, redis_server) ->
     extra = {"mask_level": 0.4, "notes": "y" * 1_000_000}
     assert first.post("/label-studio/setup", json=_setup_body("44", extra_params=extra)).status_code == 200
     keys = Keys(first.app.state.settings.key_prefix)
-    stored = redis.Redis.from_url(redis_server.url).hget(keys.label_studio_setups, "44")
+    stored = redis.Redis.from_url(redis_server.url).hget(keys.label_studio_setups, project_key(None, "44"))
     assert stored is not None and len(stored) < 200
     assert ProjectSetup.from_json(stored).thresholds == {"mask_level": 0.4}
+
+
+# --- keys ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keyed_client() -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(redis_url=None, api_keys="key-a,key-b"))) as client:
+        yield client
+
+
+def _basic(key: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"label-studio:{key}".encode()).decode()}
+
+
+@pytest.mark.anyio
+async def test_setup_over_http_is_kept_for_its_key_only(keyed_client: TestClient) -> None:
+    reply = keyed_client.post("/label-studio/setup", json=_setup_body("5"), headers=_basic("key-a"))
+    assert reply.status_code == 200, reply.text
+    store, secret = keyed_client.app.state.label_studio_projects, keyed_client.app.state.settings.owner_key
+    assert await store.get(owner_tag("key-a", secret), "5") is not None
+    assert await store.get(owner_tag("key-b", secret), "5") is None
+
+
+JSON = {"content-type": "application/json"}
+MANY_TASKS = b'{"tasks": [' + b"{}," * 100_000 + b"{}]}"
+
+
+@pytest.mark.parametrize("route", ["/label-studio/setup", "/label-studio/predict"])
+@pytest.mark.parametrize("body", [b"{not json", MANY_TASKS])
+def test_the_key_is_checked_before_the_body_is_read(
+    keyed_client: TestClient, route: str, body: bytes
+) -> None:
+    reply = keyed_client.post(route, content=body, headers=JSON)
+    assert reply.status_code == 401, reply.text[:200]
+
+
+@pytest.mark.parametrize("route", ["/label-studio/setup", "/label-studio/predict"])
+def test_with_the_key_a_malformed_body_is_still_422(keyed_client: TestClient, route: str) -> None:
+    reply = keyed_client.post(route, content=b"{not json", headers=JSON | _basic("key-b"))
+    assert reply.status_code == 422, reply.text[:200]
+    assert reply.json()["detail"][0]["loc"][0] == "body"
