@@ -28,11 +28,23 @@ from attribution.images import ImageGeometry
 from attribution.text import Token
 
 # The string forms, one definition each (HTTP form fields, heatmap query parameters, CLI flags).
-_INT = r"\s*([+-]?\d+)\s*"
-_NUMBER = r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*"
+# Integers have at most MAX_DIGITS digits: far above any caption, token or caption count, and far below
+# Python's int() limit on digits (4300, which raises ValueError rather than InvalidSelection).
+MAX_DIGITS = 9
+_INT = rf"\s*([+-]?\d{{1,{MAX_DIGITS}}})\s*"
+_NUMBER = r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*"  # float(): no digit limit
 _PAIR_RE = re.compile(f"{_INT}:{_INT}", re.ASCII)
 _BOX_RE = re.compile(",".join([_NUMBER] * 4), re.ASCII)
-_CAPTION_RE = re.compile(r"\s*(\d+)\s*", re.ASCII)
+_CAPTION_RE = re.compile(rf"\s*(\d{{1,{MAX_DIGITS}}})\s*", re.ASCII)
+# Messages quote at most this many characters of the text they refuse (a form field may be 1 MB).
+ECHO_CHARS = 40
+
+
+def echo(text: str) -> str:
+    """``repr`` of ``text`` for a message: at most ``ECHO_CHARS`` characters of it, then how many more."""
+    if len(text) <= ECHO_CHARS:
+        return repr(text)
+    return f"{text[:ECHO_CHARS]!r}... ({len(text)} characters)"
 
 
 def _check_index_pair(kind: str, start: Any, end: Any) -> None:
@@ -47,8 +59,8 @@ def _parse_pair(kind: str, text: str, meaning: str) -> tuple[int, int]:
     match = _PAIR_RE.fullmatch(text) if isinstance(text, str) else None
     if match is None:
         raise InvalidSelection(
-            f"{kind} {text!r} is malformed: use START:END with two integers ({meaning}, end exclusive), "
-            "e.g. 1:3"
+            f"{kind} {echo(text)} is malformed: use START:END with two integers ({meaning}, end "
+            f"exclusive) of at most {MAX_DIGITS} digits each, e.g. 1:3"
         )
     return int(match[1]), int(match[2])
 
@@ -107,7 +119,7 @@ class Box:
         match = _BOX_RE.fullmatch(text) if isinstance(text, str) else None
         if match is None:
             raise InvalidSelection(
-                f"box {text!r} is malformed: use x0,y0,x1,y1 with four numbers in original-image pixels, "
+                f"box {echo(text)} is malformed: use x0,y0,x1,y1 with four numbers in original-image pixels, "
                 "e.g. 10,20,110,80"
             )
         return cls(*(float(v) for v in match.groups()))
@@ -139,8 +151,9 @@ def parse_indexed(kind: str, text: str) -> tuple[int | None, Selection]:
     match = _CAPTION_RE.fullmatch(head)
     if match is None:
         raise InvalidSelection(
-            f"{kind} {text!r}: caption index {head!r} is not a non-negative integer "
-            f"(the form is C:{'x0,y0,x1,y1' if cls is Box else 'START:END'}, C the caption index)"
+            f"{kind} {echo(text)}: caption index {echo(head)} is not a non-negative integer of at most "
+            f"{MAX_DIGITS} digits (the form is C:{'x0,y0,x1,y1' if cls is Box else 'START:END'}, "
+            "C the caption index)"
         )
     return int(match[1]), cls.parse(rest)
 

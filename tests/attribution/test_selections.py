@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from attribution.errors import InvalidSelection
 from attribution.images import preprocess
 from attribution.selections import (
+    ECHO_CHARS,
+    MAX_DIGITS,
+    SELECTION_KINDS,
     Box,
     Span,
     TokenRange,
@@ -229,3 +234,65 @@ def test_parse_indexed(kind, text, expected):
 def test_parse_indexed_refuses(kind, text, message):
     with pytest.raises(InvalidSelection, match=message):
         parse_indexed(kind, text)
+
+
+HUGE = "9" * 5000  # more digits than Python's int() takes from a string (4300): ValueError, not a 422
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "message"),
+    [
+        ("span", f"0:{HUGE}", "at most 9 digits each"),
+        ("span", f"{HUGE}:1", "at most 9 digits each"),
+        ("tokens", f"-{HUGE}:1", "at most 9 digits each"),
+        ("span", f"{HUGE}:0:2", "caption index '9999"),
+        ("tokens", f"{HUGE}:0:2", "not a non-negative integer of at most 9 digits"),
+        ("box", f"{HUGE}:1,2,3,4", "caption index '9999"),
+        ("span", "0:1000000000", "at most 9 digits"),  # 10 digits
+        ("span", "1000000000:0:1", "caption index '1000000000'"),
+    ],
+)
+def test_integers_of_too_many_digits_are_an_invalid_selection(kind, text, message):
+    with pytest.raises(InvalidSelection, match=message) as info:
+        parse_indexed(kind, text)
+    assert len(str(info.value)) < 400 and "9" * (ECHO_CHARS + 1) not in str(info.value)
+
+
+def test_nine_digits_still_parse():
+    assert parse_indexed("span", "999999999:0:999999999") == (999_999_999, Span(0, 999_999_999))
+    assert MAX_DIGITS == 9
+
+
+# Selection-like strings: runs of digits (a few, or more than int() takes), separators, signs, spaces.
+_PIECES = st.one_of(
+    st.from_regex(r"[+-]?[0-9]{1,12}", fullmatch=True),
+    st.integers(4290, 4400).map(lambda n: "9" * n),
+    st.sampled_from([":", ":", ",", ",", " ", "\t", ".", "e", "-", "+", "\u0663", "\x00", "'"]),
+    st.text(max_size=3),
+)
+_SELECTION_TEXT = st.one_of(st.lists(_PIECES, max_size=12).map("".join), st.text(max_size=60))
+
+
+@given(kind=st.sampled_from(list(SELECTION_KINDS)), text=_SELECTION_TEXT)
+@example(kind="span", text=f"0:{HUGE}")
+@example(kind="tokens", text=f"{HUGE}:0:2")
+@example(kind="box", text=f"{HUGE}:1,2,3,4")
+@example(kind="box", text=f"{HUGE},0,1,1")
+@settings(max_examples=400, deadline=None)
+def test_parsing_any_text_gives_a_selection_or_a_short_invalid_selection(kind, text):
+    """Parsing raises nothing but InvalidSelection, and its message quotes at most ECHO_CHARS of the text."""
+    parsers = {
+        "indexed": lambda: parse_indexed(kind, text)[1],
+        "plain": lambda: SELECTION_KINDS[kind].parse(text),
+    }
+    for parse in parsers.values():
+        try:
+            selection = parse()
+        except InvalidSelection as exc:
+            message = str(exc)
+            # the text quoted (repr: at most 4 characters per character) twice, plus the explanation
+            assert len(message) <= 2 * (4 * ECHO_CHARS + 40) + 200, message
+            if len(text) > ECHO_CHARS:
+                assert repr(text)[1:-1] not in message
+            continue
+        assert isinstance(selection, SELECTION_KINDS[kind])
