@@ -13,7 +13,8 @@ import hashlib
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Path, Request
+from fastapi import Depends, HTTPException, Path, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.jobs import Job
 from service.label_studio.projects import ProjectStore
@@ -39,11 +40,25 @@ def owner_tag(key: str, secret: bytes) -> str:
     return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
 
 
-def api_key_owner(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
+# Declares the key in the OpenAPI schema (securitySchemes, a lock on each route that needs it) so the
+# /docs page can send it. It never refuses anything (auto_error=False) and its value is not used:
+# api_key_owner reads the header itself, with its own messages.
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    description="An API key, sent as `Authorization: Bearer <key>`; needed only when the service has "
+    "keys configured (EXCLIP_API_KEYS / EXCLIP_API_KEYS_FILE), else ignored",
+)
+
+
+def api_key_owner(
+    request: Request,
+    settings: Annotated[Settings, Depends(get_settings)],
+    _scheme: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)] = None,
+) -> str | None:
     """With API keys configured: check ``Authorization: Bearer <key>`` and return the key's hash.
 
     Without keys: None (everyone may use the service). Keys are compared in constant time and
-    never logged or echoed.
+    never logged or echoed. ``_scheme`` only documents the key in the OpenAPI schema (``bearer_scheme``).
     """
     if not settings.keys:
         return None

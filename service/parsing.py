@@ -17,7 +17,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 
 from attribution.errors import InvalidSelection
-from attribution.selections import Box, Span, parse_indexed
+from attribution.selections import Box, Span, echo, parse_indexed
 from service.errors import RequestInvalid
 from service.schemas import (
     SELECTION_FIELDS,
@@ -152,7 +152,7 @@ async def parse_form(request: Request, *, max_selections: int) -> ExplainInput:
             caption, selection = _selection(field, value)
             if not 0 <= caption < len(texts):
                 raise RequestInvalid(
-                    f"{field}={value!r} refers to caption {caption}, but there are "
+                    f"{field}={echo(value)} refers to caption {caption}, but there are "
                     f"{len(texts)} caption(s) (0..{len(texts) - 1})"
                 )
             selections[caption].append(selection)

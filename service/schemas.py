@@ -53,12 +53,25 @@ class CaptionIn(BaseModel):
 
 
 class ExplainOptions(BaseModel):
-    """Options shared by the JSON and the multipart forms. ``null`` layers mean the last block."""
+    """Options shared by the JSON and the multipart forms.
+
+    ``null`` layers mean the model's default blocks: ``default_text_layer`` / ``default_image_layer`` of
+    its model card (the last block when the card names none), shown by ``GET /models`` as each model's
+    ``options.text_layer.default`` / ``options.image_layer.default``.
+    """
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="a model the workers hold (GET /models)")
-    text_layer: int | None = Field(None, description="text block to explain at (0-based); null: the last")
-    image_layer: int | None = Field(None, description="image block to explain at (0-based); null: the last")
+    text_layer: int | None = Field(
+        None,
+        description="text block to explain at (0-based); null: the model's default "
+        "(GET /models: options.text_layer.default)",
+    )
+    image_layer: int | None = Field(
+        None,
+        description="image block to explain at (0-based); null: the model's default "
+        "(GET /models: options.image_layer.default)",
+    )
     steps: int = Field(10, description="integration steps (1..EXCLIP_MAX_STEPS)")
     precision: Precision = "float32"
     format: MatrixFormat = Field("json", description="interaction matrix as nested lists or base64 float32")
@@ -103,6 +116,31 @@ class JobOut(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: str
+
+
+class FieldErrorOut(BaseModel):
+    """One entry of FastAPI's own validation answer (a path or query parameter of the wrong type or range)."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class InvalidOut(BaseModel):
+    """A 422 of a route with typed parameters: FastAPI's parameter checks answer a list of field errors,
+    the route's own checks a message."""
+
+    detail: str | list[FieldErrorOut]
+
+
+# The 401 of every route that takes an API key (service.dependencies.api_key_owner).
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": ErrorOut,
+        "description": "API keys are configured and the request has no valid 'Authorization: Bearer <key>'",
+        "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    }
+}
 
 
 class ModelsOut(BaseModel):

@@ -5,7 +5,8 @@ indices, end exclusive), ``box=x0,y0,x1,y1`` (original pixels); none means the w
 sum over all tokens). Span and tokens use ``attribution.selections.span_heatmap``, so the image shows
 exactly the numbers the JSON API returns for that selection. A box selects patches, which gives one
 score per token rather than a heatmap; its PNG is kept simple: the whole-caption heatmap with the box
-outlined on top (the per-token box scores are in the JSON result).
+outlined on top (the per-token box scores are in the JSON result). Each query parameter may be given
+once (422, where FastAPI alone would take the last value).
 
 The PNG has the image's size, scaled down to at most ``max_side`` px on the long side (default and
 cap: ``render.MAX_SIDE``), mode RGB; ``legend=true`` appends a colour-scale band below it; ``alpha``
@@ -28,11 +29,22 @@ from attribution.pipeline import Explanation
 from attribution.selections import SELECTION_KINDS, Box, check_box, span_heatmap
 from service.dependencies import AppSettings, OwnedJob, Queue
 from service.jobs import JobStatus
-from service.schemas import ErrorOut
+from service.schemas import UNAUTHORIZED, ErrorOut, InvalidOut
 from service.web.render import MAX_SIDE, render_png
 
 router = APIRouter(tags=["jobs"])
 SLOT_WAIT_S = 30.0
+# The route's query parameters; each may be given once (FastAPI would silently use the last value).
+QUERY_PARAMS = ("caption", "span", "tokens", "box", "legend", "alpha", "max_side")
+
+
+def refuse_repeated(request: Request) -> None:
+    """422 if a query parameter of the route is given more than once (``span=0:2&span=0:3``)."""
+    repeated = [name for name in QUERY_PARAMS if len(request.query_params.getlist(name)) > 1]
+    if repeated:
+        raise HTTPException(
+            422, f"query parameter(s) {', '.join(repeated)} may be given only once (got more than one value)"
+        )
 
 
 def selection_heatmap(
@@ -62,10 +74,15 @@ def selection_heatmap(
     response_class=Response,
     responses={
         200: {"content": {"image/png": {}}, "description": "The overlay as PNG"},
-        401: {"model": ErrorOut, "description": "missing or wrong API key"},
+        **UNAUTHORIZED,
         404: {"model": ErrorOut, "description": "unknown job"},
         409: {"model": ErrorOut, "description": "the job is not done"},
         410: {"model": ErrorOut, "description": "its image or result was evicted"},
+        422: {
+            "model": InvalidOut,
+            "description": "a parameter of the wrong type or range (a list of field errors), or a "
+            "selection, caption index or repeated parameter the route refuses (a message)",
+        },
         503: {"model": ErrorOut, "description": "every render slot is busy: retry"},
     },
 )
@@ -79,9 +96,10 @@ async def heatmap_png(
     tokens: str | None = Query(None, description="Token range START:END (end exclusive)"),
     box: str | None = Query(None, description="Box x0,y0,x1,y1 in original pixels"),
     legend: bool = Query(False, description="Append a colour-scale band below the image"),
-    alpha: float = Query(0.6, ge=0.0, le=1.0, description="Overlay opacity"),
+    alpha: float = Query(0.6, ge=0.0, le=1.0, allow_inf_nan=False, description="Overlay opacity"),
     max_side: int = Query(MAX_SIDE, ge=16, le=MAX_SIDE, description="Longest side of the PNG in pixels"),
 ) -> Response:
+    refuse_repeated(request)
     if job.status is not JobStatus.DONE:
         raise HTTPException(
             409,

@@ -17,11 +17,11 @@ from service.errors import QUEUE_DOWN, RequestInvalid, failed_job_status
 from service.jobs import Job, JobStatus
 from service.parsing import parse_request
 from service.queue import JobQueue
-from service.schemas import ErrorOut, ExplainJSON, JobOut, form_schema, inline_schema
+from service.schemas import UNAUTHORIZED, ErrorOut, ExplainJSON, JobOut, form_schema, inline_schema
 from service.settings import Settings
 from service.validation import build_job, image_size
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=UNAUTHORIZED)  # every route takes the API key
 log = logging.getLogger("exclip.api")
 
 _BODY = {
@@ -37,7 +37,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text}
     for code, text in [
         (400, "malformed body"),
-        (401, "missing or wrong API key"),
         (413, "upload too large"),
         (415, "unsupported content type"),
         (422, "invalid request"),

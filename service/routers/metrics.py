@@ -9,8 +9,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service import metrics
 from service.catalog import served_models
 from service.dependencies import AppSettings, Queue
+from service.schemas import UNAUTHORIZED
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"], responses=UNAUTHORIZED)
 
 
 @router.get("/metrics", response_class=Response)

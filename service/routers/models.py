@@ -6,9 +6,9 @@ from fastapi import APIRouter
 
 from service.catalog import default_model, option_ranges, served_models
 from service.dependencies import AppSettings, Queue
-from service.schemas import ModelsOut
+from service.schemas import UNAUTHORIZED, ModelsOut
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], responses=UNAUTHORIZED)
 
 
 @router.get("/models", response_model=ModelsOut)
