@@ -37,10 +37,13 @@ class Origin:
 
     @classmethod
     def parse(cls, url: str) -> Origin:
-        parts = urlsplit(url.strip())
+        try:
+            parts = urlsplit(url.strip())
+        except ValueError as exc:  # e.g. "Invalid IPv6 URL"
+            raise ImageRefused(f"{_shown(url)} is not a valid URL: {exc}") from None
         scheme = parts.scheme.lower()
         if scheme not in SCHEMES or not parts.hostname:
-            raise ImageRefused(f"{url!r} is not an http(s) URL with a host")
+            raise ImageRefused(f"{_shown(url)} is not an http(s) URL with a host")
         if parts.username or parts.password:
             raise ImageRefused(f"{_shown(url)} carries credentials; the token goes in a header, not the URL")
         try:
@@ -76,6 +79,10 @@ def resolve(origin: Origin, ref: str) -> str:
             f"image {_shown(ref)} is not on the Label Studio host {origin.url}; "
             "the backend fetches images only from there"
         )
+    try:
+        httpx.URL(url)  # what httpx would refuse when sending: too long, control characters, ...
+    except (httpx.InvalidURL, UnicodeError) as exc:  # InvalidURL is not an httpx.HTTPError
+        raise ImageRefused(f"image {_shown(ref)} is not a valid URL: {exc}") from None
     return url
 
 

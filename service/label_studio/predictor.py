@@ -3,10 +3,13 @@
 The API holds no model: each task becomes one job (its image, its caption, one selection per phrase
 or the annotator's span/box) that the workers compute, batched, exactly like ``POST /jobs``. A
 ``/predict`` call carries every selected task and Label Studio waits at most 100 s for the answer,
-so the jobs go in chunks of ``EXCLIP_MAX_BATCH`` (one engine call each) and stop when the next chunk
-would not fit in ``EXCLIP_LABEL_STUDIO_BUDGET_S``; the log says so. Tasks left out or failed get an
-entry without ``result``: Label Studio stores no prediction for them, so running "Retrieve
-predictions" again picks them up.
+so the tasks go in chunks of ``EXCLIP_MAX_BATCH`` (one engine call each) and stop when the next
+chunk would not fit in ``EXCLIP_LABEL_STUDIO_BUDGET_S``; the log says so. A chunk's tasks are read
+(caption, phrase search) when its turn comes, in a worker thread, after the caption length limit and
+with at most ``EXCLIP_MAX_SELECTIONS`` phrases each, so neither a long batch nor a costly task holds
+the event loop. Tasks left out or failed get an entry without ``result``: Label Studio stores no
+prediction for them, so running "Retrieve predictions" again picks them up; the log sums them up in
+one line per call.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from service.validation import build_job, image_size
 
 log = logging.getLogger("exclip.label_studio")
 
+LOGGED_EXAMPLES = 3
+"""Tasks named in the one warning a call logs about the tasks without a prediction."""
 PHRASES_KEY = "phrases"
 """Task data field with the phrases: strings found in the caption, or [start, end] character offsets."""
 BOX_KEYS = ("x", "y", "width", "height")
@@ -100,6 +105,7 @@ class _Work:
     interactive: bool = False
     image_ref: Any = None
     image: bytes | None = None
+    phrases_cut: bool = False  # more phrases than EXCLIP_MAX_SELECTIONS: the first ones are explained
     job: Job | None = None
     prediction: dict[str, Any] | None = None
     error: str | None = None
@@ -108,12 +114,21 @@ class _Work:
     def task_id(self) -> Any:
         return self.task.get("id")
 
+    def named_error(self) -> str:
+        prefix = f"task {self.task_id}: "
+        return self.error if self.error and self.error.startswith(prefix) else f"{prefix}{self.error}"
 
-def _caption(task: dict[str, Any], config: LabelConfig) -> str:
+
+def _caption(task: dict[str, Any], config: LabelConfig, max_chars: int) -> str:
     data = task.get("data")
     if not isinstance(data, dict):
         raise TaskInvalid(f"task {task.get('id')}: data must be an object")
     caption = data.get(config.text_key)
+    if isinstance(caption, str) and len(caption) > max_chars:  # checked before any work on the caption
+        raise TaskInvalid(
+            f"task {task.get('id')}: data.{config.text_key} has {len(caption)} characters; the limit is "
+            f"{max_chars} (EXCLIP_MAX_CAPTION_CHARS): shorten the caption"
+        )
     if not isinstance(caption, str) or not caption.strip():
         raise TaskInvalid(
             f"task {task.get('id')}: data.{config.text_key} must be the caption (a non-empty string)"
@@ -132,6 +147,8 @@ def _checked_span(caption: str, start: int, end: int) -> tuple[int, int]:
 
 def _find(phrase: str, caption: str) -> re.Match | None:
     """The first match: as a whole word if possible (so "a" is not the "a" in "cat"), exact case first."""
+    if len(phrase) > len(caption):  # a match has the phrase's length; no pattern to compile
+        return None
     escaped = re.escape(phrase)
     for pattern, flags in (
         (rf"(?<!\w){escaped}(?!\w)", 0),
@@ -146,13 +163,14 @@ def _find(phrase: str, caption: str) -> re.Match | None:
 
 
 def _phrase_spans(caption: str, phrases: Any, limit: int) -> list[tuple[int, int]]:
-    """The phrases of a task as Python spans; the whole caption without phrases."""
+    """The first ``limit`` phrases of a task as Python spans (no span twice); the whole caption without
+    phrases. Phrases past the limit are not searched."""
     if phrases is None or phrases == []:
         return [(0, len(caption))]
     if not isinstance(phrases, list):
         raise TaskInvalid(f"data.{PHRASES_KEY} must be a list of strings or [start, end] pairs")
     spans: list[tuple[int, int]] = []
-    for phrase in phrases:
+    for phrase in phrases[:limit]:
         if isinstance(phrase, str):
             found = _find(phrase, caption)
             if not phrase.strip() or found is None:
@@ -168,13 +186,7 @@ def _phrase_spans(caption: str, phrases: Any, limit: int) -> list[tuple[int, int
             raise TaskInvalid(f"phrase {str(phrase)[:80]} is neither a string nor a [start, end] pair")
         if span not in spans:
             spans.append(span)
-    if len(spans) > limit:
-        log.warning(
-            "label-studio: %d phrases in one task; only the first %d are explained (EXCLIP_MAX_SELECTIONS)",
-            len(spans),
-            limit,
-        )
-    return spans[:limit]
+    return spans
 
 
 class Predictor:
@@ -220,43 +232,60 @@ class Predictor:
         version = model_version(info.name, info.pretrained)
 
         works = [_Work(task=task) for task in body.tasks]
-        for work in works:
-            self._read_task(work, config, context)
-        self._raise_if_interactive(works, interactive)
-        readable = [w for w in works if w.error is None]
         try:
-            fetcher = self.fetcher()
-        except RequestInvalid as exc:
-            for work in readable:
-                work.error = str(exc)
-        else:
-            await self._run_chunks(readable, fetcher, served, (config, version), started)
+            fetcher: ImageFetcher | RequestInvalid = self.fetcher()
+        except RequestInvalid as exc:  # the tasks are still read: a bad one gets its own error
+            fetcher = exc
+        await self._run_chunks(works, fetcher, served, (config, context, version), started)
         self._raise_if_interactive(works, interactive)
+        self._log_outcome(works, started)
+        return [w.prediction or {"model_version": version, "error": w.error} for w in works]
 
-        out = []
-        for work in works:
-            if work.prediction is not None:
-                out.append(work.prediction)
-            else:
-                log.warning("label-studio: no prediction for task %s: %s", work.task_id, work.error)
-                out.append({"model_version": version, "error": work.error})
-        done = sum(w.prediction is not None for w in works)
+    def _log_outcome(self, works: list[_Work], started: float) -> None:
+        """One line for the call, one for the tasks without a prediction (a few named), one for the tasks
+        whose phrases were cut: the log does not grow with the number of tasks."""
+        missing = [w for w in works if w.prediction is None]
         log.info(
-            "label-studio: %d of %d task(s) predicted in %.1f s", done, len(works), time.monotonic() - started
+            "label-studio: %d of %d task(s) predicted in %.1f s",
+            len(works) - len(missing),
+            len(works),
+            time.monotonic() - started,
         )
-        return out
+        if missing:
+            examples = "; ".join(w.named_error()[:300] for w in missing[:LOGGED_EXAMPLES])
+            log.warning("label-studio: no prediction for %d task(s), e.g. %s", len(missing), examples)
+        cut = [w for w in works if w.phrases_cut]
+        if cut:
+            log.warning(
+                "label-studio: %d task(s) have more than %d phrases, e.g. task %s; only the first %d of "
+                "each are explained (EXCLIP_MAX_SELECTIONS)",
+                len(cut),
+                self.settings.max_selections,
+                str(cut[0].task_id)[:100],
+                self.settings.max_selections,
+            )
 
     @staticmethod
     def _raise_if_interactive(works: list[_Work], interactive: bool) -> None:
         if interactive and works[0].error is not None:
             raise TaskInvalid(works[0].error)
 
+    def _read_tasks(self, works: list[_Work], config: LabelConfig, context: Context | None) -> None:
+        for work in works:
+            self._read_task(work, config, context)
+
     def _read_task(self, work: _Work, config: LabelConfig, context: Context | None) -> None:
+        """The caption and the phrases' spans, or the annotator's span or box; ``work.error`` if bad.
+
+        Its work grows with the caption and the phrases: called in a worker thread.
+        """
+        limit = self.settings.max_selections
         try:
-            work.caption = _caption(work.task, config)
+            work.caption = _caption(work.task, config, self.settings.max_caption_chars)
             if context is None:
                 phrases = work.task["data"].get(PHRASES_KEY)
-                work.spans = _phrase_spans(work.caption, phrases, self.settings.max_selections)
+                work.spans = _phrase_spans(work.caption, phrases, limit)
+                work.phrases_cut = isinstance(phrases, list) and len(phrases) > limit
             elif context.span is not None:
                 work.spans = [_checked_span(work.caption, *context.span)]
             else:
@@ -266,11 +295,17 @@ class Predictor:
         except RequestInvalid as exc:
             work.error = str(exc)
 
-    async def _fetch_images(self, works: list[_Work], fetcher: ImageFetcher) -> None:
-        try:
-            images = await fetcher.fetch_all([w.image_ref for w in works])
-        except RequestInvalid as exc:  # the host itself is refused or cannot be resolved
-            images = [exc] * len(works)
+    async def _fetch_images(self, works: list[_Work], fetcher: ImageFetcher | RequestInvalid) -> None:
+        if not works:
+            return
+        images: list[bytes | Exception]
+        if isinstance(fetcher, RequestInvalid):  # the Label Studio URL is unknown
+            images = [fetcher] * len(works)
+        else:
+            try:
+                images = await fetcher.fetch_all([w.image_ref for w in works])
+            except RequestInvalid as exc:  # the host itself is refused or cannot be resolved
+                images = [exc] * len(works)
         for work, image in zip(works, images, strict=True):
             if isinstance(image, Exception):
                 work.error = str(image)
@@ -300,15 +335,19 @@ class Predictor:
     async def _run_chunks(
         self,
         works: list[_Work],
-        fetcher: ImageFetcher,
+        fetcher: ImageFetcher | RequestInvalid,
         served: dict[str, ModelInfo],
-        target: tuple[LabelConfig, str],
+        target: tuple[LabelConfig, Context | None, str],
         started: float,
     ) -> None:
-        """Fetch, compute and convert chunk by chunk, stopping before a chunk that would overrun the budget.
+        """Read, fetch, compute and convert chunk by chunk, stopping before a chunk that would overrun the
+        budget. ``fetcher`` is an error instead when images cannot be fetched at all (no Label Studio
+        URL): then every task that can be read gets that error.
 
-        Only one chunk's images are held at a time, so memory does not grow with the number of tasks.
+        Only one chunk's images are held at a time, so memory does not grow with the number of tasks,
+        and tasks left for the next call are not even read.
         """
+        config, context, version = target
         budget, size = self.settings.label_studio_budget_s, self.settings.max_batch
         slowest = 0.0
         for at in range(0, len(works), size):
@@ -331,7 +370,8 @@ class Predictor:
                 return
             chunk_started = time.monotonic()
             try:
-                await self._fetch_images(chunk, fetcher)
+                await run_in_threadpool(self._read_tasks, chunk, config, context)
+                await self._fetch_images([w for w in chunk if w.error is None], fetcher)
                 for work in chunk:
                     if work.error is None:
                         await self._build_job(work, served)
@@ -340,7 +380,7 @@ class Predictor:
                 )
                 for work in chunk:
                     if work.error is None and work.job is not None and work.job.result is not None:
-                        work.prediction = await run_in_threadpool(self._prediction, work, *target)
+                        work.prediction = await run_in_threadpool(self._prediction, work, config, version)
             except QueueFull as exc:
                 log.warning("label-studio: queue full, %d task(s) left for the next call", left)
                 for work in works[at:]:

@@ -38,11 +38,17 @@ class PredictParams(BaseModel):
     context: dict[str, Any] | None = None
 
 
+MAX_TASKS = 1000
+"""Tasks one ``/predict`` call may carry (more: 422, before any task is read). Label Studio sends all
+the tasks selected for "Retrieve predictions" in one call, and one call predicts far fewer than this
+in its 100 s (the rest are answered "left for the next call")."""
+
+
 class PredictIn(BaseModel):
     """``POST /predict``: the selected tasks (batch), or one task and the annotator's ``context``."""
 
     model_config = ConfigDict(extra="ignore")
-    tasks: list[dict[str, Any]] = Field(min_length=1)
+    tasks: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_TASKS)
     project: str = ""
     label_config: str | None = None
     params: PredictParams = Field(default_factory=PredictParams)

@@ -10,12 +10,13 @@ code points (``charsToCodePoints`` in its selection-tools.js) both ways, so an e
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from service.label_studio.config import Control, LabelConfig
-from service.label_studio.rle import mask_rle
+from service.label_studio.rle import block_rle
 
 
 def _region_id() -> str:
@@ -34,26 +35,61 @@ def _item(control: Control, kind: str, value: dict[str, Any], **extra: Any) -> d
     }
 
 
-def heatmap_mask(heatmap: np.ndarray, image: dict[str, Any], level: float) -> np.ndarray:
-    """Boolean H x W mask of the original image: pixels whose patch scores ``level`` x the best or more.
+@dataclass(frozen=True)
+class GridMask:
+    """A boolean H x W mask made of blocks: ``cells[i, j]`` fills ``heights[i]`` rows x ``widths[j]`` columns.
+
+    A heatmap mask is constant on the model's patches, so it is kept as one cell per patch (and per
+    band outside the crop): its box and brush RLE come from the cells, never from H x W pixels.
+    """
+
+    cells: np.ndarray
+    heights: np.ndarray
+    widths: np.ndarray
+
+    def any(self) -> bool:
+        return bool(self.cells.any())
+
+    def box(self) -> tuple[int, int, int, int]:
+        """x0, y0, x1, y1: the pixels around the True ones (the mask is not empty)."""
+        rows, cols = np.flatnonzero(self.cells.any(axis=1)), np.flatnonzero(self.cells.any(axis=0))
+        x, y = np.cumsum([0, *self.widths]), np.cumsum([0, *self.heights])  # block edges
+        return int(x[cols[0]]), int(y[rows[0]]), int(x[cols[-1] + 1]), int(y[rows[-1] + 1])
+
+    def pixels(self) -> np.ndarray:
+        """The H x W mask itself (for tests and small images)."""
+        return np.repeat(np.repeat(self.cells, self.heights, axis=0), self.widths, axis=1)
+
+    def rle(self) -> list[int]:
+        return block_rle(self.cells, self.heights, self.widths)
+
+
+def heatmap_mask(heatmap: np.ndarray, image: dict[str, Any], level: float) -> GridMask:
+    """The mask of the original image's pixels whose patch scores ``level`` x the best or more.
 
     Each pixel takes the value of the patch its centre lies in (``image`` is the result's ``image``
     object: width, height, crop_box, patch_size); pixels outside the model's crop are False, and so is
     everything when no patch scores above zero.
     """
     heat = np.asarray(heatmap, dtype=np.float64)
-    width, height = image["width"], image["height"]
     best = float(heat.max()) if heat.size else 0.0
-    if not np.isfinite(best) or best <= 0:
-        return np.zeros((height, width), dtype=bool)
-    cells = heat >= level * best
-    rows, cols = heat.shape
+    if np.isfinite(best) and best > 0:
+        cells = heat >= level * best
+    else:
+        cells = np.zeros(heat.shape, dtype=bool)
     (x0, y0, _, _), (pw, ph) = image["crop_box"], image["patch_size"]
-    col = np.floor((np.arange(width) + 0.5 - x0) / pw).astype(np.int64)
-    row = np.floor((np.arange(height) + 0.5 - y0) / ph).astype(np.int64)
-    col_ok, row_ok = (col >= 0) & (col < cols), (row >= 0) & (row < rows)
-    picked = cells[np.clip(row, 0, rows - 1)[:, None], np.clip(col, 0, cols - 1)[None, :]]
-    return picked & row_ok[:, None] & col_ok[None, :]
+    rows, heights = _bands(image["height"], y0, ph, heat.shape[0])
+    cols, widths = _bands(image["width"], x0, pw, heat.shape[1])
+    padded = np.pad(cells, ((0, 1), (0, 1)))  # index -1: a False row and column, for outside the crop
+    return GridMask(padded[rows][:, cols], heights, widths)
+
+
+def _bands(n: int, start: float, step: float, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels 0..n-1 of one axis in bands of the same patch: each band's patch (-1: outside), its size."""
+    patch = np.floor((np.arange(n) + 0.5 - start) / step).astype(np.int64)
+    patch[(patch < 0) | (patch >= count)] = -1
+    starts = np.flatnonzero(np.diff(patch, prepend=-2) != 0)
+    return patch[starts], np.diff(np.append(starts, n))
 
 
 def _image_fields(image: dict[str, Any]) -> dict[str, Any]:
@@ -61,19 +97,18 @@ def _image_fields(image: dict[str, Any]) -> dict[str, Any]:
 
 
 def image_regions(
-    config: LabelConfig, mask: np.ndarray, image: dict[str, Any], score: float | None = None
+    config: LabelConfig, mask: GridMask, image: dict[str, Any], score: float | None = None
 ) -> list[dict[str, Any]]:
     """The brush mask and the rectangle around it (for the controls the config has); none if empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    if not mask.any():
         return []
     width, height = image["width"], image["height"]
     extra = {**_image_fields(image), **({"score": score} if score is not None else {})}
     out = []
     if config.brushes:
-        out.append(_item(config.brushes, "brushlabels", {"format": "rle", "rle": mask_rle(mask)}, **extra))
+        out.append(_item(config.brushes, "brushlabels", {"format": "rle", "rle": mask.rle()}, **extra))
     if config.rectangles:
-        x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+        x0, y0, x1, y1 = mask.box()
         box = {
             "x": 100 * x0 / width,
             "y": 100 * y0 / height,

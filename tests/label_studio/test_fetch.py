@@ -89,6 +89,12 @@ def test_upload_path_and_same_origin_url_with_token(host: str) -> None:
         "http://user:pw@127.0.0.1:{port}/data/upload/1/img.png",  # credentials in the URL
         "http://169.254.169.254/latest/meta-data/",  # cloud metadata (link-local)
         "",
+        # URLs httpx will not send (httpx.InvalidURL is no httpx.HTTPError): refused, not a crash
+        "/" + "a" * 70_000,  # longer than 65536 characters
+        "/data/upload/1/\u0000.png",  # a control character
+        "http://127.0.0.1:{port}/data/upload/1/img.png\r\nX-Injected: 1",  # a header injection
+        "/data/upload/1/\ud800.png",  # a lone surrogate: not UTF-8
+        "http://[::1/img.png",  # a broken IPv6 host
     ],
 )
 def test_other_places_are_refused_without_a_request(host: str, ref: str) -> None:

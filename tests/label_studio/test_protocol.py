@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
+from service.label_studio import predictor
 from service.label_studio.config import parse_label_config
 from service.label_studio.errors import TaskInvalid
 from service.label_studio.predictor import Context, _phrase_spans, parse_context
-from service.label_studio.protocol import SetupIn, Thresholds
+from service.label_studio.protocol import MAX_TASKS, PredictIn, SetupIn, Thresholds
 from tests.label_studio.scenario import DOCUMENTED
 
 CONFIG = parse_label_config(DOCUMENTED)
@@ -24,6 +26,13 @@ def test_phrases_as_strings_pairs_or_nothing() -> None:
     ]
     assert _phrase_spans(CAPTION, ["a", "ball", "Red"], 2) == [(11, 12), (17, 21)]  # capped at 2
     assert _phrase_spans(CAPTION, ["A", "hase"], 64) == [(0, 1), (5, 9)]
+
+
+def test_a_phrase_longer_than_the_caption_compiles_no_pattern(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It cannot match; a long phrase's pattern would take seconds to compile (re parses in Python)."""
+    monkeypatch.setattr(predictor, "re", None)  # any pattern work would fail
+    with pytest.raises(TaskInvalid, match="not in the caption"):
+        _phrase_spans(CAPTION, [CAPTION + " " + "x" * 100_000], 64)
 
 
 @pytest.mark.parametrize(
@@ -71,3 +80,9 @@ def test_thresholds_from_extra_params() -> None:
         with pytest.raises(TaskInvalid, match="extra_params"):
             defaults.updated(bad)
     assert SetupIn.model_validate({"extra_params": '{"mask_level": 0.7}'}).extra_params == {"mask_level": 0.7}
+
+
+def test_tasks_per_call_are_bounded() -> None:
+    assert len(PredictIn.model_validate({"tasks": [{}] * MAX_TASKS}).tasks) == MAX_TASKS
+    with pytest.raises(ValidationError, match=f"at most {MAX_TASKS} items"):
+        PredictIn.model_validate({"tasks": [{}] * (MAX_TASKS + 1)})

@@ -1,4 +1,5 @@
-"""Result items: masks and boxes inside the image and on the right patches; text offsets in characters."""
+"""Result items: masks and boxes inside the image and on the right patches, the same as the full-size
+computation gave; text offsets in characters."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from service.label_studio.config import parse_label_config
 from service.label_studio.results import heatmap_mask, image_regions, text_region, token_regions
 from tests.label_studio.scenario import DOCUMENTED
-from tests.label_studio.test_rle import decode
+from tests.label_studio.test_rle import decode, reference_mask_rle
 
 CONFIG = parse_label_config(DOCUMENTED)
 
@@ -31,9 +32,9 @@ def test_mask_covers_the_hot_patch_of_the_crop() -> None:
     heat[1, 2] = 1.0  # row 1, col 2
     image = _image(96, 64)  # crop x 16..80, patches 16 px
     mask = heatmap_mask(heat, image, 0.5)
-    ys, xs = np.nonzero(mask)
+    ys, xs = np.nonzero(mask.pixels())
     assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (48, 64, 16, 32)
-    assert mask.sum() == 16 * 16
+    assert mask.pixels().sum() == 16 * 16
     (brush, rect) = image_regions(CONFIG, mask, image)
     assert rect["value"] == {
         "x": 50.0,
@@ -46,13 +47,14 @@ def test_mask_covers_the_hot_patch_of_the_crop() -> None:
     assert (rect["from_name"], rect["to_name"], rect["type"]) == ("region", "image", "rectanglelabels")
     assert (rect["original_width"], rect["original_height"], rect["image_rotation"]) == (96, 64, 0)
     assert brush["value"]["brushlabels"] == ["Phrase"] and brush["value"]["format"] == "rle"
-    assert np.array_equal(decode(brush["value"]["rle"])[3::4].reshape(64, 96) == 255, mask)
+    assert np.array_equal(decode(brush["value"]["rle"])[3::4].reshape(64, 96) == 255, mask.pixels())
 
 
 def test_no_positive_patch_no_region() -> None:
     image = _image(40, 30)
-    assert not heatmap_mask(-np.ones((4, 4)), image, 0.5).any()
-    assert image_regions(CONFIG, np.zeros((30, 40), bool), image) == []
+    mask = heatmap_mask(-np.ones((4, 4)), image, 0.5)
+    assert not mask.any() and not mask.pixels().any()
+    assert image_regions(CONFIG, mask, image) == []
 
 
 @settings(max_examples=60, deadline=None)
@@ -76,12 +78,94 @@ def test_regions_stay_inside_the_image(width, height, grid, dx, dy, level, seed)
     }
     heat = np.random.default_rng(seed).normal(size=(grid, grid))
     mask = heatmap_mask(heat, image, level)
-    assert mask.shape == (height, width)
+    assert mask.pixels().shape == (height, width)
     for region in image_regions(CONFIG, mask, image):
         if region["type"] == "rectanglelabels":
             v = region["value"]
             assert 0 <= v["x"] and 0 <= v["y"] and v["width"] > 0 and v["height"] > 0
             assert v["x"] + v["width"] <= 100 + 1e-9 and v["y"] + v["height"] <= 100 + 1e-9
+
+
+def full_size_mask(heatmap: np.ndarray, image: dict, level: float) -> np.ndarray:
+    """``heatmap_mask`` as it was (commit 764af65): H x W booleans, each pixel the patch of its centre."""
+    heat = np.asarray(heatmap, dtype=np.float64)
+    width, height = image["width"], image["height"]
+    best = float(heat.max()) if heat.size else 0.0
+    if not np.isfinite(best) or best <= 0:
+        return np.zeros((height, width), dtype=bool)
+    cells = heat >= level * best
+    rows, cols = heat.shape
+    (x0, y0, _, _), (pw, ph) = image["crop_box"], image["patch_size"]
+    col = np.floor((np.arange(width) + 0.5 - x0) / pw).astype(np.int64)
+    row = np.floor((np.arange(height) + 0.5 - y0) / ph).astype(np.int64)
+    col_ok, row_ok = (col >= 0) & (col < cols), (row >= 0) & (row < rows)
+    picked = cells[np.clip(row, 0, rows - 1)[:, None], np.clip(col, 0, cols - 1)[None, :]]
+    return picked & row_ok[:, None] & col_ok[None, :]
+
+
+def full_size_regions(mask: np.ndarray, image: dict) -> list[dict]:
+    """The values ``image_regions`` gave from a full-size mask (commit 764af65): its RLE, its box."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return []
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    width, height = image["width"], image["height"]
+    box = {"x": 100 * x0 / width, "y": 100 * y0 / height, "width": 100 * (x1 - x0) / width}
+    box |= {"height": 100 * (y1 - y0) / height, "rotation": 0, "rectanglelabels": ["Phrase"]}
+    return [{"format": "rle", "rle": reference_mask_rle(mask), "brushlabels": ["Phrase"]}, box]
+
+
+# Crop offsets and patch sizes, some putting patch edges exactly on pixel centres or edges.
+offsets = st.one_of(st.floats(-60, 60), st.sampled_from([0.0, 0.5, -0.5, 1.5, 12.0]))
+patches = st.one_of(st.floats(0.3, 80), st.sampled_from([1.0, 2.0, 0.5, 16.0, 3.25]))
+heats = st.sampled_from(["normal", "all negative", "with nan", "one hot"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 200),
+    st.integers(1, 200),
+    st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    st.tuples(offsets, offsets),
+    st.tuples(patches, patches),
+    st.one_of(st.floats(1e-300, 1.0), st.just(1.0)),
+    heats,
+    st.integers(0, 2**32 - 1),
+)
+def test_regions_are_those_of_the_full_size_mask(width, height, grid, crop, patch, level, kind, seed) -> None:
+    """Any image size, grid, crop box (inside the image or past it) and threshold: the same mask, box
+    and RLE bytes as the full-size computation, which is never built."""
+    rows, cols = grid
+    image = {
+        "width": width,
+        "height": height,
+        "crop_box": [crop[0], crop[1], crop[0] + cols * patch[0], crop[1] + rows * patch[1]],
+        "patch_size": list(patch),
+    }
+    rng = np.random.default_rng(seed)
+    heat = rng.normal(size=grid)
+    if kind == "all negative":
+        heat = -np.abs(heat)
+    elif kind == "with nan":
+        heat[rng.integers(rows), rng.integers(cols)] = np.nan
+    elif kind == "one hot":
+        heat = np.zeros(grid)
+        heat[rng.integers(rows), rng.integers(cols)] = 1.0
+    full = full_size_mask(heat, image, level)
+    mask = heatmap_mask(heat, image, level)
+    assert np.array_equal(mask.pixels(), full)
+    assert [r["value"] for r in image_regions(CONFIG, mask, image)] == full_size_regions(full, image)
+
+
+def test_large_images_give_the_full_size_regions() -> None:
+    """Megapixel images, the centre crop CLIP's transform takes and a 14 x 14 grid: the same bytes."""
+    rng = np.random.default_rng(5)
+    for width, height, level in [(3000, 2000, 0.5), (1999, 2999, 1e-300), (2048, 2048, 0.9)]:
+        image = _image(width, height, grid=14)
+        heat = rng.normal(size=(14, 14))
+        full = full_size_mask(heat, image, level)
+        regions = image_regions(CONFIG, heatmap_mask(heat, image, level), image)
+        assert [r["value"] for r in regions] == full_size_regions(full, image)
 
 
 def test_text_region_counts_an_emoji_as_one_character() -> None:

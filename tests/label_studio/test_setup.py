@@ -20,7 +20,6 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.label_studio import results
 from service.label_studio.config import parse_label_config
-from service.label_studio.rle import mask_rle
 from service.settings import Settings
 from tests.label_studio.scenario import CAPTION, DOCUMENTED, HEIGHT, PHRASES, SCENE_PATH, WIDTH, scene_png
 
@@ -97,7 +96,7 @@ def _predict(client: TestClient, project: str | None, task_project: int, context
 def _masks(heatmaps: list[np.ndarray], image: dict, level: float) -> list[list[int]]:
     """The brush RLEs a batch prediction holds at this mask_level (one per phrase with a mask)."""
     masks = [results.heatmap_mask(h, image, level) for h in heatmaps]
-    return [mask_rle(m) for m in masks if m.any()]
+    return [m.rle() for m in masks if m.any()]
 
 
 def _labels(tokens: list[dict], scores: list[float], min_score: float) -> list[tuple[str, float]]:
