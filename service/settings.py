@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     label_studio_mask_level: float = Field(default=0.5, gt=0, le=1)
     label_studio_min_token_score: float = Field(default=0.5, ge=0, le=1)
     label_studio_budget_s: float = Field(default=80.0, gt=0, description="under Label Studio's 100 s timeout")
+    label_studio_max_answer_bytes: int = Field(
+        default=64_000_000,
+        ge=1,
+        description="predictions one /predict call returns; the rest wait for the next",
+    )
 
     @field_validator(
         "pretrained",

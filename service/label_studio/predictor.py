@@ -15,6 +15,7 @@ one line per call.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -349,7 +350,8 @@ class Predictor:
         """
         config, context, version = target
         budget, size = self.settings.label_studio_budget_s, self.settings.max_batch
-        slowest = 0.0
+        max_bytes = self.settings.label_studio_max_answer_bytes
+        slowest, answered = 0.0, 0
         for at in range(0, len(works), size):
             chunk, left = works[at : at + size], len(works) - at
             remaining = budget - (time.monotonic() - started)
@@ -368,6 +370,19 @@ class Predictor:
                 for work in works[at:]:
                     work.error = "left for the next call (time budget)"
                 return
+            if answered >= max_bytes:
+                log.warning(
+                    "label-studio: %d of %d task(s) left for the next call: the predictions so far hold "
+                    "%d bytes (EXCLIP_LABEL_STUDIO_MAX_ANSWER_BYTES %d); run 'Retrieve predictions' again "
+                    "for them",
+                    left,
+                    len(works),
+                    answered,
+                    max_bytes,
+                )
+                for work in works[at:]:
+                    work.error = "left for the next call (answer size)"
+                return
             chunk_started = time.monotonic()
             try:
                 await run_in_threadpool(self._read_tasks, chunk, config, context)
@@ -380,7 +395,7 @@ class Predictor:
                 )
                 for work in chunk:
                     if work.error is None and work.job is not None and work.job.result is not None:
-                        work.prediction = await run_in_threadpool(self._prediction, work, config, version)
+                        answered += await run_in_threadpool(self._convert, work, config, version)
             except QueueFull as exc:
                 log.warning("label-studio: queue full, %d task(s) left for the next call", left)
                 for work in works[at:]:
@@ -411,6 +426,11 @@ class Predictor:
             else:
                 await self.queue.cancel(job.id)  # a queued job is dropped; a running one finishes unread
                 work.error = f"task {work.task_id}: not finished within the time budget"
+
+    def _convert(self, work: _Work, config: LabelConfig, version: str) -> int:
+        """Set the task's prediction; its size as JSON in bytes."""
+        work.prediction = self._prediction(work, config, version)
+        return len(json.dumps(work.prediction))
 
     def _prediction(self, work: _Work, config: LabelConfig, version: str) -> dict[str, Any]:
         assert work.job is not None and work.job.result is not None  # called only for finished jobs

@@ -8,9 +8,10 @@ workers through the job queue (service.label_studio.predictor).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
@@ -46,6 +47,19 @@ _BODY: dict[int | str, dict[str, Any]] = {
     },
 }
 _PREDICT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "one entry per task, in order; an entry without 'result' is no prediction (its "
+        "'error' says why; a task left for the next call says so)",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"results": {"type": "array", "items": {"type": "object"}}},
+                    "required": ["results"],
+                }
+            }
+        },
+    },
     **_BODY,
     **{
         code: {"model": ErrorOut, "description": text}
@@ -117,12 +131,15 @@ async def predict(
     queue: Queue,
     projects: Projects,
     settings: AppSettings,
-) -> dict[str, Any]:
+) -> Response:
     """One prediction per task, in order (a batch), or the regions for the annotator's span or box."""
     body = await _read(request, PredictIn)
     project = body.project or (body.tasks[0].get("project") if body.tasks else None)
     predictor = Predictor(queue, settings, owner, await projects.get(owner, project))
-    return {"results": await predictor.predict(body)}
+    results = await predictor.predict(body)
+    # Tens of MB of brush masks take seconds to encode: not on the event loop.
+    answer = await run_in_threadpool(json.dumps, {"results": results})
+    return Response(answer, media_type="application/json")
 
 
 @router.post("/webhook", responses=_AUTH)

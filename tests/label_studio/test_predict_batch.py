@@ -165,3 +165,15 @@ def test_tasks_left_for_the_next_call_are_not_read(
         results = _predict(client, [_task(i, phrases=[PHRASES[i % 2]]) for i in range(4)])
     assert [r["error"] for r in results[1:]] == ["left for the next call (time budget)"] * 3
     assert [p for p, *_ in searches] == [PHRASES[0]]
+
+
+def test_a_call_answers_no_more_than_its_byte_limit(
+    tiny_checkpoint: str, tiny_loaded, image_host: str
+) -> None:
+    # One task per chunk and a limit of one byte: the first prediction fills the answer.
+    settings = {"max_batch": 1, "label_studio_max_answer_bytes": 1}
+    with _app(tiny_checkpoint, tiny_loaded, image_host, **settings) as client:
+        _ready(client)
+        results = _predict(client, [_task(i, phrases=PHRASES) for i in range(3)])
+    assert "result" in results[0]
+    assert [r.get("error") for r in results[1:]] == ["left for the next call (answer size)"] * 2
