@@ -69,8 +69,8 @@ class Thresholds(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    mask_level: float = Field(gt=0, le=1)
-    min_token_score: float = Field(ge=0, le=1)
+    mask_level: float = Field(gt=0, le=1, allow_inf_nan=False)
+    min_token_score: float = Field(ge=0, le=1, allow_inf_nan=False)
 
     def updated(self, extra_params: dict[str, Any] | None) -> Thresholds:
         """These thresholds with the ones given in ``extra_params`` (other keys there are not ours)."""

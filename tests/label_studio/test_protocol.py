@@ -82,6 +82,14 @@ def test_thresholds_from_extra_params() -> None:
     assert SetupIn.model_validate({"extra_params": '{"mask_level": 0.7}'}).extra_params == {"mask_level": 0.7}
 
 
+@pytest.mark.parametrize("value", [float("nan"), "NaN", float("inf"), "-inf"])
+def test_thresholds_that_are_not_finite_numbers_say_so(value) -> None:
+    defaults = Thresholds(mask_level=0.5, min_token_score=0.5)
+    for name in ("mask_level", "min_token_score"):
+        with pytest.raises(TaskInvalid, match=f"{name}: Input should be a finite number"):
+            defaults.updated({name: value})
+
+
 def test_tasks_per_call_are_bounded() -> None:
     assert len(PredictIn.model_validate({"tasks": [{}] * MAX_TASKS}).tasks) == MAX_TASKS
     with pytest.raises(ValidationError, match=f"at most {MAX_TASKS} items"):
