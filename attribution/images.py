@@ -2,7 +2,9 @@
 
 ``decode_image`` turns untrusted bytes into an upright RGB ``PIL.Image`` (EXIF orientation applied,
 first frame of animations, alpha composited on white, 16-bit greyscale scaled down), checking the pixel
-count from the header before any pixel data is decoded. ``preprocess`` runs the model's own open_clip
+count from the header before any pixel data is decoded: against ``max_pixels``, or a share of it for
+the kinds of upload whose decoders hold several full-size copies of the image (WebP, AVIF, TIFF,
+progressive JPEG: ``FORMAT_PIXEL_PERCENT``, ``pixel_limit``). ``preprocess`` runs the model's own open_clip
 transform and derives an ``ImageGeometry`` from that transform's parameters (resize, then centre crop
 or pad), so heatmaps map back onto the original image and original-pixel boxes map onto patches.
 ``prepare_image`` does both without a full-size RGB copy of the upload, and ``decode_scaled`` decodes
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +43,43 @@ Image.init()  # register all plugins, so the list below can be checked against w
 FORMATS = tuple(f for f in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "AVIF") if f in Image.OPEN)
 # Transparent pixels are composited on white, as an image viewer on a white page shows them.
 ALPHA_BACKGROUND = (255, 255, 255)
+
+# A JPEG that libjpeg decodes through a buffer of all its DCT coefficients (see _jpeg_in_several_scans):
+# a kind of upload with a pixel limit of its own, as the formats in FORMAT_PIXEL_PERCENT.
+PROGRESSIVE_JPEG = "progressive JPEG"
+
+# Kinds of upload whose decoders hold more than the decoded image while decoding it, with no reduced
+# or banded decode that Pillow offers, and the percentage of ``max_pixels`` they may have: so that
+# the costliest of each kind costs no more than the costliest upload of any other format at
+# ``max_pixels`` (an RGB or RGBA PNG: about 5.5 bytes a pixel at peak, the decoded image, one
+# full-size plane and a band). Peak bytes a pixel of each kind's costliest variant, measured with
+# Pillow 13 (libwebp 1.6, libavif 1.4 with dav1d, libtiff 4.7, libjpeg-turbo; BENCHMARKS.md,
+# "Hostile uploads"), and the share that brings it under that: WebP 16 (libwebp's RGBA canvas and its
+# copy, Pillow's copy of that and the image), 25%; AVIF 17 (12-bit 4:4:4 with alpha: the YUVA planes
+# at 16 bits, the RGBA result, Pillow's copy of that and the image), 25%; TIFF 12 (a strip or tile
+# as large as the image, 16-bit RGBA: 8 bytes a pixel, decoded whole before it is copied into the
+# image), 40%; progressive JPEG 9 (every DCT coefficient, 2 bytes a sample: 8 bytes a pixel in CMYK
+# 4:4:4, whatever the scale it is decoded at), 50%.
+FORMAT_PIXEL_PERCENT = {"WEBP": 25, "AVIF": 25, "TIFF": 40, PROGRESSIVE_JPEG: 50}
+_WHY_FEWER_PIXELS = {
+    "WEBP": "the WebP decoder holds four copies of the image at once",
+    "AVIF": "the AVIF decoder holds the image in four forms at once",
+    "TIFF": "a TIFF strip or tile may be decoded whole next to the image",
+    PROGRESSIVE_JPEG: "its decoder keeps every DCT coefficient of the image, at any scale",
+}
+_INSTEAD = {
+    "WEBP": "a PNG or JPEG",
+    "AVIF": "a PNG or JPEG",
+    "TIFF": "a PNG or JPEG",
+    PROGRESSIVE_JPEG: "a baseline (sequential) JPEG or a PNG",
+}
+
+
+def pixel_limit(kind: str, max_pixels: int) -> int:
+    """The pixel limit of an upload of ``kind`` (a Pillow format name, or ``PROGRESSIVE_JPEG``) where
+    ``max_pixels`` is the general one: less for the kinds in ``FORMAT_PIXEL_PERCENT``."""
+    return max(1, max_pixels * FORMAT_PIXEL_PERCENT.get(kind, 100) // 100)
+
 
 # Images whose long side exceeds this many times their short side are refused: the model sees a fixed
 # (square, for most models) input, so of such an image it sees a sliver (centre crop) or a few pixel
@@ -281,7 +321,8 @@ def scaled_rgb_or_grey(image: Image.Image, size: tuple[int, int]) -> Image.Image
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """The lazily opened image (header only), after the checks that need no pixel data."""
+    """The lazily opened image (header only), after the checks that need no pixel data: the format,
+    and the pixel count against ``pixel_limit`` of the upload's kind (``max_pixels`` or a share)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidImage(f"image must be bytes, got {type(data).__name__}")
     if len(data) == 0:
@@ -290,19 +331,89 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():  # our own max_pixels is the limit that counts
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.DecompressionBombError as e:
-        raise InvalidImage(f"image is far too large ({e}); the limit is {max_pixels} pixels") from e
+    except Image.DecompressionBombError as e:  # over Pillow's own limit, far above ours by default
+        raise _bomb(data, max_pixels, str(e)) from e
     except UnidentifiedImageError as e:
         raise InvalidImage(_unidentified_reason(bytes(data[:16]), len(data))) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InvalidImage(f"image header is broken: {e}") from e
 
     width, height = img.size
-    if width * height > max_pixels:
-        raise InvalidImage(
-            f"image has {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels"
-        )
+    kind = _kind(data, img.format)
+    limit = pixel_limit(kind, max_pixels)
+    if width * height > limit:
+        img.close()
+        raise _too_many_pixels(kind, f"{width}x{height} = {width * height}", limit)
     return img
+
+
+def _kind(data: bytes, fmt: str | None) -> str:
+    """What the pixel limit of an upload in format ``fmt`` depends on: ``PROGRESSIVE_JPEG`` for a JPEG
+    that libjpeg decodes through all its DCT coefficients, else the format."""
+    if fmt in ("JPEG", "MPO") and _jpeg_in_several_scans(data):
+        return PROGRESSIVE_JPEG
+    return fmt or ""
+
+
+# JPEG start-of-frame markers (not DHT C4, JPG C8, DAC CC), and those of progressive frames.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_PROGRESSIVE_SOF_MARKERS = frozenset((0xC2, 0xC6, 0xCA, 0xCE))
+
+
+def _jpeg_in_several_scans(data: bytes) -> bool:
+    """Whether libjpeg decodes this JPEG through a buffer of all its DCT coefficients (2 bytes a sample,
+    even when it decodes at a reduced scale): a progressive one, or a sequential one whose first scan
+    lacks some of the components (libjpeg's ``has_multiple_scans``). Reads the marker segments up to
+    the first start of scan, skipping junk between segments as Pillow and libjpeg do."""
+    data = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+    pos, end = 2, len(data)  # after SOI
+    progressive, components = False, 0
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                break
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD8:  # no length: stuffing, TEM, RSTn, SOI
+            pos += 2
+        elif marker == 0xDA:  # SOS: the first scan's component count follows its length
+            return progressive or (pos + 4 < end and data[pos + 4] < components)
+        else:
+            if marker in _SOF_MARKERS and pos + 10 <= end:
+                progressive, components = marker in _PROGRESSIVE_SOF_MARKERS, data[pos + 9]
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return progressive
+
+
+def _too_many_pixels(kind: str, pixels: str, limit: int) -> InvalidImage:
+    """The refusal of an upload of ``kind`` with ``pixels`` (a count, or how it was counted) pixels."""
+    if kind not in FORMAT_PIXEL_PERCENT:
+        return InvalidImage(f"image has {pixels} pixels; the limit is {limit} pixels")
+    return InvalidImage(
+        f"{kind} image has {pixels} pixels; the limit for {kind} images is {limit} pixels "
+        f"({FORMAT_PIXEL_PERCENT[kind]}% of the limit for other images, as {_WHY_FEWER_PIXELS[kind]}); "
+        f"scale it down, or send it as {_INSTEAD[kind]}"
+    )
+
+
+def _bomb(data: bytes, max_pixels: int, pillow_message: str) -> InvalidImage:
+    """The refusal of an upload that Pillow refused to open as a decompression bomb: our own message,
+    with the pixel count Pillow found and the one limit that applies (Pillow's own only where it is
+    the lower one)."""
+    found = re.search(r"\((\d+) pixels\)", pillow_message)
+    pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)  # Image._decompression_bomb_check's error limit
+    pixels = found.group(1) if found else f"more than {pillow_limit}"
+    prefix = bytes(data[:16])
+    accepts = ((f, Image.OPEN[f][1]) for f in FORMATS)
+    fmt = next((f for f, accept in accepts if accept is not None and _accepts(accept, prefix)), None)
+    kind = _kind(data, fmt)
+    limit = pixel_limit(kind, max_pixels)
+    if 0 < pillow_limit < limit:
+        return _too_many_pixels("", pixels, pillow_limit)
+    return _too_many_pixels(kind, pixels, limit)
 
 
 def _orientation(img: Image.Image) -> int:
@@ -413,11 +524,19 @@ def decode_scaled(
         return (scaled if method is None else scaled.transpose(method)), upright
 
 
+def _accepts(accept: Callable[[bytes], bool | str], prefix: bytes) -> bool:
+    """A Pillow plugin's signature check; some raise on data shorter than their signature."""
+    try:
+        return bool(accept(prefix))
+    except Exception:  # noqa: BLE001 - e.g. struct.error on 3 bytes: not this format
+        return False
+
+
 def _unidentified_reason(prefix: bytes, size: int) -> str:
     """Why Pillow could not open the data: a broken header of a known format, a refused format, or junk."""
     supported = ", ".join(FORMATS)
     for fmt, (_factory, accept) in Image.OPEN.items():
-        if accept is not None and accept(prefix):
+        if accept is not None and _accepts(accept, prefix):
             if fmt in FORMATS:  # the signature matched but the plugin rejected the header
                 return (
                     f"data starts like a {fmt} image but its header is broken or declares an empty "

@@ -9,7 +9,11 @@ peak RSS above the process's RSS before the case, for the API and the worker.
 Cases: a 6000x6000 grey PNG (explain, then one or four concurrent ``heatmap.png?legend=true``, with
 the default two render slots and with four), a 6324x6324 (40 MP) RGBA PNG and a 6324x6324 RGB JPEG
 (explain, then one legend PNG), a 1x250000 PNG, a 24000x1 PNG, the caption
-``'&' + 'amp;'*4000 + ' dog'``, and a caption with literal special-token text.
+``'&' + 'amp;'*4000 + ' dog'``, and a caption with literal special-token text. Then the uploads whose
+decoders hold more than the decoded frame (``attribution.images.FORMAT_PIXEL_PERCENT``), each at 40 MP
+(the general limit) and at the largest square its own limit accepts (explain, then one legend PNG):
+WebP (lossy, lossless, lossy with alpha), AVIF (RGBA 4:4:4, the costliest AVIF Pillow writes), a
+progressive CMYK JPEG, and an RGBA TIFF stored in one strip.
 
     python bench/hostile_uploads.py
     python bench/hostile_uploads.py --only RGBA --only JPEG          # the cases whose name has a word
@@ -82,6 +86,44 @@ def noisy_jpeg(side: int) -> bytes:
     return out.getvalue()
 
 
+def webp(side: int, *, lossless: bool = False, alpha: bool = False) -> bytes:
+    """A black ``side`` x ``side`` WebP (lossy at quality 1, or lossless; half-transparent with ``alpha``):
+    a few KB, whatever the size."""
+    out = io.BytesIO()
+    image = Image.new("RGBA", (side, side), (0, 0, 0, 128)) if alpha else Image.new("RGB", (side, side))
+    image.save(out, format="WEBP", lossless=lossless, quality=1, method=0)
+    return out.getvalue()
+
+
+def avif(side: int) -> bytes:
+    """A half-transparent black ``side`` x ``side`` AVIF, 4:4:4 (the costliest to decode of what Pillow
+    writes: 8-bit; a 12-bit one costs about a third more a pixel): about 2 KB."""
+    out = io.BytesIO()
+    Image.new("RGBA", (side, side), (0, 0, 0, 128)).save(
+        out, format="AVIF", quality=0, speed=10, subsampling="4:4:4"
+    )
+    return out.getvalue()
+
+
+def progressive_cmyk_jpeg(side: int) -> bytes:
+    """A ``side`` x ``side`` progressive CMYK JPEG: libjpeg keeps all its DCT coefficients (8 bytes a
+    pixel) whatever scale it decodes at."""
+    rgb, _ = _picture(side)
+    out = io.BytesIO()
+    Image.fromarray(rgb, "RGB").convert("CMYK").save(out, format="JPEG", quality=90, progressive=True)
+    return out.getvalue()
+
+
+def one_strip_tiff(side: int) -> bytes:
+    """A half-transparent black ``side`` x ``side`` RGBA TIFF, deflated, in one strip: Pillow decodes the
+    whole strip into a buffer of its own before copying it into the image."""
+    out = io.BytesIO()
+    Image.new("RGBA", (side, side), (0, 0, 0, 128)).save(
+        out, format="TIFF", compression="tiff_adobe_deflate", strip_size=1 << 40
+    )
+    return out.getvalue()
+
+
 def mime(image: bytes) -> str:
     return "image/jpeg" if image[:2] == b"\xff\xd8" else "image/png"
 
@@ -148,6 +190,33 @@ CASES = [
     ("24000x1 PNG", lambda: png(24_000, 1), "a line", 0, {}),
     ("caption '&' + 'amp;'*4000 + ' dog'", lambda: png(64, 48), "&" + "amp;" * 4000 + " dog", 0, {}),
     ("caption with literal <end_of_text>", lambda: png(64, 48), "a photo <end_of_text> of a red ball", 0, {}),
+    # Formats with limits of their own (defaults, EXCLIP_MAX_PIXELS=40000000): at 40 MP, then at the
+    # largest square under their limit (WebP and AVIF 10 MP: 3162^2; progressive JPEG 20 MP: 4472^2;
+    # TIFF 16 MP: 4000^2).
+    ("6324x6324 WebP lossy (40 MP) + 1 legend PNG", lambda: webp(6324), "black", 1, {}),
+    ("6324x6324 WebP lossless (40 MP) + 1 legend PNG", lambda: webp(6324, lossless=True), "black", 1, {}),
+    ("6324x6324 WebP RGBA (40 MP) + 1 legend PNG", lambda: webp(6324, alpha=True), "black", 1, {}),
+    ("6324x6324 AVIF RGBA 4:4:4 (40 MP) + 1 legend PNG", lambda: avif(6324), "black", 1, {}),
+    (
+        "6324x6324 progressive CMYK JPEG (40 MP) + 1 legend PNG",
+        lambda: progressive_cmyk_jpeg(6324),
+        "waves",
+        1,
+        {},
+    ),
+    ("6324x6324 one-strip RGBA TIFF (40 MP) + 1 legend PNG", lambda: one_strip_tiff(6324), "black", 1, {}),
+    ("3162x3162 WebP lossy (10 MP) + 1 legend PNG", lambda: webp(3162), "black", 1, {}),
+    ("3162x3162 WebP lossless (10 MP) + 1 legend PNG", lambda: webp(3162, lossless=True), "black", 1, {}),
+    ("3162x3162 WebP RGBA (10 MP) + 1 legend PNG", lambda: webp(3162, alpha=True), "black", 1, {}),
+    ("3162x3162 AVIF RGBA 4:4:4 (10 MP) + 1 legend PNG", lambda: avif(3162), "black", 1, {}),
+    (
+        "4472x4472 progressive CMYK JPEG (20 MP) + 1 legend PNG",
+        lambda: progressive_cmyk_jpeg(4472),
+        "waves",
+        1,
+        {},
+    ),
+    ("4000x4000 one-strip RGBA TIFF (16 MP) + 1 legend PNG", lambda: one_strip_tiff(4000), "black", 1, {}),
 ]
 
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
+import re
 import struct
 import zlib
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image, ImageDraw, ImageOps
 from torchvision.transforms import CenterCrop, Compose, RandomResizedCrop, Resize
@@ -228,6 +232,155 @@ def test_max_pixels_boundary():
     assert decode_image(data, max_pixels=5000).size == (100, 50)
     with pytest.raises(InvalidImage, match="100x50 = 5000 pixels; the limit is 4999"):
         decode_image(data, max_pixels=4999)
+
+
+# ------------------------------------------- pixel limits of formats with costly decoders (issue: F3)
+
+
+def jpeg_first_scan_with_one_component(data: bytes) -> bytes:
+    """``data`` (a baseline three-component JPEG) with its first scan declaring one component: a
+    sequential JPEG in several scans as far as the header goes (its pixel data no longer decodes)."""
+    sos = data.index(b"\xff\xda")
+    assert data[sos + 4] == 3
+    return data[: sos + 4] + b"\x01" + data[sos + 5 :]
+
+
+def colour_noise(width: int, height: int, alpha: bool = False) -> Image.Image:
+    rgb, a = noise(width, height)
+    return Image.fromarray(np.dstack([rgb, a]), "RGBA") if alpha else Image.fromarray(rgb)
+
+
+# kind, percent of max_pixels, factory of an upload of that kind of a given (width, height)
+COSTLY_UPLOADS = [
+    ("WEBP", 25, lambda w, h: encode(colour_noise(w, h), "WEBP", quality=80)),
+    ("WEBP", 25, lambda w, h: encode(colour_noise(w, h), "WEBP", lossless=True)),
+    ("WEBP", 25, lambda w, h: encode(colour_noise(w, h, alpha=True), "WEBP")),
+    ("TIFF", 40, lambda w, h: encode(colour_noise(w, h), "TIFF", compression="tiff_adobe_deflate")),
+    ("TIFF", 40, lambda w, h: encode(colour_noise(w, h, alpha=True), "TIFF")),
+    ("progressive JPEG", 50, lambda w, h: encode(colour_noise(w, h), "JPEG", progressive=True)),
+    (
+        "progressive JPEG",
+        50,
+        lambda w, h: encode(colour_noise(w, h).convert("CMYK"), "JPEG", progressive=True),
+    ),
+]
+if "AVIF" in images.FORMATS and "AVIF" in Image.SAVE:
+    COSTLY_UPLOADS += [
+        ("AVIF", 25, lambda w, h: encode(colour_noise(w, h), "AVIF", speed=10)),
+        (
+            "AVIF",
+            25,
+            lambda w, h: encode(colour_noise(w, h, alpha=True), "AVIF", speed=10, subsampling="4:4:4"),
+        ),
+    ]
+
+
+@pytest.mark.parametrize(("kind", "percent", "make"), COSTLY_UPLOADS)
+def test_costly_decoders_have_a_lower_pixel_limit_checked_from_the_header(tiny_model, kind, percent, make):
+    """WebP, AVIF, TIFF and progressive JPEG decoders hold several full-size copies of the image, so
+    such uploads may have only a share of ``max_pixels``: one pixel more is refused by every entry
+    point (from the header, naming the format and its one limit), one at the limit is decoded, and a
+    PNG or baseline JPEG of the larger size is still accepted."""
+    max_pixels = 4000
+    limit = max_pixels * percent // 100
+    assert images.pixel_limit(kind, max_pixels) == limit
+    at, over = (50, limit // 50), (51, limit // 50)  # limit is a multiple of 50 here
+    assert at[0] * at[1] == limit
+    data = make(*over)
+    message = (
+        rf"^{kind} image has 51x{over[1]} = {51 * over[1]} pixels; the limit for {kind} images is "
+        rf"{limit} pixels \({percent}% of the limit for other images, as [^;]+\); scale it down, or send "
+        "it as a "
+    )
+    for refuse in (
+        lambda: image_size(data, max_pixels=max_pixels),
+        lambda: decode_image(data, max_pixels=max_pixels),
+        lambda: prepare_image(data, tiny_model, max_pixels=max_pixels),
+        lambda: decode_scaled(data, 64, max_pixels=max_pixels),
+    ):
+        with pytest.raises(InvalidImage, match=message) as e:
+            refuse()
+        assert [int(n) for n in re.findall(r"\d{4,}", str(e.value))] == [51 * over[1], limit]
+    accepted = make(*at)
+    assert image_size(accepted, max_pixels=max_pixels) == at
+    assert decode_image(accepted, max_pixels=max_pixels).size == at
+    assert prepare_image(accepted, tiny_model, max_pixels=max_pixels).geometry.width == at[0]
+    assert decode_scaled(accepted, 64, max_pixels=max_pixels)[1] == at
+    for other in (encode(colour_noise(*over)), encode(colour_noise(*over), "JPEG")):
+        assert decode_image(other, max_pixels=max_pixels).size == over
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "PPM"])
+def test_other_formats_keep_the_general_limit(fmt):
+    image = colour_noise(80, 50)
+    assert images.pixel_limit(fmt, 4000) == 4000
+    assert decode_image(encode(image, fmt), max_pixels=4000).size == (80, 50)
+    with pytest.raises(InvalidImage, match=r"^image has 80x50 = 4000 pixels; the limit is 3999 pixels$"):
+        decode_image(encode(image, fmt), max_pixels=3999)
+
+
+def test_jpegs_decoded_through_all_their_coefficients_are_recognised_from_the_header():
+    """Progressive JPEGs, and sequential ones whose first scan lacks a component (libjpeg buffers all
+    coefficients of both), are told from baseline ones by the segments before the first scan; segments
+    are skipped by their length (a comment holding marker bytes does not count) and junk between
+    segments is skipped as libjpeg does."""
+    photo = colour_noise(64, 40)
+    baseline = encode(photo, "JPEG")
+    several = images._jpeg_in_several_scans
+    assert not several(baseline) and not several(encode(photo.convert("L"), "JPEG"))
+    assert several(encode(photo, "JPEG", progressive=True))
+    assert several(encode(photo.convert("CMYK"), "JPEG", progressive=True))
+    assert several(jpeg_first_scan_with_one_component(baseline))
+    fake = b"\xff\xc2\x00\x11\x08\x00\x28\x00\x40\x03" + b"\xff\xda\x00\x0c\x01"  # a progressive SOF + SOS
+    comment = b"\xff\xfe" + (2 + len(fake)).to_bytes(2, "big") + fake
+    assert not several(baseline[:2] + comment + baseline[2:])
+    assert several(baseline[:2] + b"junk" + encode(photo, "JPEG", progressive=True)[2:])
+    assert not several(b"\xff\xd8") and not several(baseline[:40])  # truncated: no scan, no SOF yet
+    limit = images.pixel_limit(images.PROGRESSIVE_JPEG, 4000)
+    assert limit == 2000 and photo.width * photo.height > limit
+    with pytest.raises(InvalidImage, match="the limit for progressive JPEG images is 2000 pixels"):
+        image_size(jpeg_first_scan_with_one_component(baseline), max_pixels=4000)
+    assert image_size(baseline, max_pixels=4000) == (64, 40)
+
+
+def webp_declaring(width: int, height: int) -> bytes:
+    """A small lossless WebP whose header (VP8L) claims another size."""
+    data = bytearray(encode(Image.new("RGB", (4, 4)), "WEBP", lossless=True))
+    assert data[12:16] == b"VP8L" and data[20] == 0x2F
+    bits = struct.unpack("<I", data[21:25])[0] & ~((1 << 28) - 1)
+    data[21:25] = struct.pack("<I", bits | (width - 1) | (height - 1) << 14)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "max_pixels", "message"),
+    [
+        (
+            png_declaring(100_000, 100_000),
+            40_000_000,
+            "image has 10000000000 pixels; the limit is 40000000 pixels",
+        ),
+        (
+            png_declaring(100_000, 100_000),
+            10**12,
+            "image has 10000000000 pixels; the limit is 178956970 pixels",
+        ),
+        (
+            webp_declaring(16_000, 16_000),
+            40_000_000,
+            "WEBP image has 256000000 pixels; the limit for WEBP images is 10000000 pixels (25% of",
+        ),
+    ],
+)
+def test_pillows_own_bomb_limit_gives_one_message_with_one_limit(data, max_pixels, message):
+    """An image over Pillow's own decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS) is refused with
+    the pixel count and the one limit that applies: ours, or Pillow's where it is the lower one."""
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485
+    for call in (image_size, decode_image):
+        with pytest.raises(InvalidImage) as e:
+            call(data, max_pixels=max_pixels)
+        assert str(e.value).startswith(message)
+        assert "bomb" not in str(e.value) and "exceeds" not in str(e.value)
 
 
 # ---------------------------------------------------------------- geometry
@@ -689,3 +842,12 @@ def test_decode_scaled_decodes_a_large_jpeg_at_a_reduced_scale(monkeypatch, orie
     image, size = decode_scaled(data, 400)
     assert seen == [scaled]
     assert image.size == upright and size == ((2000, 1600) if orientation == 1 else (1600, 2000))
+
+
+@given(st.binary(max_size=32))
+@settings(max_examples=300, deadline=None)
+def test_any_few_bytes_are_an_image_or_invalid_image(data: bytes) -> None:
+    # Pillow's signature checks of some formats raise on data shorter than their signature (3 bytes
+    # gave struct.error: a 500); whatever the bytes, the answer is a size or InvalidImage.
+    with contextlib.suppress(InvalidImage):
+        image_size(data)
