@@ -9,6 +9,7 @@ workers through the job queue (service.label_studio.predictor).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -26,7 +27,7 @@ from service.label_studio.predictor import (
     settings_model_version,
 )
 from service.label_studio.projects import ProjectSetup
-from service.label_studio.protocol import ErrorOut, PredictIn, SetupIn
+from service.label_studio.protocol import ErrorOut, PredictIn, SetupIn, parse_predict
 from service.schemas import inline_schema
 
 PREFIX = "/label-studio"
@@ -83,18 +84,18 @@ Body = TypeVar("Body", bound=BaseModel)
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI request body of a route that reads ``model`` itself (see ``_read``)."""
+    """The OpenAPI request body of a route that reads its body as ``model`` itself (see ``_read``)."""
     return {
         "requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(model)}}}
     }
 
 
-async def _read(request: Request, model: type[Body]) -> Body:
-    """The JSON body as ``model``, read now: after the route's dependencies checked the key (FastAPI
-    reads and parses a ``Body()`` parameter before any dependency runs), and parsed off the event loop."""
+async def _read(request: Request, parse: Callable[[bytes], Body]) -> Body:
+    """The JSON body as ``parse`` reads it, now: after the route's dependencies checked the key (FastAPI
+    reads and parses a ``Body()`` parameter before any dependency runs), and off the event loop."""
     raw = await request.body()
     try:
-        return await run_in_threadpool(model.model_validate_json, raw)
+        return await run_in_threadpool(parse, raw)
     except ValidationError as exc:
         # Without the inputs: they may be large, or bytes that are not text.
         errors = [{"type": e["type"], "loc": ("body", *e["loc"]), "msg": e["msg"]} for e in exc.errors()]
@@ -116,7 +117,7 @@ async def setup(
     settings: AppSettings,
 ) -> dict[str, Any]:
     """Remember the project's Label Studio host, token and thresholds; check its label config."""
-    body = await _read(request, SetupIn)
+    body = await _read(request, SetupIn.model_validate_json)
     if body.label_config:
         parse_label_config(body.label_config)
     thresholds = default_thresholds(settings).given(body.extra_params)  # refuses bad ones
@@ -133,7 +134,7 @@ async def predict(
     settings: AppSettings,
 ) -> Response:
     """One prediction per task, in order (a batch), or the regions for the annotator's span or box."""
-    body = await _read(request, PredictIn)
+    body = await _read(request, parse_predict)
     project = body.project or (body.tasks[0].get("project") if body.tasks else None)
     predictor = Predictor(queue, settings, owner, await projects.get(owner, project))
     results = await predictor.predict(body)

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import tracemalloc
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from service.label_studio import predictor
 from service.label_studio.config import parse_label_config
 from service.label_studio.errors import TaskInvalid
 from service.label_studio.predictor import Context, _phrase_spans, parse_context
-from service.label_studio.protocol import MAX_TASKS, PredictIn, SetupIn, Thresholds
+from service.label_studio.protocol import (
+    MAX_TASKS,
+    TASK_FIELDS,
+    PredictIn,
+    SetupIn,
+    Thresholds,
+    parse_predict,
+)
 from tests.label_studio.scenario import DOCUMENTED
 
 CONFIG = parse_label_config(DOCUMENTED)
@@ -94,3 +107,79 @@ def test_tasks_per_call_are_bounded() -> None:
     assert len(PredictIn.model_validate({"tasks": [{}] * MAX_TASKS}).tasks) == MAX_TASKS
     with pytest.raises(ValidationError, match=f"at most {MAX_TASKS} items"):
         PredictIn.model_validate({"tasks": [{}] * (MAX_TASKS + 1)})
+
+
+# --- parse_predict: the /predict body streamed --------------------------------------------------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+bodies = st.dictionaries(
+    st.sampled_from(["tasks", "project", "label_config", "params", "model_version", "other"]),
+    json_values
+    | st.lists(
+        st.dictionaries(st.sampled_from([*TASK_FIELDS, "annotations", "predictions", "x"]), json_values),
+        max_size=4,
+    ),
+)
+
+
+def _outcome(parse, raw: bytes):
+    try:
+        return parse(raw).model_dump()
+    except ValidationError as exc:
+        return [(e["type"], e["loc"]) for e in exc.errors()]
+
+
+@given(bodies)
+@settings(max_examples=300, deadline=None)
+def test_the_streamed_body_is_what_pydantic_reads_of_the_fields_the_backend_uses(body: dict) -> None:
+    raw = json.dumps(body).encode()
+    if isinstance(body.get("tasks"), list):  # what parse_predict drops: the task fields nobody reads
+        kept = [
+            {k: v for k, v in t.items() if k in TASK_FIELDS} if isinstance(t, dict) else t
+            for t in body["tasks"]
+        ]
+        body = body | {"tasks": kept}
+    if isinstance(body.get("params"), dict):
+        body = body | {"params": {k: v for k, v in body["params"].items() if k == "context"}}
+    assert _outcome(parse_predict, raw) == _outcome(PredictIn.model_validate_json, json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"{", b"{not json", b"\xff", b'{"tasks": [{}]} trailing', b'{"tasks": [{}]}{}', b"[1]"]
+)
+def test_a_malformed_body_is_refused_as_pydantic_refuses_it(raw: bytes) -> None:
+    with pytest.raises(ValidationError) as streamed:
+        parse_predict(raw)
+    with pytest.raises(ValidationError) as whole:
+        PredictIn.model_validate_json(raw)
+    assert [e["type"] for e in streamed.value.errors()] == [e["type"] for e in whole.value.errors()]
+
+
+def _peak_python_bytes(parse, raw: bytes) -> int:
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(ValidationError):
+            parse(raw)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_follows_what_is_read_not_the_body() -> None:
+    # Label Studio sends each task's earlier predictions (brush masks: long integer lists), 10 MB here.
+    mask = {"result": [{"value": {"rle": [7] * 5000, "brushlabels": ["Phrase"]}}]}
+    task = {"id": 1, "data": {"image": "/data/upload/1/a.png", "caption": "a dog"}, "predictions": [mask]}
+    with_masks = json.dumps({"tasks": [task] * MAX_TASKS, "label_config": "<View/>"}).encode()
+    empty_tasks = b'{"tasks": [' + b"{}," * 2_000_000 + b"{}]}"  # 6 MB of tasks past the limit
+    for raw in (with_masks, empty_tasks):
+        assert _peak_python_bytes(parse_predict, raw) < 5_000_000  # 1000 tasks of kept data: 2.4 MB
+    # The same bodies parsed whole: the bound above would fail.
+    assert _peak_python_bytes(PredictIn.model_validate_json, with_masks) > 20_000_000
