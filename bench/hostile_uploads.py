@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -174,6 +175,18 @@ async def _case(url: str, image: bytes, caption: str, heatmaps: int) -> tuple[li
 
 
 # name, image, caption, concurrent legend PNGs of the job, extra env of the API
+
+# Formats with pixel limits of their own (defaults, EXCLIP_MAX_PIXELS=40000000), each at 40 MP and at the
+# largest square under its limit: (that side, name, maker of an upload of a side, caption).
+FORMATS_WITH_LIMITS = [
+    (3162, "WebP lossy", webp, "black"),
+    (3162, "WebP lossless", partial(webp, lossless=True), "black"),
+    (3162, "WebP RGBA", partial(webp, alpha=True), "black"),
+    (3162, "AVIF RGBA 4:4:4", avif, "black"),
+    (4472, "progressive CMYK JPEG", progressive_cmyk_jpeg, "waves"),
+    (4000, "one-strip RGBA TIFF", one_strip_tiff, "black"),
+]
+
 CASES = [
     ("6000x6000 grey PNG + 1 legend PNG", lambda: png(6000, 6000), "a grey square", 1, {}),
     ("6000x6000 grey PNG + 4 concurrent legend PNGs", lambda: png(6000, 6000), "a grey square", 4, {}),
@@ -190,33 +203,17 @@ CASES = [
     ("24000x1 PNG", lambda: png(24_000, 1), "a line", 0, {}),
     ("caption '&' + 'amp;'*4000 + ' dog'", lambda: png(64, 48), "&" + "amp;" * 4000 + " dog", 0, {}),
     ("caption with literal <end_of_text>", lambda: png(64, 48), "a photo <end_of_text> of a red ball", 0, {}),
-    # Formats with limits of their own (defaults, EXCLIP_MAX_PIXELS=40000000): at 40 MP, then at the
-    # largest square under their limit (WebP and AVIF 10 MP: 3162^2; progressive JPEG 20 MP: 4472^2;
-    # TIFF 16 MP: 4000^2).
-    ("6324x6324 WebP lossy (40 MP) + 1 legend PNG", lambda: webp(6324), "black", 1, {}),
-    ("6324x6324 WebP lossless (40 MP) + 1 legend PNG", lambda: webp(6324, lossless=True), "black", 1, {}),
-    ("6324x6324 WebP RGBA (40 MP) + 1 legend PNG", lambda: webp(6324, alpha=True), "black", 1, {}),
-    ("6324x6324 AVIF RGBA 4:4:4 (40 MP) + 1 legend PNG", lambda: avif(6324), "black", 1, {}),
-    (
-        "6324x6324 progressive CMYK JPEG (40 MP) + 1 legend PNG",
-        lambda: progressive_cmyk_jpeg(6324),
-        "waves",
-        1,
-        {},
+    *(
+        (
+            f"{side}x{side} {name} ({round(side * side / 1e6)} MP) + 1 legend PNG",
+            partial(make, side),
+            caption,
+            1,
+            {},
+        )
+        for side_at_limit, name, make, caption in FORMATS_WITH_LIMITS
+        for side in (6324, side_at_limit)
     ),
-    ("6324x6324 one-strip RGBA TIFF (40 MP) + 1 legend PNG", lambda: one_strip_tiff(6324), "black", 1, {}),
-    ("3162x3162 WebP lossy (10 MP) + 1 legend PNG", lambda: webp(3162), "black", 1, {}),
-    ("3162x3162 WebP lossless (10 MP) + 1 legend PNG", lambda: webp(3162, lossless=True), "black", 1, {}),
-    ("3162x3162 WebP RGBA (10 MP) + 1 legend PNG", lambda: webp(3162, alpha=True), "black", 1, {}),
-    ("3162x3162 AVIF RGBA 4:4:4 (10 MP) + 1 legend PNG", lambda: avif(3162), "black", 1, {}),
-    (
-        "4472x4472 progressive CMYK JPEG (20 MP) + 1 legend PNG",
-        lambda: progressive_cmyk_jpeg(4472),
-        "waves",
-        1,
-        {},
-    ),
-    ("4000x4000 one-strip RGBA TIFF (16 MP) + 1 legend PNG", lambda: one_strip_tiff(4000), "black", 1, {}),
 ]
 
 
