@@ -80,7 +80,7 @@ async def _model_version(queue: Queue, settings: AppSettings) -> str:
     return model_version(served[name].name, served[name].pretrained)
 
 
-Body = TypeVar("Body", bound=BaseModel)
+Parsed = TypeVar("Parsed", bound=BaseModel)
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -90,7 +90,7 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-async def _read(request: Request, parse: Callable[[bytes], Body]) -> Body:
+async def _read(request: Request, parse: Callable[[bytes], Parsed]) -> Parsed:
     """The JSON body as ``parse`` reads it, now: after the route's dependencies checked the key (FastAPI
     reads and parses a ``Body()`` parameter before any dependency runs), and off the event loop."""
     raw = await request.body()
