@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ijson
@@ -60,24 +60,61 @@ class PredictIn(BaseModel):
 TASK_FIELDS = ("id", "project", "data")
 """What the backend reads of a task. Label Studio also sends each task's annotations and predictions
 (brush masks: often most of the body), which ``parse_predict`` skips."""
+MAX_DEPTH = 32
+"""Deepest nesting of a ``/predict`` body (Label Studio's, predictions included, nest about 8 deep)."""
+MAX_KEPT_VALUES = 200_000
+"""JSON values of the tasks' ids, projects and data and of the context that a body may hold (1000
+tasks of a caption and 64 phrases hold about 70 000)."""
 
-_Events = Iterator[tuple[str, str, Any]]
 _OPEN, _CLOSE = ("start_map", "start_array"), ("end_map", "end_array")
 _SKIPPED = object()  # stands for an array or object where a scalar belongs: fails validation as they do
 
 
+class _Events:
+    """ijson's events of a body (without the paths ``ijson.parse`` builds, which cost memory growing
+    with the square of the nesting), with the depth checked and the values kept counted."""
+
+    def __init__(self, raw: bytes) -> None:
+        self._events = ijson.basic_parse(io.BytesIO(raw), use_float=True)
+        self.depth, self.kept = 0, 0
+
+    def __iter__(self) -> _Events:
+        return self
+
+    def __next__(self) -> tuple[str, Any]:
+        event, value = next(self._events)
+        if event in _OPEN:
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise TaskInvalid(f"the body nests deeper than {MAX_DEPTH} levels")
+        elif event in _CLOSE:
+            self.depth -= 1
+        return event, value
+
+    def keep(self) -> None:
+        self.kept += 1
+        if self.kept > MAX_KEPT_VALUES:
+            raise TaskInvalid(
+                f"the tasks' data hold more than {MAX_KEPT_VALUES} values: send fewer tasks at a time"
+            )
+
+
+_Reader = Callable[[_Events, str, Any], Any]
+
+
 def parse_predict(raw: bytes) -> PredictIn:
     """``POST /predict``'s body, streamed: only what the backend reads is built (of each task
-    ``TASK_FIELDS``; of ``params`` the ``context``), and parsing stops at task ``MAX_TASKS`` + 1. Parsed
-    whole, a body costs 15 (integer arrays) to 50 (empty objects) times its size in memory.
+    ``TASK_FIELDS``; of ``params`` the ``context``), at most ``MAX_KEPT_VALUES`` values of it, nested at
+    most ``MAX_DEPTH`` deep, and parsing stops at task ``MAX_TASKS`` + 1. Parsed whole, a body costs 15
+    (integer arrays) to 50 (empty objects) times its size in memory.
 
-    Raises ``ValidationError`` as ``PredictIn.model_validate_json`` would.
+    Raises ``ValidationError`` as ``PredictIn.model_validate_json`` would, ``TaskInvalid`` past a bound.
     """
-    events = ijson.parse(io.BytesIO(raw), use_float=True)
+    events = _Events(raw)
     params = {"context": _value}
     members = {"tasks": _tasks, "project": _scalar, "label_config": _scalar, "params": _members(params)}
     try:
-        body = _members(members)(events, *next(events)[1:])
+        body = _members(members)(events, *next(events))
         if next(events, None) is not None:  # ijson itself raises on most data after the body
             raise ijson.IncompleteJSONError("data after the body")
     except ijson.JSONError as exc:
@@ -85,21 +122,22 @@ def parse_predict(raw: bytes) -> PredictIn:
     return PredictIn.model_validate(body)
 
 
-def _members(keep: Mapping[str, Callable[[_Events, str, Any], Any]]) -> Callable[[_Events, str, Any], Any]:
-    """A reader of a JSON object that keeps the members ``keep`` names, each read by its reader."""
+def _members(keep: Mapping[str, _Reader], *, drop_skipped: bool = False) -> _Reader:
+    """A reader of a JSON object that keeps the members ``keep`` names, each read by its reader (and
+    with ``drop_skipped`` leaves out a member whose reader skipped it)."""
 
     def read(events: _Events, event: str, value: Any) -> Any:
         if event != "start_map":
             return _scalar(events, event, value)
         out: dict[str, Any] = {}
-        for _, event, key in events:
+        for event, key in events:
             if event == "end_map":
                 return out
-            _, event, value = next(events)
-            if key in keep:
-                out[key] = keep[key](events, event, value)
-            else:
+            event, value = next(events)
+            if key not in keep:
                 _skip(events, event)
+            elif (member := keep[key](events, event, value)) is not _SKIPPED or not drop_skipped:
+                out[key] = member
         raise ijson.IncompleteJSONError("the body ends inside an object")
 
     return read
@@ -109,7 +147,7 @@ def _tasks(events: _Events, event: str, value: Any) -> Any:
     if event != "start_array":
         return _scalar(events, event, value)
     tasks: list[Any] = []
-    for _, event, value in events:
+    for event, value in events:
         if event == "end_array":
             return tasks
         if len(tasks) == MAX_TASKS:
@@ -120,15 +158,16 @@ def _tasks(events: _Events, event: str, value: Any) -> Any:
 
 
 def _value(events: _Events, event: str, value: Any) -> Any:
-    """The whole JSON value whose first event is (``event``, ``value``)."""
+    """The whole JSON value whose first event is (``event``, ``value``), counted against the budget."""
     builder = ijson.ObjectBuilder()
-    builder.event(event, value)
-    depth = int(event in _OPEN)
-    while depth:
-        _, event, value = next(events)
+    start = events.depth - int(event in _OPEN)  # the depth around the value
+    while True:
+        if event not in _CLOSE and event != "map_key":
+            events.keep()
         builder.event(event, value)
-        depth += int(event in _OPEN) - int(event in _CLOSE)
-    return builder.value
+        if events.depth == start:
+            return builder.value
+        event, value = next(events)
 
 
 def _scalar(events: _Events, event: str, value: Any) -> Any:
@@ -136,18 +175,19 @@ def _scalar(events: _Events, event: str, value: Any) -> Any:
     if event in _OPEN:
         _skip(events, event)
         return _SKIPPED
+    events.keep()
     return value
 
 
 def _skip(events: _Events, event: str) -> None:
     """Read past the JSON value whose first event is ``event``, building nothing."""
-    depth = int(event in _OPEN)
-    while depth:
-        _, event, _ = next(events)
-        depth += int(event in _OPEN) - int(event in _CLOSE)
+    start = events.depth - int(event in _OPEN)
+    while events.depth > start:
+        next(events)
 
 
-_task = _members(dict.fromkeys(TASK_FIELDS, _value))
+# A task's id or project that is not a scalar is left out: the backend only shows or splits them.
+_task = _members({"id": _scalar, "project": _scalar, "data": _value}, drop_skipped=True)
 
 
 def _invalid(kind: str, loc: tuple[str, ...], ctx: dict[str, Any]) -> ValidationError:

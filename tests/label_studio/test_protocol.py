@@ -16,6 +16,8 @@ from service.label_studio.config import parse_label_config
 from service.label_studio.errors import TaskInvalid
 from service.label_studio.predictor import Context, _phrase_spans, parse_context
 from service.label_studio.protocol import (
+    MAX_DEPTH,
+    MAX_KEPT_VALUES,
     MAX_TASKS,
     TASK_FIELDS,
     PredictIn,
@@ -137,15 +139,18 @@ def _outcome(parse, raw: bytes):
         return [(e["type"], e["loc"]) for e in exc.errors()]
 
 
+def _read_of(task: dict) -> dict:
+    """What the backend reads of a task: its data, and its id and project where they are scalars."""
+    scalar = (str, int, float, bool, type(None))
+    return {k: v for k, v in task.items() if k == "data" or k in TASK_FIELDS and isinstance(v, scalar)}
+
+
 @given(bodies)
 @settings(max_examples=300, deadline=None)
 def test_the_streamed_body_is_what_pydantic_reads_of_the_fields_the_backend_uses(body: dict) -> None:
     raw = json.dumps(body).encode()
     if isinstance(body.get("tasks"), list):  # what parse_predict drops: the task fields nobody reads
-        kept = [
-            {k: v for k, v in t.items() if k in TASK_FIELDS} if isinstance(t, dict) else t
-            for t in body["tasks"]
-        ]
+        kept = [_read_of(t) if isinstance(t, dict) else t for t in body["tasks"]]
         body = body | {"tasks": kept}
     if isinstance(body.get("params"), dict):
         body = body | {"params": {k: v for k, v in body["params"].items() if k == "context"}}
@@ -166,7 +171,7 @@ def test_a_malformed_body_is_refused_as_pydantic_refuses_it(raw: bytes) -> None:
 def _peak_python_bytes(parse, raw: bytes) -> int:
     tracemalloc.start()
     try:
-        with contextlib.suppress(ValidationError):
+        with contextlib.suppress(ValidationError, TaskInvalid):
             parse(raw)
         return tracemalloc.get_traced_memory()[1]
     finally:
@@ -183,3 +188,24 @@ def test_memory_follows_what_is_read_not_the_body() -> None:
         assert _peak_python_bytes(parse_predict, raw) < 5_000_000  # 1000 tasks of kept data: 2.4 MB
     # The same bodies parsed whole: the bound above would fail.
     assert _peak_python_bytes(PredictIn.model_validate_json, with_masks) > 20_000_000
+
+
+@pytest.mark.parametrize("field", ["predictions", "data", "id"])
+def test_deep_nesting_is_refused_early_and_cheaply(field: str) -> None:
+    # ijson.parse builds each event's path: memory growing with the square of the depth (a 200 KB
+    # body took an API to 22 GB). Nested past MAX_DEPTH, anywhere, the body is refused.
+    raw = b'{"tasks": [{"' + field.encode() + b'": ' + b"[" * 20_000 + b"]" * 20_000 + b"}]}"
+    with pytest.raises(TaskInvalid, match=f"deeper than {MAX_DEPTH} levels"):
+        parse_predict(raw)
+    assert _peak_python_bytes(parse_predict, raw) < 5_000_000  # measured 2.5 MB
+    nested_within = b'{"tasks": [{"data": ' + b"[" * (MAX_DEPTH - 3) + b"]" * (MAX_DEPTH - 3) + b"}]}"
+    assert parse_predict(nested_within).tasks[0]["data"] is not None
+
+
+def test_the_values_kept_of_a_body_are_bounded() -> None:
+    phrases = [f"p{i}" for i in range(MAX_KEPT_VALUES)]
+    raw = json.dumps({"tasks": [{"id": 1, "data": {"caption": "a", "phrases": phrases}}]}).encode()
+    with pytest.raises(TaskInvalid, match=f"more than {MAX_KEPT_VALUES} values"):
+        parse_predict(raw)
+    within = json.dumps({"tasks": [{"id": 1, "data": {"phrases": phrases[:1000]}}] * 100}).encode()
+    assert len(parse_predict(within).tasks) == 100
