@@ -344,7 +344,24 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if width * height > limit:
         img.close()
         raise _too_many_pixels(kind, f"{width}x{height} = {width * height}", limit)
+    tile = _tiff_tile(img)
+    if tile is not None and tile[0] * tile[1] > limit:
+        img.close()
+        raise InvalidImage(
+            f"TIFF image is stored in tiles of {tile[0]}x{tile[1]} = {tile[0] * tile[1]} pixels; the limit "
+            f"for TIFF tiles is {limit} pixels (a tile is decoded whole, whatever the image's size)"
+        )
     return img
+
+
+def _tiff_tile(img: Image.Image) -> tuple[int, int] | None:
+    """(width, height) of a tiled TIFF's tiles. Strips need no check: libtiff clamps a strip to the
+    image's height, so none holds more pixels than the image."""
+    tags = getattr(img, "tag_v2", None)
+    if tags is None or img.format != "TIFF":
+        return None
+    width, height = tags.get(322), tags.get(323)  # TileWidth, TileLength
+    return (int(width), int(height)) if width and height else None
 
 
 def _kind(data: bytes, fmt: str | None) -> str:

@@ -851,3 +851,36 @@ def test_any_few_bytes_are_an_image_or_invalid_image(data: bytes) -> None:
     # gave struct.error: a 500); whatever the bytes, the answer is a size or InvalidImage.
     with contextlib.suppress(InvalidImage):
         image_size(data)
+
+
+def _one_tile_tiff(side: int, tile: int) -> bytes:
+    """A side×side RGBA 16-bit TIFF stored as one deflated tile of tile×tile zero pixels."""
+    data = zlib.compress(bytes(tile * tile * 8), 9)
+    bits_at, ifd_at = 8, 16  # the four BitsPerSample values, then the IFD (13 entries), then the tile
+    data_at = ifd_at + 2 + 13 * 12 + 4
+
+    def entry(tag: int, kind: int, count: int, value: int) -> bytes:
+        packed = struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
+        return struct.pack("<HHI", tag, kind, count) + packed
+
+    entries = [
+        entry(256, 4, 1, side), entry(257, 4, 1, side), entry(258, 3, 4, bits_at), entry(259, 3, 1, 8),
+        entry(262, 3, 1, 2), entry(277, 3, 1, 4), entry(284, 3, 1, 1), entry(322, 4, 1, tile),
+        entry(323, 4, 1, tile), entry(324, 4, 1, data_at), entry(325, 4, 1, len(data)), entry(338, 3, 1, 2),
+        entry(339, 3, 1, 1),
+    ]  # fmt: skip
+    ifd = struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", ifd_at) + struct.pack("<4H", 16, 16, 16, 16) + ifd + data
+
+
+def test_a_tiff_tile_past_the_tiff_limit_is_refused_whatever_the_image_size() -> None:
+    # A 64x64 image in one 16368x16368 tile cost +2 GiB per decode: libtiff decodes a tile whole.
+    limit = images.pixel_limit("TIFF", 1_000_000)
+    big = _one_tile_tiff(64, 1024)  # 1 MP tile
+    for check in (image_size, decode_image):
+        with pytest.raises(
+            InvalidImage, match=f"tiles of 1024x1024 = 1048576 pixels; the limit for TIFF tiles is {limit}"
+        ):
+            check(big, max_pixels=1_000_000)
+    assert image_size(_one_tile_tiff(64, 512), max_pixels=1_000_000) == (64, 64)  # a 262144-pixel tile
+    assert decode_image(_one_tile_tiff(64, 512), max_pixels=1_000_000).size == (64, 64)
