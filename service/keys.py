@@ -86,10 +86,10 @@ class Keys:
         thresholds)."""
         return f"{self.prefix}:label-studio:setups"
 
-    @property
-    def label_studio_setup_times(self) -> str:
-        """Sorted set of those project ids scored by their last ``/setup``: the oldest is forgotten first."""
-        return f"{self.prefix}:label-studio:setup-times"
+    def label_studio_setup_times(self, owner: str | None) -> str:
+        """Sorted set of one key's (owner tag's) projects scored by their last ``/setup``: the oldest is
+        forgotten first."""
+        return f"{self.prefix}:label-studio:setup-times:{owner or '-'}"
 
     @property
     def budget(self) -> list[str]:

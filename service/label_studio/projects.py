@@ -9,8 +9,8 @@ replica has seen uses the settings (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY
 
 Bounded whatever ``/setup`` is sent: only what predictions use is kept (the host, the token, this
 backend's validated thresholds; ``SetupIn`` bounds the strings), for at most ``MAX_PROJECTS``
-projects (the one set up longest ago is forgotten), and in Redis for ``PROJECT_TTL_S`` after the
-last ``/setup``.
+projects per API key (the one it set up longest ago is forgotten: no key can push out another's), and
+in Redis for ``PROJECT_TTL_S`` after the last ``/setup``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from service.keys import Keys
 MAX_PROJECTS = 1000
 PROJECT_TTL_S = 30 * 24 * 3600
 
-# KEYS: setups hash, order sorted set. ARGV: project, setup JSON, capacity, TTL seconds.
+# KEYS: setups hash, the key's order sorted set. ARGV: project, setup JSON, capacity, TTL seconds.
 _REMEMBER = """
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -79,17 +79,18 @@ class MemoryProjects:
 
     def __init__(self, capacity: int = MAX_PROJECTS) -> None:
         self.capacity = capacity
-        self._setups: OrderedDict[str, ProjectSetup] = OrderedDict()
+        self._setups: dict[str | None, OrderedDict[str, ProjectSetup]] = {}  # per owner, oldest first
 
     async def remember(self, owner: str | None, project: str, setup: ProjectSetup) -> None:
-        key = project_key(owner, project)
-        self._setups.pop(key, None)
-        self._setups[key] = setup
-        while len(self._setups) > self.capacity:
-            self._setups.popitem(last=False)
+        key, setups = project_key(owner, project), self._setups.setdefault(owner, OrderedDict())
+        setups.pop(key, None)
+        setups[key] = setup
+        while len(setups) > self.capacity:
+            setups.popitem(last=False)
 
     async def get(self, owner: str | None, project: str | int | None) -> ProjectSetup | None:
-        return self._setups.get(project_key(owner, project))
+        setups = self._setups.get(owner)
+        return None if setups is None else setups.get(project_key(owner, project))
 
     async def close(self) -> None:
         pass
@@ -106,7 +107,7 @@ class RedisProjects:
 
     async def remember(self, owner: str | None, project: str, setup: ProjectSetup) -> None:
         await self._remember(
-            keys=[self.keys.label_studio_setups, self.keys.label_studio_setup_times],
+            keys=[self.keys.label_studio_setups, self.keys.label_studio_setup_times(owner)],
             args=[project_key(owner, project), setup.to_json(), self.capacity, self.ttl_s],
         )
 

@@ -78,6 +78,21 @@ async def test_the_project_set_up_longest_ago_is_forgotten(make_store) -> None:
 
 
 @pytest.mark.anyio
+async def test_no_key_can_push_out_another_keys_setups(make_store) -> None:
+    store = make_store(capacity=3)
+    await store.remember("owner-b", "9", SETUP)
+    for project in ("1", "2", "3", "4"):  # owner-a past the capacity: its own oldest goes
+        await store.remember("owner-a", project, SETUP)
+    assert await store.get("owner-b", "9") == SETUP
+    assert [await store.get("owner-a", p) is not None for p in ("1", "2", "3", "4")] == [
+        False,
+        True,
+        True,
+        True,
+    ]
+
+
+@pytest.mark.anyio
 async def test_a_setup_belongs_to_the_key_that_sent_it(make_store) -> None:
     store = make_store()
     theirs = ProjectSetup("http://attacker:9", "token-x", {"mask_level": 1.0})
@@ -98,7 +113,7 @@ async def test_replicas_share_setups_through_redis(redis_server, key_prefix) -> 
     await second.remember(None, "7", later)
     assert await first.get(None, "7") == later
     keys = Keys(key_prefix)
-    for key in (keys.label_studio_setups, keys.label_studio_setup_times):
+    for key in (keys.label_studio_setups, keys.label_studio_setup_times(None)):
         assert 0 < await clients[0].ttl(key) <= PROJECT_TTL_S  # every key the service writes expires
     for store in (first, second):
         await store.close()
