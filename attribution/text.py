@@ -80,9 +80,9 @@ def _align(old: str, old_spans: Spans, new: str) -> Spans:
             spans.extend(old_spans[i1:i2])
         elif op == "replace":
             spans.extend([(old_spans[i1][0], old_spans[i2 - 1][1])] * (j2 - j1))
-        elif op == "insert":  # characters without a source: zero-width at the insertion point
-            pos = old_spans[i1][0] if i1 < len(old_spans) else (old_spans[-1][1] if old_spans else 0)
-            spans.extend([(pos, pos)] * (j2 - j1))
+        elif op == "insert":  # characters without a source: the span of the character they precede
+            near = old_spans[i1] if i1 < len(old_spans) else old_spans[-1] if old_spans else (0, 0)
+            spans.extend([near] * (j2 - j1))
         elif spans and not old[i1:i2].isspace():  # dropped characters belong to the one before them
             spans[-1] = (spans[-1][0], max(spans[-1][1], old_spans[i2 - 1][1]))
     return spans
