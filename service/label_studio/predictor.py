@@ -190,6 +190,19 @@ def _phrase_spans(caption: str, phrases: Any, limit: int) -> list[tuple[int, int
     return spans
 
 
+def _leave_for_next_call(works: list[_Work], at: int, reason: str, detail: str) -> None:
+    """Answer the tasks from ``at`` on without a prediction, so the next call predicts them."""
+    log.warning(
+        "label-studio: %d of %d task(s) left for the next call: %s; run 'Retrieve predictions' again "
+        "for them",
+        len(works) - at,
+        len(works),
+        detail,
+    )
+    for work in works[at:]:
+        work.error = f"left for the next call ({reason})"
+
+
 class Predictor:
     """Answers one ``/predict`` call; see the module docstring."""
 
@@ -356,32 +369,18 @@ class Predictor:
             chunk, left = works[at : at + size], len(works) - at
             remaining = budget - (time.monotonic() - started)
             if at and slowest > remaining:
-                log.warning(
-                    "label-studio: %d of %d task(s) left for the next call: a chunk of %d takes "
-                    "about %.0f s and %.0f s of the %.0f s budget remain (Label Studio waits 100 s); "
-                    "run 'Retrieve predictions' again for them",
-                    left,
-                    len(works),
-                    size,
-                    slowest,
-                    remaining,
-                    budget,
+                detail = (
+                    f"a chunk of {size} takes about {slowest:.0f} s and {remaining:.0f} s of the "
+                    f"{budget:.0f} s budget remain (Label Studio waits 100 s)"
                 )
-                for work in works[at:]:
-                    work.error = "left for the next call (time budget)"
+                _leave_for_next_call(works, at, "time budget", detail)
                 return
             if answered >= max_bytes:
-                log.warning(
-                    "label-studio: %d of %d task(s) left for the next call: the predictions so far hold "
-                    "%d bytes (EXCLIP_LABEL_STUDIO_MAX_ANSWER_BYTES %d); run 'Retrieve predictions' again "
-                    "for them",
-                    left,
-                    len(works),
-                    answered,
-                    max_bytes,
+                detail = (
+                    f"the predictions so far hold {answered} bytes "
+                    f"(EXCLIP_LABEL_STUDIO_MAX_ANSWER_BYTES {max_bytes})"
                 )
-                for work in works[at:]:
-                    work.error = "left for the next call (answer size)"
+                _leave_for_next_call(works, at, "answer size", detail)
                 return
             chunk_started = time.monotonic()
             try:
