@@ -423,9 +423,8 @@ def _bomb(data: bytes, max_pixels: int, pillow_message: str) -> InvalidImage:
     found = re.search(r"\((\d+) pixels\)", pillow_message)
     pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)  # Image._decompression_bomb_check's error limit
     pixels = found.group(1) if found else f"more than {pillow_limit}"
-    prefix = bytes(data[:16])
-    accepts = ((f, Image.OPEN[f][1]) for f in FORMATS)
-    fmt = next((f for f, accept in accepts if accept is not None and _accepts(accept, prefix)), None)
+    signed = set(_signature_formats(bytes(data[:16])))
+    fmt = next((f for f in FORMATS if f in signed), None)  # in the order Image.open tried them
     kind = _kind(data, fmt)
     limit = pixel_limit(kind, max_pixels)
     if 0 < pillow_limit < limit:
@@ -541,26 +540,29 @@ def decode_scaled(
         return (scaled if method is None else scaled.transpose(method)), upright
 
 
-def _accepts(accept: Callable[[bytes], bool | str], prefix: bytes) -> bool:
-    """A Pillow plugin's signature check; some raise on data shorter than their signature."""
-    try:
-        return bool(accept(prefix))
-    except Exception:  # noqa: BLE001 - e.g. struct.error on 3 bytes: not this format
-        return False
+def _signature_formats(prefix: bytes) -> Iterator[str]:
+    """The formats, in Pillow's order, whose signature ``prefix`` (a file's first bytes) has."""
+    for fmt, (_factory, accept) in Image.OPEN.items():
+        try:
+            matches = accept is not None and bool(accept(prefix))
+        except Exception:  # noqa: BLE001 - some checks raise on data shorter than their signature
+            matches = False
+        if matches:
+            yield fmt
 
 
 def _unidentified_reason(prefix: bytes, size: int) -> str:
     """Why Pillow could not open the data: a broken header of a known format, a refused format, or junk."""
     supported = ", ".join(FORMATS)
-    for fmt, (_factory, accept) in Image.OPEN.items():
-        if accept is not None and _accepts(accept, prefix):
-            if fmt in FORMATS:  # the signature matched but the plugin rejected the header
-                return (
-                    f"data starts like a {fmt} image but its header is broken or declares an empty "
-                    "(zero width or height) image"
-                )
-            return f"{fmt} images are not accepted; supported: {supported}"
-    return f"data ({size} bytes) is not an image in a supported format; supported: {supported}"
+    fmt = next(_signature_formats(prefix), None)
+    if fmt is None:
+        return f"data ({size} bytes) is not an image in a supported format; supported: {supported}"
+    if fmt in FORMATS:  # the signature matched but the plugin rejected the header
+        return (
+            f"data starts like a {fmt} image but its header is broken or declares an empty "
+            "(zero width or height) image"
+        )
+    return f"{fmt} images are not accepted; supported: {supported}"
 
 
 @dataclass(frozen=True)
