@@ -108,7 +108,7 @@ class _Work:
     image: bytes | None = None
     phrases_cut: bool = False  # more phrases than EXCLIP_MAX_SELECTIONS: the first ones are explained
     job: Job | None = None
-    prediction: dict[str, Any] | None = None
+    prediction: str | None = None  # encoded as JSON once, as it is measured against the answer's limit
     error: str | None = None
 
     @property
@@ -228,7 +228,8 @@ class Predictor:
             )
         return ImageFetcher(url, token, max_bytes=s.max_upload_bytes)
 
-    async def predict(self, body: PredictIn) -> list[dict[str, Any]]:
+    async def predict(self, body: PredictIn) -> list[str]:
+        """One JSON-encoded entry per task, in order: its prediction, or why it has none."""
         started = time.monotonic()
         if not body.label_config:
             raise LabelConfigInvalid("the request has no label_config")
@@ -253,7 +254,7 @@ class Predictor:
         await self._run_chunks(works, fetcher, served, (config, context, version), started)
         self._raise_if_interactive(works, interactive)
         self._log_outcome(works, started)
-        return [w.prediction or {"model_version": version, "error": w.error} for w in works]
+        return [w.prediction or json.dumps({"model_version": version, "error": w.error}) for w in works]
 
     def _log_outcome(self, works: list[_Work], started: float) -> None:
         """One line for the call, one for the tasks without a prediction (a few named), one for the tasks
@@ -427,9 +428,9 @@ class Predictor:
                 work.error = f"task {work.task_id}: not finished within the time budget"
 
     def _convert(self, work: _Work, config: LabelConfig, version: str) -> int:
-        """Set the task's prediction; its size as JSON in bytes."""
-        work.prediction = self._prediction(work, config, version)
-        return len(json.dumps(work.prediction))
+        """Set the task's prediction, encoded as JSON; its size in bytes."""
+        work.prediction = json.dumps(self._prediction(work, config, version))
+        return len(work.prediction)
 
     def _prediction(self, work: _Work, config: LabelConfig, version: str) -> dict[str, Any]:
         assert work.job is not None and work.job.result is not None  # called only for finished jobs
