@@ -264,6 +264,14 @@ class ServiceLauncher:
             proc.stop(timeout_s=15)
 
 
+def wait_until_ready(client: Any, timeout_s: float = 60) -> None:
+    """Until an in-process app (a ``TestClient``) answers ``/readyz`` 200: a worker advertised a model."""
+    deadline = time.monotonic() + timeout_s
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "no worker advertised a model: /readyz never said ready"
+        time.sleep(0.05)
+
+
 def spy_conversions(monkeypatch: Any) -> list[tuple[int, int]]:
     """From now on, the (width, height) of every image ``attribution.images`` converts to RGB or grey
     (``_to_rgb_or_grey``): a band-wise conversion shows as many bands, a whole one as the full size."""

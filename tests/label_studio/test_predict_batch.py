@@ -10,40 +10,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
 from service.label_studio import predictor as predictor_module
 from service.label_studio.protocol import MAX_TASKS
-from service.settings import Settings
 from tests.label_studio.scenario import CAPTION, DOCUMENTED, PHRASES, SCENE_PATH
+from tests.service.conftest import embedded_in_process
 
 LIMIT = 64  # EXCLIP_MAX_SELECTIONS's default
 
 
-def _app(tiny_checkpoint: str, tiny_loaded, image_host: str, **settings) -> TestClient:
-    """The app in embedded mode, its worker computing with the tiny model in this process."""
-    config = Settings(
-        model="exclip-tiny", pretrained=tiny_checkpoint, device="cpu", label_studio_url=image_host, **settings
-    )
-    return TestClient(create_app(config, worker_models=[tiny_loaded]))
-
-
-def _ready(client: TestClient) -> None:
-    deadline = time.monotonic() + 60
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "the in-process worker did not advertise its model"
-        time.sleep(0.1)
+def _app(tiny_checkpoint: str, tiny_loaded, image_host: str, **settings):
+    """The app in embedded mode, its worker computing with the tiny model in this process, ready."""
+    config = {
+        "model": "exclip-tiny",
+        "pretrained": tiny_checkpoint,
+        "device": "cpu",
+        "label_studio_url": image_host,
+    }
+    return embedded_in_process(tiny_loaded, **config, **settings)
 
 
 @pytest.fixture(scope="module")
 def client(tiny_checkpoint: str, tiny_loaded, image_host: str) -> Iterator[TestClient]:
     with _app(tiny_checkpoint, tiny_loaded, image_host) as client:
-        _ready(client)
         yield client
 
 
@@ -161,7 +154,6 @@ def test_tasks_left_for_the_next_call_are_not_read(
 ) -> None:
     """With the budget spent after the first chunk (one task), no other task's phrases are searched."""
     with _app(tiny_checkpoint, tiny_loaded, image_host, max_batch=1, label_studio_budget_s=0.001) as client:
-        _ready(client)
         results = _predict(client, [_task(i, phrases=[PHRASES[i % 2]]) for i in range(4)])
     assert [r["error"] for r in results[1:]] == ["left for the next call (time budget)"] * 3
     assert [p for p, *_ in searches] == [PHRASES[0]]
@@ -173,7 +165,6 @@ def test_a_call_answers_no_more_than_its_byte_limit(
     # One task per chunk and a limit of one byte: the first prediction fills the answer.
     settings = {"max_batch": 1, "label_studio_max_answer_bytes": 1}
     with _app(tiny_checkpoint, tiny_loaded, image_host, **settings) as client:
-        _ready(client)
         results = _predict(client, [_task(i, phrases=PHRASES) for i in range(3)])
     assert "result" in results[0]
     assert [r.get("error") for r in results[1:]] == ["left for the next call (answer size)"] * 2

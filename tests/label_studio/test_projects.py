@@ -28,6 +28,7 @@ from service.label_studio.projects import (
     project_key,
 )
 from service.settings import Settings
+from tests.harness import wait_until_ready
 from tests.label_studio.scenario import CAPTION, DOCUMENTED, PHRASES, SCENE_PATH
 
 SETUP = ProjectSetup("http://label-studio:8080", "token-1", {"mask_level": 0.3})
@@ -164,10 +165,7 @@ def replicas(
         TestClient(create_app(settings, worker_models=[tiny_loaded])) as first,
         TestClient(create_app(settings)) as second,
     ):
-        deadline = time.monotonic() + 60
-        while second.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "the worker did not advertise its model"
-            time.sleep(0.1)
+        wait_until_ready(second)
         yield first, second
 
 

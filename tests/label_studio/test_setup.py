@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,6 +21,7 @@ from service.label_studio import results
 from service.label_studio.config import parse_label_config
 from service.settings import Settings
 from tests.label_studio.scenario import CAPTION, DOCUMENTED, HEIGHT, PHRASES, SCENE_PATH, WIDTH, scene_png
+from tests.service.conftest import embedded_in_process
 
 CONFIG = parse_label_config(DOCUMENTED)
 IMAGE = SCENE_PATH
@@ -33,14 +33,13 @@ DEFAULT = {"mask_level": 0.5, "min_token_score": 0.5}  # the settings' defaults
 @pytest.fixture(scope="module")
 def client(tiny_checkpoint: str, tiny_loaded, image_host: str) -> Iterator[TestClient]:
     """The app in embedded mode: its worker computes with the tiny model in this process."""
-    settings = Settings(
-        model="exclip-tiny", pretrained=tiny_checkpoint, device="cpu", label_studio_url=image_host
-    )
-    with TestClient(create_app(settings, worker_models=[tiny_loaded])) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "the in-process worker did not advertise its model"
-            time.sleep(0.1)
+    with embedded_in_process(
+        tiny_loaded,
+        model="exclip-tiny",
+        pretrained=tiny_checkpoint,
+        device="cpu",
+        label_studio_url=image_host,
+    ) as client:
         yield client
 
 

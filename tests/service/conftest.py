@@ -15,7 +15,6 @@ import base64
 import io
 import math
 import re
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from PIL import Image
 
 from service.jobs import CaptionRequest, Job, JobRequest
 from service.keys import Keys
+from tests.harness import wait_until_ready
 
 BATCH_ENV = {"EXCLIP_MAX_BATCH": "8", "EXCLIP_MAX_WAIT_MS": "200"}
 
@@ -159,8 +159,5 @@ def embedded_in_process(
 
     app = create_app(Settings(redis_url=None, **settings), worker_models=[loaded])
     with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "the in-process worker did not become ready"
-            time.sleep(0.05)
+        wait_until_ready(client)
         yield client
