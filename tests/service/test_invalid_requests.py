@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
-import itertools
-import socket
-import time
 
 import pytest
 from hypothesis import example, given, settings
@@ -281,65 +277,6 @@ CAPTION_RESULT = {  # one caption of a result (as Explanation.to_dict gives it):
     "completeness": {f.name: 0.0 for f in dataclasses.fields(Completeness)},
     "selections": [],
 }
-
-
-def _dribble(url: str, first: bytes, then: bytes, every_s: float, for_s: float) -> tuple[float, bytes]:
-    """Send ``first``, then ``then`` one byte per ``every_s``; (seconds until the server closed, reply)."""
-    host, port = url.removeprefix("http://").split(":")
-    start = time.monotonic()
-    with socket.create_connection((host, int(port)), timeout=for_s) as sock:
-        sock.sendall(first)
-        sock.settimeout(every_s)
-        for i in itertools.count():
-            try:
-                reply = sock.recv(65536)
-                return time.monotonic() - start, reply + _read_rest(sock)
-            except TimeoutError:
-                pass
-            if time.monotonic() - start > for_s:
-                return float("inf"), b""
-            try:
-                sock.sendall(then[i % len(then) : i % len(then) + 1] if then else b"")
-            except OSError:  # closed by the server
-                return time.monotonic() - start, b""
-    raise AssertionError("unreachable")
-
-
-def _read_rest(sock: socket.socket) -> bytes:
-    out = b""
-    with contextlib.suppress(OSError):
-        while chunk := sock.recv(65536):
-            out += chunk
-    return out
-
-
-@pytest.fixture(scope="module")
-def impatient_service(session_launcher):
-    proc = session_launcher.embedded(EXCLIP_CLIENT_TIMEOUT_S="2", EXCLIP_BODY_TIMEOUT_S="4").wait_healthy(180)
-    yield proc.url
-    proc.stop()
-
-
-def test_client_dribbling_its_headers_is_disconnected(impatient_service):
-    took, _ = _dribble(
-        impatient_service, b"GET /healthz HTTP/1.1\r\nHost: x\r\n", b"X-Slow: aaaa", every_s=0.3, for_s=30
-    )
-    assert took < 30, "the server kept a connection whose headers never ended"
-
-
-def test_idle_connection_is_closed(impatient_service):
-    took, reply = _dribble(impatient_service, b"", b"", every_s=0.5, for_s=30)
-    assert took < 30 and reply == b""
-
-
-def test_client_dribbling_its_body_gets_408(impatient_service):
-    head = (
-        b"POST /explain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b'Content-Length: 100000\r\n\r\n{"captions": ['
-    )
-    took, reply = _dribble(impatient_service, head, b'"a", ', every_s=0.3, for_s=30)
-    assert took < 30 and reply.startswith(b"HTTP/1.1 408"), reply[:200]
-    assert b"too slowly" in reply
 
 
 @pytest.mark.parametrize(
