@@ -9,6 +9,9 @@ with the best held-out score so far; ``OUT/curve.csv`` logs step, wall time, los
 
     python scripts/train_scenes.py --out /work/train-scenes --steps 100000 --threads 2
     python scripts/train_scenes.py --out /work/train-scenes --steps 2400 --threads 2 --resume  # cool down
+
+``--init WEIGHTS`` starts from trained weights (the shipped export or a ``best.pt``) with a fresh optimiser,
+to fine-tune; ``--patch-dropout P`` drops that share of image patches in each training forward.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import PatchDropout
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from attribution.models import SCENES_MODEL
@@ -115,6 +120,15 @@ def clip_losses(
     return contrastive, binding
 
 
+def initial_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A model state dict from an exported ``.safetensors`` file or a ``best.pt`` checkpoint, in float32."""
+    if path.suffix == ".safetensors":
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v.float() for k, v in state.items()}
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -170,6 +184,17 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also one caption per scene with a shape replaced (direct shape signal, single objects too)",
     )
+    ap.add_argument(
+        "--patch-dropout",
+        type=float,
+        default=0.0,
+        help="share of image patches dropped at random in each training forward (FLIP); none at inference",
+    )
+    ap.add_argument(
+        "--init",
+        type=Path,
+        help="start from these model weights (a .safetensors export or a best.pt), with a fresh optimiser",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=50)
@@ -182,6 +207,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     model = open_clip.create_model(SCENES_MODEL, pretrained=None)
+    if args.init is not None:
+        model.load_state_dict(initial_weights(args.init))
+    if args.patch_dropout:
+        model.visual.patch_dropout = PatchDropout(args.patch_dropout)
     model.train()
     tokenizer = open_clip.get_tokenizer(SCENES_MODEL)
     image_size = model.visual.image_size[0]
@@ -213,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
                 "step": step,
                 "wall_s": wall,
                 "best_score": best,
+                "metrics": metrics,  # the latest held-out evaluation, for export_scenes.py
                 "args": vars(args) | {"out": str(args.out)},
             },
             last,

@@ -69,8 +69,36 @@ def test_a_short_run_checkpoints_and_resumes(tmp_path):
     assert (tmp_path / "best.pt").exists()
     state = torch.load(tmp_path / "last.pt", weights_only=False)
     assert state["step"] == 2
+    assert state["metrics"]["i2t_top1"] == float(rows[1]["i2t_top1"])  # what export_scenes.py records
     main([*common, "--steps", "3", "--resume"])
     rows = list(csv.DictReader(open(tmp_path / "curve.csv")))
     assert [r["step"] for r in rows] == ["1", "2", "3"]
     assert float(rows[2]["wall_s"]) >= float(rows[1]["wall_s"])
     assert "start_step 2" in (tmp_path / "run.txt").read_text().splitlines()[-1]
+
+
+def test_a_run_starts_from_given_weights(tmp_path):
+    """``--init`` loads an exported model (fp16 safetensors, as shipped); with a zero learning rate the
+    weights the run saves are exactly those, patch dropout (a training-only change) included."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from attribution.models import SCENES_MODEL
+
+    torch.manual_seed(123)
+    weights = {
+        k: v.half() for k, v in open_clip.create_model(SCENES_MODEL, pretrained=None).state_dict().items()
+    }
+    init = tmp_path / "init.safetensors"
+    save_file(weights, str(init))
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--batch", "4", "--held-out", "8", "--eval-every", "1", "--threads", "1"]
+    main([*args, "--steps", "1", "--lr", "0", "--min-lr", "0", "--init", str(init), "--patch-dropout", "0.5"])
+    saved = torch.load(out / "last.pt", weights_only=False)["model"]
+    assert saved.keys() == weights.keys()
+    assert all(torch.equal(saved[k], weights[k].float()) for k in weights)
+    assert float(next(csv.DictReader(open(out / "curve.csv")))["loss"]) > 0
+    # And a run without --init starts elsewhere (the test above could not pass by accident).
+    main([*args[:1], str(tmp_path / "fresh"), *args[2:], "--steps", "1", "--lr", "0", "--min-lr", "0"])
+    fresh = torch.load(tmp_path / "fresh" / "last.pt", weights_only=False)["model"]
+    assert not torch.equal(fresh["visual.conv1.weight"], weights["visual.conv1.weight"].float())
