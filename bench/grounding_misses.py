@@ -10,7 +10,9 @@ For every object phrase of held-out scenes, the phrase's interaction heatmap (th
 
 Tables: hits by object size and number of objects; the kinds of miss by number of objects; on edge
 misses, how much of the peak patch the box covers and how high the best-covered patch of the object
-scores against the peak.
+scores against the peak; and the pointing game of each phrase's colour word and shape word read out
+alone (from the same computation) beside the whole phrase. ``--pretrained`` scores other weights of the
+same architecture (a fine-tuning run's ``best.pt``).
 
     python bench/grounding_misses.py --n 200 --layers 1/1
 """
@@ -23,16 +25,26 @@ from collections import Counter, defaultdict
 import common  # noqa: F401  (puts the repository on sys.path)
 import torch
 
-from attribution.grounding.benchmark import batches
-from attribution.grounding.methods import MethodOptions
-from attribution.grounding.methods.interactions import Interactions
 from attribution.grounding.metrics import argmax_patch, pointing_hit, union_cover
-from attribution.grounding.samples import from_scene
 from attribution.models import load_model
-from attribution.scenes import SIZES, generate_scenes
+from attribution.pipeline import ExplainRequest, explain_requests
+from attribution.scenes import SIZES, Scene, SceneObject, generate_scenes
+from attribution.selections import Span
 
 HELD_OUT_SEED = 2_000_003  # the grounding benchmark's default held-out set
 KINDS = ("hit", "edge", "other object", "elsewhere")
+READOUTS = ("phrase", "colour word", "shape word")  # the spans scored per object, in this order
+
+
+def readout_spans(scene: Scene, obj: SceneObject) -> list[Span]:
+    """The object's whole phrase, then its colour word and its shape word."""
+    start, end = obj.span
+    phrase = scene.caption[start:end]
+    spans = [Span(start, end)]
+    for word in (obj.colour, obj.shape):
+        at = start + f" {phrase} ".index(f" {word} ")  # whole words: the phrase has no repeated word
+        spans.append(Span(at, at + len(word)))
+    return spans
 
 
 def main() -> None:
@@ -42,26 +54,35 @@ def main() -> None:
     ap.add_argument("--layers", default="1/1", help="TEXT/IMAGE layer pair")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--pretrained", default="scenes", help="tag or checkpoint path (the shipped weights)")
     args = ap.parse_args()
     text_layer, image_layer = (int(v) for v in args.layers.split("/"))
 
-    loaded = load_model("exclip-scenes", "scenes")
+    loaded = load_model("exclip-scenes", args.pretrained)
     scenes = generate_scenes(args.n, args.seed)
-    samples = [from_scene(scene, i) for i, scene in enumerate(scenes)]
-    method = Interactions(MethodOptions(steps=args.steps))
 
     hits: dict[tuple[str, int], list[bool]] = defaultdict(list)
+    readout_hits: dict[tuple[str, int], list[bool]] = defaultdict(list)
     kinds: dict[int, Counter[str]] = defaultdict(Counter)
     edge_cover, edge_ratio = [], []
-    done = 0
-    for batch in batches(loaded, samples, args.batch_size):
-        maps = method.heatmaps(loaded, batch, text_layer, image_layer)
-        for per_phrase, geometry in zip(maps, batch.geometries, strict=True):
-            scene = scenes[done]
-            done += 1
+    for b0 in range(0, len(scenes), args.batch_size):
+        chunk = scenes[b0 : b0 + args.batch_size]
+        requests = [
+            ExplainRequest(s.image, [s.caption], [[sp for o in s.objects for sp in readout_spans(s, o)]])
+            for s in chunk
+        ]
+        explained = explain_requests(
+            loaded, requests, text_layer=text_layer, image_layer=image_layer, steps=args.steps
+        )
+        for (explanation,), scene in zip(explained, chunk, strict=True):
+            geometry = explanation.geometry
+            maps = [sel.heatmap.float() for sel in explanation.selections if sel.heatmap is not None]
             covers = [union_cover(geometry, [o.box]) for o in scene.objects]
-            for k, (heatmap, obj) in enumerate(zip(per_phrase, scene.objects, strict=True)):
-                n = len(scene.objects)
+            n = len(scene.objects)
+            for k, obj in enumerate(scene.objects):
+                for readout, readout_map in zip(READOUTS, maps[3 * k : 3 * k + 3], strict=True):
+                    readout_hits[(readout, n)].append(pointing_hit(readout_map, geometry, [obj.box]))
+                heatmap = maps[3 * k]
                 row, col = argmax_patch(heatmap)
                 hit = pointing_hit(heatmap, geometry, [obj.box])
                 hits[(obj.size, n)].append(hit)
@@ -78,6 +99,17 @@ def main() -> None:
                     kind = "elsewhere"
                 kinds[n][kind] += 1
     print_tables(hits, kinds, edge_cover, edge_ratio, args)
+    print_readouts(readout_hits, sorted(kinds))
+
+
+def print_readouts(readout_hits: dict[tuple[str, int], list[bool]], counts: list[int]) -> None:
+    print("\nPointing game (centre rule) of each readout:\n")
+    print("| readout | " + " | ".join(f"{n} object{'s' * (n > 1)}" for n in counts) + " | all |")
+    print("|---|" + "---|" * (len(counts) + 1))
+    for readout in READOUTS:
+        cells = [readout_hits[(readout, n)] for n in counts]
+        every = [h for c in cells for h in c]
+        print(f"| {readout} | " + " | ".join(f"{sum(c) / len(c):.3f}" for c in [*cells, every]) + " |")
 
 
 def print_tables(
@@ -88,7 +120,10 @@ def print_tables(
     args: argparse.Namespace,
 ) -> None:
     counts = sorted(kinds)
-    print(f"exclip-scenes, {args.n} scenes of seed {args.seed}, layers {args.layers}, {args.steps} steps")
+    print(
+        f"exclip-scenes ({args.pretrained}), {args.n} scenes of seed {args.seed}, layers {args.layers},"
+        f" {args.steps} steps"
+    )
     print("\nPointing game (centre rule) by object size:\n")
     print("| size | " + " | ".join(f"{n} object{'s' * (n > 1)}" for n in counts) + " |")
     print("|---|" + "---|" * len(counts))
