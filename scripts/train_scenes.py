@@ -121,11 +121,12 @@ def clip_losses(
 
 
 def initial_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A model state dict from an exported ``.safetensors`` file or a ``best.pt`` checkpoint, in float32."""
+    """A model state dict, float32, from an exported ``.safetensors`` file or a ``best.pt`` / ``last.pt``."""
     if path.suffix == ".safetensors":
         state = load_file(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint.get("state_dict") or checkpoint["model"]
     return {k: v.float() for k, v in state.items()}
 
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--init",
         type=Path,
-        help="start from these model weights (a .safetensors export or a best.pt), with a fresh optimiser",
+        help="start from these model weights (a .safetensors export, best.pt or last.pt), fresh optimiser",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
                 "wall_s": wall,
                 "best_score": best,
                 "metrics": metrics,  # the latest held-out evaluation, for export_scenes.py
-                "args": vars(args) | {"out": str(args.out)},
+                # Paths as text: the checkpoint then loads with weights_only=True (--init, export).
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             },
             last,
         )

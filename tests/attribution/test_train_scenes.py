@@ -98,6 +98,24 @@ def test_a_run_starts_from_given_weights(tmp_path):
     assert saved.keys() == weights.keys()
     assert all(torch.equal(saved[k], weights[k].float()) for k in weights)
     assert float(next(csv.DictReader(open(out / "curve.csv")))["loss"]) > 0
+    # A run's own last.pt (optimiser, arguments) is weights too, loadable without unpickling code.
+    main(
+        [
+            *args[:1],
+            str(tmp_path / "again"),
+            *args[2:],
+            "--steps",
+            "1",
+            "--lr",
+            "0",
+            "--min-lr",
+            "0",
+            "--init",
+            str(out / "last.pt"),
+        ]
+    )
+    again = torch.load(tmp_path / "again" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(again[k], saved[k]) for k in saved)
     # And a run without --init starts elsewhere (the test above could not pass by accident).
     main([*args[:1], str(tmp_path / "fresh"), *args[2:], "--steps", "1", "--lr", "0", "--min-lr", "0"])
     fresh = torch.load(tmp_path / "fresh" / "last.pt", weights_only=False)["model"]
