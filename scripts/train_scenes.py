@@ -10,8 +10,9 @@ with the best held-out score so far; ``OUT/curve.csv`` logs step, wall time, los
     python scripts/train_scenes.py --out /work/train-scenes --steps 100000 --threads 2
     python scripts/train_scenes.py --out /work/train-scenes --steps 2400 --threads 2 --resume  # cool down
 
-``--init WEIGHTS`` starts from trained weights (the shipped export or a ``best.pt``) with a fresh optimiser,
-to fine-tune; ``--patch-dropout P`` drops that share of image patches in each training forward.
+``--init WEIGHTS`` starts from trained weights (the shipped export, a ``best.pt`` or a ``last.pt``) with a
+fresh optimiser, to fine-tune; ``--patch-dropout P`` drops that share of image patches in each training
+forward.
 """
 
 from __future__ import annotations
@@ -223,12 +224,14 @@ def main(argv: list[str] | None = None) -> None:
     held_out_pixels = scene_pixels(held_out, mean, std)
 
     step, wall, best = 0, 0.0, -1.0
+    metrics: dict[str, float] = {}  # the latest held-out evaluation
     last, curve_path = args.out / "last.pt", args.out / "curve.csv"
     if args.resume and last.exists():
         state = torch.load(last, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, wall, best = state["step"], state["wall_s"], state["best_score"]
+        metrics = state.get("metrics", {})
         print(f"resumed from {last} at step {step} ({wall:.0f} s trained, best score {best:.3f})")
     elif curve_path.exists():
         curve_path.unlink()
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                 "step": step,
                 "wall_s": wall,
                 "best_score": best,
-                "metrics": metrics,  # the latest held-out evaluation, for export_scenes.py
+                "metrics": metrics,  # for export_scenes.py
                 # Paths as text: the checkpoint then loads with weights_only=True (--init, export).
                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             },
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, mininterval=5)
-    loss_avg, metrics = None, {}
+    loss_avg = None
     try:
         while step < args.steps:
             t0 = time.perf_counter()

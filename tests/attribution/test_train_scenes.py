@@ -70,6 +70,8 @@ def test_a_short_run_checkpoints_and_resumes(tmp_path):
     state = torch.load(tmp_path / "last.pt", weights_only=False)
     assert state["step"] == 2
     assert state["metrics"]["i2t_top1"] == float(rows[1]["i2t_top1"])  # what export_scenes.py records
+    main([*common, "--steps", "2", "--resume"])  # nothing left to train: last.pt keeps its metrics
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["metrics"] == state["metrics"]
     main([*common, "--steps", "3", "--resume"])
     rows = list(csv.DictReader(open(tmp_path / "curve.csv")))
     assert [r["step"] for r in rows] == ["1", "2", "3"]
