@@ -27,7 +27,7 @@ import torch
 
 from attribution.grounding.metrics import argmax_patch, pointing_hit, union_cover
 from attribution.models import load_model
-from attribution.pipeline import ExplainRequest, explain_requests
+from attribution.pipeline import ExplainRequest, SelectionResult, explain_requests
 from attribution.scenes import SIZES, Scene, SceneObject, generate_scenes
 from attribution.selections import Span
 
@@ -76,7 +76,7 @@ def main() -> None:
         )
         for (explanation,), scene in zip(explained, chunk, strict=True):
             geometry = explanation.geometry
-            maps = [sel.heatmap.float() for sel in explanation.selections if sel.heatmap is not None]
+            maps = [_heatmap(sel) for sel in explanation.selections]  # READOUTS per object, in order
             covers = [union_cover(geometry, [o.box]) for o in scene.objects]
             n = len(scene.objects)
             for k, obj in enumerate(scene.objects):
@@ -100,6 +100,11 @@ def main() -> None:
                 kinds[n][kind] += 1
     print_tables(hits, kinds, edge_cover, edge_ratio, args)
     print_readouts(readout_hits, sorted(kinds))
+
+
+def _heatmap(selection: SelectionResult) -> torch.Tensor:
+    assert selection.heatmap is not None  # span selections always carry one
+    return selection.heatmap.float()
 
 
 def print_readouts(readout_hits: dict[tuple[str, int], list[bool]], counts: list[int]) -> None:
