@@ -121,6 +121,14 @@ def clip_losses(
     return contrastive, binding
 
 
+def dropout_share(text: str) -> float:
+    """``--patch-dropout``: a share of the patches, at least 0 and below 1 (some patch must be left)."""
+    share = float(text)
+    if not 0 <= share < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return share
+
+
 def initial_weights(path: Path) -> dict[str, torch.Tensor]:
     """A model state dict, float32, from an exported ``.safetensors`` file or a ``best.pt`` / ``last.pt``."""
     if path.suffix == ".safetensors":
@@ -188,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--patch-dropout",
-        type=float,
+        type=dropout_share,
         default=0.0,
         help="share of image patches dropped at random in each training forward (FLIP); none at inference",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pytest
 import torch
 
 from attribution.scenes import describes, generate_scenes
@@ -122,3 +123,11 @@ def test_a_run_starts_from_given_weights(tmp_path):
     main([*args[:1], str(tmp_path / "fresh"), *args[2:], "--steps", "1", "--lr", "0", "--min-lr", "0"])
     fresh = torch.load(tmp_path / "fresh" / "last.pt", weights_only=False)["model"]
     assert not torch.equal(fresh["visual.conv1.weight"], weights["visual.conv1.weight"].float())
+
+
+@pytest.mark.parametrize("share", ["1", "1.5", "-0.1", "nan"])
+def test_patch_dropout_outside_its_range_is_a_usage_error(share, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path), "--patch-dropout", share])
+    assert exit_info.value.code == 2  # argparse's usage error, before any model is built
+    assert "--patch-dropout: must be at least 0 and below 1" in capsys.readouterr().err
