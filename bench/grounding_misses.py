@@ -1,4 +1,4 @@
-"""Where the grounding benchmark's pointing misses land, on generated scenes (issue 14).
+"""Where the grounding benchmark's pointing misses land, on generated scenes.
 
 For every object phrase of held-out scenes, the phrase's interaction heatmap (the benchmark's
 ``interactions`` method) is scored by the centre rule and its highest patch classified:

@@ -1,4 +1,4 @@
-"""Peak memory of the API and the worker under the hostile uploads of issue 10.
+"""Peak memory of the API and the worker under hostile uploads and captions.
 
 Starts its own processes on loopback with the shared harness (tests/harness.py): a private
 ``redis-server``, the API (``serve`` with REDIS_URL) and one worker with the tiny model. For each case

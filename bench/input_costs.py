@@ -11,8 +11,8 @@ child is capped at its address space after imports + ``--cap-gb`` (default 3 GB)
 ``--before DIR`` runs the same cases against another copy of the ``attribution`` package (e.g. an
 older commit exported with ``git archive``), side by side in the same run:
 
-    git archive 6f4c82b attribution | tar -x -C /tmp/exclip-before
-    python bench/input_costs.py --before /tmp/exclip-before
+    mkdir -p ../exclip-before && git archive 6f4c82b attribution | tar -x -C ../exclip-before
+    python bench/input_costs.py --before ../exclip-before
 
 ``--after DIR`` measures another copy instead of this tree (e.g. a snapshot, so that editing the tree
 during a long run does not mix versions).

@@ -1,7 +1,7 @@
 """Held-out retrieval accuracy of a CLIP on scenes, through the serving path (load_model, transform).
 
     python scripts/eval_scenes.py                      # the shipped exclip-scenes, 256 held-out scenes
-    python scripts/eval_scenes.py --pretrained /work/train-scenes/best.pt --n 256
+    python scripts/eval_scenes.py --pretrained runs/scenes/best.pt --n 256
 
 The default seed is the training script's held-out seed (scenes it never trained on); the metrics are
 defined in attribution/retrieval.py.

@@ -7,8 +7,8 @@ exactly the data an uninterrupted one would. ``OUT/last.pt`` (model + optimiser,
 ``--ckpt-every`` steps and on exit) resumes with ``--resume``; ``OUT/best.pt`` holds the model state
 with the best held-out score so far; ``OUT/curve.csv`` logs step, wall time, loss and held-out accuracy.
 
-    python scripts/train_scenes.py --out /work/train-scenes --steps 100000 --threads 2
-    python scripts/train_scenes.py --out /work/train-scenes --steps 2400 --threads 2 --resume  # cool down
+    python scripts/train_scenes.py --out runs/scenes --steps 100000 --threads 2
+    python scripts/train_scenes.py --out runs/scenes --steps 2400 --threads 2 --resume  # cool down
 
 ``--init WEIGHTS`` starts from trained weights (the shipped export, a ``best.pt`` or a ``last.pt``) with a
 fresh optimiser, to fine-tune; ``--patch-dropout P`` drops that share of image patches in each training
