@@ -92,3 +92,22 @@ def test_check_catches_a_wrong_default_and_an_unknown_variable() -> None:
     extra = [*rows, {"environment": "`EXCLIP_NO_SUCH_SETTING`", "default": "`1`"}]
     with pytest.raises(AssertionError, match="not settings"):
         check_against_settings(extra)
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings."""
+    anchors = set()
+    for line in text.splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title, flags=re.ASCII).replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.parametrize("doc", [README, ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))], ids=lambda p: p.name)
+def test_links_between_docs_resolve(doc: Path) -> None:
+    text = doc.read_text(encoding="utf-8")
+    for target, anchor in re.findall(r"\]\(([^)#\s:]*)#([^)\s]+)\)", text):
+        path = (doc.parent / target).resolve() if target else doc
+        assert path.exists(), f"{doc.name}: {target} does not exist"
+        assert anchor in heading_anchors(path.read_text(encoding="utf-8")), f"{doc.name}: {target}#{anchor}"
