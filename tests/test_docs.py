@@ -104,7 +104,10 @@ def heading_anchors(text: str) -> set[str]:
     return anchors
 
 
-@pytest.mark.parametrize("doc", [README, ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))], ids=lambda p: p.name)
+DOCS = [README, ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_links_between_docs_resolve(doc: Path) -> None:
     text = doc.read_text(encoding="utf-8")
     for target, anchor in re.findall(r"\]\(([^)#\s:]*)#([^)\s]+)\)", text):
