@@ -1,4 +1,4 @@
-"""Peak memory of decoding the costliest upload that each format's own pixel limit accepts (issue F3).
+"""Peak memory of decoding the costliest upload that each format's own pixel limit accepts.
 
 WebP, AVIF, TIFF and progressive JPEG decoders hold more than the decoded image (see
 ``attribution.images.FORMAT_PIXEL_PERCENT``), so those uploads have lower pixel limits. Here the
