@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from attribution.decode import MAX_ASPECT_RATIO
 from attribution.explainer import Completeness, Explainer, PairResult
-from attribution.images import MAX_ASPECT_RATIO, ImageGeometry, ModelInput, preprocess
+from attribution.geometry import ImageGeometry
+from attribution.images import ModelInput, preprocess
 from attribution.memory import DEFAULT_MEMORY_FRACTION
 from attribution.models import LoadedModel
 from attribution.selections import (

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from attribution.errors import InvalidSelection
-from attribution.images import ImageGeometry
+from attribution.geometry import ImageGeometry
 from attribution.text import Token
 
 # The string forms, one definition each (HTTP form fields, heatmap query parameters, CLI flags).

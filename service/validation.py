@@ -15,9 +15,9 @@ from typing import Any, cast
 from PIL import Image
 
 from attribution import models as _models  # noqa: F401 - registers exclip-tiny with open_clip
+from attribution.decode import image_size as read_image_size
 from attribution.errors import AttributionError
-from attribution.images import ImageGeometry, transform_geometry
-from attribution.images import image_size as read_image_size
+from attribution.geometry import ImageGeometry, transform_geometry
 from attribution.selections import SELECTION_KINDS, Box, Selection, Span, TokenRange, check_selection
 from attribution.text import Tokenizer, tokenize_caption
 from service.catalog import ModelInfo, default_model

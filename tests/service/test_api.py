@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from attribution.images import decode_image
+from attribution.decode import decode_image
 from attribution.pipeline import ExplainRequest, decode_matrix, explain_requests
 from attribution.selections import Box, Span, TokenRange
 from tests.harness import distinct_captions

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from attribution.geometry import ImageGeometry
 from attribution.grounding.samples import GroundingSample
-from attribution.images import ImageGeometry, preprocess
+from attribution.images import preprocess
 from attribution.models import LoadedModel
 
 # Which cut points a method reads: both towers', the image tower's only, or none.
