@@ -47,14 +47,15 @@ class ImageGeometry:
         return (x0, y0, x0 + pw, y0 + ph)
 
     def to_dict(self) -> dict[str, Any]:
-        """width, height, crop_box, patch_size (w, h) and grid [rows, cols]; a result's ``image``
-        object is this without ``grid`` (which a result gives as ``grid: {rows, cols}``)."""
+        """width, height, crop_box, patch_size (w, h) and grid ``{rows, cols}``: a result's ``image``
+        object is this without ``grid``, which a result gives under its own key."""
+        rows, cols = self.grid
         return {
             "width": self.width,
             "height": self.height,
             "crop_box": [float(v) for v in self.crop_box],
             "patch_size": [float(v) for v in self.patch_size],
-            "grid": list(self.grid),
+            "grid": {"rows": rows, "cols": cols},
         }
 
     @classmethod
@@ -62,7 +63,7 @@ class ImageGeometry:
         """The inverse of ``to_dict``."""
         x0, y0, x1, y1 = (float(v) for v in d["crop_box"])
         pw, ph = (float(v) for v in d["patch_size"])
-        rows, cols = (int(v) for v in d["grid"])
+        rows, cols = int(d["grid"]["rows"]), int(d["grid"]["cols"])
         return cls(int(d["width"]), int(d["height"]), (x0, y0, x1, y1), (rows, cols), (pw, ph))
 
 

@@ -15,6 +15,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from attribution.memory import DEFAULT_MEMORY_FRACTION
+from attribution.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from attribution.text import MAX_CAPTION_CHARS
 from service.errors import ConfigError
 
@@ -34,8 +35,8 @@ class Settings(BaseSettings):
     key_prefix: str = Field(default="exclip", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
 
     # Model held by a worker.
-    model: str = "ViT-B-16"
-    pretrained: str | None = "laion2b_s34b_b88k"
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
     device: str | None = None  # None: cuda when present, else cpu
     cache_dir: str | None = None
 

@@ -183,7 +183,7 @@ def test_to_dict(tiny_model):
         "height": 480,
         "crop_box": pytest.approx([640 / 42 * 5, 0.0, 640 / 42 * 37, 480.0]),
         "patch_size": pytest.approx([640 / 42 * 8, 120.0]),
-        "grid": [4, 4],
+        "grid": {"rows": 4, "cols": 4},
     }
 
 

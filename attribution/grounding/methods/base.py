@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from attribution.explainer import DEFAULT_STEPS
 from attribution.geometry import ImageGeometry
 from attribution.grounding.samples import GroundingSample
 from attribution.images import preprocess
@@ -27,7 +28,7 @@ LAYER_USES = ("text+image", "image", "none")
 class MethodOptions:
     """Options shared by the methods: interpolation ``steps`` (interactions, IG), ``seed`` (random)."""
 
-    steps: int = 10
+    steps: int = DEFAULT_STEPS
     seed: int = 0
 
 
