@@ -2,8 +2,8 @@
 
 ``transform_geometry`` follows the model's own open_clip eval transform (resize, then centre crop or
 pad) from the image size alone, so boxes can be checked before any pixel is decoded; ``ImageGeometry``
-is the result, in original pixels (after EXIF rotation). Sizes are (width, height), as in Pillow;
-``grid`` is (rows, cols).
+is the result, in original pixels (after EXIF rotation). Patch sizes are (width, height) wherever they
+appear (here, in ``LoadedModel`` and in results), as image sizes in Pillow; ``grid`` is (rows, cols).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def resize_crop_plan(width: int, height: int, transform: Any) -> ResizeCrop:
 
 def place_patches(plan: ResizeCrop, patch_size: tuple[int, int], grid: tuple[int, int]) -> ImageGeometry:
     """The geometry of ``plan``'s output cut into ``grid`` patches of ``patch_size`` model-input pixels."""
-    (patch_h, patch_w), (rows, cols) = patch_size, grid
+    (patch_w, patch_h), (rows, cols) = patch_size, grid
     out_w, out_h = plan.out
     if (out_w, out_h) != (cols * patch_w, rows * patch_h):
         raise UnsupportedModel(
@@ -161,7 +161,7 @@ def transform_geometry(
     """Follow ``transform``'s resize and crop steps to place its output (and patches) in the original.
 
     Needs only the image size, so a service can check boxes (``selections.check_box``) before any
-    pixel is decoded. ``patch_size`` is (h, w) and ``grid`` (rows, cols) in model-input pixels, as in
+    pixel is decoded. ``patch_size`` is (w, h) in model-input pixels and ``grid`` (rows, cols), as in
     ``LoadedModel``. Model-input coordinate u maps to original x = crop_box[0] + u * scale_x (pixel-edge
     convention).
     """

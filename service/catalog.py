@@ -22,7 +22,7 @@ class ModelInfo(BaseModel):
     name: str
     pretrained: str | None
     image_size: list[int]
-    patch_size: list[int]
+    patch_size: list[int]  # (w, h), as LoadedModel.patch_size
     grid: list[int]
     context_length: int
     text_layers: int

@@ -91,7 +91,8 @@ def test_json_request_with_several_captions_and_selections_equals_the_engine(sta
     assert_close(got, want)
 
 
-def test_multipart_selections_with_caption_index(stack, tiny_loaded):
+@pytest.mark.parametrize("token_field", ["tokens", "token_range"])  # the kind's name; its older spelling
+def test_multipart_selections_with_caption_index(stack, tiny_loaded, token_field):
     image = png_bytes(50, 50, seed=3)
     with stack.client() as c:
         r = c.post(
@@ -100,7 +101,7 @@ def test_multipart_selections_with_caption_index(stack, tiny_loaded):
             data={
                 "caption": ["a dog", "a small cat"],
                 "span": ["1:2:7"],
-                "token_range": ["0:1:2"],
+                token_field: ["0:1:2"],
                 "box": ["1:0,0,25,25"],
                 "steps": "2",
             },
