@@ -73,8 +73,6 @@ def pixel_limit(kind: str, max_pixels: int) -> int:
 # rows (padding), and the heatmap would say little about the image.
 MAX_ASPECT_RATIO = 16.0
 
-# A JPEG is decoded at a reduced scale only while that keeps this many times the pixels the transform
-
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB version of ``img``; the rules for each source mode are the module's documented behaviour."""

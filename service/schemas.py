@@ -45,7 +45,7 @@ class SelectionIn(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SelectionIn:
-        given = [k for k in ("span", "tokens", "box") if getattr(self, k) is not None]
+        given = [k for k in SELECTION_FIELDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"a selection needs exactly one of span, tokens, box; got {given or 'none'}")
         return self
