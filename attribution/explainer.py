@@ -33,6 +33,9 @@ PRECISIONS: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+# What a caller who names no steps or precision gets: the library's, the service's and the evaluation's.
+DEFAULT_STEPS = 10
+DEFAULT_PRECISION = "float32"
 
 # Per-model cache of the references' hidden states and embeddings; they depend only on the weights.
 _REFERENCE_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], dict[str, Tensor]]] = (
@@ -115,8 +118,8 @@ class Explainer:
         tokenizer: Tokenizer,
         text_layer: int | None = None,
         image_layer: int | None = None,
-        steps: int = 10,
-        precision: str = "float32",
+        steps: int = DEFAULT_STEPS,
+        precision: str = DEFAULT_PRECISION,
         scale_cos: bool = False,
         max_tangents: int | None = None,
         *,

@@ -89,7 +89,7 @@ def _child(spec: dict) -> dict:
     import torch
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from attribution import images, text
+    from attribution import decode, images, text
     from attribution.errors import AttributionError
     from attribution.models import TINY_MODEL, load_model
 
@@ -112,7 +112,7 @@ def _child(spec: dict) -> dict:
             if fused is not None:
                 tensor = fused(data, loaded, max_pixels=MAX_PIXELS).tensor
             else:
-                tensor, _ = images.preprocess(images.decode_image(data, max_pixels=MAX_PIXELS), loaded)
+                tensor, _ = images.preprocess(decode.decode_image(data, max_pixels=MAX_PIXELS), loaded)
             return f"tensor {tuple(tensor.shape)}"
     else:
         caption = spec["caption"]

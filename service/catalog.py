@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from attribution.explainer import DEFAULT_STEPS
 from service.schemas import MATRIX_FORMATS, PRECISIONS
 from service.settings import Settings
 
@@ -21,7 +22,7 @@ class ModelInfo(BaseModel):
     name: str
     pretrained: str | None
     image_size: list[int]
-    patch_size: list[int]
+    patch_size: list[int]  # (w, h), as LoadedModel.patch_size
     grid: list[int]
     context_length: int
     text_layers: int
@@ -65,7 +66,7 @@ def option_ranges(info: ModelInfo, settings: Settings) -> dict[str, Any]:
     return {
         "text_layer": {"min": 0, "max": info.text_layers - 1, "default": info.default_layer("text")},
         "image_layer": {"min": 0, "max": info.image_layers - 1, "default": info.default_layer("image")},
-        "steps": {"min": 1, "max": settings.max_steps, "default": 10},
+        "steps": {"min": 1, "max": settings.max_steps, "default": DEFAULT_STEPS},
         "precision": list(PRECISIONS),
         "format": list(MATRIX_FORMATS),
         "wait": {"min": 0, "max": settings.wait_max_s, "default": settings.wait_max_s},

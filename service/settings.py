@@ -15,6 +15,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from attribution.memory import DEFAULT_MEMORY_FRACTION
+from attribution.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from attribution.text import MAX_CAPTION_CHARS
 from service.errors import ConfigError
 
@@ -41,14 +42,14 @@ class Settings(BaseSettings):
 
     # Model held by a worker.
     model: str = Field(
-        default="ViT-B-16",
+        default=DEFAULT_MODEL,
         description=(
             "open_clip architecture; with neither this nor the weights named and the default's weights"
             " neither cached nor reachable, the demo `exclip-scenes` is served"
         ),
     )
     pretrained: str | None = Field(
-        default="laion2b_s34b_b88k", description="pretrained tag, checkpoint path, or `none` (random weights)"
+        default=DEFAULT_PRETRAINED, description="pretrained tag, checkpoint path, or `none` (random weights)"
     )
     device: str | None = Field(
         default=None, description="`cpu`, `cuda` or `cuda:N`; unset: CUDA when present"

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from attribution.geometry import ImageGeometry
 from attribution.grounding.samples import BoxCoords
-from attribution.images import ImageGeometry
 
 POINTING_RULES = ("centre", "overlap")
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from attribution.decode import decode_image
 from attribution.grounding.errors import AnnotationError
-from attribution.images import decode_image
 
 if TYPE_CHECKING:
     from attribution.scenes import Scene

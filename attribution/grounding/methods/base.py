@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from attribution.explainer import DEFAULT_STEPS
+from attribution.geometry import ImageGeometry
 from attribution.grounding.samples import GroundingSample
-from attribution.images import ImageGeometry, preprocess
+from attribution.images import preprocess
 from attribution.models import LoadedModel
 
 # Which cut points a method reads: both towers', the image tower's only, or none.
@@ -26,7 +28,7 @@ LAYER_USES = ("text+image", "image", "none")
 class MethodOptions:
     """Options shared by the methods: interpolation ``steps`` (interactions, IG), ``seed`` (random)."""
 
-    steps: int = 10
+    steps: int = DEFAULT_STEPS
     seed: int = 0
 
 

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attribution.geometry import ImageGeometry
 from attribution.grounding.metrics import energy_in_box, pointing_hit, union_cover
-from attribution.images import ImageGeometry
 
 # 64×64 image seen whole on an 8×8 grid of 8-pixel patches (the scenes model's geometry).
 SQUARE = ImageGeometry(width=64, height=64, crop_box=(0, 0, 64, 64), grid=(8, 8), patch_size=(8.0, 8.0))
