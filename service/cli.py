@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from attribution.errors import AttributionError
-from attribution.selections import Box, Span
+from attribution.selections import Box, Selection, Span
 from service.errors import ConfigError
 from service.settings import Settings
 
@@ -145,8 +145,7 @@ def explain(args: argparse.Namespace) -> int:
     """Call a running service, print a summary, write the JSON and the heatmap PNG if asked."""
     from service.client import Client, ClientError
 
-    spans = [Span.parse(s) for s in args.span]
-    selections = [*spans, *(Box.parse(b) for b in args.box)]
+    selections: list[Selection] = [*map(Span.parse, args.span), *map(Box.parse, args.box)]
     try:
         with Client(args.url, api_key=args.api_key, timeout_s=120) as client:
             job = client.explain(
