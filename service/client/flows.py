@@ -132,7 +132,8 @@ def explain_body(
     """The ``application/json`` body of ``POST /explain`` and ``POST /jobs`` (service.schemas.ExplainJSON).
 
     ``captions``: one caption or several, each a string or ``(text, selections)``; ``selections``
-    apply to every caption given as a plain string. A malformed value raises pydantic's ``ValidationError`` (a
+    apply to every caption given as a plain string. The image travels base64-encoded (a third larger;
+    ``EXCLIP_MAX_UPLOAD_BYTES`` counts the whole body). A malformed value raises pydantic's ``ValidationError`` (a
     ``ValueError``) before anything is sent; the server checks the rest (ranges, limits: 422).
     """
     items = [captions] if isinstance(captions, str) else list(captions)

@@ -1,6 +1,10 @@
 """When to send a refused call again: 429 and 503 are retried, honouring ``Retry-After``, within a
 bounded total wait; without the header the delays double from ``backoff_s`` (no jitter: a run's
-timing is reproducible)."""
+timing is reproducible).
+
+A refused ``POST`` is sent again: 429 and 503 mean the job was not queued — except a 503 for a queue
+that failed during the enqueue, whose detail names the job that may exist; sending again then may
+compute the request twice, never lose it."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,6 +30,7 @@ from service.client import (
     Box,
     Client,
     ConnectionFailed,
+    JobFailed,
     JobStatus,
     RequestRejected,
     RetryPolicy,
@@ -167,6 +169,12 @@ def test_errors_carry_the_status_and_the_servers_detail(service, client):
     with pytest.raises(RequestRejected) as not_an_image:
         client.explain(b"not an image", "a dog")
     assert not_an_image.value.status == 422
+    photo = io.BytesIO()
+    Image.open(io.BytesIO(png_bytes(200, 200, seed=3))).save(photo, format="JPEG")
+    with pytest.raises(JobFailed) as failed:  # the API reads the header; the worker finds the data cut off
+        client.explain(photo.getvalue()[:900], "a thing")
+    assert failed.value.status == 422 and "broken or truncated" in failed.value.detail
+    assert failed.value.job.status is JobStatus.FAILED and failed.value.job.error["type"] == "InvalidImage"
     with pytest.raises(ValueError, match="precision"):  # malformed options are refused before sending
         client.explain(IMAGE, "a dog", precision="float64")
     with Client(f"http://127.0.0.1:{free_port()}") as nobody, pytest.raises(ConnectionFailed):
@@ -180,7 +188,9 @@ def test_503_without_a_worker_is_retried_after_retry_after(launcher):
     assert busy.value.status == 503 and busy.value.retry_after == 5 and "no worker" in busy.value.detail
     start = time.monotonic()
     threading.Timer(0.5, launcher.worker).start()  # a worker comes up while the client waits
-    with Client(api.url, retry=RetryPolicy(max_wait_s=60)) as patient:
+    with Client(
+        api.url, retry=RetryPolicy(max_wait_s=120)
+    ) as patient:  # a worker starts slowly on a busy machine
         job = patient.explain(IMAGE, "a dog", steps=2)
     assert job.status is JobStatus.DONE and time.monotonic() - start >= 5  # honoured Retry-After: 5
 
@@ -289,3 +299,15 @@ def test_cli_explain_talks_to_the_service_through_the_client(service, tmp_path, 
     assert out_png.read_bytes().startswith(b"\x89PNG")
     assert cli_main([*args, "--api-key", "wrong"]) == 1
     assert "error (401)" in capsys.readouterr().err
+
+
+def test_readme_python_example_runs(service, tmp_path, monkeypatch):
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Use it from Python", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    default = 'Client("http://127.0.0.1:8000")'
+    assert default in code
+    (tmp_path / "docs").symlink_to(Path(__file__).parents[2] / "docs")
+    monkeypatch.chdir(tmp_path)
+    exec(code.replace(default, f"Client({service.url!r}, api_key={KEY!r})"), {})
+    assert (tmp_path / "ball.png").read_bytes().startswith(b"\x89PNG")
