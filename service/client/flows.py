@@ -133,8 +133,9 @@ def explain_body(
 
     ``captions``: one caption or several, each a string or ``(text, selections)``; ``selections``
     apply to every caption given as a plain string. The image travels base64-encoded (a third larger;
-    ``EXCLIP_MAX_UPLOAD_BYTES`` counts the whole body). A malformed value raises pydantic's ``ValidationError`` (a
-    ``ValueError``) before anything is sent; the server checks the rest (ranges, limits: 422).
+    ``EXCLIP_MAX_UPLOAD_BYTES`` counts the whole body). A malformed value raises pydantic's
+    ``ValidationError`` (a ``ValueError``) before anything is sent; the server checks the rest (ranges,
+    limits: 422).
     """
     items = [captions] if isinstance(captions, str) else list(captions)
     caption_ins = []
