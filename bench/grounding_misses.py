@@ -25,10 +25,10 @@ from collections import Counter, defaultdict
 import common  # noqa: F401  (puts the repository on sys.path)
 import torch
 
-from attribution.grounding.metrics import argmax_patch, pointing_hit, union_cover
+from attribution.evaluation.grounding.metrics import argmax_patch, pointing_hit, union_cover
+from attribution.evaluation.scenes import SIZES, Scene, SceneObject, generate_scenes
 from attribution.models import load_model
 from attribution.pipeline import ExplainRequest, SelectionResult, explain_requests
-from attribution.scenes import SIZES, Scene, SceneObject, generate_scenes
 from attribution.selections import Span
 
 HELD_OUT_SEED = 2_000_003  # the grounding benchmark's default held-out set

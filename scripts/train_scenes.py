@@ -1,4 +1,4 @@
-"""Train the demo CLIP ``exclip-scenes`` on fresh captioned scenes (attribution/scenes.py), on CPU.
+"""Train the demo CLIP ``exclip-scenes`` on fresh captioned scenes (attribution/evaluation/scenes.py), on CPU.
 
 Contrastive CLIP loss over the batch, with each image's colour- and shape-swapped captions added as
 hard negatives (NegCLIP) and a second loss that asks each image to pick its caption among its own swaps
@@ -34,9 +34,16 @@ from open_clip.transformer import PatchDropout
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from attribution.evaluation.retrieval import retrieval_accuracy, scene_pixels
+from attribution.evaluation.scenes import (
+    MAX_OBJECTS,
+    Scene,
+    describes,
+    iter_scenes,
+    replaced_caption,
+    swapped_captions,
+)
 from attribution.models import SCENES_MODEL
-from attribution.retrieval import retrieval_accuracy, scene_pixels
-from attribution.scenes import MAX_OBJECTS, Scene, describes, iter_scenes, replaced_caption, swapped_captions
 
 HELD_OUT_SEED = 1_000_003  # never a training step's seed (those come from SeedSequence([seed, step]))
 CURVE_FIELDS = ["step", "wall_s", "loss", "i2t_top1", "t2i_top1", "colour_swap", "shape_swap", "score"]

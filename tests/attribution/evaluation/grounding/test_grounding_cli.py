@@ -1,18 +1,19 @@
-"""The benchmark runner and ``python -m attribution.grounding`` end to end on the tiny model."""
+"""The benchmark runner and ``python -m attribution.evaluation.grounding`` end to end on the tiny model."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from PIL import Image
 
-from attribution.grounding.benchmark import BenchmarkResult, run_benchmark
-from attribution.grounding.cli import main
-from attribution.grounding.methods import MethodOptions, create_method
-from attribution.grounding.report import read_json, write_json
-from attribution.grounding.samples import from_scene
-from attribution.scenes import generate_scenes
+from attribution.evaluation.grounding.benchmark import BenchmarkResult, run_benchmark
+from attribution.evaluation.grounding.cli import main
+from attribution.evaluation.grounding.methods import MethodOptions, create_method
+from attribution.evaluation.grounding.report import read_json, write_json
+from attribution.evaluation.grounding.samples import from_scene
+from attribution.evaluation.scenes import generate_scenes
 
 TINY = ["--model", "exclip-tiny", "--pretrained", "none"]
 
@@ -207,3 +208,13 @@ def test_service_cli_delegates_evaluate(tmp_path, capsys):
 
     assert service_main(["evaluate", *TINY, "--n", "2", "--methods", "random"]) == 0
     assert "| random | -/- |" in capsys.readouterr().out
+
+
+def test_figure_without_matplotlib_is_a_clear_error_before_any_work(tmp_path, capsys, monkeypatch):
+    # A None entry in sys.modules makes the import fail as if matplotlib were not installed.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    figure = tmp_path / "fig.png"
+    assert main([*TINY, "--n", "2", "--figure", str(figure)]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "exclip-service[evaluation]" in err
+    assert not figure.exists()

@@ -10,7 +10,7 @@ import zlib
 
 import torch
 
-from attribution.grounding.methods.base import Batch, GroundingMethod
+from attribution.evaluation.grounding.methods.base import Batch, GroundingMethod
 from attribution.models import LoadedModel
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 from collections.abc import Sequence
@@ -10,9 +11,10 @@ from typing import Any
 
 from PIL import Image
 
-from attribution.grounding.benchmark import BenchmarkResult, Layers, layers_label
-from attribution.grounding.methods import Batch
-from attribution.grounding.metrics import argmax_patch
+from attribution.evaluation.grounding.benchmark import BenchmarkResult, Layers, layers_label
+from attribution.evaluation.grounding.errors import PlottingUnavailable
+from attribution.evaluation.grounding.methods import Batch
+from attribution.evaluation.grounding.metrics import argmax_patch
 
 MAX_GROUP_COLUMNS = 10  # more groups (COCO categories) are in the JSON; the table shows the largest
 
@@ -79,6 +81,14 @@ def read_json(path: str | Path) -> tuple[dict[str, Any], BenchmarkResult]:
     return data["config"], BenchmarkResult.from_dict(data)
 
 
+def require_matplotlib() -> None:
+    """Raise a clear error, before any work, when the figure cannot be drawn (matplotlib is optional)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise PlottingUnavailable(
+            "a figure needs matplotlib: pip install 'exclip-service[evaluation]' (or leave out --figure)"
+        )
+
+
 def plot_examples(
     result: BenchmarkResult,
     batch: Batch,
@@ -92,6 +102,7 @@ def plot_examples(
     Heatmaps are drawn signed (red positive, blue negative, each map scaled to its own largest
     magnitude) over the part of the image the model sees; x marks the highest patch.
     """
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")

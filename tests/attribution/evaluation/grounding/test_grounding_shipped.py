@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from attribution.grounding.benchmark import run_benchmark
-from attribution.grounding.methods import MethodOptions, create_method
-from attribution.grounding.samples import from_scene
+from attribution.evaluation.grounding.benchmark import run_benchmark
+from attribution.evaluation.grounding.methods import MethodOptions, create_method
+from attribution.evaluation.grounding.samples import from_scene
+from attribution.evaluation.scenes import generate_scenes
 from attribution.models import load_model
-from attribution.scenes import generate_scenes
 
 SEED, N_SCENES = 424_242, 24
 # Measured on this set (46 phrases) with the packaged weights (fine-tuned 2026-11-29) at the model card's

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attribution.scenes import describes, generate_scenes
+from attribution.evaluation.scenes import describes, generate_scenes
 from scripts.train_scenes import also_true_mask, lr_at, main, objects_mix, training_batch
 
 

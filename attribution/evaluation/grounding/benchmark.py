@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from attribution.grounding.methods import Batch, GroundingMethod
-from attribution.grounding.metrics import energy_in_box, pointing_hit
-from attribution.grounding.samples import GroundingSample
+from attribution.evaluation.grounding.methods import Batch, GroundingMethod
+from attribution.evaluation.grounding.metrics import energy_in_box, pointing_hit
+from attribution.evaluation.grounding.samples import GroundingSample
 from attribution.models import LoadedModel
 
 LayerPair = tuple[int, int]

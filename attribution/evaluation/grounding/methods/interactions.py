@@ -16,7 +16,7 @@ import weakref
 
 import torch
 
-from attribution.grounding.methods.base import Batch, GroundingMethod, MethodOptions
+from attribution.evaluation.grounding.methods.base import Batch, GroundingMethod, MethodOptions
 from attribution.models import LoadedModel
 from attribution.pipeline import ExplainRequest, explain_requests
 from attribution.selections import Span

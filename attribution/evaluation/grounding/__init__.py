@@ -3,14 +3,20 @@
 Samples (:mod:`.samples`; readers :mod:`.coco`, :mod:`.flickr30k`, and scenes via ``from_scene``),
 metrics (:mod:`.metrics`: pointing game, energy in box), methods behind one interface
 (:mod:`.methods`), the runner (:mod:`.benchmark`), tables and figures (:mod:`.report`) and the command
-line (``python -m attribution.grounding``).
+line (``python -m attribution.evaluation.grounding``).
 """
 
-from attribution.grounding.benchmark import BenchmarkResult, run_benchmark
-from attribution.grounding.errors import AnnotationError
-from attribution.grounding.methods import METHODS, Batch, GroundingMethod, MethodOptions, create_method
-from attribution.grounding.metrics import POINTING_RULES, energy_in_box, pointing_hit, union_cover
-from attribution.grounding.samples import GroundingSample, Phrase, from_scene
+from attribution.evaluation.grounding.benchmark import BenchmarkResult, run_benchmark
+from attribution.evaluation.grounding.errors import AnnotationError
+from attribution.evaluation.grounding.methods import (
+    METHODS,
+    Batch,
+    GroundingMethod,
+    MethodOptions,
+    create_method,
+)
+from attribution.evaluation.grounding.metrics import POINTING_RULES, energy_in_box, pointing_hit, union_cover
+from attribution.evaluation.grounding.samples import GroundingSample, Phrase, from_scene
 
 __all__ = [
     "METHODS",

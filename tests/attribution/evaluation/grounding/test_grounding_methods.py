@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from attribution.grounding.methods import METHODS, Batch, MethodOptions, create_method
-from attribution.grounding.methods.integrated_gradients import integrated_gradients
-from attribution.grounding.methods.similarity import ImageSimilarity
-from attribution.grounding.samples import GroundingSample, Phrase
+from attribution.evaluation.grounding.methods import METHODS, Batch, MethodOptions, create_method
+from attribution.evaluation.grounding.methods.integrated_gradients import integrated_gradients
+from attribution.evaluation.grounding.methods.similarity import ImageSimilarity
+from attribution.evaluation.grounding.samples import GroundingSample, Phrase
 from attribution.pipeline import ExplainRequest, explain_requests
 from attribution.selections import Span
 

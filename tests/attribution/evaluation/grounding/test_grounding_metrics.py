@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attribution.grounding.metrics import energy_in_box, pointing_hit, union_cover
+from attribution.evaluation.grounding.metrics import energy_in_box, pointing_hit, union_cover
 from attribution.images import ImageGeometry
 
 # 64×64 image seen whole on an 8×8 grid of 8-pixel patches (the scenes model's geometry).

@@ -9,11 +9,11 @@ from collections.abc import Callable
 from functools import partial
 
 from attribution.errors import InvalidOption
-from attribution.grounding.methods.base import LAYER_USES, Batch, GroundingMethod, MethodOptions
-from attribution.grounding.methods.gradient_input import GradientInput
-from attribution.grounding.methods.integrated_gradients import IntegratedGradients
-from attribution.grounding.methods.interactions import Interactions
-from attribution.grounding.methods.random_patch import RandomPatch
+from attribution.evaluation.grounding.methods.base import LAYER_USES, Batch, GroundingMethod, MethodOptions
+from attribution.evaluation.grounding.methods.gradient_input import GradientInput
+from attribution.evaluation.grounding.methods.integrated_gradients import IntegratedGradients
+from attribution.evaluation.grounding.methods.interactions import Interactions
+from attribution.evaluation.grounding.methods.random_patch import RandomPatch
 
 METHODS: dict[str, Callable[[MethodOptions], GroundingMethod]] = {
     "interactions": partial(Interactions, target="phrase"),

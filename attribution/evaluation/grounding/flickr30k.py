@@ -17,8 +17,8 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
-from attribution.grounding.errors import AnnotationError
-from attribution.grounding.samples import BoxCoords, GroundingSample, Phrase
+from attribution.evaluation.grounding.errors import AnnotationError
+from attribution.evaluation.grounding.samples import BoxCoords, GroundingSample, Phrase
 
 _MARKUP = re.compile(r"\[/EN#(\d+)((?:/[^\s\]/]+)+) ([^\]]*)\]")
 

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from attribution.grounding.errors import AnnotationError
+from attribution.evaluation.grounding.errors import AnnotationError
 from attribution.images import decode_image
 
 if TYPE_CHECKING:
-    from attribution.scenes import Scene
+    from attribution.evaluation.scenes import Scene
 
 BoxCoords = tuple[float, float, float, float]
 
@@ -75,7 +75,7 @@ class GroundingSample:
 
 
 def from_scene(scene: Scene, index: int) -> GroundingSample:
-    """A sample from one ``attribution.scenes.Scene``; phrases grouped by the scene's number of objects."""
+    """A sample from one ``scenes.Scene``; phrases grouped by the scene's number of objects."""
     group = f"{len(scene.objects)} object" + ("s" if len(scene.objects) != 1 else "")
     phrases = []
     for obj in scene.objects:

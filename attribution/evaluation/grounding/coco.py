@@ -21,8 +21,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from attribution.grounding.errors import AnnotationError
-from attribution.grounding.samples import BoxCoords, GroundingSample, Phrase
+from attribution.evaluation.grounding.errors import AnnotationError
+from attribution.evaluation.grounding.samples import BoxCoords, GroundingSample, Phrase
 
 # Words that name a category in captions although they are not its COCO name.
 SYNONYMS: dict[str, tuple[str, ...]] = {

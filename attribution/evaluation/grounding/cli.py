@@ -1,4 +1,4 @@
-"""``python -m attribution.grounding`` (also ``exclip-service evaluate``): the grounding benchmark.
+"""``python -m attribution.evaluation.grounding`` (also ``exclip-service evaluate``): the grounding benchmark.
 
 Runs the chosen methods at the chosen layer pairs on the held-out captioned scenes or on annotations in
 COCO or Flickr30k Entities format, prints Markdown tables (pointing game and energy in box per method ×
@@ -18,17 +18,23 @@ from typing import Any
 from tqdm import tqdm
 
 from attribution.errors import AttributionError, InvalidOption
-from attribution.grounding.benchmark import (
+from attribution.evaluation.grounding.benchmark import (
     BenchmarkResult,
     LayerPair,
     effective_layers,
     n_batches,
     run_benchmark,
 )
-from attribution.grounding.methods import METHODS, MethodOptions, create_method
-from attribution.grounding.metrics import POINTING_RULES
-from attribution.grounding.report import plot_examples, read_json, text_report, write_json
-from attribution.grounding.samples import GroundingSample
+from attribution.evaluation.grounding.methods import METHODS, MethodOptions, create_method
+from attribution.evaluation.grounding.metrics import POINTING_RULES
+from attribution.evaluation.grounding.report import (
+    plot_examples,
+    read_json,
+    require_matplotlib,
+    text_report,
+    write_json,
+)
+from attribution.evaluation.grounding.samples import GroundingSample
 from attribution.models import LoadedModel, load_model
 
 DATASETS = ("scenes", "coco", "flickr30k")
@@ -70,20 +76,20 @@ def parse_methods(value: str) -> list[str]:
 
 def load_samples(args: argparse.Namespace) -> list[GroundingSample]:
     if args.dataset == "scenes":
-        from attribution.grounding.samples import from_scene
-        from attribution.scenes import generate_scenes
+        from attribution.evaluation.grounding.samples import from_scene
+        from attribution.evaluation.scenes import generate_scenes
 
         scenes = generate_scenes(args.skip + args.n, args.seed)[args.skip :]
         return [from_scene(s, args.skip + i) for i, s in enumerate(scenes)]
     if not args.images:
         raise InvalidOption(f"--images (the folder of the image files) is required for {args.dataset}")
     if args.dataset == "coco":
-        from attribution.grounding.coco import read_coco
+        from attribution.evaluation.grounding.coco import read_coco
 
         if not (args.captions and args.instances):
             raise InvalidOption("coco needs --captions and --instances (COCO json files)")
         return read_coco(args.captions, args.instances, args.images, limit=args.n)
-    from attribution.grounding.flickr30k import read_flickr30k
+    from attribution.evaluation.grounding.flickr30k import read_flickr30k
 
     if not args.annotations:
         raise InvalidOption("flickr30k needs --annotations (the folder with Sentences/ and Annotations/)")
@@ -91,7 +97,9 @@ def load_samples(args: argparse.Namespace) -> list[GroundingSample]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m attribution.grounding", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m attribution.evaluation.grounding", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--dataset", choices=DATASETS, default="scenes")
     p.add_argument("--n", type=int, default=200, help="scenes to generate / most samples to read (200)")
     p.add_argument("--seed", type=int, default=SCENES_TEST_SEED, help="scenes seed (held-out set by default)")
@@ -162,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tables:
         return print_tables(args.tables, args.json)
     try:
+        if args.figure:
+            require_matplotlib()
         loaded = load_model(args.model, args.pretrained, device=args.device)
         pairs = parse_layers(args.layers, loaded)
         figure_pair = parse_layers(args.figure_layers, loaded)[0] if args.figure_layers else pairs[0]
@@ -198,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(result, args.json, config)
         print(f"wrote {args.json}")
     if args.figure:
-        from attribution.grounding.methods import Batch
+        from attribution.evaluation.grounding.methods import Batch
 
         columns = [(m.name, effective_layers(m, figure_pair)) for m in methods]
         shown = Batch.build(loaded, samples[: args.examples])

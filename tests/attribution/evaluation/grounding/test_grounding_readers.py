@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from attribution.grounding.coco import read_coco
-from attribution.grounding.errors import AnnotationError
-from attribution.grounding.flickr30k import parse_sentence, read_flickr30k
-from attribution.grounding.samples import GroundingSample, Phrase, from_scene
-from attribution.scenes import generate_scenes
+from attribution.evaluation.grounding.coco import read_coco
+from attribution.evaluation.grounding.errors import AnnotationError
+from attribution.evaluation.grounding.flickr30k import parse_sentence, read_flickr30k
+from attribution.evaluation.grounding.samples import GroundingSample, Phrase, from_scene
+from attribution.evaluation.scenes import generate_scenes
 
 
 def write_image(path: Path, size=(40, 30)) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from attribution.grounding.samples import GroundingSample
+from attribution.evaluation.grounding.samples import GroundingSample
 from attribution.images import ImageGeometry, preprocess
 from attribution.models import LoadedModel
 

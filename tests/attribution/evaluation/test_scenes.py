@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attribution.scenes import (
+from attribution.evaluation.scenes import (
     COLOURS,
     MAX_OBJECTS,
     SHAPES,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attribution.grounding.methods.base import Batch, GroundingMethod, MethodOptions
+from attribution.evaluation.grounding.methods.base import Batch, GroundingMethod, MethodOptions
 from attribution.models import LoadedModel
 from attribution.tail import embed
 from attribution.text import tokenize_caption

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from attribution.evaluation.grounding.methods.base import Batch
+from attribution.evaluation.grounding.methods.similarity import ImageGradientMethod, ImageSimilarity
 from attribution.explainer import interpolation_points
-from attribution.grounding.methods.base import Batch
-from attribution.grounding.methods.similarity import ImageGradientMethod, ImageSimilarity
 
 
 def integrated_gradients(

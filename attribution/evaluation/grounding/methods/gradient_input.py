@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from attribution.grounding.methods.base import Batch
-from attribution.grounding.methods.similarity import ImageGradientMethod, ImageSimilarity
+from attribution.evaluation.grounding.methods.base import Batch
+from attribution.evaluation.grounding.methods.similarity import ImageGradientMethod, ImageSimilarity
 
 
 class GradientInput(ImageGradientMethod):

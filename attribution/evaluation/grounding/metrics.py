@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from attribution.grounding.samples import BoxCoords
+from attribution.evaluation.grounding.samples import BoxCoords
 from attribution.images import ImageGeometry
 
 POINTING_RULES = ("centre", "overlap")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from open_clip import CLIP
 
-from attribution.scenes import Scene, describes, swapped_captions
+from attribution.evaluation.scenes import Scene, describes, swapped_captions
 from attribution.text import Tokenizer
 
 

@@ -1,0 +1,14 @@
+"""Errors of the grounding benchmark: annotation files that cannot be read as the format they claim,
+and a figure asked for without the plotting extra installed."""
+
+from __future__ import annotations
+
+from attribution.errors import AttributionError
+
+
+class AnnotationError(AttributionError):
+    """A COCO or Flickr30k Entities annotation file (or its images) is missing or malformed."""
+
+
+class PlottingUnavailable(AttributionError):
+    """A figure was asked for but matplotlib (the ``evaluation`` extra) is not installed."""
