@@ -25,6 +25,7 @@ from attribution.evaluation.grounding.benchmark import (
     n_batches,
     run_benchmark,
 )
+from attribution.evaluation.grounding.errors import AnnotationError
 from attribution.evaluation.grounding.methods import METHODS, MethodOptions, create_method
 from attribution.evaluation.grounding.metrics import POINTING_RULES
 from attribution.evaluation.grounding.report import (
@@ -34,7 +35,7 @@ from attribution.evaluation.grounding.report import (
     text_report,
     write_json,
 )
-from attribution.evaluation.grounding.samples import GroundingSample
+from attribution.evaluation.grounding.samples import GroundingSample, InvalidSample
 from attribution.models import LoadedModel, load_model
 
 DATASETS = ("scenes", "coco", "flickr30k")
@@ -74,7 +75,8 @@ def parse_methods(value: str) -> list[str]:
     return names
 
 
-def load_samples(args: argparse.Namespace) -> list[GroundingSample]:
+def load_samples(args: argparse.Namespace, skipped: list[InvalidSample] | None) -> list[GroundingSample]:
+    """The samples to run; bad ones (and their images) go to ``skipped``, or raise without it."""
     if args.dataset == "scenes":
         from attribution.evaluation.grounding.samples import from_scene
         from attribution.evaluation.scenes import generate_scenes
@@ -88,12 +90,33 @@ def load_samples(args: argparse.Namespace) -> list[GroundingSample]:
 
         if not (args.captions and args.instances):
             raise InvalidOption("coco needs --captions and --instances (COCO json files)")
-        return read_coco(args.captions, args.instances, args.images, limit=args.n)
-    from attribution.evaluation.grounding.flickr30k import read_flickr30k
+        samples = read_coco(args.captions, args.instances, args.images, limit=args.n, skipped=skipped)
+    else:
+        from attribution.evaluation.grounding.flickr30k import read_flickr30k
 
-    if not args.annotations:
-        raise InvalidOption("flickr30k needs --annotations (the folder with Sentences/ and Annotations/)")
-    return read_flickr30k(args.annotations, args.images, limit=args.n)
+        if not args.annotations:
+            raise InvalidOption("flickr30k needs --annotations (the folder with Sentences/ and Annotations/)")
+        samples = read_flickr30k(args.annotations, args.images, limit=args.n, skipped=skipped)
+    return [s for s in samples if _image_ok(s, skipped)]
+
+
+def _image_ok(sample: GroundingSample, skipped: list[InvalidSample] | None) -> bool:
+    """Whether the sample's image file can be read (checked before the run, not found missing in it)."""
+    try:
+        sample.check_image()
+    except AnnotationError as e:
+        if skipped is None:
+            raise
+        skipped.append(InvalidSample(sample.id, str(e)))
+        return False
+    return True
+
+
+def print_skipped(skipped: list[InvalidSample]) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)} invalid sample(s):", file=sys.stderr)
+        for item in skipped:
+            print(f"  {item.id}: {item.reason}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", help="coco: instances json (boxes and categories)")
     p.add_argument("--annotations", help="flickr30k: folder with Sentences/ and Annotations/")
     p.add_argument("--images", help="coco, flickr30k: folder of the images")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="coco, flickr30k: leave out samples that cannot be run (listed on stderr and in the JSON) "
+        "instead of stopping at the first",
+    )
     p.add_argument("--model", default="exclip-scenes", help="open_clip architecture (exclip-scenes)")
     p.add_argument("--pretrained", default="scenes", help="tag, checkpoint path, or none (scenes)")
     p.add_argument("--device", default="cpu")
@@ -177,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         figure_pair = parse_layers(args.figure_layers, loaded)[0] if args.figure_layers else pairs[0]
         names = parse_methods(args.methods)
         methods = [create_method(n, MethodOptions(steps=args.steps, seed=args.random_seed)) for n in names]
-        samples = load_samples(args)
+        skipped: list[InvalidSample] | None = [] if args.skip_invalid else None
+        samples = load_samples(args, skipped)
+        print_skipped(skipped or [])
         if not samples:
             raise InvalidOption("no samples with a grounded phrase were found")
         n_examples = args.examples if args.figure else 0
@@ -192,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
                 n_examples=n_examples,
                 progress=bar.update,
             )
+    except AnnotationError as e:
+        hint = "" if args.skip_invalid else " (--skip-invalid leaves out samples that cannot be run)"
+        print(f"evaluate: {e}{hint}", file=sys.stderr)
+        return 2
     except AttributionError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
@@ -200,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         **{k: v for k, v in vars(args).items() if k not in ("json", "figure")},
         "layer_pairs": pairs,
         "samples": len(samples),
+        "skipped": [{"id": item.id, "reason": item.reason} for item in skipped or []],
         "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}",

@@ -15,14 +15,22 @@ none. The group of a phrase is its category name.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from attribution.errors import AttributionError
 from attribution.evaluation.grounding.errors import AnnotationError
-from attribution.evaluation.grounding.samples import BoxCoords, GroundingSample, Phrase
+from attribution.evaluation.grounding.files import confined_image, read_json
+from attribution.evaluation.grounding.samples import (
+    BoxCoords,
+    GroundingSample,
+    InvalidSample,
+    Phrase,
+    invalid,
+)
+from attribution.text import MAX_CAPTION_CHARS
 
 # Words that name a category in captions although they are not its COCO name.
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -52,10 +60,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise AnnotationError(f"cannot read the COCO {what} file {path}: {e}") from e
+    data = read_json(path, f"COCO {what} file")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise AnnotationError(f"COCO {what} file {path} has no 'annotations' list")
     return data
@@ -81,31 +86,62 @@ def find_phrases(caption: str, boxes_by_category: dict[str, list[BoxCoords]]) ->
 
 
 def read_coco(
-    captions_file: str | Path, instances_file: str | Path, images_dir: str | Path, limit: int | None = None
+    captions_file: str | Path,
+    instances_file: str | Path,
+    images_dir: str | Path,
+    limit: int | None = None,
+    *,
+    skipped: list[InvalidSample] | None = None,
 ) -> list[GroundingSample]:
-    """One sample per caption that names at least one boxed category of its image (see module doc)."""
+    """One sample per caption that names at least one boxed category of its image (see module doc).
+
+    A caption that cannot be a sample (too long, an image ``file_name`` outside ``images_dir``, a box
+    that is not finite) raises an error naming it, or is recorded in ``skipped`` when one is given.
+    Files that are not COCO annotations raise in any case.
+    """
     captions = _load_json(Path(captions_file), "captions")
     instances = _load_json(Path(instances_file), "instances")
+    root = Path(images_dir)
     try:
         names = {int(c["id"]): str(c["name"]) for c in instances["categories"]}
         files = {int(i["id"]): str(i["file_name"]) for i in captions["images"]}
         boxes: dict[int, dict[str, list[BoxCoords]]] = defaultdict(lambda: defaultdict(list))
         for ann in instances["annotations"]:
             x, y, w, h = (float(v) for v in ann["bbox"])
-            if w > 0 and h > 0:
+            if w > 0 and h > 0:  # COCO's degenerate boxes (and NaN sizes) mark nothing to point at
                 boxes[int(ann["image_id"])][names[int(ann["category_id"])]].append((x, y, x + w, y + h))
         samples: list[GroundingSample] = []
-        for ann in captions["annotations"]:
+        for n, ann in enumerate(captions["annotations"]):
             image_id, caption = int(ann["image_id"]), str(ann["caption"]).strip()
-            phrases = find_phrases(caption, boxes.get(image_id, {}))
-            if not phrases:
+            sample_id = f"coco-{image_id}-{ann.get('id', n)}"
+            try:
+                sample = _sample(sample_id, caption, boxes.get(image_id, {}), files.get(image_id), root)
+            except AttributionError as e:
+                invalid(sample_id, e, skipped)
                 continue
-            if image_id not in files:
-                raise AnnotationError(f"caption of image {image_id} but no such entry in 'images'")
-            sample_id = f"coco-{image_id}-{ann.get('id', len(samples))}"
-            samples.append(GroundingSample(sample_id, Path(images_dir) / files[image_id], caption, phrases))
-            if limit is not None and len(samples) >= limit:
-                break
-    except (KeyError, TypeError, ValueError) as e:
+            if sample is not None:
+                samples.append(sample)
+                if limit is not None and len(samples) >= limit:
+                    break
+    except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as e:
         raise AnnotationError(f"COCO annotations are malformed: {type(e).__name__}: {e}") from e
     return samples
+
+
+def _sample(
+    sample_id: str,
+    caption: str,
+    boxes_by_category: dict[str, list[BoxCoords]],
+    file_name: str | None,
+    root: Path,
+) -> GroundingSample | None:
+    """The sample of one caption, None if it names no boxed category, or an error saying why it cannot be."""
+    if len(caption) > MAX_CAPTION_CHARS:
+        raise AnnotationError(f"the caption has {len(caption)} characters, more than {MAX_CAPTION_CHARS}")
+    phrases = find_phrases(caption, boxes_by_category)
+    if not phrases:
+        return None
+    if file_name is None:
+        raise AnnotationError("a caption of an image that has no entry in 'images'")
+    confined_image(root, file_name)
+    return GroundingSample(sample_id, root / file_name, caption, phrases, image_root=root)

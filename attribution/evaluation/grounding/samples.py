@@ -8,13 +8,16 @@ Readers of the dataset formats live in their own modules and all return ``Ground
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from attribution.errors import AttributionError
 from attribution.evaluation.grounding.errors import AnnotationError
+from attribution.evaluation.grounding.files import check_image_file, read_image_bytes
 from attribution.images import decode_image
 
 if TYPE_CHECKING:
@@ -38,18 +41,22 @@ class Phrase:
         if not self.boxes:
             raise AnnotationError(f"phrase span {self.span} has no box")
         for x0, y0, x1, y1 in self.boxes:
+            if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+                raise AnnotationError(f"box {(x0, y0, x1, y1)} has a coordinate that is not a finite number")
             if not (x0 < x1 and y0 < y1):
                 raise AnnotationError(f"box {(x0, y0, x1, y1)} is empty: need x0 < x1 and y0 < y1")
 
 
 @dataclass(frozen=True)
 class GroundingSample:
-    """One captioned image. ``image`` is a decoded image or the path of a file to decode when needed."""
+    """One captioned image. ``image`` is a decoded image or the path of a file to decode when needed;
+    a path read from annotations must stay inside ``image_root`` (checked when read, symlinks resolved)."""
 
     id: str
     image: Image.Image | Path
     caption: str
     phrases: tuple[Phrase, ...]
+    image_root: Path | None = None
 
     def __post_init__(self) -> None:
         for phrase in self.phrases:
@@ -68,10 +75,32 @@ class GroundingSample:
         if isinstance(self.image, Image.Image):
             return self.image if self.image.mode == "RGB" else self.image.convert("RGB")
         try:
-            data = Path(self.image).read_bytes()
-        except OSError as e:
-            raise AnnotationError(f"sample {self.id}: cannot read image {self.image}: {e}") from e
-        return decode_image(data)
+            return decode_image(read_image_bytes(Path(self.image), self.image_root))
+        except AttributionError as e:
+            raise AnnotationError(f"sample {self.id}: {e}") from e
+
+    def check_image(self) -> None:
+        """Raise now what ``load_image`` would for a missing, oversized or misplaced file (not decoding)."""
+        if isinstance(self.image, Path):
+            try:
+                check_image_file(self.image, self.image_root)
+            except AnnotationError as e:
+                raise AnnotationError(f"sample {self.id}: {e}") from e
+
+
+@dataclass(frozen=True)
+class InvalidSample:
+    """A sample left out of a run, and why."""
+
+    id: str
+    reason: str
+
+
+def invalid(sample_id: str, error: AttributionError, skipped: list[InvalidSample] | None) -> None:
+    """Record the bad sample in ``skipped``, or, without such a list, raise an error naming it."""
+    if skipped is None:
+        raise AnnotationError(f"invalid sample {sample_id}: {error}") from error
+    skipped.append(InvalidSample(sample_id, str(error)))
 
 
 def from_scene(scene: Scene, index: int) -> GroundingSample:
