@@ -36,12 +36,10 @@ from attribution.evaluation.grounding.report import (
     write_json,
 )
 from attribution.evaluation.grounding.samples import GroundingSample, InvalidSample
+from attribution.evaluation.scenes import GROUNDING_SEED
 from attribution.models import LoadedModel, load_model
 
 DATASETS = ("scenes", "coco", "flickr30k")
-# The benchmark's own held-out scenes: not a training seed, and not the seed the training script uses
-# to pick its best checkpoint, so the checkpoint was never selected on them.
-SCENES_TEST_SEED = 2_000_003
 
 
 def parse_layers(value: str, loaded: LoadedModel) -> list[LayerPair]:
@@ -125,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", choices=DATASETS, default="scenes")
     p.add_argument("--n", type=int, default=200, help="scenes to generate / most samples to read (200)")
-    p.add_argument("--seed", type=int, default=SCENES_TEST_SEED, help="scenes seed (held-out set by default)")
+    p.add_argument("--seed", type=int, default=GROUNDING_SEED, help="scenes seed (held-out set by default)")
     p.add_argument(
         "--skip",
         type=int,

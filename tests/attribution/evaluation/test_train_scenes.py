@@ -1,4 +1,5 @@
-"""scripts/train_scenes.py: deterministic batches, no false negatives, a run that checkpoints and resumes."""
+"""scripts/train_scenes.py and attribution.evaluation.scenes_training: deterministic batches, no false
+negatives, a run that checkpoints and resumes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from attribution.evaluation.scenes import describes, generate_scenes
-from scripts.train_scenes import also_true_mask, lr_at, main, objects_mix, training_batch
+from attribution.evaluation.scenes_training import also_true_mask, objects_mix, training_batch
+from scripts.train_scenes import lr_at, main
 
 
 def test_training_batches_are_fixed_by_seed_and_step():
