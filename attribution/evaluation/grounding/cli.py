@@ -79,7 +79,7 @@ def load_samples(args: argparse.Namespace, skipped: list[InvalidSample] | None) 
         from attribution.evaluation.grounding.samples import from_scene
         from attribution.evaluation.scenes import generate_scenes
 
-        scenes = generate_scenes(args.skip + args.n, args.seed)[args.skip :]
+        scenes = generate_scenes(args.skip + args.n, args.seed, n_objects=args.objects)[args.skip :]
         return [from_scene(s, args.skip + i) for i, s in enumerate(scenes)]
     if not args.images:
         raise InvalidOption(f"--images (the folder of the image files) is required for {args.dataset}")
@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="scenes: leave out the first SKIP (split a run over processes; merge with --tables)",
+    )
+    p.add_argument(
+        "--objects", type=int, choices=(1, 2, 3), help="scenes: this many objects in every scene (1-3 mixed)"
     )
     p.add_argument("--captions", help="coco: captions json")
     p.add_argument("--instances", help="coco: instances json (boxes and categories)")
@@ -184,7 +187,10 @@ def _commit() -> str:
 def print_tables(paths: list[str], out: str | None) -> int:
     """Merge result files of runs on the same samples and print their tables (and write the merge)."""
     read = [read_json(p) for p in paths]
-    result = BenchmarkResult.merge([r for _, r in read])
+    try:
+        result = BenchmarkResult.merge([r for _, r in read])
+    except ValueError as e:
+        raise InvalidOption(f"cannot merge these result files: {e}") from e
     print(text_report(result))
     if out:
         write_json(result, out, {"merged": [c for c, _ in read]})
@@ -194,9 +200,9 @@ def print_tables(paths: list[str], out: str | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.tables:
-        return print_tables(args.tables, args.json)
     try:
+        if args.tables:
+            return print_tables(args.tables, args.json)
         if args.figure:
             require_matplotlib()
         loaded = load_model(args.model, args.pretrained, device=args.device)

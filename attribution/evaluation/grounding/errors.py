@@ -7,7 +7,8 @@ from attribution.errors import AttributionError
 
 
 class AnnotationError(AttributionError):
-    """A COCO or Flickr30k Entities annotation file (or its images) is missing or malformed."""
+    """An input file of the benchmark is missing or malformed: COCO or Flickr30k Entities annotations,
+    their images, or a result file to merge."""
 
 
 class PlottingUnavailable(AttributionError):

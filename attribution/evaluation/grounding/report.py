@@ -12,7 +12,8 @@ from typing import Any
 from PIL import Image
 
 from attribution.evaluation.grounding.benchmark import BenchmarkResult, Layers, layers_label
-from attribution.evaluation.grounding.errors import PlottingUnavailable
+from attribution.evaluation.grounding.errors import AnnotationError, PlottingUnavailable
+from attribution.evaluation.grounding.files import read_json as read_json_file
 from attribution.evaluation.grounding.methods import Batch
 from attribution.evaluation.grounding.metrics import argmax_patch
 
@@ -77,8 +78,12 @@ def write_json(result: BenchmarkResult, path: str | Path, config: dict[str, Any]
 
 
 def read_json(path: str | Path) -> tuple[dict[str, Any], BenchmarkResult]:
-    data = json.loads(Path(path).read_text())
-    return data["config"], BenchmarkResult.from_dict(data)
+    """The configuration and result of a file written by ``write_json``."""
+    data = read_json_file(path, "result file")
+    try:
+        return data["config"], BenchmarkResult.from_dict(data)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise AnnotationError(f"{path} is not a result file of the benchmark: {type(e).__name__}: {e}") from e
 
 
 def require_matplotlib() -> None:

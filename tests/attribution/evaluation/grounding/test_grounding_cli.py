@@ -218,3 +218,10 @@ def test_figure_without_matplotlib_is_a_clear_error_before_any_work(tmp_path, ca
     err = capsys.readouterr().err
     assert "matplotlib" in err and "exclip-service[evaluation]" in err
     assert not figure.exists()
+
+
+def test_scenes_of_a_fixed_object_count(tmp_path):
+    out = tmp_path / "r.json"
+    assert main([*TINY, "--n", "3", "--objects", "2", "--methods", "random", "--json", str(out)]) == 0
+    _, result = read_json(out)
+    assert {s.group for s in result.scores} == {"2 objects"} and len(result.scores) == 6

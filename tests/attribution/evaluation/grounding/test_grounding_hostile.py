@@ -345,3 +345,12 @@ def test_any_flickr_files_give_samples_or_a_clean_error(tmp_path, text, raw, xml
             assert sample.load_image().size == (20, 12)
             assert all(0 <= p.span[0] < p.span[1] <= len(sample.caption) for p in sample.phrases)
     assert time.perf_counter() - start < 2.0
+
+
+def test_tables_of_files_that_are_not_results_are_a_clean_error(tmp_path, capsys):
+    (tmp_path / "other.json").write_text(json.dumps({"config": {}, "scores": [{"x": 1}]}))
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    for name in ("other.json", "deep.json"):
+        assert main(["--tables", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert name in err and "Traceback" not in err
