@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["evaluate"]:  # the grounding benchmark has its own command line
-        from attribution.grounding.cli import main as evaluate
+        from attribution.evaluation.grounding.cli import main as evaluate
 
         return evaluate(argv[1:])
     args = build_parser().parse_args(argv)
