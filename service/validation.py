@@ -9,6 +9,7 @@ says what is allowed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
 
@@ -16,14 +17,14 @@ from PIL import Image
 
 from attribution import models as _models  # noqa: F401 - registers exclip-tiny with open_clip
 from attribution.errors import AttributionError
-from attribution.images import ImageGeometry, transform_geometry
 from attribution.images import image_size as read_image_size
+from attribution.images import transform_geometry
 from attribution.selections import SELECTION_KINDS, Box, Selection, Span, TokenRange, check_selection
 from attribution.text import Tokenizer, tokenize_caption
 from service.catalog import ModelInfo, default_model
 from service.errors import RequestInvalid
 from service.jobs import CaptionRequest, Job, JobRequest
-from service.schemas import ExplainInput, SelectionIn
+from service.schemas import ExplainInput, ExplainOptions, SelectionIn
 from service.settings import Settings
 
 
@@ -66,17 +67,28 @@ def _transform(image_size: tuple[int, ...]) -> Any:
     return open_clip.image_transform(image_size, is_train=False)
 
 
-def _selection(sel: SelectionIn, tokens: list, geometry: ImageGeometry) -> Selection:
-    """One selection of the request, checked with the library's rules (``check_selection``)."""
+def _selection(sel: SelectionIn) -> Selection:
+    """The typed selection an HTTP ``SelectionIn`` stands for (checked later, against the caption)."""
     if sel.box is not None:
-        selection: Selection = Box(*sel.box)
-    else:
-        kind, bounds = ("span", sel.span) if sel.span is not None else ("tokens", sel.tokens)
-        assert bounds is not None  # SelectionIn holds exactly one of span, tokens, box
-        start, end = bounds
-        selection = cast("type[Span] | type[TokenRange]", SELECTION_KINDS[kind])(start, end)
-    check_selection(selection, tokens, geometry)
-    return selection
+        return Box(*sel.box)
+    kind, bounds = ("span", sel.span) if sel.span is not None else ("tokens", sel.tokens)
+    assert bounds is not None  # SelectionIn holds exactly one of span, tokens, box
+    start, end = bounds
+    return cast("type[Span] | type[TokenRange]", SELECTION_KINDS[kind])(start, end)
+
+
+@dataclass(frozen=True)
+class ExplainCall:
+    """A request as the service takes it from any front end (the HTTP routes, the Label Studio
+    backend): typed selections, and options where None means the served model's default."""
+
+    captions: tuple[CaptionRequest, ...]
+    model: str | None = None
+    text_layer: int | None = None
+    image_layer: int | None = None
+    steps: int = ExplainOptions.model_fields["steps"].default
+    precision: str = ExplainOptions.model_fields["precision"].default
+    format: str = ExplainOptions.model_fields["format"].default
 
 
 def image_size(data: bytes, settings: Settings) -> tuple[int, int]:
@@ -94,35 +106,62 @@ def build_job(
     size: tuple[int, int],
     owner: str | None,
 ) -> Job:
-    """The job record for a valid request; raises ``RequestInvalid`` naming the first problem."""
+    """The job record for a valid HTTP request; raises ``RequestInvalid`` naming the first problem."""
+    captions = []
+    for i, caption in enumerate(inp.captions):
+        try:
+            selections = tuple(_selection(s) for s in caption.selections)
+        except AttributionError as exc:
+            raise RequestInvalid(f"caption {i}: {exc}") from None
+        captions.append(CaptionRequest(caption.text, selections))
     opts = inp.options
-    name = opts.model or default_model(served, settings)
+    call = ExplainCall(
+        tuple(captions),
+        opts.model,
+        opts.text_layer,
+        opts.image_layer,
+        opts.steps,
+        opts.precision,
+        opts.format,
+    )
+    return build_call_job(call, served, settings, size, owner)
+
+
+def build_call_job(
+    call: ExplainCall,
+    served: dict[str, ModelInfo],
+    settings: Settings,
+    size: tuple[int, int],
+    owner: str | None,
+) -> Job:
+    """The job record for a valid request; raises ``RequestInvalid`` naming the first problem."""
+    name = call.model or default_model(served, settings)
     if name not in served:
         raise RequestInvalid(
             f"unknown model {name!r}: the workers hold {', '.join(sorted(served))} (see GET /models)"
         )
     info = served[name]
-    if not 1 <= len(inp.captions) <= settings.max_captions:
+    if not 1 <= len(call.captions) <= settings.max_captions:
         raise RequestInvalid(
-            f"{len(inp.captions)} captions given; allowed: 1..{settings.max_captions} "
+            f"{len(call.captions)} captions given; allowed: 1..{settings.max_captions} "
             "per request (EXCLIP_MAX_CAPTIONS)"
         )
-    n_selections = sum(len(c.selections) for c in inp.captions)
+    n_selections = sum(len(c.selections) for c in call.captions)
     if n_selections > settings.max_selections:
         raise RequestInvalid(
             f"{n_selections} selections given; allowed: at most {settings.max_selections} "
             "per request (EXCLIP_MAX_SELECTIONS)"
         )
-    if not 1 <= opts.steps <= settings.max_steps:
-        raise RequestInvalid(f"steps {opts.steps} is out of range: use 1..{settings.max_steps}")
-    text_layer = _layer("text_layer", opts.text_layer, info, "text")
-    image_layer = _layer("image_layer", opts.image_layer, info, "image")
+    if not 1 <= call.steps <= settings.max_steps:
+        raise RequestInvalid(f"steps {call.steps} is out of range: use 1..{settings.max_steps}")
+    text_layer = _layer("text_layer", call.text_layer, info, "text")
+    image_layer = _layer("image_layer", call.image_layer, info, "image")
 
     patch_size = (info.patch_size[0], info.patch_size[1])
     grid = (info.grid[0], info.grid[1])
     geometry = transform_geometry(*size, _transform(tuple(info.image_size)), patch_size, grid)
     captions = []
-    for i, caption in enumerate(inp.captions):
+    for i, caption in enumerate(call.captions):
         try:
             _, tokens = tokenize_caption(
                 caption.text,
@@ -130,18 +169,19 @@ def build_job(
                 context_length=info.context_length,
                 max_chars=settings.max_caption_chars,
             )
-            selections = [_selection(s, tokens, geometry) for s in caption.selections]
+            for selection in caption.selections:
+                check_selection(selection, tokens, geometry)
         except AttributionError as exc:
             raise RequestInvalid(f"caption {i}: {exc}") from None
-        captions.append(CaptionRequest(caption.text, tuple(selections)))
+        captions.append(caption)
 
     request = JobRequest(
         model=name,
         text_layer=text_layer,
         image_layer=image_layer,
-        steps=opts.steps,
-        precision=opts.precision,
-        format=opts.format,
+        steps=call.steps,
+        precision=call.precision,
+        format=call.format,
         captions=tuple(captions),
     )
     return Job(request=request, owner=owner)

@@ -220,9 +220,8 @@ class ImageFetcher:
         if own <= 0:
             raise ImageUnavailable(f"image {_shown(ref)}: not fetched, {why} is spent")
         try:
-            async with asyncio.timeout(own):
-                return await self._fetch(client, url, ref)
-        except TimeoutError:
+            return await asyncio.wait_for(self._fetch(client, url, ref), own)
+        except asyncio.TimeoutError:
             raise ImageUnavailable(f"image {_shown(ref)}: not downloaded within {why}") from None
 
     async def _fetch(self, client: httpx.AsyncClient, url: str, ref: str) -> bytes:

@@ -217,7 +217,7 @@ def _basic(key: str) -> dict[str, str]:
 async def test_setup_over_http_is_kept_for_its_key_only(keyed_client: TestClient) -> None:
     reply = keyed_client.post("/label-studio/setup", json=_setup_body("5"), headers=_basic("key-a"))
     assert reply.status_code == 200, reply.text
-    store, secret = keyed_client.app.state.label_studio_projects, keyed_client.app.state.settings.owner_key
+    store, secret = keyed_client.app.state.label_studio.projects, keyed_client.app.state.settings.owner_key
     assert await store.get(owner_tag("key-a", secret), "5") is not None
     assert await store.get(owner_tag("key-b", secret), "5") is None
 
