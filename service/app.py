@@ -34,7 +34,8 @@ def create_app(
 ) -> FastAPI:
     """The API; with ``worker_models`` (embedded mode) also a worker computing on the same queue.
 
-    Raises ``ConfigError`` for settings it cannot run with (an unreadable or empty keys file).
+    Raises ``ConfigError`` for settings it cannot run with (an unreadable or empty keys file, a
+    ``LABEL_STUDIO_URL`` images cannot be fetched from).
     """
     settings = settings or Settings()
     if settings.keys and settings.owner_secret is None:
