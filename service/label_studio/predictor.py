@@ -5,11 +5,12 @@ or the annotator's span/box) that the workers compute, batched, exactly like ``P
 ``/predict`` call carries every selected task and Label Studio waits at most 100 s for the answer,
 so the tasks go in chunks of ``EXCLIP_MAX_BATCH`` (one engine call each) and stop when the next
 chunk would not fit in ``EXCLIP_LABEL_STUDIO_BUDGET_S``; the log says so. The budget is also every
-image download's deadline, waiting included. A chunk's tasks are read (``service.label_studio.tasks``)
-when its turn comes, in a worker thread, so neither a long batch nor a costly task holds the event
-loop. Tasks left out or failed get an entry without ``result``: Label Studio stores no prediction
-for them, so running "Retrieve predictions" again picks them up; the log sums them up in one line per
-call. A call that is cancelled (its client left, the process stops) cancels the jobs it queued.
+image download's deadline, waiting included (the first chunk's is at least ``FIRST_CHUNK_DOWNLOAD_S``).
+A chunk's tasks are read (``service.label_studio.tasks``) when its turn comes, in a worker thread, so
+neither a long batch nor a costly task holds the event loop. Tasks left out or failed get an entry
+without ``result``: Label Studio stores no prediction for them, so running "Retrieve predictions"
+again picks them up; the log sums them up in one line per call. A call that is cancelled (its client
+left, the process stops) cancels the jobs it queued.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ log = logging.getLogger("exclip.label_studio")
 
 LOGGED_EXAMPLES = 3
 """Tasks named in the one warning a call logs about the tasks without a prediction."""
+FIRST_CHUNK_DOWNLOAD_S = 5.0
+"""The first chunk always runs: its images may take this long to download even when the budget is
+smaller (a budget under it is for tests; Label Studio's is 80 s)."""
 
 
 def model_version(name: str, pretrained: str | None) -> str:
@@ -254,7 +258,8 @@ class Predictor:
             chunk_started = time.monotonic()
             try:
                 await run_in_threadpool(self._read_tasks, chunk, config, context)
-                await self._fetch_images([w for w in chunk if w.error is None], fetcher, deadline)
+                fetched_by = deadline if at else max(deadline, chunk_started + FIRST_CHUNK_DOWNLOAD_S)
+                await self._fetch_images([w for w in chunk if w.error is None], fetcher, fetched_by)
                 for work in chunk:
                     if work.error is None:
                         await self._build_job(work, served)
