@@ -17,9 +17,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import Message, Scope
 
 from attribution.models import LoadedModel
-from service.connections import create_project_store, create_queue
+from service.connections import create_queue
 from service.dependencies import api_key_owner
 from service.errors import install_handlers
+from service.label_studio.backend import LabelStudioBackend
 from service.middleware import BodyLimits, HeadAndSecurityHeaders
 from service.routers import health, heatmap, jobs, label_studio, metrics, models
 from service.settings import Settings
@@ -33,7 +34,8 @@ def create_app(
 ) -> FastAPI:
     """The API; with ``worker_models`` (embedded mode) also a worker computing on the same queue.
 
-    Raises ``ConfigError`` for settings it cannot run with (an unreadable or empty keys file).
+    Raises ``ConfigError`` for settings it cannot run with (an unreadable or empty keys file, a
+    ``LABEL_STUDIO_URL`` images cannot be fetched from).
     """
     settings = settings or Settings()
     if settings.keys and settings.owner_secret is None:
@@ -42,7 +44,7 @@ def create_app(
             "jobs are readable only through it; set the same secret on every API replica"
         )
     queue = create_queue(settings)
-    projects = create_project_store(settings)
+    label_studio_backend = LabelStudioBackend(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -53,6 +55,7 @@ def create_app(
             worker = Worker(queue, worker_models, settings)
             worker_task = asyncio.create_task(worker.run())
         await _build_routes(app)
+        label_studio_backend.start()
         try:
             yield
         finally:
@@ -60,7 +63,7 @@ def create_app(
                 worker.stop()  # finishes and stores the batch it is computing
                 await worker_task
             await queue.close()
-            await projects.close()
+            await label_studio_backend.close()
 
     app = FastAPI(
         title="exclip-service",
@@ -69,7 +72,7 @@ def create_app(
         description="Second-order caption–image attributions (Moeller et al., TMLR 2025) for "
         "open_clip CLIP models.",
     )
-    app.state.settings, app.state.queue, app.state.label_studio_projects = settings, queue, projects
+    app.state.settings, app.state.queue, app.state.label_studio = settings, queue, label_studio_backend
 
     app.add_middleware(
         BodyLimits,

@@ -1,5 +1,5 @@
-"""Connections: Redis clients with short timeouts, and the choice of back-ends (the job queue, the
-Label Studio project setups) from settings.
+"""Connections: Redis clients with short timeouts, and the choice of the job queue's back-end from
+settings.
 
 Short socket timeouts and a single quick retry make a lost Redis show up as an error within
 seconds (the API turns it into 503) instead of a hang; redis-py reconnects by itself on the next
@@ -14,7 +14,6 @@ from redis.backoff import ExponentialBackoff
 
 from service.errors import QUEUE_DOWN  # noqa: F401 - re-exported: where callers look for it
 from service.keys import Keys
-from service.label_studio.projects import MemoryProjects, ProjectStore, RedisProjects
 from service.queue.base import JobQueue
 from service.settings import Settings
 
@@ -46,12 +45,3 @@ def create_queue(settings: Settings) -> JobQueue:
     from service.queue.memory import MemoryQueue
 
     return MemoryQueue(ttl_s=settings.result_ttl_s, max_stored_bytes=settings.max_stored_bytes)
-
-
-def create_project_store(settings: Settings) -> ProjectStore:
-    """Label Studio project setups beside the jobs: in Redis when ``REDIS_URL`` is set, else in memory."""
-    if settings.redis_url:
-        return RedisProjects(
-            redis_client(settings.redis_url, timeout_s=settings.redis_timeout_s), Keys(settings.key_prefix)
-        )
-    return MemoryProjects()

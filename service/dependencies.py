@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, queue, Label Studio project setups, API-key auth and job ownership.
+"""FastAPI dependencies: settings, queue, API-key auth and job ownership.
 
 ``OwnedJob`` is how a route reads a job: it applies auth and gives the ``Job`` (with its result),
 or raises 404 (unknown, expired, or another key's job) / 401 (missing or wrong key when keys are
@@ -17,7 +17,6 @@ from fastapi import Depends, HTTPException, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.jobs import Job
-from service.label_studio.projects import ProjectStore
 from service.queue import JobQueue
 from service.settings import Settings
 
@@ -28,10 +27,6 @@ def get_settings(request: Request) -> Settings:
 
 def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
-
-
-def get_project_store(request: Request) -> ProjectStore:
-    return request.app.state.label_studio_projects
 
 
 def owner_tag(key: str, secret: bytes) -> str:
@@ -116,7 +111,6 @@ def basic_or_bearer_owner(
 
 Owner = Annotated[str | None, Depends(api_key_owner)]
 Queue = Annotated[JobQueue, Depends(get_queue)]
-Projects = Annotated[ProjectStore, Depends(get_project_store)]
 AppSettings = Annotated[Settings, Depends(get_settings)]
 
 

@@ -80,11 +80,10 @@ class Keys:
         """Sorted set of results of finished jobs scored by finish time: evicted after every image."""
         return f"{self.prefix}:stored:results"
 
-    @property
-    def label_studio_setups(self) -> str:
-        """Hash: ``<owner tag>/<Label Studio project id>`` -> what its last ``/setup`` said (host, token,
-        thresholds)."""
-        return f"{self.prefix}:label-studio:setups"
+    def label_studio_setups(self, owner: str | None) -> str:
+        """Hash of one key's (owner tag's) projects: ``<owner tag>/<Label Studio project id>`` -> what
+        its last ``/setup`` said (host, token, thresholds). It expires with the key's sorted set below."""
+        return f"{self.prefix}:label-studio:setups:{owner or '-'}"
 
     def label_studio_setup_times(self, owner: str | None) -> str:
         """Sorted set of one key's (owner tag's) projects scored by their last ``/setup``: the oldest is

@@ -7,10 +7,11 @@ describe the Job JSON of docs/contract.md for the OpenAPI page.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from attribution.explainer import DEFAULT_PRECISION, DEFAULT_STEPS, PRECISIONS
 from attribution.pipeline import MATRIX_FORMATS
@@ -32,6 +33,19 @@ SELECTION_FIELDS = {
 # Older spellings of form fields, still accepted: field -> its name in SELECTION_FIELDS.
 FORM_FIELD_ALIASES = {"token_range": TokenRange.KIND}
 
+# Decimal text, and the names of the non-finite floats (left to each field's own finiteness check).
+_DECIMAL = re.compile(r"[+-]?((\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|nan|inf|infinity)", re.IGNORECASE)
+
+
+def _plain_number(value: Any) -> Any:
+    """A JSON number, or its decimal text (form fields are text); not a boolean, and not the other
+    spellings pydantic's lax mode reads ("5_0" as 50, true as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value.strip()):
+        raise ValueError(f"must be a decimal number, got {value[:40]!r}")
+    return value
+
 
 class SelectionIn(BaseModel):
     """Exactly one of: a character span, a token range (end exclusive, SOT is 0), a pixel box."""
@@ -42,6 +56,11 @@ class SelectionIn(BaseModel):
     box: tuple[float, float, float, float] | None = Field(
         None, description="x0, y0, x1, y1 in original-image pixels"
     )
+
+    @field_validator("span", "tokens", "box", mode="before")
+    @classmethod
+    def _plain_numbers(cls, value: Any) -> Any:
+        return [_plain_number(v) for v in value] if isinstance(value, list | tuple) else value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SelectionIn:
@@ -100,6 +119,11 @@ class ExplainOptions(BaseModel):
         description="seconds POST /explain waits "
         "for the result (bounded by EXCLIP_WAIT_MAX_S); default: the bound",
     )
+
+    @field_validator("text_layer", "image_layer", "steps", "wait", mode="before")
+    @classmethod
+    def _plain_numbers(cls, value: Any) -> Any:
+        return _plain_number(value)
 
 
 class ExplainJSON(ExplainOptions):

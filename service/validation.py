@@ -9,6 +9,7 @@ says what is allowed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -22,8 +23,8 @@ from attribution.selections import check_selection
 from attribution.text import Tokenizer, tokenize_caption
 from service.catalog import ModelInfo, default_model
 from service.errors import RequestInvalid
-from service.jobs import Job, JobRequest
-from service.schemas import ExplainInput
+from service.jobs import CaptionRequest, Job, JobRequest
+from service.schemas import ExplainInput, ExplainOptions
 from service.settings import Settings
 
 
@@ -66,6 +67,20 @@ def _transform(image_size: tuple[int, ...]) -> Any:
     return open_clip.image_transform(image_size, is_train=False)
 
 
+@dataclass(frozen=True)
+class ExplainCall:
+    """A request as the service takes it from any front end (the HTTP routes, the Label Studio
+    backend): typed selections, and options where None means the served model's default."""
+
+    captions: tuple[CaptionRequest, ...]
+    model: str | None = None
+    text_layer: int | None = None
+    image_layer: int | None = None
+    steps: int = ExplainOptions.model_fields["steps"].default
+    precision: str = ExplainOptions.model_fields["precision"].default
+    format: str = ExplainOptions.model_fields["format"].default
+
+
 def image_size(data: bytes, settings: Settings) -> tuple[int, int]:
     """The upload's upright (width, height), from its header (format, pixel and aspect-ratio checks)."""
     try:
@@ -81,34 +96,54 @@ def build_job(
     size: tuple[int, int],
     owner: str | None,
 ) -> Job:
-    """The job record for a valid request; raises ``RequestInvalid`` naming the first problem."""
+    """The job record for a valid HTTP request; raises ``RequestInvalid`` naming the first problem."""
     opts = inp.options
-    name = opts.model or default_model(served, settings)
+    call = ExplainCall(
+        tuple(inp.captions),
+        opts.model,
+        opts.text_layer,
+        opts.image_layer,
+        opts.steps,
+        opts.precision,
+        opts.format,
+    )
+    return build_call_job(call, served, settings, size, owner)
+
+
+def build_call_job(
+    call: ExplainCall,
+    served: dict[str, ModelInfo],
+    settings: Settings,
+    size: tuple[int, int],
+    owner: str | None,
+) -> Job:
+    """The job record for a valid request; raises ``RequestInvalid`` naming the first problem."""
+    name = call.model or default_model(served, settings)
     if name not in served:
         raise RequestInvalid(
             f"unknown model {name!r}: the workers hold {', '.join(sorted(served))} (see GET /models)"
         )
     info = served[name]
-    if not 1 <= len(inp.captions) <= settings.max_captions:
+    if not 1 <= len(call.captions) <= settings.max_captions:
         raise RequestInvalid(
-            f"{len(inp.captions)} captions given; allowed: 1..{settings.max_captions} "
+            f"{len(call.captions)} captions given; allowed: 1..{settings.max_captions} "
             "per request (EXCLIP_MAX_CAPTIONS)"
         )
-    n_selections = sum(len(c.selections) for c in inp.captions)
+    n_selections = sum(len(c.selections) for c in call.captions)
     if n_selections > settings.max_selections:
         raise RequestInvalid(
             f"{n_selections} selections given; allowed: at most {settings.max_selections} "
             "per request (EXCLIP_MAX_SELECTIONS)"
         )
-    if not 1 <= opts.steps <= settings.max_steps:
-        raise RequestInvalid(f"steps {opts.steps} is out of range: use 1..{settings.max_steps}")
-    text_layer = _layer("text_layer", opts.text_layer, info, "text")
-    image_layer = _layer("image_layer", opts.image_layer, info, "image")
+    if not 1 <= call.steps <= settings.max_steps:
+        raise RequestInvalid(f"steps {call.steps} is out of range: use 1..{settings.max_steps}")
+    text_layer = _layer("text_layer", call.text_layer, info, "text")
+    image_layer = _layer("image_layer", call.image_layer, info, "image")
 
     patch_size = (info.patch_size[0], info.patch_size[1])
     grid = (info.grid[0], info.grid[1])
     geometry = transform_geometry(*size, _transform(tuple(info.image_size)), patch_size, grid)
-    for i, caption in enumerate(inp.captions):
+    for i, caption in enumerate(call.captions):
         try:
             _, tokens = tokenize_caption(
                 caption.text,
@@ -125,9 +160,9 @@ def build_job(
         model=name,
         text_layer=text_layer,
         image_layer=image_layer,
-        steps=opts.steps,
-        precision=opts.precision,
-        format=opts.format,
-        captions=tuple(inp.captions),
+        steps=call.steps,
+        precision=call.precision,
+        format=call.format,
+        captions=call.captions,
     )
     return Job(request=request, owner=owner)

@@ -1,15 +1,16 @@
-"""Tasks -> explanation jobs on the queue -> Label Studio predictions.
+"""A ``/predict`` call: tasks -> explanation jobs on the queue -> Label Studio predictions, in budget.
 
 The API holds no model: each task becomes one job (its image, its caption, one selection per phrase
 or the annotator's span/box) that the workers compute, batched, exactly like ``POST /jobs``. A
 ``/predict`` call carries every selected task and Label Studio waits at most 100 s for the answer,
 so the tasks go in chunks of ``EXCLIP_MAX_BATCH`` (one engine call each) and stop when the next
-chunk would not fit in ``EXCLIP_LABEL_STUDIO_BUDGET_S``; the log says so. A chunk's tasks are read
-(caption, phrase search) when its turn comes, in a worker thread, after the caption length limit and
-with at most ``EXCLIP_MAX_SELECTIONS`` phrases each, so neither a long batch nor a costly task holds
-the event loop. Tasks left out or failed get an entry without ``result``: Label Studio stores no
-prediction for them, so running "Retrieve predictions" again picks them up; the log sums them up in
-one line per call.
+chunk would not fit in ``EXCLIP_LABEL_STUDIO_BUDGET_S``; the log says so. The budget is also every
+image download's deadline, waiting included (the first chunk's is at least ``FIRST_CHUNK_DOWNLOAD_S``).
+A chunk's tasks are read (``service.label_studio.tasks``) when its turn comes, in a worker thread, so
+neither a long batch nor a costly task holds the event loop. Tasks left out or failed get an entry
+without ``result``: Label Studio stores no prediction for them, so running "Retrieve predictions"
+again picks them up; the log sums them up in one line per call. A call that is cancelled (its client
+left, the process stops) cancels the jobs it queued.
 """
 
 from __future__ import annotations
@@ -17,16 +18,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
-from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
-import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from attribution.errors import InvalidSelection
+from attribution.errors import AttributionError
+from attribution.pipeline import Explanation
 from attribution.selections import Box, Selection, Span
 from service.catalog import ModelInfo, default_model, served_models
 from service.errors import QueueFull, RequestInvalid
@@ -34,21 +33,21 @@ from service.jobs import CaptionRequest, Job, JobStatus
 from service.label_studio import results
 from service.label_studio.config import LabelConfig, parse_label_config
 from service.label_studio.errors import ImageRefused, LabelConfigInvalid, TaskInvalid
-from service.label_studio.fetch import ImageFetcher
+from service.label_studio.fetch import Downloads, ImageFetcher
 from service.label_studio.projects import ProjectSetup
 from service.label_studio.protocol import PredictIn, Thresholds
+from service.label_studio.tasks import Context, TaskWork, parse_context, read_task
 from service.queue import JobQueue
-from service.schemas import ExplainInput, ExplainOptions
 from service.settings import Settings
-from service.validation import build_job, image_size
+from service.validation import ExplainCall, build_call_job, image_size
 
 log = logging.getLogger("exclip.label_studio")
 
 LOGGED_EXAMPLES = 3
 """Tasks named in the one warning a call logs about the tasks without a prediction."""
-PHRASES_KEY = "phrases"
-"""Task data field with the phrases: strings found in the caption, or [start, end] character offsets."""
-BOX_KEYS = ("x", "y", "width", "height")
+FIRST_CHUNK_DOWNLOAD_S = 5.0
+"""The first chunk always runs: its images may take this long to download even when the budget is
+smaller (a budget under it is for tests; Label Studio's is 80 s)."""
 
 
 def model_version(name: str, pretrained: str | None) -> str:
@@ -67,132 +66,7 @@ def default_thresholds(settings: Settings) -> Thresholds:
     )
 
 
-@dataclass(frozen=True)
-class Context:
-    """The annotator's input in an interactive request: a caption span or an image box (percent)."""
-
-    span: tuple[int, int] | None = None  # character offsets (code points), as Label Studio gives them
-    box: tuple[float, float, float, float] | None = None  # x, y, width, height in percent
-
-
-def parse_context(context: dict[str, Any] | None, config: LabelConfig) -> Context | None:
-    """The first span on the Text or box on the Image in ``context["result"]``; None for a batch call."""
-    if not context or not context.get("result"):
-        return None
-    for item in context["result"]:
-        value = item.get("value") if isinstance(item, dict) else None
-        if not isinstance(value, dict):
-            continue
-        try:
-            if item.get("to_name") == config.text_name and "start" in value and "end" in value:
-                return Context(span=(int(value["start"]), int(value["end"])))
-            if item.get("to_name") == config.image_name and all(k in value for k in BOX_KEYS):
-                x, y, w, h = (float(value[k]) for k in BOX_KEYS)
-                return Context(box=(x, y, w, h))
-        except (TypeError, ValueError):
-            raise TaskInvalid(f"context region {item.get('id')!r} has non-numeric coordinates") from None
-    raise TaskInvalid(
-        f'the context has no span on <Text name="{config.text_name}"> and no rectangle on '
-        f'<Image name="{config.image_name}">; draw one of those'
-    )
-
-
-@dataclass
-class _Work:
-    """One task on its way through: inputs, the job, then the prediction or the reason there is none."""
-
-    task: dict[str, Any]
-    caption: str = ""
-    spans: list[tuple[int, int]] = field(default_factory=list)  # character offsets into the caption
-    box_pct: tuple[float, float, float, float] | None = None
-    interactive: bool = False
-    image_ref: Any = None
-    image: bytes | None = None
-    phrases_cut: bool = False  # more phrases than EXCLIP_MAX_SELECTIONS: the first ones are explained
-    job: Job | None = None
-    prediction: str | None = None  # encoded as JSON once, as it is measured against the answer's limit
-    error: str | None = None
-
-    @property
-    def task_id(self) -> Any:
-        return self.task.get("id")
-
-    def named_error(self) -> str:
-        prefix = f"task {self.task_id}: "
-        return self.error if self.error and self.error.startswith(prefix) else f"{prefix}{self.error}"
-
-
-def _caption(task: dict[str, Any], config: LabelConfig, max_chars: int) -> str:
-    data = task.get("data")
-    if not isinstance(data, dict):
-        raise TaskInvalid(f"task {task.get('id')}: data must be an object")
-    caption = data.get(config.text_key)
-    if isinstance(caption, str) and len(caption) > max_chars:  # checked before any work on the caption
-        raise TaskInvalid(
-            f"task {task.get('id')}: data.{config.text_key} has {len(caption)} characters; the limit is "
-            f"{max_chars} (EXCLIP_MAX_CAPTION_CHARS): shorten the caption"
-        )
-    if not isinstance(caption, str) or not caption.strip():
-        raise TaskInvalid(
-            f"task {task.get('id')}: data.{config.text_key} must be the caption (a non-empty string)"
-        )
-    return caption
-
-
-def _checked_span(caption: str, start: int, end: int) -> tuple[int, int]:
-    if not 0 <= start < end <= len(caption):
-        raise TaskInvalid(
-            f"span [{start}, {end}] does not fit the caption: need 0 <= start < end <= "
-            f"{len(caption)} (characters, an emoji counts one)"
-        )
-    return start, end
-
-
-def _find(phrase: str, caption: str) -> re.Match | None:
-    """The first match: as a whole word if possible (so "a" is not the "a" in "cat"), exact case first."""
-    if len(phrase) > len(caption):  # a match has the phrase's length; no pattern to compile
-        return None
-    escaped = re.escape(phrase)
-    for pattern, flags in (
-        (rf"(?<!\w){escaped}(?!\w)", 0),
-        (rf"(?<!\w){escaped}(?!\w)", re.I),
-        (escaped, 0),
-        (escaped, re.I),
-    ):
-        found = re.search(pattern, caption, flags)
-        if found:
-            return found
-    return None
-
-
-def _phrase_spans(caption: str, phrases: Any, limit: int) -> list[tuple[int, int]]:
-    """The first ``limit`` phrases of a task as Python spans (no span twice); the whole caption without
-    phrases. Phrases past the limit are not searched."""
-    if phrases is None or phrases == []:
-        return [(0, len(caption))]
-    if not isinstance(phrases, list):
-        raise TaskInvalid(f"data.{PHRASES_KEY} must be a list of strings or [start, end] pairs")
-    spans: list[tuple[int, int]] = []
-    for phrase in phrases[:limit]:
-        if isinstance(phrase, str):
-            found = _find(phrase, caption)
-            if not phrase.strip() or found is None:
-                raise TaskInvalid(f"phrase {phrase[:80]!r} is not in the caption {caption[:80]!r}")
-            span = found.span()
-        elif (
-            isinstance(phrase, list)
-            and len(phrase) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in phrase)
-        ):
-            span = _checked_span(caption, *phrase)
-        else:
-            raise TaskInvalid(f"phrase {str(phrase)[:80]} is neither a string nor a [start, end] pair")
-        if span not in spans:
-            spans.append(span)
-    return spans
-
-
-def _leave_for_next_call(works: list[_Work], at: int, reason: str, detail: str) -> None:
+def _leave_for_next_call(works: list[TaskWork], at: int, reason: str, detail: str) -> None:
     """Answer the tasks from ``at`` on without a prediction, so the next call predicts them."""
     log.warning(
         "label-studio: %d of %d task(s) left for the next call: %s; run 'Retrieve predictions' again "
@@ -205,14 +79,25 @@ def _leave_for_next_call(works: list[_Work], at: int, reason: str, detail: str) 
         work.error = f"left for the next call ({reason})"
 
 
+def pixel_box(box_pct: tuple[float, float, float, float], size: tuple[int, int]) -> Box:
+    """Label Studio's x, y, width, height in percent of the image -> x0, y0, x1, y1 in its pixels."""
+    (x, y, w, h), (width, height) = box_pct, size
+    return Box(x * width / 100, y * height / 100, (x + w) * width / 100, (y + h) * height / 100)
+
+
 class Predictor:
     """Answers one ``/predict`` call; see the module docstring."""
 
     def __init__(
-        self, queue: JobQueue, settings: Settings, owner: str | None, setup: ProjectSetup | None
+        self,
+        queue: JobQueue,
+        settings: Settings,
+        owner: str | None,
+        setup: ProjectSetup | None,
+        downloads: Downloads | None = None,
     ) -> None:
         self.queue, self.settings, self.owner = queue, settings, owner
-        self.setup = setup
+        self.setup, self.downloads = setup, downloads
         self.thresholds = default_thresholds(settings).updated(setup.thresholds if setup else None)
 
     def fetcher(self) -> ImageFetcher:
@@ -228,7 +113,7 @@ class Predictor:
                 "from Label Studio (its /setup call tells it)",
                 422,
             )
-        return ImageFetcher(url, token, max_bytes=s.max_upload_bytes)
+        return ImageFetcher(url, token, max_bytes=s.max_upload_bytes, downloads=self.downloads)
 
     async def predict(self, body: PredictIn) -> list[str]:
         """One JSON-encoded entry per task, in order: its prediction, or why it has none."""
@@ -248,7 +133,7 @@ class Predictor:
         info = served[name]
         version = model_version(info.name, info.pretrained)
 
-        works = [_Work(task=task) for task in body.tasks]
+        works = [TaskWork(task=task) for task in body.tasks]
         try:
             fetcher: ImageFetcher | RequestInvalid = self.fetcher()
         except RequestInvalid as exc:  # the tasks are still read: a bad one gets its own error
@@ -258,7 +143,7 @@ class Predictor:
         self._log_outcome(works, started)
         return [w.prediction or json.dumps({"model_version": version, "error": w.error}) for w in works]
 
-    def _log_outcome(self, works: list[_Work], started: float) -> None:
+    def _log_outcome(self, works: list[TaskWork], started: float) -> None:
         """One line for the call, one for the tasks without a prediction (a few named), one for the tasks
         whose phrases were cut: the log does not grow with the number of tasks."""
         missing = [w for w in works if w.prediction is None]
@@ -283,36 +168,21 @@ class Predictor:
             )
 
     @staticmethod
-    def _raise_if_interactive(works: list[_Work], interactive: bool) -> None:
+    def _raise_if_interactive(works: list[TaskWork], interactive: bool) -> None:
         if interactive and works[0].error is not None:
             raise TaskInvalid(works[0].error)
 
-    def _read_tasks(self, works: list[_Work], config: LabelConfig, context: Context | None) -> None:
+    def _read_tasks(self, works: list[TaskWork], config: LabelConfig, context: Context | None) -> None:
+        limits = {
+            "max_selections": self.settings.max_selections,
+            "max_chars": self.settings.max_caption_chars,
+        }
         for work in works:
-            self._read_task(work, config, context)
+            read_task(work, config, context, **limits)
 
-    def _read_task(self, work: _Work, config: LabelConfig, context: Context | None) -> None:
-        """The caption and the phrases' spans, or the annotator's span or box; ``work.error`` if bad.
-
-        Its work grows with the caption and the phrases: called in a worker thread.
-        """
-        limit = self.settings.max_selections
-        try:
-            work.caption = _caption(work.task, config, self.settings.max_caption_chars)
-            if context is None:
-                phrases = work.task["data"].get(PHRASES_KEY)
-                work.spans = _phrase_spans(work.caption, phrases, limit)
-                work.phrases_cut = isinstance(phrases, list) and len(phrases) > limit
-            elif context.span is not None:
-                work.spans = [_checked_span(work.caption, *context.span)]
-            else:
-                work.box_pct = context.box
-            work.interactive = context is not None
-            work.image_ref = work.task["data"].get(config.image_key)
-        except RequestInvalid as exc:
-            work.error = str(exc)
-
-    async def _fetch_images(self, works: list[_Work], fetcher: ImageFetcher | RequestInvalid) -> None:
+    async def _fetch_images(
+        self, works: list[TaskWork], fetcher: ImageFetcher | RequestInvalid, deadline: float
+    ) -> None:
         if not works:
             return
         images: list[bytes | Exception]
@@ -320,7 +190,7 @@ class Predictor:
             images = [fetcher] * len(works)
         else:
             try:
-                images = await fetcher.fetch_all([w.image_ref for w in works])
+                images = await fetcher.fetch_all([w.image_ref for w in works], deadline=deadline)
             except RequestInvalid as exc:  # the host itself is refused or cannot be resolved
                 images = [exc] * len(works)
         for work, image in zip(works, images, strict=True):
@@ -329,29 +199,28 @@ class Predictor:
             else:
                 work.image = image
 
-    async def _build_job(self, work: _Work, served: dict[str, ModelInfo]) -> None:
+    def _call(self, work: TaskWork, size: tuple[int, int], model: str | None) -> ExplainCall:
+        """What the task asks, as the service's request: its caption and spans, or the annotator's box."""
+        selections: tuple[Selection, ...]
+        if work.box_pct is not None:
+            selections = (pixel_box(work.box_pct, size),)
+        else:
+            selections = tuple(Span(start, end) for start, end in work.spans)
+        return ExplainCall(captions=(CaptionRequest(work.caption, selections),), model=model)
+
+    async def _build_job(self, work: TaskWork, served: dict[str, ModelInfo]) -> None:
         name = default_model(served, self.settings)
         assert work.image is not None  # called only for works without an error: the image was fetched
         try:
-            width, height = await run_in_threadpool(image_size, work.image, self.settings)
-            if work.box_pct is not None:
-                x, y, w, h = work.box_pct
-                box = (x * width / 100, y * height / 100, (x + w) * width / 100, (y + h) * height / 100)
-                selections: tuple[Selection, ...] = (Box(*box),)
-            else:
-                selections = tuple(Span(*span) for span in work.spans)
-            caption = CaptionRequest(work.caption, selections)
-            inp = ExplainInput(image=work.image, captions=[caption], options=ExplainOptions(model=name))
-            size = (width, height)
-            work.job = await run_in_threadpool(build_job, inp, served, self.settings, size, self.owner)
-        except RequestInvalid as exc:
+            size = await run_in_threadpool(image_size, work.image, self.settings)
+            call = self._call(work, size, name)
+            work.job = await run_in_threadpool(build_call_job, call, served, self.settings, size, self.owner)
+        except (RequestInvalid, AttributionError) as exc:  # AttributionError: e.g. an empty box
             work.error = f"task {work.task_id}: {exc}"
-        except InvalidSelection as exc:  # a selection the library refused (e.g. a box with NaN)
-            work.error = f"task {work.task_id}: caption 0: {exc}"  # as build_job words its refusals
 
     async def _run_chunks(
         self,
-        works: list[_Work],
+        works: list[TaskWork],
         fetcher: ImageFetcher | RequestInvalid,
         served: dict[str, ModelInfo],
         target: tuple[LabelConfig, Context | None, str],
@@ -366,11 +235,12 @@ class Predictor:
         """
         config, context, version = target
         budget, size = self.settings.label_studio_budget_s, self.settings.max_batch
+        deadline = started + budget
         max_bytes = self.settings.label_studio_max_answer_bytes
         slowest, answered = 0.0, 0
         for at in range(0, len(works), size):
             chunk, left = works[at : at + size], len(works) - at
-            remaining = budget - (time.monotonic() - started)
+            remaining = deadline - time.monotonic()
             if at and slowest > remaining:
                 detail = (
                     f"a chunk of {size} takes about {slowest:.0f} s and {remaining:.0f} s of the "
@@ -388,12 +258,13 @@ class Predictor:
             chunk_started = time.monotonic()
             try:
                 await run_in_threadpool(self._read_tasks, chunk, config, context)
-                await self._fetch_images([w for w in chunk if w.error is None], fetcher)
+                fetched_by = deadline if at else max(deadline, chunk_started + FIRST_CHUNK_DOWNLOAD_S)
+                await self._fetch_images([w for w in chunk if w.error is None], fetcher, fetched_by)
                 for work in chunk:
                     if work.error is None:
                         await self._build_job(work, served)
                 await self._run_chunk(
-                    [w for w in chunk if w.job is not None], served, budget - (time.monotonic() - started)
+                    [w for w in chunk if w.job is not None], served, deadline - time.monotonic()
                 )
                 for work in chunk:
                     if work.error is None and work.job is not None and work.job.result is not None:
@@ -409,15 +280,19 @@ class Predictor:
                     work.image = None
             slowest = max(slowest, time.monotonic() - chunk_started)
 
-    async def _run_chunk(self, chunk: list[_Work], served: dict[str, ModelInfo], timeout_s: float) -> None:
+    async def _run_chunk(self, chunk: list[TaskWork], served: dict[str, ModelInfo], timeout_s: float) -> None:
         jobs: list[Job] = []
-        for work in chunk:
-            assert work.job is not None and work.image is not None  # only works with a built job come here
-            await self.queue.enqueue(
-                work.job, work.image, max_depth=self.settings.max_queue, depth_models=list(served)
-            )
-            jobs.append(work.job)
-        finished = await asyncio.gather(*(self.queue.wait_finished(j.id, timeout_s) for j in jobs))
+        try:
+            for work in chunk:
+                assert work.job is not None and work.image is not None  # only works with a built job
+                await self.queue.enqueue(
+                    work.job, work.image, max_depth=self.settings.max_queue, depth_models=list(served)
+                )
+                jobs.append(work.job)
+            finished = await asyncio.gather(*(self.queue.wait_finished(j.id, timeout_s) for j in jobs))
+        except asyncio.CancelledError:  # nobody will read these jobs' results: queued ones are dropped
+            await asyncio.gather(*(self.queue.cancel(j.id) for j in jobs), return_exceptions=True)
+            raise
         for work, job in zip(chunk, finished, strict=True):
             if job is None:
                 work.error = "the job expired"
@@ -429,29 +304,30 @@ class Predictor:
                 await self.queue.cancel(job.id)  # a queued job is dropped; a running one finishes unread
                 work.error = f"task {work.task_id}: not finished within the time budget"
 
-    def _convert(self, work: _Work, config: LabelConfig, version: str) -> int:
+    def _convert(self, work: TaskWork, config: LabelConfig, version: str) -> int:
         """Set the task's prediction, encoded as JSON; its size in bytes."""
         work.prediction = json.dumps(self._prediction(work, config, version))
         return len(work.prediction)
 
-    def _prediction(self, work: _Work, config: LabelConfig, version: str) -> dict[str, Any]:
+    def _prediction(self, work: TaskWork, config: LabelConfig, version: str) -> dict[str, Any]:
         assert work.job is not None and work.job.result is not None  # called only for finished jobs
-        caption = work.job.result["captions"][0]
-        image, regions = caption["image"], []
-        for selection in caption["selections"]:
-            if selection["kind"] == "span":
-                heatmap = np.asarray(selection["heatmap"])
-                mask = results.heatmap_mask(heatmap, image, self.thresholds.mask_level)
-                if not work.interactive:  # a batch names each phrase; an annotator's span is already there
-                    span = results.text_region(config, work.caption, selection["start"], selection["end"])
-                    regions += [span] if span else []
+        explanation = Explanation.from_dict(work.job.result["captions"][0])
+        image, regions = explanation.geometry, []
+        for selected in explanation.selections:
+            if selected.heatmap is not None:  # a span: the image regions it points at
+                mask = results.heatmap_mask(selected.heatmap.numpy(), image, self.thresholds.mask_level)
+                span = selected.selection
+                if not work.interactive and isinstance(span, Span):  # an annotator's span is already there
+                    region = results.text_region(config, work.caption, span.start, span.end)
+                    regions += [region] if region else []
                 regions += results.image_regions(config, mask, image)
-            else:
+            else:  # a box: the caption tokens it points at
+                assert selected.token_scores is not None  # a box's result always carries token scores
                 regions += results.token_regions(
                     config,
                     work.caption,
-                    caption["tokens"],
-                    selection["token_scores"],
+                    explanation.tokens,
+                    selected.token_scores.tolist(),
                     self.thresholds.min_token_score,
                 )
-        return {"result": regions, "score": float(caption["score"]), "model_version": version}
+        return {"result": regions, "score": float(explanation.result.score), "model_version": version}

@@ -10,7 +10,9 @@ replica has seen uses the settings (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY
 Bounded whatever ``/setup`` is sent: only what predictions use is kept (the host, the token, this
 backend's validated thresholds; ``SetupIn`` bounds the strings), for at most ``MAX_PROJECTS``
 projects per API key (the one it set up longest ago is forgotten: no key can push out another's), and
-in Redis for ``PROJECT_TTL_S`` after the last ``/setup``.
+in Redis for ``PROJECT_TTL_S``: each key's setups are a hash of their own that expires with the key's
+order set, ``PROJECT_TTL_S`` after that key's last ``/setup`` (another key's ``/setup`` does not keep
+them), and a project not set up again for ``PROJECT_TTL_S`` is dropped at its key's next ``/setup``.
 """
 
 from __future__ import annotations
@@ -27,16 +29,22 @@ from service.keys import Keys
 MAX_PROJECTS = 1000
 PROJECT_TTL_S = 30 * 24 * 3600
 
-# KEYS: setups hash, the key's order sorted set. ARGV: project, setup JSON, capacity, TTL seconds.
+# KEYS: the key's setups hash, the key's order sorted set. ARGV: project, setup JSON, capacity, TTL s.
 _REMEMBER = """
 local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1e6
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], tonumber(now[1]) + tonumber(now[2]) / 1e6, ARGV[1])
-local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
+redis.call('ZADD', KEYS[2], t, ARGV[1])
+local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', t - tonumber(ARGV[4]))
+local extra = redis.call('ZCARD', KEYS[2]) - #stale - tonumber(ARGV[3])
 if extra > 0 then
-  local oldest = redis.call('ZRANGE', KEYS[2], 0, extra - 1)
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
-  redis.call('HDEL', KEYS[1], unpack(oldest))
+  for _, project in ipairs(redis.call('ZRANGE', KEYS[2], #stale, #stale + extra - 1)) do
+    table.insert(stale, project)
+  end
+end
+if #stale > 0 then
+  redis.call('ZREM', KEYS[2], unpack(stale))
+  redis.call('HDEL', KEYS[1], unpack(stale))
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
@@ -107,12 +115,12 @@ class RedisProjects:
 
     async def remember(self, owner: str | None, project: str, setup: ProjectSetup) -> None:
         await self._remember(
-            keys=[self.keys.label_studio_setups, self.keys.label_studio_setup_times(owner)],
+            keys=[self.keys.label_studio_setups(owner), self.keys.label_studio_setup_times(owner)],
             args=[project_key(owner, project), setup.to_json(), self.capacity, self.ttl_s],
         )
 
     async def get(self, owner: str | None, project: str | int | None) -> ProjectSetup | None:
-        text = await self.redis.hget(self.keys.label_studio_setups, project_key(owner, project))
+        text = await self.redis.hget(self.keys.label_studio_setups(owner), project_key(owner, project))
         return None if text is None else ProjectSetup.from_json(text)
 
     async def close(self) -> None:

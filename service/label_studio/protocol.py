@@ -13,7 +13,8 @@ from typing import Any
 import ijson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from service.label_studio.errors import TaskInvalid
+from service.label_studio.errors import ImageRefused, TaskInvalid
+from service.label_studio.fetch import Origin, refused_literal
 
 
 class SetupIn(BaseModel):
@@ -27,6 +28,14 @@ class SetupIn(BaseModel):
     access_token: str | None = Field(None, max_length=4096)
     extra_params: dict[str, Any] | None = None
 
+    @field_validator("hostname")
+    @classmethod
+    def _label_studio_url(cls, value: str | None) -> str | None:
+        """Where this project's images are fetched from: refused now, not at every task."""
+        if value is None or not value.strip():
+            return None
+        return checked_label_studio_url(value)
+
     @field_validator("extra_params", mode="before")
     @classmethod
     def _json_text(cls, value: Any) -> Any:
@@ -36,9 +45,30 @@ class SetupIn(BaseModel):
         return value
 
 
+def checked_label_studio_url(url: str) -> str:
+    """``url`` if images may be fetched from it: http(s) with a host, not an address that is never
+    allowed (``fetch.refused_category``); else ``ValueError`` saying why. A host name is checked when
+    it is resolved."""
+    try:
+        origin = Origin.parse(url)
+    except ImageRefused as exc:
+        raise ValueError(str(exc)) from None
+    category = refused_literal(origin)
+    if category is not None:
+        raise ValueError(f"{origin.host} is a {category} address; images are not fetched from there")
+    return url
+
+
+class PredictContext(BaseModel):
+    """The annotator's regions in an interactive request (``service.label_studio.tasks`` reads them)."""
+
+    model_config = ConfigDict(extra="ignore")
+    result: list[dict[str, Any]] | None = None
+
+
 class PredictParams(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    context: dict[str, Any] | None = None
+    context: PredictContext | None = None
 
 
 MAX_TASKS = 1000
@@ -212,6 +242,14 @@ class Thresholds(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mask_level: float = Field(gt=0, le=1, allow_inf_nan=False)
     min_token_score: float = Field(ge=0, le=1, allow_inf_nan=False)
+
+    @field_validator("mask_level", "min_token_score", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        """pydantic would read ``true`` as 1.0."""
+        if isinstance(value, bool):
+            raise ValueError("Input should be a number, not a boolean")
+        return value
 
     def updated(self, extra_params: dict[str, Any] | None) -> Thresholds:
         """These thresholds with the ones given in ``extra_params`` (other keys there are not ours)."""

@@ -1,4 +1,4 @@
-"""Result items of a Label Studio prediction, built from a job's CaptionResult.
+"""Result items of a Label Studio prediction, built from a job's ``Explanation``.
 
 Image regions use percent of the original image (``x``, ``y``, ``width``, ``height`` in 0..100) and
 carry ``original_width``/``original_height`` (the upright image, as the browser shows it); masks are
@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from attribution.geometry import ImageGeometry
+from attribution.text import Token
 from service.label_studio.config import Control, LabelConfig
 from service.label_studio.rle import block_rle
 
@@ -64,11 +66,11 @@ class GridMask:
         return block_rle(self.cells, self.heights, self.widths)
 
 
-def heatmap_mask(heatmap: np.ndarray, image: dict[str, Any], level: float) -> GridMask:
+def heatmap_mask(heatmap: Any, image: ImageGeometry, level: float) -> GridMask:
     """The mask of the original image's pixels whose patch scores ``level`` x the best or more.
 
     Each pixel takes the value of the patch its centre lies in (``image`` is the result's ``image``
-    object: width, height, crop_box, patch_size); pixels outside the model's crop are False, and so is
+    geometry: width, height, crop_box, patch_size); pixels outside the model's crop are False, and so is
     everything when no patch scores above zero.
     """
     heat = np.asarray(heatmap, dtype=np.float64)
@@ -77,9 +79,9 @@ def heatmap_mask(heatmap: np.ndarray, image: dict[str, Any], level: float) -> Gr
         cells = heat >= level * best
     else:
         cells = np.zeros(heat.shape, dtype=bool)
-    (x0, y0, _, _), (pw, ph) = image["crop_box"], image["patch_size"]
-    rows, heights = _bands(image["height"], y0, ph, heat.shape[0])
-    cols, widths = _bands(image["width"], x0, pw, heat.shape[1])
+    (x0, y0, _, _), (pw, ph) = image.crop_box, image.patch_size
+    rows, heights = _bands(image.height, y0, ph, heat.shape[0])
+    cols, widths = _bands(image.width, x0, pw, heat.shape[1])
     padded = np.pad(cells, ((0, 1), (0, 1)))  # index -1: a False row and column, for outside the crop
     return GridMask(padded[rows][:, cols], heights, widths)
 
@@ -92,17 +94,17 @@ def _bands(n: int, start: float, step: float, count: int) -> tuple[np.ndarray, n
     return patch[starts], np.diff(np.append(starts, n))
 
 
-def _image_fields(image: dict[str, Any]) -> dict[str, Any]:
-    return {"original_width": image["width"], "original_height": image["height"], "image_rotation": 0}
+def _image_fields(image: ImageGeometry) -> dict[str, Any]:
+    return {"original_width": image.width, "original_height": image.height, "image_rotation": 0}
 
 
 def image_regions(
-    config: LabelConfig, mask: GridMask, image: dict[str, Any], score: float | None = None
+    config: LabelConfig, mask: GridMask, image: ImageGeometry, score: float | None = None
 ) -> list[dict[str, Any]]:
     """The brush mask and the rectangle around it (for the controls the config has); none if empty."""
     if not mask.any():
         return []
-    width, height = image["width"], image["height"]
+    width, height = image.width, image.height
     extra = {**_image_fields(image), **({"score": score} if score is not None else {})}
     out = []
     if config.brushes:
@@ -131,16 +133,16 @@ def text_region(
 
 
 def token_regions(
-    config: LabelConfig, caption: str, tokens: list[dict[str, Any]], scores: list[float], min_score: float
+    config: LabelConfig, caption: str, tokens: list[Token], scores: list[float], min_score: float
 ) -> list[dict[str, Any]]:
     """Caption tokens by box score, strongest first: those scoring ``min_score`` x the best or more.
 
     Start and end tokens (empty spans) are left out; a region's ``score`` is its share of the best.
     """
-    words = [(s, t) for s, t in zip(scores, tokens, strict=True) if t["end"] > t["start"]]
+    words = [(s, t) for s, t in zip(scores, tokens, strict=True) if t.end > t.start]
     best = max((s for s, _ in words), default=0.0)
     if best <= 0:
         return []
     kept = sorted(((s / best, t) for s, t in words if s >= min_score * best), key=lambda st: -st[0])
-    regions = [text_region(config, caption, t["start"], t["end"], score=round(share, 4)) for share, t in kept]
+    regions = [text_region(config, caption, t.start, t.end, score=round(share, 4)) for share, t in kept]
     return [r for r in regions if r is not None]

@@ -3,7 +3,8 @@
 ``GET /health`` is open (Label Studio gives it 1 s); the others take the service's API keys as
 ``Authorization: Bearer <key>`` or, since Label Studio can only send that, Basic auth with the key as
 password, and read their JSON body only after the key was checked. Predictions are computed by the
-workers through the job queue (service.label_studio.predictor).
+workers through the job queue (service.label_studio.predictor); the backend's process-wide parts
+(project setups, download limit, shutdown) are service.label_studio.backend's.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from service.catalog import default_model, served_models
-from service.dependencies import AppSettings, Projects, Queue, basic_or_bearer_owner
+from service.dependencies import AppSettings, Queue, basic_or_bearer_owner
+from service.label_studio.backend import ClientGone, LabelStudio
 from service.label_studio.config import parse_label_config
 from service.label_studio.predictor import (
     Predictor,
@@ -30,6 +32,8 @@ from service.label_studio.protocol import ErrorOut, PredictIn, SetupIn, parse_pr
 from service.schemas import inline_schema
 
 PREFIX = "/label-studio"
+CLIENT_CLOSED = 499
+"""The status logged for a call whose client went away before its answer (nginx's convention)."""
 router = APIRouter(prefix=PREFIX, tags=["label-studio"])
 LabelStudioOwner = Annotated[str | None, Depends(basic_or_bearer_owner)]
 
@@ -112,7 +116,7 @@ async def setup(
     request: Request,
     owner: LabelStudioOwner,
     queue: Queue,
-    projects: Projects,
+    label_studio: LabelStudio,
     settings: AppSettings,
 ) -> dict[str, Any]:
     """Remember the project's Label Studio host, token and thresholds; check its label config."""
@@ -120,7 +124,8 @@ async def setup(
     if body.label_config:
         parse_label_config(body.label_config)
     thresholds = default_thresholds(settings).given(body.extra_params)  # refuses bad ones
-    await projects.remember(owner, body.project, ProjectSetup(body.hostname, body.access_token, thresholds))
+    setup = ProjectSetup(body.hostname, body.access_token, thresholds)
+    await label_studio.projects.remember(owner, body.project, setup)
     return {"model_version": await _model_version(queue, settings)}
 
 
@@ -129,14 +134,20 @@ async def predict(
     request: Request,
     owner: LabelStudioOwner,
     queue: Queue,
-    projects: Projects,
+    label_studio: LabelStudio,
     settings: AppSettings,
 ) -> Response:
-    """One prediction per task, in order (a batch), or the regions for the annotator's span or box."""
+    """One prediction per task, in order (a batch), or the regions for the annotator's span or box.
+
+    Cancelled when the client disconnects or the service shuts down (service.label_studio.backend)."""
     body = await _read(request, parse_predict)
     project = body.project or (body.tasks[0].get("project") if body.tasks else None)
-    predictor = Predictor(queue, settings, owner, await projects.get(owner, project))
-    entries = await predictor.predict(body)  # each encoded off the event loop: masks take seconds
+    setup = await label_studio.projects.get(owner, project)
+    predictor = Predictor(queue, settings, owner, setup, label_studio.downloads)
+    try:  # each entry is encoded off the event loop: masks take seconds
+        entries = await label_studio.unless_abandoned(request, predictor.predict(body))
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the access log shows the code
     return Response('{"results": [' + ", ".join(entries) + "]}", media_type="application/json")
 
 

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from service.label_studio.errors import ImageRefused, ImageUnavailable
-from service.label_studio.fetch import ImageFetcher
+from service.label_studio.fetch import Downloads, ImageFetcher, refused_category
 from service.label_studio.predictor import Predictor
 from service.label_studio.projects import ProjectSetup
 from service.settings import Settings
+from tests.label_studio.image_hosts import sick_host, url_of
 
 IMAGE = b"\x89PNG fake image bytes" * 10
 LIMIT = 1000
@@ -147,3 +149,109 @@ def test_configured_url_wins_and_our_key_never_goes_to_a_setup_host() -> None:
     assert (fetcher.origin.url, fetcher.headers) == ("http://elsewhere:9", {"Authorization": "Token theirs"})
     with pytest.raises(ImageRefused, match="LABEL_STUDIO_URL"):
         Predictor(None, unset, None, None).fetcher()
+
+
+def _timed(coro, bound_s: float = 15.0):
+    """Runs ``coro``; a download that outlives ``bound_s`` fails the test instead of hanging it."""
+
+    async def bounded():
+        return await asyncio.wait_for(coro, bound_s)
+
+    started = time.monotonic()
+    result = asyncio.run(bounded())
+    return result, time.monotonic() - started
+
+
+def test_a_trickling_host_is_cut_off_at_the_download_deadline() -> None:
+    """One byte every 0.2 s keeps every read within httpx's timeout: only a total deadline stops it."""
+    with sick_host(size=1000, byte_every_s=0.2) as server:
+        fetcher = ImageFetcher(url_of(server), None, max_bytes=LIMIT, timeout_s=1.0)
+        (result,), took = _timed(fetcher.fetch_all(["/trickle"]))
+        assert isinstance(result, ImageUnavailable), result
+        assert "not downloaded within the 1 s a download may take" in str(result)
+        assert took < 5
+        _wait_for(lambda: server.serving == 0)  # the connection was closed, not left to trickle on
+
+
+def test_the_calls_deadline_bounds_every_download_and_every_wait() -> None:
+    """Three stalled downloads, one at a time: all end at the call's deadline, the waiting ones too."""
+    with sick_host(size=1000, byte_every_s=0.5) as server:
+        fetcher = ImageFetcher(url_of(server), None, max_bytes=LIMIT, timeout_s=20.0)
+        deadline = time.monotonic() + 1.0
+        results, took = _timed(fetcher.fetch_all(["/trickle"] * 3, deadline=deadline, concurrency=1))
+        assert all(isinstance(r, ImageUnavailable) for r in results), results
+        assert all("EXCLIP_LABEL_STUDIO_BUDGET_S" in str(r) for r in results), results
+        assert took < 5
+        assert server.most == 1
+
+
+def test_downloads_in_flight_are_bounded_per_process_not_per_call() -> None:
+    """Six calls whose bodies stall near the size limit: at most ``Downloads.limit`` bodies are held
+    (half-way through the first downloads' time, the host serves exactly that many)."""
+    with sick_host(size=LIMIT, sent_before_stall=LIMIT - 10, byte_every_s=0.2) as server:
+
+        async def six_calls() -> tuple[int, list]:
+            downloads = Downloads(2)
+            fetchers = [
+                ImageFetcher(url_of(server), None, max_bytes=LIMIT, timeout_s=1.5, downloads=downloads)
+                for _ in range(6)
+            ]
+            calls = asyncio.gather(*(f.fetch_all(["/stall"]) for f in fetchers))
+            await asyncio.sleep(0.75)
+            return server.serving, await calls
+
+        (serving, results), took = _timed(six_calls())
+        assert serving == 2
+        assert all(isinstance(r, ImageUnavailable) for (r,) in results), results
+        assert 4.5 <= took < 9  # three rounds of two
+
+
+def _wait_for(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("address", "category"),
+    [
+        ("::1", None),
+        ("127.0.0.1", None),
+        ("127.8.9.10", None),
+        ("::ffff:127.0.0.1", None),
+        ("169.254.169.254", "link-local"),
+        ("::ffff:169.254.169.254", "link-local"),
+        ("fe80::1%eth0", "link-local"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("240.0.0.1", "reserved"),
+        ("100::1", "reserved"),  # the discard prefix
+        ("10.0.0.1", None),
+    ],
+)
+def test_address_categories(address: str, category: str | None) -> None:
+    assert refused_category(address) == category
+
+
+def test_ipv6_loopback_is_a_label_studio_host(host: str) -> None:
+    """``::1`` is loopback (``ipaddress`` also calls it reserved): images are fetched from it."""
+    with sick_host("::1", size=3, byte_every_s=0.0) as server:
+        assert _fetch(url_of(server), "/trickle") == b"xxx"
+    assert _fetch(host.replace("127.0.0.1", "localhost"), "/data/upload/1/img.png") == IMAGE
+
+
+@pytest.mark.parametrize(
+    ("base", "category"),
+    [
+        ("http://[fe80::1]:8080", "link-local"),
+        ("http://[::ffff:169.254.169.254]", "link-local"),
+        ("http://[::]:8080", "unspecified"),
+        ("http://240.0.0.1", "reserved"),
+    ],
+)
+def test_a_refused_host_is_named_with_its_category(base: str, category: str) -> None:
+    with pytest.raises(ImageRefused, match=rf"resolves to \S+ \({category}\)"):
+        _fetch(base, "/data/upload/1/img.png")

@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
+from attribution.text import Token
 from service.label_studio.config import parse_label_config
 from service.label_studio.results import token_regions
 from service.label_studio.rle import mask_rle
@@ -263,7 +264,8 @@ def test_interactive_rectangle(ls, project: dict, service) -> None:
     assert np.abs(shares - MIN_TOKEN_SCORE).min() > 1e-3  # none on the threshold: the count is exact
 
     def expected(min_score: float) -> list[str]:
-        return [r["value"]["text"] for r in token_regions(config, CAPTION, tokens, token_scores, min_score)]
+        typed = [Token.from_dict(t) for t in tokens]
+        return [r["value"]["text"] for r in token_regions(config, CAPTION, typed, token_scores, min_score)]
 
     assert len(expected(MIN_TOKEN_SCORE)) != len(expected(0.5))  # the threshold changes the outcome
     assert [r["value"]["text"] for r in result] == expected(MIN_TOKEN_SCORE)

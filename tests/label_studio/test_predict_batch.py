@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from service.label_studio import predictor as predictor_module
+from service.label_studio import tasks as tasks_module
 from service.label_studio.protocol import MAX_TASKS
 from tests.label_studio.scenario import CAPTION, DOCUMENTED, PHRASES, SCENE_PATH
 from tests.service.conftest import embedded_in_process
@@ -44,7 +44,7 @@ def client(tiny_checkpoint: str, tiny_loaded, image_host: str) -> Iterator[TestC
 def searches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, bool]]:
     """Every phrase search as (phrase, caption, whether it ran on a thread with a running event loop)."""
     calls: list[tuple[str, str, bool]] = []
-    find = predictor_module._find
+    find = tasks_module.find
 
     def recorded(phrase: str, caption: str):
         try:
@@ -55,7 +55,7 @@ def searches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, bool]]:
         calls.append((phrase, caption, on_loop))
         return find(phrase, caption)
 
-    monkeypatch.setattr(predictor_module, "_find", recorded)
+    monkeypatch.setattr(tasks_module, "find", recorded)
     return calls
 
 

@@ -9,7 +9,8 @@ import pytest
 from attribution.selections import Box
 from service.label_studio import predictor as predictor_module
 from service.label_studio.config import parse_label_config
-from service.label_studio.predictor import Predictor, _Work, parse_context
+from service.label_studio.predictor import Predictor
+from service.label_studio.tasks import TaskWork, parse_context
 from service.settings import Settings
 from tests.label_studio.scenario import DOCUMENTED
 from tests.service.conftest import png_bytes
@@ -29,22 +30,22 @@ def test_interactive_box_is_converted_to_pixels_of_the_image(
     pixels of the original (here 96 x 64: x scales by the width, y by the height)."""
     built = []
 
-    def build_job(inp, served, settings, size, owner):  # the request the job would be built from
-        built.append((inp, size))
+    def build_call_job(call, served, settings, size, owner):  # the request the job would be built from
+        built.append((call, size))
         return object()
 
-    monkeypatch.setattr(predictor_module, "build_job", build_job)
+    monkeypatch.setattr(predictor_module, "build_call_job", build_call_job)
     config = parse_label_config(DOCUMENTED)
     box = {"id": "b", "from_name": "region", "to_name": "image", "type": "rectanglelabels", "value": value}
     context = parse_context({"result": [box]}, config)
     predictor = Predictor(queue=None, settings=Settings(), owner=None, setup=None)
-    work = _Work(task={"id": 7, "data": {"image": "/data/upload/1/x.png", "caption": "a red square"}})
-    predictor._read_task(work, config, context)
+    work = TaskWork(task={"id": 7, "data": {"image": "/data/upload/1/x.png", "caption": "a red square"}})
+    predictor._read_tasks([work], config, context)
     work.image = png_bytes(96, 64)
     asyncio.run(predictor._build_job(work, served={}))
     assert work.error is None, work.error
-    ((inp, size),) = built
+    ((call, size),) = built
     assert size == (96, 64)
-    ((selection,),) = [c.selections for c in inp.captions]
-    assert isinstance(selection, Box)  # not a span or a token range
+    ((selection,),) = [c.selections for c in call.captions]
+    assert isinstance(selection, Box)
     assert (selection.x0, selection.y0, selection.x1, selection.y1) == pytest.approx(pixels)

@@ -114,10 +114,39 @@ async def test_replicas_share_setups_through_redis(redis_server, key_prefix) -> 
     await second.remember(None, "7", later)
     assert await first.get(None, "7") == later
     keys = Keys(key_prefix)
-    for key in (keys.label_studio_setups, keys.label_studio_setup_times(None)):
+    for key in (keys.label_studio_setups(None), keys.label_studio_setup_times(None)):
         assert 0 < await clients[0].ttl(key) <= PROJECT_TTL_S  # every key the service writes expires
     for store in (first, second):
         await store.close()
+
+
+@pytest.mark.anyio
+async def test_a_keys_setups_expire_with_it_not_with_another_keys(redis_server, key_prefix) -> None:
+    """Owner A's setup is not kept alive by owner B's later /setup; B's lives on."""
+    client = aioredis.from_url(redis_server.url, decode_responses=True)
+    store = RedisProjects(client, Keys(key_prefix), ttl_s=2)
+    await store.remember("owner-a", "1", SETUP)
+    time.sleep(1.2)
+    await store.remember("owner-b", "2", SETUP)
+    time.sleep(1.2)  # 2.4 s after A's setup, 1.2 s after B's
+    assert await store.get("owner-a", "1") is None
+    assert await store.get("owner-b", "2") == SETUP
+    assert await client.keys(f"{key_prefix}:label-studio:*owner-a*") == []  # nothing of A is left
+    await store.close()
+
+
+@pytest.mark.anyio
+async def test_a_project_not_set_up_again_is_dropped_at_its_keys_next_setup(redis_server, key_prefix) -> None:
+    client = aioredis.from_url(redis_server.url, decode_responses=True)
+    store = RedisProjects(client, Keys(key_prefix), ttl_s=2)
+    await store.remember("owner-a", "1", SETUP)
+    time.sleep(1.2)
+    await store.remember("owner-a", "2", SETUP)
+    time.sleep(1.2)
+    await store.remember("owner-a", "3", SETUP)  # project 1 was set up 2.4 s ago: past its lifetime
+    assert [await store.get("owner-a", p) is not None for p in ("1", "2", "3")] == [False, True, True]
+    assert await client.zcard(Keys(key_prefix).label_studio_setup_times("owner-a")) == 2
+    await store.close()
 
 
 # --- over HTTP -------------------------------------------------------------------------------------
@@ -195,7 +224,9 @@ def test_only_the_thresholds_of_extra_params_are_kept(replicas, redis_server) ->
     extra = {"mask_level": 0.4, "notes": "y" * 1_000_000}
     assert first.post("/label-studio/setup", json=_setup_body("44", extra_params=extra)).status_code == 200
     keys = Keys(first.app.state.settings.key_prefix)
-    stored = redis.Redis.from_url(redis_server.url).hget(keys.label_studio_setups, project_key(None, "44"))
+    stored = redis.Redis.from_url(redis_server.url).hget(
+        keys.label_studio_setups(None), project_key(None, "44")
+    )
     assert stored is not None and len(stored) < 200
     assert ProjectSetup.from_json(stored).thresholds == {"mask_level": 0.4}
 
@@ -217,7 +248,7 @@ def _basic(key: str) -> dict[str, str]:
 async def test_setup_over_http_is_kept_for_its_key_only(keyed_client: TestClient) -> None:
     reply = keyed_client.post("/label-studio/setup", json=_setup_body("5"), headers=_basic("key-a"))
     assert reply.status_code == 200, reply.text
-    store, secret = keyed_client.app.state.label_studio_projects, keyed_client.app.state.settings.owner_key
+    store, secret = keyed_client.app.state.label_studio.projects, keyed_client.app.state.settings.owner_key
     assert await store.get(owner_tag("key-a", secret), "5") is not None
     assert await store.get(owner_tag("key-b", secret), "5") is None
 

@@ -11,10 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from service.label_studio import predictor
+from service.label_studio import tasks
 from service.label_studio.config import parse_label_config
 from service.label_studio.errors import TaskInvalid
-from service.label_studio.predictor import Context, _phrase_spans, parse_context
 from service.label_studio.protocol import (
     MAX_DEPTH,
     MAX_KEPT_VALUES,
@@ -25,6 +24,8 @@ from service.label_studio.protocol import (
     Thresholds,
     parse_predict,
 )
+from service.label_studio.tasks import Context, parse_context
+from service.label_studio.tasks import phrase_spans as _phrase_spans
 from tests.label_studio.scenario import DOCUMENTED
 
 CONFIG = parse_label_config(DOCUMENTED)
@@ -45,7 +46,7 @@ def test_phrases_as_strings_pairs_or_nothing() -> None:
 
 def test_a_phrase_longer_than_the_caption_compiles_no_pattern(monkeypatch: pytest.MonkeyPatch) -> None:
     """It cannot match; a long phrase's pattern would take seconds to compile (re parses in Python)."""
-    monkeypatch.setattr(predictor, "re", None)  # any pattern work would fail
+    monkeypatch.setattr(tasks, "re", None)  # any pattern work would fail
     with pytest.raises(TaskInvalid, match="not in the caption"):
         _phrase_spans(CAPTION, [CAPTION + " " + "x" * 100_000], 64)
 

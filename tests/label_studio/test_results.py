@@ -7,6 +7,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attribution.geometry import ImageGeometry
+from attribution.text import Token
 from service.label_studio.config import parse_label_config
 from service.label_studio.results import heatmap_mask, image_regions, text_region, token_regions
 from tests.label_studio.scenario import DOCUMENTED
@@ -15,16 +17,13 @@ from tests.label_studio.test_rle import decode, reference_mask_rle
 CONFIG = parse_label_config(DOCUMENTED)
 
 
-def _image(width: int, height: int, grid: int = 4) -> dict:
-    """The result's image object for a centre crop of the short side, as CLIP's transform does."""
+def _image(width: int, height: int, grid: int = 4) -> ImageGeometry:
+    """The result's image geometry for a centre crop of the short side, as CLIP's transform does."""
     side = min(width, height)
     x0, y0 = (width - side) / 2, (height - side) / 2
-    return {
-        "width": width,
-        "height": height,
-        "crop_box": [x0, y0, x0 + side, y0 + side],
-        "patch_size": [side / grid, side / grid],
-    }
+    return ImageGeometry(
+        width, height, (x0, y0, x0 + side, y0 + side), (grid, grid), (side / grid, side / grid)
+    )
 
 
 def test_mask_covers_the_hot_patch_of_the_crop() -> None:
@@ -70,12 +69,9 @@ def test_no_positive_patch_no_region() -> None:
 def test_regions_stay_inside_the_image(width, height, grid, dx, dy, level, seed) -> None:
     """Whatever the crop (it may reach past the image where the transform pads), boxes stay in 0..100 %."""
     side = max(width, height) * 1.1
-    image = {
-        "width": width,
-        "height": height,
-        "crop_box": [dx, dy, dx + side, dy + side],
-        "patch_size": [side / grid, side / grid],
-    }
+    image = ImageGeometry(
+        width, height, (dx, dy, dx + side, dy + side), (grid, grid), (side / grid, side / grid)
+    )
     heat = np.random.default_rng(seed).normal(size=(grid, grid))
     mask = heatmap_mask(heat, image, level)
     assert mask.pixels().shape == (height, width)
@@ -86,16 +82,16 @@ def test_regions_stay_inside_the_image(width, height, grid, dx, dy, level, seed)
             assert v["x"] + v["width"] <= 100 + 1e-9 and v["y"] + v["height"] <= 100 + 1e-9
 
 
-def full_size_mask(heatmap: np.ndarray, image: dict, level: float) -> np.ndarray:
+def full_size_mask(heatmap: np.ndarray, image: ImageGeometry, level: float) -> np.ndarray:
     """``heatmap_mask`` as it was (commit 764af65): H x W booleans, each pixel the patch of its centre."""
     heat = np.asarray(heatmap, dtype=np.float64)
-    width, height = image["width"], image["height"]
+    width, height = image.width, image.height
     best = float(heat.max()) if heat.size else 0.0
     if not np.isfinite(best) or best <= 0:
         return np.zeros((height, width), dtype=bool)
     cells = heat >= level * best
     rows, cols = heat.shape
-    (x0, y0, _, _), (pw, ph) = image["crop_box"], image["patch_size"]
+    (x0, y0, _, _), (pw, ph) = image.crop_box, image.patch_size
     col = np.floor((np.arange(width) + 0.5 - x0) / pw).astype(np.int64)
     row = np.floor((np.arange(height) + 0.5 - y0) / ph).astype(np.int64)
     col_ok, row_ok = (col >= 0) & (col < cols), (row >= 0) & (row < rows)
@@ -103,13 +99,13 @@ def full_size_mask(heatmap: np.ndarray, image: dict, level: float) -> np.ndarray
     return picked & row_ok[:, None] & col_ok[None, :]
 
 
-def full_size_regions(mask: np.ndarray, image: dict) -> list[dict]:
+def full_size_regions(mask: np.ndarray, image: ImageGeometry) -> list[dict]:
     """The values ``image_regions`` gave from a full-size mask (commit 764af65): its RLE, its box."""
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         return []
     x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
-    width, height = image["width"], image["height"]
+    width, height = image.width, image.height
     box = {"x": 100 * x0 / width, "y": 100 * y0 / height, "width": 100 * (x1 - x0) / width}
     box |= {"height": 100 * (y1 - y0) / height, "rotation": 0, "rectanglelabels": ["Phrase"]}
     return [{"format": "rle", "rle": reference_mask_rle(mask), "brushlabels": ["Phrase"]}, box]
@@ -136,12 +132,8 @@ def test_regions_are_those_of_the_full_size_mask(width, height, grid, crop, patc
     """Any image size, grid, crop box (inside the image or past it) and threshold: the same mask, box
     and RLE bytes as the full-size computation, which is never built."""
     rows, cols = grid
-    image = {
-        "width": width,
-        "height": height,
-        "crop_box": [crop[0], crop[1], crop[0] + cols * patch[0], crop[1] + rows * patch[1]],
-        "patch_size": list(patch),
-    }
+    crop_box = (crop[0], crop[1], crop[0] + cols * patch[0], crop[1] + rows * patch[1])
+    image = ImageGeometry(width, height, crop_box, grid, patch)
     rng = np.random.default_rng(seed)
     heat = rng.normal(size=grid)
     if kind == "all negative":
@@ -179,12 +171,12 @@ def test_text_region_counts_an_emoji_as_one_character() -> None:
 def test_token_regions_strongest_first_above_threshold() -> None:
     caption = "🐈 on a mat"
     tokens = [
-        {"index": 0, "text": "<start_of_text>", "start": 0, "end": 0},
-        {"index": 1, "text": "🐈", "start": 0, "end": 1},
-        {"index": 2, "text": "on", "start": 2, "end": 4},
-        {"index": 3, "text": "a", "start": 5, "end": 6},
-        {"index": 4, "text": "mat", "start": 7, "end": 10},
-        {"index": 5, "text": "<end_of_text>", "start": 10, "end": 10},
+        Token(0, None, "<start_of_text>", 0, 0),
+        Token(1, None, "🐈", 0, 1),
+        Token(2, None, "on", 2, 4),
+        Token(3, None, "a", 5, 6),
+        Token(4, None, "mat", 7, 10),
+        Token(5, None, "<end_of_text>", 10, 10),
     ]
     scores = [9.0, 1.0, 0.2, -1.0, 2.0, 5.0]  # start/end tokens are never regions, however high
     regions = token_regions(CONFIG, caption, tokens, scores, min_score=0.4)

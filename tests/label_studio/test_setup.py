@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from attribution.geometry import ImageGeometry
+from attribution.text import Token
 from service.app import create_app
 from service.label_studio import results
 from service.label_studio.config import parse_label_config
@@ -94,13 +96,18 @@ def _predict(client: TestClient, project: str | None, task_project: int, context
 
 def _masks(heatmaps: list[np.ndarray], image: dict, level: float) -> list[list[int]]:
     """The brush RLEs a batch prediction holds at this mask_level (one per phrase with a mask)."""
-    masks = [results.heatmap_mask(h, image, level) for h in heatmaps]
+    masks = [
+        results.heatmap_mask(
+            h, ImageGeometry.from_dict({**image, "grid": {"rows": h.shape[0], "cols": h.shape[1]}}), level
+        )
+        for h in heatmaps
+    ]
     return [m.rle() for m in masks if m.any()]
 
 
 def _labels(tokens: list[dict], scores: list[float], min_score: float) -> list[tuple[str, float]]:
     """The caption labels (text, share of the best) an interactive box gets at this min_token_score."""
-    regions = results.token_regions(CONFIG, CAPTION, tokens, scores, min_score)
+    regions = results.token_regions(CONFIG, CAPTION, [Token.from_dict(t) for t in tokens], scores, min_score)
     return [(r["value"]["text"], r["score"]) for r in regions]
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from attribution.images import decode_image
+from attribution.decode import decode_image
 from attribution.pipeline import ExplainRequest, explain_requests
 from service.cli import main as cli_main
 from service.client import (
