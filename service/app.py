@@ -22,7 +22,7 @@ from service.dependencies import api_key_owner
 from service.errors import install_handlers
 from service.middleware import BodyLimits, HeadAndSecurityHeaders
 from service.routers import health, heatmap, jobs, label_studio, metrics, models
-from service.settings import Settings
+from service.settings import Settings, load_settings
 from service.web import pages
 
 log = logging.getLogger("exclip.api")
@@ -33,9 +33,9 @@ def create_app(
 ) -> FastAPI:
     """The API; with ``worker_models`` (embedded mode) also a worker computing on the same queue.
 
-    Raises ``ConfigError`` for settings it cannot run with (an unreadable or empty keys file).
+    Raises ``ConfigError`` for settings it cannot run with (a bad value, an unreadable or empty keys file).
     """
-    settings = settings or Settings()
+    settings = settings or load_settings()
     if settings.keys and settings.owner_secret is None:
         log.warning(
             "EXCLIP_OWNER_SECRET is unset: job owner tags use a random key of this process, so "

@@ -5,18 +5,28 @@ The CLI turns its flags into the same fields, so a flag and its env var always m
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import socket
+import stat
 from functools import cached_property
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from attribution.memory import DEFAULT_MEMORY_FRACTION
 from attribution.text import MAX_CAPTION_CHARS
 from service.errors import ConfigError
+
+_NO_SPACE = r"^\S+$"
+_DAY_S = 24 * 3600
+SHUTDOWN_MARGIN_S = 10
+MAX_KEYS_BYTES = 1_000_000
+"""The most a keys file (or ``EXCLIP_API_KEYS``) may hold: thousands of keys, read before anything else."""
 
 
 def _default_worker_name() -> str:
@@ -26,97 +36,124 @@ def _default_worker_name() -> str:
 class Settings(BaseSettings):
     """Every knob of the API and the worker; see the table in docs/contract.md."""
 
-    model_config = SettingsConfigDict(env_prefix="EXCLIP_", extra="ignore", populate_by_name=True)
+    # Floats are finite: inf or nan in a time or a fraction is always a mistake.
+    model_config = SettingsConfigDict(
+        env_prefix="EXCLIP_", extra="ignore", populate_by_name=True, allow_inf_nan=False
+    )
 
     # Queue: unset means embedded mode (in-memory queue, worker thread inside `serve`).
-    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "redis_url"))
-    redis_timeout_s: float = Field(default=5.0, gt=0, description="socket and connect timeout for Redis")
-    key_prefix: str = Field(default="exclip", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    redis_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^(redis|rediss|unix)://\S+$",
+        validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+    )
+    redis_timeout_s: float = Field(
+        default=5.0, gt=0, le=300, description="socket and connect timeout for Redis"
+    )
+    key_prefix: str = Field(default="exclip", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
 
     # Model held by a worker.
-    model: str = "ViT-B-16"
-    pretrained: str | None = "laion2b_s34b_b88k"
-    device: str | None = None  # None: cuda when present, else cpu
-    cache_dir: str | None = None
+    model: str = Field(default="ViT-B-16", min_length=1, max_length=256, pattern=_NO_SPACE)
+    pretrained: str | None = Field(default="laion2b_s34b_b88k", max_length=4096)
+    device: str | None = Field(default=None, pattern=r"^(cpu|cuda(:\d{1,3})?|mps)$")  # None: cuda if present
+    cache_dir: str | None = Field(default=None, max_length=4096)
 
     # API bind address.
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", min_length=1, max_length=253, pattern=_NO_SPACE)
     port: int = Field(default=8000, ge=0, le=65535)
 
     # Worker batching and reliability.
-    max_batch: int = Field(default=8, ge=1)
+    max_batch: int = Field(default=8, ge=1, le=1024)
     max_wait_ms: int = Field(
         default=0,
         ge=0,
+        le=60_000,
         description=(
             "wait this long for more jobs after the first; 0: jobs arriving during a batch form the next"
         ),
     )
-    visibility_timeout_s: float = Field(default=120.0, gt=0)
-    max_deliveries: int = Field(default=3, ge=1)
-    job_timeout_s: float = Field(default=300.0, gt=0)
-    heartbeat_s: float = Field(default=5.0, gt=0, description="heartbeat period; the key lives 3 periods")
+    visibility_timeout_s: float = Field(default=120.0, gt=0, le=_DAY_S)
+    max_deliveries: int = Field(default=3, ge=1, le=100)
+    job_timeout_s: float = Field(default=300.0, gt=0, le=_DAY_S)
+    heartbeat_s: float = Field(
+        default=5.0,
+        ge=0.1,
+        le=600,
+        description="heartbeat period; the key lives 3 periods (below 0.1 s it expires before it is read)",
+    )
     memory_fraction: float = Field(
         default=DEFAULT_MEMORY_FRACTION,
         gt=0,
         le=1,
         description="share of the device's free memory one engine pass may use (sizes the tangent batches)",
     )
-    worker_name: str = Field(default_factory=_default_worker_name, min_length=1)
+    worker_name: str = Field(
+        default_factory=_default_worker_name, min_length=1, max_length=256, pattern=_NO_SPACE
+    )
 
     # API limits.
-    wait_max_s: float = Field(default=60.0, ge=0)
-    result_ttl_s: int = Field(default=3600, ge=1)
+    wait_max_s: float = Field(default=60.0, ge=0, le=3600)
+    result_ttl_s: int = Field(default=3600, ge=1, le=30 * _DAY_S)
     max_stored_bytes: int = Field(
-        default=512_000_000, ge=1, description="images and results kept; finished jobs' are evicted above it"
+        default=512_000_000,
+        ge=1,
+        le=2**50,
+        description="images and results kept; finished jobs' are evicted above it",
     )
-    max_queue: int = Field(default=1000, ge=1)
-    max_upload_bytes: int = Field(default=20_000_000, ge=1)
-    max_pixels: int = Field(default=40_000_000, ge=1)
-    max_captions: int = Field(default=16, ge=1)
-    max_selections: int = Field(default=64, ge=0)
-    max_steps: int = Field(default=100, ge=1)
+    max_queue: int = Field(default=1000, ge=1, le=10_000_000)
+    max_upload_bytes: int = Field(default=20_000_000, ge=1, le=2**31)
+    max_pixels: int = Field(default=40_000_000, ge=1, le=2**31)
+    max_captions: int = Field(default=16, ge=1, le=10_000)
+    max_selections: int = Field(default=64, ge=0, le=10_000)
+    max_steps: int = Field(default=100, ge=1, le=100_000)
     max_caption_chars: int = Field(
         default=MAX_CAPTION_CHARS,
         ge=1,
         le=MAX_CAPTION_CHARS,
         description="longest caption, checked before any text processing",
     )
-    max_renders: int = Field(default=2, ge=1, description="heatmap PNGs rendered at once")
+    max_renders: int = Field(default=2, ge=1, le=256, description="heatmap PNGs rendered at once")
     client_timeout_s: float = Field(
-        default=20.0, gt=0, description="to send a request's head, or the next part of its body"
+        default=20.0, gt=0, le=3600, description="to send a request's head, or the next part of its body"
     )
-    body_timeout_s: float = Field(default=120.0, gt=0, description="to send a whole request body")
+    body_timeout_s: float = Field(default=120.0, gt=0, le=_DAY_S, description="to send a whole request body")
 
     # Security.
-    api_keys: str | None = None
+    api_keys: str | None = Field(default=None, max_length=MAX_KEYS_BYTES)
     api_keys_file: Path | None = None
     owner_secret: SecretStr | None = Field(
         default=None,
+        max_length=4096,
         description=(
             "HMAC key for the job owner tag; the same on every API replica (unset: random per process)"
         ),
     )
-    cors_origins: str | None = None
+    cors_origins: str | None = Field(default=None, max_length=65_536)
 
     # Label Studio ML backend (/label-studio): where task images may be fetched from, and defaults
     # for the thresholds a backend's extra_params can override (see service.label_studio.protocol).
     label_studio_url: str | None = Field(
         default=None,
+        max_length=2048,
         validation_alias=AliasChoices("LABEL_STUDIO_URL", "EXCLIP_LABEL_STUDIO_URL", "label_studio_url"),
     )
     label_studio_api_key: str | None = Field(
         default=None,
+        max_length=4096,
         validation_alias=AliasChoices(
             "LABEL_STUDIO_API_KEY", "EXCLIP_LABEL_STUDIO_API_KEY", "label_studio_api_key"
         ),
     )
     label_studio_mask_level: float = Field(default=0.5, gt=0, le=1)
     label_studio_min_token_score: float = Field(default=0.5, ge=0, le=1)
-    label_studio_budget_s: float = Field(default=80.0, gt=0, description="under Label Studio's 100 s timeout")
+    label_studio_budget_s: float = Field(
+        default=80.0, gt=0, le=3600, description="under Label Studio's 100 s timeout"
+    )
     label_studio_max_answer_bytes: int = Field(
         default=64_000_000,
         ge=1,
+        le=2**31,
         description="predictions one /predict call returns; the rest wait for the next",
     )
 
@@ -124,7 +161,6 @@ class Settings(BaseSettings):
         "pretrained",
         "device",
         "cache_dir",
-        "api_keys",
         "cors_origins",
         "label_studio_url",
         "label_studio_api_key",
@@ -139,24 +175,47 @@ class Settings(BaseSettings):
     def _none_word(cls, value: str | None) -> str | None:
         return None if value is not None and value.strip().lower() == "none" else value
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_listed(cls, value: object) -> object:
+        """Empty means unset; anything else must name a key, as a keys file must (fail closed)."""
+        if value == "":
+            return None
+        if isinstance(value, str) and not _listed_keys(value):
+            raise ValueError(
+                "holds no key (only commas or blanks); list keys separated by commas, or leave it "
+                "empty to run without authentication"
+            )
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str | None) -> str | None:
+        for origin in (o.strip() for o in (value or "").split(",")):
+            if origin and origin != "*" and not _is_origin(origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], or *)")
+        return value
+
+    @field_validator("label_studio_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not _is_http_url(value):
+            raise ValueError(f"{value!r} is not an http(s) URL with a host")
+        return value
+
     @cached_property
     def keys(self) -> tuple[str, ...]:
         """The configured API keys: the env list plus the file (one per line; blanks, # comments skipped).
 
-        Fails closed: a keys file that cannot be read, or holds no key, raises ``ConfigError`` (the
-        service refuses to start) rather than turning authentication off.
+        Fails closed: a keys source that is set but names no key (``EXCLIP_API_KEYS=" , "`` is refused
+        when the settings are read), or a keys file that cannot be read, is not a regular file or is
+        larger than ``MAX_KEYS_BYTES``, raises ``ConfigError`` (the service refuses to start) rather
+        than turning authentication off.
         """
-        found = [k.strip() for k in (self.api_keys or "").split(",")]
+        found = _listed_keys(self.api_keys or "")
         if self.api_keys_file is not None:
             path = self.api_keys_file
-            try:
-                lines = path.read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                raise ConfigError(
-                    f"EXCLIP_API_KEYS_FILE={path} cannot be read ({reason}); the service does "
-                    "not start without the keys it was told to require"
-                ) from None
+            lines = _read_keys_file(path).splitlines()
             from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
             if not from_file:
                 raise ConfigError(
@@ -164,7 +223,7 @@ class Settings(BaseSettings):
                     "put one key per line, or unset it to run without authentication"
                 )
             found += from_file
-        return tuple(k for k in found if k)
+        return tuple(found)
 
     @cached_property
     def owner_key(self) -> bytes:
@@ -173,6 +232,12 @@ class Settings(BaseSettings):
         if self.owner_secret is not None and self.owner_secret.get_secret_value():
             return self.owner_secret.get_secret_value().encode()
         return secrets.token_bytes(32)
+
+    @property
+    def shutdown_grace_s(self) -> int:
+        """How long ``serve`` lets in-flight requests finish after SIGTERM: the longest long poll
+        (``wait_max_s``) and 10 s to store and answer. Deployments give the process more than this."""
+        return math.ceil(self.wait_max_s) + SHUTDOWN_MARGIN_S
 
     @property
     def model_requested(self) -> bool:
@@ -190,3 +255,83 @@ class Settings(BaseSettings):
         import torch  # only the worker needs torch; the API never calls this
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _listed_keys(text: str) -> list[str]:
+    return [k.strip() for k in text.split(",") if k.strip()]
+
+
+def _read_keys_file(path: Path) -> str:
+    """The keys file's text, read only if it is a regular file of at most ``MAX_KEYS_BYTES``."""
+
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(
+            f"EXCLIP_API_KEYS_FILE={path} {reason}; the service does not start without the keys it "
+            "was told to require"
+        )
+
+    try:
+        with path.open("rb") as file:  # opened once: what is checked is what is read
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise refuse("is not a regular file")
+            data = file.read(MAX_KEYS_BYTES + 1)
+    except OSError as exc:
+        raise refuse(f"cannot be read ({exc.strerror or exc})") from None
+    if len(data) > MAX_KEYS_BYTES:
+        raise refuse(f"is larger than {MAX_KEYS_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise refuse(f"cannot be read ({exc})") from None
+
+
+def _is_http_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _is_origin(value: str) -> bool:
+    return _is_http_url(value) and urlsplit(value).path in ("", "/") and not urlsplit(value).query
+
+
+def env_name(field: str) -> str:
+    """The environment variable a setting is read from (the first of its aliases, else ``EXCLIP_<FIELD>``)."""
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return f"EXCLIP_{field.upper()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """The settings from the environment (and ``overrides``, e.g. CLI flags), checked at the door.
+
+    Raises ``ConfigError`` naming each bad setting's environment variable and the value it had, so the
+    service stops with one line per mistake instead of a traceback, or of starting with a value it
+    cannot run with.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            loc = error["loc"][0] if error["loc"] else ""
+            field = loc if loc in Settings.model_fields else _field_of_alias(str(loc))
+            name = env_name(field) if field else str(loc)
+            shown = "<hidden>" if field in _SECRET_FIELDS else repr(error.get("input"))[:200]
+            problems.append(f"{name}={shown}: {error['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+
+
+_SECRET_FIELDS = {"api_keys", "owner_secret", "label_studio_api_key"}
+
+
+def _field_of_alias(alias: str) -> str | None:
+    for field, info in Settings.model_fields.items():
+        choices = info.validation_alias.choices if isinstance(info.validation_alias, AliasChoices) else ()
+        if alias in choices:
+            return field
+    return None
