@@ -22,6 +22,7 @@ from service.dependencies import api_key_owner
 from service.errors import install_handlers
 from service.middleware import BodyLimits, HeadAndSecurityHeaders
 from service.routers import health, heatmap, jobs, label_studio, metrics, models
+from service.served import ServedCache
 from service.settings import Settings, load_settings
 from service.web import pages
 
@@ -70,6 +71,7 @@ def create_app(
         "open_clip CLIP models.",
     )
     app.state.settings, app.state.queue, app.state.label_studio_projects = settings, queue, projects
+    app.state.served = ServedCache(queue)
 
     app.add_middleware(
         BodyLimits,

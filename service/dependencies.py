@@ -1,4 +1,5 @@
-"""FastAPI dependencies: settings, queue, Label Studio project setups, API-key auth and job ownership.
+"""FastAPI dependencies: settings, queue, served models, Label Studio project setups, API-key auth and
+job ownership.
 
 ``OwnedJob`` is how a route reads a job: it applies auth and gives the ``Job`` (with its result),
 or raises 404 (unknown, expired, or another key's job) / 401 (missing or wrong key when keys are
@@ -19,6 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.jobs import Job
 from service.label_studio.projects import ProjectStore
 from service.queue import JobQueue
+from service.served import ServedCache
 from service.settings import Settings
 
 
@@ -28,6 +30,12 @@ def get_settings(request: Request) -> Settings:
 
 def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
+
+
+def get_served(request: Request) -> ServedCache:
+    """What the live workers serve: ``await .read()`` (at most one heartbeat read a second), or
+    ``await .required()`` for the models with the "no worker" 503."""
+    return request.app.state.served
 
 
 def get_project_store(request: Request) -> ProjectStore:
@@ -117,6 +125,7 @@ def basic_or_bearer_owner(
 Owner = Annotated[str | None, Depends(api_key_owner)]
 Queue = Annotated[JobQueue, Depends(get_queue)]
 Projects = Annotated[ProjectStore, Depends(get_project_store)]
+Served = Annotated[ServedCache, Depends(get_served)]
 AppSettings = Annotated[Settings, Depends(get_settings)]
 
 

@@ -16,8 +16,7 @@ from PIL import Image
 
 from attribution import models as _models  # noqa: F401 - registers exclip-tiny with open_clip
 from attribution.errors import AttributionError
-from attribution.images import ImageGeometry, transform_geometry
-from attribution.images import image_size as read_image_size
+from attribution.images import ImageGeometry, image_size, transform_geometry
 from attribution.selections import SELECTION_KINDS, Box, Selection, Span, TokenRange, check_selection
 from attribution.text import Tokenizer, tokenize_caption
 from service.catalog import ModelInfo, default_model
@@ -59,11 +58,11 @@ def _layer(name: str, value: int | None, info: ModelInfo, tower: str) -> int:
 
 
 @lru_cache(maxsize=16)
-def _transform(image_size: tuple[int, ...]) -> Any:
+def _transform(size: tuple[int, ...]) -> Any:
     """The eval transform open_clip builds for a model input of this size (resize, centre crop)."""
     import open_clip
 
-    return open_clip.image_transform(image_size, is_train=False)
+    return open_clip.image_transform(size, is_train=False)
 
 
 def _selection(sel: SelectionIn, tokens: list, geometry: ImageGeometry) -> Selection:
@@ -79,10 +78,10 @@ def _selection(sel: SelectionIn, tokens: list, geometry: ImageGeometry) -> Selec
     return selection
 
 
-def image_size(data: bytes, settings: Settings) -> tuple[int, int]:
+def upload_size(data: bytes, settings: Settings) -> tuple[int, int]:
     """The upload's upright (width, height), from its header (format, pixel and aspect-ratio checks)."""
     try:
-        return read_image_size(data, max_pixels=settings.max_pixels)
+        return image_size(data, max_pixels=settings.max_pixels)
     except AttributionError as exc:
         raise RequestInvalid(str(exc)) from None
 

@@ -176,7 +176,7 @@ class Worker:
         """
         by_tag: dict[str, list[Delivery]] = {}
         for d in deliveries:
-            by_tag.setdefault(d.batch, []).append(d)
+            by_tag.setdefault(d.batch_tag, []).append(d)
         for group in by_tag.values():
             started = await self._start(group)
             by_key: dict[tuple, list[_Item]] = {}  # the same as by tag, unless an entry had no tag

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from service.catalog import ModelInfo, default_model, served_models
+from service.catalog import ModelInfo, default_model
 from service.errors import QueueFull, RequestInvalid
 from service.jobs import Job, JobStatus
 from service.label_studio import results
@@ -37,8 +37,9 @@ from service.label_studio.projects import ProjectSetup
 from service.label_studio.protocol import PredictIn, Thresholds
 from service.queue import JobQueue
 from service.schemas import CaptionIn, ExplainInput, ExplainOptions, SelectionIn
+from service.served import ServedCache
 from service.settings import Settings
-from service.validation import build_job, image_size
+from service.validation import build_job, upload_size
 
 log = logging.getLogger("exclip.label_studio")
 
@@ -228,7 +229,7 @@ class Predictor:
             )
         return ImageFetcher(url, token, max_bytes=s.max_upload_bytes)
 
-    async def predict(self, body: PredictIn) -> list[str]:
+    async def predict(self, body: PredictIn, serving: ServedCache) -> list[str]:
         """One JSON-encoded entry per task, in order: its prediction, or why it has none."""
         started = time.monotonic()
         if not body.label_config:
@@ -238,9 +239,7 @@ class Predictor:
         interactive = context is not None
         if interactive and len(body.tasks) != 1:
             raise TaskInvalid(f"an interactive request takes one task, not {len(body.tasks)}")
-        served = served_models(await self.queue.workers())
-        if not served:
-            raise RequestInvalid("no worker is serving a model right now; retry in a few seconds", 503)
+        served = await serving.required()
         name = default_model(served, self.settings)
         assert name is not None  # served is not empty
         info = served[name]
@@ -331,7 +330,7 @@ class Predictor:
         name = default_model(served, self.settings)
         assert work.image is not None  # called only for works without an error: the image was fetched
         try:
-            width, height = await run_in_threadpool(image_size, work.image, self.settings)
+            width, height = await run_in_threadpool(upload_size, work.image, self.settings)
             if work.box_pct is not None:
                 x, y, w, h = work.box_pct
                 box = (x * width / 100, y * height / 100, (x + w) * width / 100, (y + h) * height / 100)

@@ -24,7 +24,7 @@ class Delivery:
     entry_id: str
     job_id: str
     model: str
-    batch: str = ""  # the job's batch key (``Job.batch_tag``), so grouping needs no read of the record
+    batch_tag: str = ""  # the job's ``Job.batch_tag``, so grouping needs no read of the record
 
 
 class JobQueue(Protocol):

@@ -1,6 +1,6 @@
 """Redis Streams back-end: one stream per model, one consumer group of workers.
 
-Layout (names in service.keys): the API writes the job record (hash), the image (string) and one
+Layout (names in service.redis_keys): the API writes the job record (hash), the image (string) and one
 stream entry ``{job_id}`` in one Lua script (with the byte budget); workers read with XREADGROUP,
 take over entries left unacknowledged by dead workers with XAUTOCLAIM, and XACK once the outcome is
 stored. After each acknowledgement the stream is trimmed with XTRIM MINID below the oldest entry
@@ -24,8 +24,8 @@ from redis.exceptions import ResponseError
 
 from service.errors import QueueFull
 from service.jobs import Job, JobStatus
-from service.keys import GROUP, METRICS_TTL_S, Keys
 from service.queue.base import Delivery, FinishWaiters, wait_notified
+from service.redis_keys import GROUP, METRICS_TTL_S, Keys
 
 log = logging.getLogger("exclip.queue")
 

@@ -16,8 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from service.catalog import default_model, served_models
-from service.dependencies import AppSettings, Projects, Queue, basic_or_bearer_owner
+from service.dependencies import AppSettings, Projects, Queue, Served, basic_or_bearer_owner
 from service.label_studio.config import parse_label_config
 from service.label_studio.predictor import (
     Predictor,
@@ -71,12 +70,12 @@ _PREDICT: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _model_version(queue: Queue, settings: AppSettings) -> str:
-    served = served_models(await queue.workers())
-    name = default_model(served, settings)
+async def _model_version(served: Served, settings: AppSettings) -> str:
+    serving = await served.read()
+    name = serving.default(settings)
     if name is None:
         return settings_model_version(settings)
-    return model_version(served[name].name, served[name].pretrained)
+    return model_version(serving.models[name].name, serving.models[name].pretrained)
 
 
 Parsed = TypeVar("Parsed", bound=BaseModel)
@@ -111,7 +110,7 @@ async def health() -> dict[str, str]:
 async def setup(
     request: Request,
     owner: LabelStudioOwner,
-    queue: Queue,
+    served: Served,
     projects: Projects,
     settings: AppSettings,
 ) -> dict[str, Any]:
@@ -121,7 +120,7 @@ async def setup(
         parse_label_config(body.label_config)
     thresholds = default_thresholds(settings).given(body.extra_params)  # refuses bad ones
     await projects.remember(owner, body.project, ProjectSetup(body.hostname, body.access_token, thresholds))
-    return {"model_version": await _model_version(queue, settings)}
+    return {"model_version": await _model_version(served, settings)}
 
 
 @router.post("/predict", responses=_PREDICT, openapi_extra=_json_body(PredictIn))
@@ -129,6 +128,7 @@ async def predict(
     request: Request,
     owner: LabelStudioOwner,
     queue: Queue,
+    served: Served,
     projects: Projects,
     settings: AppSettings,
 ) -> Response:
@@ -136,7 +136,7 @@ async def predict(
     body = await _read(request, parse_predict)
     project = body.project or (body.tasks[0].get("project") if body.tasks else None)
     predictor = Predictor(queue, settings, owner, await projects.get(owner, project))
-    entries = await predictor.predict(body)  # each encoded off the event loop: masks take seconds
+    entries = await predictor.predict(body, served)  # each encoded off the event loop: masks take seconds
     return Response('{"results": [' + ", ".join(entries) + "]}", media_type="application/json")
 
 
@@ -147,5 +147,5 @@ async def webhook(owner: LabelStudioOwner) -> dict[str, str]:
 
 
 @router.get("/versions", responses=_AUTH)
-async def versions(owner: LabelStudioOwner, queue: Queue, settings: AppSettings) -> dict[str, Any]:
-    return {"versions": [await _model_version(queue, settings)]}
+async def versions(owner: LabelStudioOwner, served: Served, settings: AppSettings) -> dict[str, Any]:
+    return {"versions": [await _model_version(served, settings)]}
