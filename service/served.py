@@ -42,6 +42,8 @@ class ServedModels:
 class _Heartbeats(Protocol):
     async def workers(self) -> list[dict[str, Any]]: ...
 
+    async def ping(self) -> None: ...
+
 
 class ServedCache:
     """``ServedModels`` read from the workers' heartbeats at most every ``ttl_s`` seconds."""
@@ -61,5 +63,9 @@ class ServedCache:
         return self._served
 
     async def required(self) -> dict[str, ModelInfo]:
-        """The served models, or 503 when no worker serves one."""
-        return (await self.read()).required()
+        """The served models, or 503 when no worker serves one: with the store's reason when it is the
+        cause (a Redis that refuses writes refuses heartbeats too), else "no worker"."""
+        serving = await self.read()
+        if not serving.models:
+            await self.registry.ping()  # raises WritesRefused (503 with its reason) when it is why
+        return serving.required()

@@ -30,7 +30,7 @@ class Delivery:
 class JobQueue(Protocol):
     # --- API side -------------------------------------------------------------------------------
     async def ping(self) -> None:
-        """Raise if the queue cannot be reached."""
+        """Raise if the queue cannot be reached, or ``WritesRefused`` if it could not take a job now."""
 
     async def warm_up(self) -> None:
         """Prepare what the first job would otherwise wait for (scripts, the finish subscription)."""
@@ -38,7 +38,8 @@ class JobQueue(Protocol):
     async def enqueue(self, job: Job, image: bytes, *, max_depth: int, depth_models: list[str]) -> None:
         """Store the job record and image (with expiry) and add a stream entry for the job's model.
 
-        Raises ``QueueFull`` when ``depth(depth_models)`` is already ``max_depth`` or more.
+        Raises ``QueueFull`` when ``depth(depth_models)`` is already ``max_depth`` or more, and
+        ``WritesRefused`` when the store has too little room left for the job to run to its end.
         """
 
     async def get(self, job_id: str) -> Job | None:

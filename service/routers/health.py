@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.dependencies import Queue, Served
-from service.errors import QUEUE_DOWN
+from service.errors import QUEUE_DOWN, WritesRefused
 from service.validation import warm_up
 
 router = APIRouter(tags=["health"])
@@ -30,6 +30,8 @@ async def readyz(queue: Queue, served: Served) -> JSONResponse:
         models = (await served.read()).models
     except QUEUE_DOWN as exc:
         return _not_ready(f"queue unreachable: {exc}")
+    except WritesRefused as exc:  # jobs would be refused: say why, as /explain does
+        return _not_ready(str(exc))
     if not models:
         return _not_ready("no live worker holds a model")
     await run_in_threadpool(warm_up, models)  # loads on the first call; about a millisecond after
