@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from service.catalog import ModelInfo, default_model, served_models
 from service.errors import RequestInvalid
+from service.queue.base import Connection, WorkerRegistry
 from service.settings import Settings
 
 SERVED_TTL_S = 1.0
@@ -39,10 +40,8 @@ class ServedModels:
         return default_model(self.models, settings)
 
 
-class _Heartbeats(Protocol):
-    async def workers(self) -> list[dict[str, Any]]: ...
-
-    async def ping(self) -> None: ...
+class _Heartbeats(WorkerRegistry, Connection, Protocol):
+    """The two roles of the queue this reads: the heartbeats, and ``ping`` for why there are none."""
 
 
 class ServedCache:

@@ -24,7 +24,7 @@ from redis.exceptions import ResponseError
 
 from service.errors import QueueFull, WritesRefused
 from service.jobs import Job, JobStatus
-from service.queue.base import Delivery, FinishWaiters, wait_notified
+from service.queue.base import Delivery, FinishWaiters, JobQueue, wait_notified
 from service.redis_keys import GROUP, METRICS_TTL_S, Keys
 
 log = logging.getLogger("exclip.queue")
@@ -193,7 +193,7 @@ def _after(entry_id: str) -> str:
     return f"{ms}-{int(seq) + 1}"
 
 
-class RedisStreamsQueue:
+class RedisStreamsQueue(JobQueue):
     """``JobQueue`` on Redis Streams; ``r`` decodes responses to str, ``rb`` returns bytes (images).
 
     Images and results are kept within ``max_stored_bytes`` as in the in-memory queue (Lua scripts
