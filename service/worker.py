@@ -330,9 +330,12 @@ class Worker:
     async def _heartbeat_forever(self) -> None:
         period = self.settings.heartbeat_s
         while True:
+            if self._in_flight:  # a batch longer than the visibility timeout stays ours, also while
+                try:  # the heartbeat is refused (renewing adds no data: a full Redis allows it)
+                    await self.queue.renew(self.name, self._in_flight)
+                except Exception as exc:  # noqa: BLE001 - the next beat tries again
+                    log.warning("renewing the jobs in flight failed (%s: %s)", type(exc).__name__, exc)
             try:
-                if self._in_flight:  # a batch longer than the visibility timeout stays ours (renewing
-                    await self.queue.renew(self.name, self._in_flight)  # writes nothing new: first)
                 await self.queue.heartbeat(self.name, {**self.info, "at": time.time()}, ttl_s=3 * period)
                 self._advertised.set()
             except Exception as exc:  # noqa: BLE001 - the next beat tries again

@@ -8,6 +8,7 @@ jobs; and everything comes back by itself once memory (or disk) is freed.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from pathlib import Path
@@ -148,4 +149,46 @@ def test_a_redis_that_cannot_persist_answers_503_and_recovers(tiny_checkpoint, k
             assert "Traceback" not in proc.output, proc.log_tail(40)
     finally:
         launcher.close()
+        server.stop()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_a_worker_holding_a_job_waits_for_room_and_computes_it_once(tiny_loaded, key_prefix):
+    """The worker read a job, then Redis filled up: starting it is refused. The worker keeps the job
+    (no redelivery after the visibility timeout, no delivery counted twice) and computes it once
+    memory is freed."""
+    from service.connections import create_queue
+    from service.jobs import JobStatus
+    from service.settings import Settings
+    from service.worker import Worker
+    from tests.service.conftest import make_job
+
+    server = FullRedis("--save", "", "--appendonly", "no")
+    server.start()
+    settings = Settings(
+        redis_url=server.url, key_prefix=key_prefix, heartbeat_s=0.2, redis_timeout_s=1, worker_name="w"
+    )
+    queue = create_queue(settings)
+    r = server.client()
+    try:
+        job = make_job(steps=2)
+        await queue.enqueue(job, png_bytes(), max_depth=10, depth_models=[job.model])
+        deliveries = await queue.read("w", [job.model], 8, 100)
+        assert [d.job_id for d in deliveries] == [job.id]
+        _fill(r)
+        worker = Worker(queue, [tiny_loaded], settings)
+        processing = asyncio.create_task(worker._process(deliveries))
+        await asyncio.sleep(1.5)
+        assert not processing.done() and (await queue.get(job.id)).status is JobStatus.QUEUED
+        r.delete(*r.keys("filler:*"))
+        await asyncio.wait_for(processing, 60)
+        done = await queue.get(job.id)
+        assert done.status is JobStatus.DONE and done.deliveries == 1, (done.status, done.error)
+    finally:
+        await queue.close()
         server.stop()
