@@ -158,12 +158,14 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
+        "redis_url",
         "pretrained",
         "device",
         "cache_dir",
         "cors_origins",
         "label_studio_url",
         "label_studio_api_key",
+        "api_keys_file",
         mode="before",
     )
     @classmethod

@@ -90,6 +90,17 @@ def test_the_defaults_load(clean_env):
     assert load_settings().keys == ()
 
 
+@pytest.mark.parametrize(
+    "name", ["REDIS_URL", "EXCLIP_API_KEYS", "EXCLIP_API_KEYS_FILE", "EXCLIP_DEVICE", "LABEL_STUDIO_URL"]
+)
+def test_an_empty_optional_setting_is_unset(clean_env, name):
+    clean_env.setenv(name, "")
+    settings = load_settings()
+    assert settings.keys == ()
+    field = next(f for f in Settings.model_fields if env_name(f) == name)
+    assert getattr(settings, field) is None
+
+
 @pytest.mark.parametrize(("field", "value"), [(f, v) for f, values in BAD.items() for v in values])
 def test_a_bad_value_stops_the_service_naming_the_setting(clean_env, field, value):
     message = _refused(clean_env, field, value)
