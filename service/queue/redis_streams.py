@@ -233,7 +233,11 @@ class RedisStreamsQueue(JobQueue):
     async def _check_memory(self, adding: int) -> None:
         """Raise ``WritesRefused`` when ``adding`` more bytes would leave Redis less than its reserve
         (``MEMORY_RESERVE`` of ``maxmemory``; nothing to check without a ``maxmemory``)."""
-        memory = await self.r.info("memory")
+        try:
+            memory = await self.r.info("memory")
+        except ResponseError as exc:  # INFO disabled (some managed Redis): Redis's own refusals remain
+            log.debug("INFO memory unavailable (%s); not checking the memory left", exc)
+            return
         limit, used = int(memory.get("maxmemory", 0)), int(memory.get("used_memory", 0))
         if limit and used + adding > limit * (1 - MEMORY_RESERVE):
             raise WritesRefused(
