@@ -23,7 +23,8 @@ from service.errors import install_handlers
 from service.label_studio.backend import LabelStudioBackend
 from service.middleware import BodyLimits, HeadAndSecurityHeaders
 from service.routers import health, heatmap, jobs, label_studio, metrics, models
-from service.settings import Settings
+from service.served import ServedCache
+from service.settings import Settings, load_settings
 from service.web import pages
 
 log = logging.getLogger("exclip.api")
@@ -34,10 +35,10 @@ def create_app(
 ) -> FastAPI:
     """The API; with ``worker_models`` (embedded mode) also a worker computing on the same queue.
 
-    Raises ``ConfigError`` for settings it cannot run with (an unreadable or empty keys file, a
-    ``LABEL_STUDIO_URL`` images cannot be fetched from).
+    Raises ``ConfigError`` for settings it cannot run with (a bad value, an unreadable or empty keys
+    file, a ``LABEL_STUDIO_URL`` images cannot be fetched from).
     """
-    settings = settings or Settings()
+    settings = settings or load_settings()
     if settings.keys and settings.owner_secret is None:
         log.warning(
             "EXCLIP_OWNER_SECRET is unset: job owner tags use a random key of this process, so "
@@ -73,6 +74,7 @@ def create_app(
         "open_clip CLIP models.",
     )
     app.state.settings, app.state.queue, app.state.label_studio = settings, queue, label_studio_backend
+    app.state.served = ServedCache(queue)
 
     app.add_middleware(
         BodyLimits,

@@ -19,14 +19,14 @@ from typing import Any
 from attribution.errors import AttributionError
 from attribution.selections import Box, Selection, Span
 from service.errors import ConfigError
-from service.settings import Settings
+from service.settings import Settings, load_settings
 
 log = logging.getLogger("exclip")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    return Settings(**overrides)
+    return load_settings(**overrides)
 
 
 def _load_models(settings: Settings) -> list[Any]:
@@ -70,7 +70,7 @@ def serve(settings: Settings) -> None:
         log_level="info",
         timeout_keep_alive=5,
         http=_head_deadline_protocol(settings.client_timeout_s),
-        timeout_graceful_shutdown=int(settings.wait_max_s) + 10,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
 
 

@@ -13,8 +13,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from service.errors import QUEUE_DOWN  # noqa: F401 - re-exported: where callers look for it
-from service.keys import Keys
 from service.queue.base import JobQueue
+from service.redis_keys import Keys
 from service.settings import Settings
 
 

@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, queue, API-key auth and job ownership.
+"""FastAPI dependencies: settings, queue, served models, API-key auth and job ownership.
 
 ``OwnedJob`` is how a route reads a job: it applies auth and gives the ``Job`` (with its result),
 or raises 404 (unknown, expired, or another key's job) / 401 (missing or wrong key when keys are
@@ -18,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.jobs import Job
 from service.queue import JobQueue
+from service.served import ServedCache
 from service.settings import Settings
 
 
@@ -27,6 +28,12 @@ def get_settings(request: Request) -> Settings:
 
 def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
+
+
+def get_served(request: Request) -> ServedCache:
+    """What the live workers serve: ``await .read()`` (at most one heartbeat read a second), or
+    ``await .required()`` for the models with the "no worker" 503."""
+    return request.app.state.served
 
 
 def owner_tag(key: str, secret: bytes) -> str:
@@ -111,6 +118,7 @@ def basic_or_bearer_owner(
 
 Owner = Annotated[str | None, Depends(api_key_owner)]
 Queue = Annotated[JobQueue, Depends(get_queue)]
+Served = Annotated[ServedCache, Depends(get_served)]
 AppSettings = Annotated[Settings, Depends(get_settings)]
 
 

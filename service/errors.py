@@ -13,6 +13,8 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 if TYPE_CHECKING:
@@ -26,6 +28,29 @@ QUEUE_DOWN = (RedisConnectionError, RedisTimeoutError)
 redis-py wraps its sockets' ``OSError``s in these; any other ``OSError`` is not Redis's and is not
 reported as such.
 """
+
+
+class WritesRefused(Exception):
+    """Redis refuses writes, or has too little memory left to run a new job to its end.
+
+    Raised by the queue before it accepts a job that could not run (see ``write_refusal``); Redis's own
+    refusals (``OOM``, ``MISCONF``) arrive as redis-py errors that ``write_refusal`` recognises.
+    """
+
+
+def write_refusal(exc: BaseException) -> str | None:
+    """Why Redis refused a write, if ``exc`` is such a refusal: its memory is full (``maxmemory`` with
+    ``noeviction``), or it cannot persist (a full disk under AOF or RDB: ``MISCONF``). None otherwise.
+
+    Both pass without an operator once memory or disk is freed (results expire, jobs finish).
+    """
+    if isinstance(exc, WritesRefused):
+        return str(exc)
+    if isinstance(exc, RedisOutOfMemoryError):
+        return "Redis is out of memory (maxmemory reached) and refuses writes"
+    if isinstance(exc, RedisResponseError) and "MISCONF" in str(exc)[:40]:
+        return "Redis cannot persist its data (disk full or unwritable) and refuses writes"
+    return None
 
 
 class RequestInvalid(Exception):
@@ -84,7 +109,16 @@ def install_handlers(app: FastAPI) -> None:
         log.warning("queue unavailable: %s", exc)
         return answer("the job queue (Redis) is unreachable right now; retry later", 503, 5)
 
+    async def redis_error(request: Request, exc: Exception) -> JSONResponse:
+        reason = write_refusal(exc)
+        if reason is None:
+            raise exc  # any other Redis error is a bug: the server error handler logs it (500)
+        log.warning("%s %s: %s (%s)", request.method, request.url.path, reason, exc)
+        return answer(f"{reason}; retry later", 503, 10)
+
     app.add_exception_handler(RequestInvalid, invalid)
     app.add_exception_handler(QueueFull, full)
     for exc_type in QUEUE_DOWN:
         app.add_exception_handler(exc_type, queue_down)
+    for refusal in (WritesRefused, RedisResponseError):  # every route, whatever it writes
+        app.add_exception_handler(refusal, redis_error)

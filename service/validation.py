@@ -60,11 +60,11 @@ def _layer(name: str, value: int | None, info: ModelInfo, tower: str) -> int:
 
 
 @lru_cache(maxsize=16)
-def _transform(image_size: tuple[int, ...]) -> Any:
+def _transform(size: tuple[int, ...]) -> Any:
     """The eval transform open_clip builds for a model input of this size (resize, centre crop)."""
     import open_clip
 
-    return open_clip.image_transform(image_size, is_train=False)
+    return open_clip.image_transform(size, is_train=False)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class ExplainCall:
     format: str = ExplainOptions.model_fields["format"].default
 
 
-def image_size(data: bytes, settings: Settings) -> tuple[int, int]:
+def upload_size(data: bytes, settings: Settings) -> tuple[int, int]:
     """The upload's upright (width, height), from its header (format, pixel and aspect-ratio checks)."""
     try:
         return read_image_size(data, max_pixels=settings.max_pixels)

@@ -27,8 +27,11 @@ import io
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 from PIL import Image
 
@@ -38,13 +41,15 @@ from attribution.images import prepare_image
 from attribution.models import LoadedModel
 from attribution.pipeline import ExplainRequest, explain_requests
 from service import metrics
-from service.errors import QUEUE_DOWN, Fault, JobTimeout
+from service.errors import QUEUE_DOWN, Fault, JobTimeout, write_refusal
 from service.jobs import Job, JobResult, JobStatus
 from service.queue import Delivery, JobQueue
 from service.settings import Settings
 from service.timeouts import call_with_deadline
 
 log = logging.getLogger("exclip.worker")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -79,6 +84,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._next_claim = 0.0
         self._in_flight: list[Delivery] = []  # renewed by the heartbeat while a batch computes
+        self._advertised = asyncio.Event()  # cleared while Redis refuses to store the heartbeat
         self._metrics: list[dict[str, float]] = []  # engine-call observations not yet sent
         self.info = {
             "name": self.name,
@@ -97,10 +103,14 @@ class Worker:
         with suppress(*QUEUE_DOWN):
             await self.queue.warm_up()
         log.info("worker %s serving %s", self.name, ", ".join(self.models))
+        self._advertised.set()
         beat = asyncio.create_task(self._heartbeat_forever())
         backoff = 0.2
         try:
             while not self._stopping.is_set():
+                if not self._advertised.is_set():
+                    await self._until_advertised()
+                    continue
                 try:
                     deliveries = await self._next_deliveries()
                     if deliveries:
@@ -114,8 +124,11 @@ class Worker:
                     log.warning("queue unavailable (%s); retrying in %.1f s", exc, backoff)
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
-                except Exception:  # noqa: BLE001 - e.g. Redis lost the stream: log, back off, go on
-                    log.exception("queue operation failed; retrying in %.1f s", backoff)
+                except Exception as exc:  # noqa: BLE001 - e.g. Redis lost the stream: log, back off, go on
+                    if reason := write_refusal(exc):
+                        log.warning("%s; retrying in %.1f s", reason, backoff)
+                    else:
+                        log.exception("queue operation failed; retrying in %.1f s", backoff)
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
         finally:
@@ -174,7 +187,7 @@ class Worker:
         """
         by_tag: dict[str, list[Delivery]] = {}
         for d in deliveries:
-            by_tag.setdefault(d.batch, []).append(d)
+            by_tag.setdefault(d.batch_tag, []).append(d)
         for group in by_tag.values():
             started = await self._start(group)
             by_key: dict[tuple, list[_Item]] = {}  # the same as by tag, unless an entry had no tag
@@ -188,7 +201,7 @@ class Worker:
         skipped: list[Delivery] = []
         items: list[_Item] = []
         for d in deliveries:
-            job = await self.queue.start(d.job_id)
+            job = await self._write(partial(self.queue.start, d.job_id))
             if job is None or job.status is not JobStatus.RUNNING:  # lost, expired, cancelled or finished
                 if job is None:
                     log.warning("job %s is gone (expired, or lost with Redis's data); not computed", d.job_id)
@@ -304,7 +317,7 @@ class Worker:
             job = item.job
             job.status = JobStatus.FAILED if item.failed else JobStatus.DONE
             job.result, job.finished_at = item.result, time.time()
-            await self.queue.finish(job)
+            await self._write(partial(self.queue.finish, job))
             increments += [
                 metrics.outcome(job.status.value),
                 metrics.observe("queue_wait_seconds", (job.started_at or job.created_at) - job.created_at),
@@ -316,13 +329,42 @@ class Worker:
     async def _heartbeat_forever(self) -> None:
         period = self.settings.heartbeat_s
         while True:
+            if self._in_flight:  # a batch longer than the visibility timeout stays ours, also while
+                try:  # the heartbeat is refused (renewing adds no data: a full Redis allows it)
+                    await self.queue.renew(self.name, self._in_flight)
+                except Exception as exc:  # noqa: BLE001 - the next beat tries again
+                    log.warning("renewing the jobs in flight failed (%s: %s)", type(exc).__name__, exc)
             try:
                 await self.queue.heartbeat(self.name, {**self.info, "at": time.time()}, ttl_s=3 * period)
-                if self._in_flight:  # a batch longer than the visibility timeout stays ours
-                    await self.queue.renew(self.name, self._in_flight)
+                self._advertised.set()
             except Exception as exc:  # noqa: BLE001 - the next beat tries again
+                if write_refusal(exc):  # unseen by the API (no worker: 503) until a beat is stored
+                    self._advertised.clear()
                 log.warning("heartbeat failed (%s: %s)", type(exc).__name__, exc)
             await asyncio.sleep(period)
+
+    async def _until_advertised(self) -> None:
+        """Take no new job while the heartbeat cannot be stored (Redis refuses writes): the API sees no
+        worker and accepts none, and a job read now could not be started. Resumes by itself."""
+        log.warning("not taking jobs until a heartbeat is stored again")
+        with suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._advertised.wait(), self.settings.heartbeat_s)
+
+    async def _write(self, write: Callable[[], Awaitable[T]]) -> T:
+        """A queue write, retried while Redis refuses writes (full memory or disk) and the worker is not
+        stopping: what was computed is stored once room is freed, not recomputed after the visibility
+        timeout (the heartbeat keeps renewing the deliveries meanwhile)."""
+        delay = 0.2
+        while True:
+            try:
+                return await write()
+            except Exception as exc:
+                reason = write_refusal(exc)
+                if reason is None or self._stopping.is_set():
+                    raise
+                log.warning("%s; storing again in %.1f s", reason, delay)
+                await self._sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _sleep(self, seconds: float) -> None:
         with suppress(asyncio.TimeoutError):

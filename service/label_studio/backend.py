@@ -19,11 +19,10 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 
 from service.connections import redis_client
-from service.errors import ConfigError, RequestInvalid
-from service.keys import Keys
+from service.errors import RequestInvalid
 from service.label_studio.fetch import Downloads
 from service.label_studio.projects import MemoryProjects, ProjectStore, RedisProjects
-from service.label_studio.protocol import checked_label_studio_url
+from service.redis_keys import Keys
 from service.settings import Settings
 
 T = TypeVar("T")
@@ -43,23 +42,8 @@ def create_project_store(settings: Settings) -> ProjectStore:
     return MemoryProjects()
 
 
-def check_settings(settings: Settings) -> None:
-    """``ConfigError`` naming the setting for a ``LABEL_STUDIO_URL`` no image could be fetched from:
-    the service does not start, rather than start, say it is ready and fail every task."""
-    if settings.label_studio_url is None:
-        return
-    try:
-        checked_label_studio_url(settings.label_studio_url)
-    except ValueError as exc:
-        raise ConfigError(
-            f"LABEL_STUDIO_URL: {exc}; give the Label Studio server's http(s) URL, e.g. "
-            "http://label-studio:8080"
-        ) from None
-
-
 class LabelStudioBackend:
     def __init__(self, settings: Settings) -> None:
-        check_settings(settings)
         self.projects = create_project_store(settings)
         self.downloads: Downloads | None = None  # made on the app's event loop, in start()
         self.stopping: asyncio.Event | None = None

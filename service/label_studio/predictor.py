@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from attribution.errors import AttributionError
 from attribution.pipeline import Explanation
 from attribution.selections import Box, Selection, Span
-from service.catalog import ModelInfo, default_model, served_models
+from service.catalog import ModelInfo, default_model
 from service.errors import QueueFull, RequestInvalid
 from service.jobs import CaptionRequest, Job, JobStatus
 from service.label_studio import results
@@ -38,8 +38,9 @@ from service.label_studio.projects import ProjectSetup
 from service.label_studio.protocol import PredictIn, Thresholds
 from service.label_studio.tasks import Context, TaskWork, parse_context, read_task
 from service.queue import JobQueue
+from service.served import ServedCache
 from service.settings import Settings
-from service.validation import ExplainCall, build_call_job, image_size
+from service.validation import ExplainCall, build_call_job, upload_size
 
 log = logging.getLogger("exclip.label_studio")
 
@@ -115,7 +116,7 @@ class Predictor:
             )
         return ImageFetcher(url, token, max_bytes=s.max_upload_bytes, downloads=self.downloads)
 
-    async def predict(self, body: PredictIn) -> list[str]:
+    async def predict(self, body: PredictIn, serving: ServedCache) -> list[str]:
         """One JSON-encoded entry per task, in order: its prediction, or why it has none."""
         started = time.monotonic()
         if not body.label_config:
@@ -125,9 +126,7 @@ class Predictor:
         interactive = context is not None
         if interactive and len(body.tasks) != 1:
             raise TaskInvalid(f"an interactive request takes one task, not {len(body.tasks)}")
-        served = served_models(await self.queue.workers())
-        if not served:
-            raise RequestInvalid("no worker is serving a model right now; retry in a few seconds", 503)
+        served = await serving.required()
         name = default_model(served, self.settings)
         assert name is not None  # served is not empty
         info = served[name]
@@ -212,7 +211,7 @@ class Predictor:
         name = default_model(served, self.settings)
         assert work.image is not None  # called only for works without an error: the image was fetched
         try:
-            size = await run_in_threadpool(image_size, work.image, self.settings)
+            size = await run_in_threadpool(upload_size, work.image, self.settings)
             call = self._call(work, size, name)
             work.job = await run_in_threadpool(build_call_job, call, served, self.settings, size, self.owner)
         except (RequestInvalid, AttributionError) as exc:  # AttributionError: e.g. an empty box

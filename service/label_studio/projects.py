@@ -24,7 +24,7 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
-from service.keys import Keys
+from service.redis_keys import Keys
 
 MAX_PROJECTS = 1000
 PROJECT_TTL_S = 30 * 24 * 3600

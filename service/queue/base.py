@@ -1,8 +1,11 @@
-"""The job queue protocol both back-ends implement (Redis Streams and in-memory).
+"""The job queue protocols both back-ends implement (Redis Streams and in-memory), one per role.
 
-The API side enqueues, reads and cancels jobs; the worker side reads deliveries, claims deliveries
-that a dead worker left unacknowledged, starts jobs (the cancellation check), stores outcomes and
-acknowledges. Both back-ends pass the same contract tests (tests/service/test_queue_contract.py).
+``JobStore``: the API enqueues, reads, waits for and cancels jobs; a worker starts them (the
+cancellation check) and stores their outcome. ``Consumer``: a worker reads deliveries, claims those a
+dead worker left unacknowledged, renews and acknowledges them. ``WorkerRegistry``: heartbeats.
+``MetricsStore``: shared counters. ``ImageStore``: the uploads. ``Connection``: ping, warm-up, close.
+``JobQueue`` is all of them. Both back-ends pass the same contract tests, grouped by role
+(tests/service/test_queue_contract.py).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from service.jobs import Job
 
@@ -24,21 +27,33 @@ class Delivery:
     entry_id: str
     job_id: str
     model: str
-    batch: str = ""  # the job's batch key (``Job.batch_tag``), so grouping needs no read of the record
+    batch_tag: str = ""  # the job's ``Job.batch_tag``, so grouping needs no read of the record
 
 
-class JobQueue(Protocol):
-    # --- API side -------------------------------------------------------------------------------
+@runtime_checkable
+class Connection(Protocol):
+    """The link to the back-end, as the API's health check and both sides' start and stop use it."""
+
     async def ping(self) -> None:
-        """Raise if the queue cannot be reached."""
+        """Raise if the queue cannot be reached, or ``WritesRefused`` if it could not take a job now."""
 
     async def warm_up(self) -> None:
         """Prepare what the first job would otherwise wait for (scripts, the finish subscription)."""
 
+    async def close(self) -> None:
+        """Release connections."""
+
+
+@runtime_checkable
+class JobStore(Protocol):
+    """Job records through their life: the API enqueues, reads, waits for and cancels them; a worker
+    starts them (the cancellation check) and stores their outcome."""
+
     async def enqueue(self, job: Job, image: bytes, *, max_depth: int, depth_models: list[str]) -> None:
         """Store the job record and image (with expiry) and add a stream entry for the job's model.
 
-        Raises ``QueueFull`` when ``depth(depth_models)`` is already ``max_depth`` or more.
+        Raises ``QueueFull`` when ``depth(depth_models)`` is already ``max_depth`` or more, and
+        ``WritesRefused`` when the store has too little room left for the job to run to its end.
         """
 
     async def get(self, job_id: str) -> Job | None:
@@ -57,16 +72,22 @@ class JobQueue(Protocol):
     async def depth(self, models: list[str]) -> int:
         """Jobs of these models waiting to be read or read but not yet acknowledged."""
 
-    async def workers(self) -> list[dict[str, Any]]:
-        """The heartbeats of live workers (each: name, models, ...)."""
+    async def start(self, job_id: str) -> Job | None:
+        """Mark a queued (or re-delivered running) job running and count the delivery.
 
-    async def add_metrics(self, increments: dict[str, float]) -> None:
-        """Add to the shared counters that /metrics exposes (see service.metrics)."""
+        Returns the updated record; a finished (e.g. cancelled) job is returned unchanged; None
+        when the record is gone. The caller computes the job only if the returned status is running.
+        """
 
-    async def read_metrics(self) -> dict[str, float]:
-        """All shared counters."""
+    async def finish(self, job: Job) -> None:
+        """Store the outcome fields (``Job.OUTCOME_FIELDS``) of a job that still exists, drop its image
+        from the queued bytes (it stays for heatmaps within the byte budget) and wake its waiters."""
 
-    # --- worker side ----------------------------------------------------------------------------
+
+@runtime_checkable
+class Consumer(Protocol):
+    """Deliveries of queued jobs to workers: read, taken over from dead workers, renewed, acknowledged."""
+
     async def read(self, consumer: str, models: list[str], count: int, block_ms: int) -> list[Delivery]:
         """New entries for these models, at most ``count``, waiting up to ``block_ms`` for the first."""
 
@@ -81,22 +102,13 @@ class JobQueue(Protocol):
         Entries another consumer has claimed meanwhile are left alone.
         """
 
-    async def start(self, job_id: str) -> Job | None:
-        """Mark a queued (or re-delivered running) job running and count the delivery.
-
-        Returns the updated record; a finished (e.g. cancelled) job is returned unchanged; None
-        when the record is gone. The caller computes the job only if the returned status is running.
-        """
-
-    async def image(self, job_id: str) -> bytes | None:
-        """The job's image bytes."""
-
-    async def finish(self, job: Job) -> None:
-        """Store the outcome fields (``Job.OUTCOME_FIELDS``) of a job that still exists, drop its image
-        from the queued bytes (it stays for heatmaps within the byte budget) and wake its waiters."""
-
     async def ack(self, deliveries: list[Delivery]) -> None:
         """Acknowledge entries (and drop the stream entries no one needs any more)."""
+
+
+@runtime_checkable
+class WorkerRegistry(Protocol):
+    """Which workers live and what they hold: their heartbeats."""
 
     async def heartbeat(self, name: str, info: dict[str, Any], ttl_s: float) -> None:
         """Advertise a live worker for ``ttl_s`` seconds."""
@@ -104,8 +116,36 @@ class JobQueue(Protocol):
     async def remove_worker(self, name: str) -> None:
         """Withdraw a worker's heartbeat (clean shutdown)."""
 
-    async def close(self) -> None:
-        """Release connections."""
+    async def workers(self) -> list[dict[str, Any]]:
+        """The heartbeats of live workers (each: name, models, ...)."""
+
+
+@runtime_checkable
+class MetricsStore(Protocol):
+    """The counters every worker and API replica adds to (see service.metrics)."""
+
+    async def add_metrics(self, increments: dict[str, float]) -> None:
+        """Add to the shared counters that /metrics exposes."""
+
+    async def read_metrics(self) -> dict[str, float]:
+        """All shared counters."""
+
+
+@runtime_checkable
+class ImageStore(Protocol):
+    """The uploaded images, stored once per job (``enqueue``) and kept within the byte budget."""
+
+    async def image(self, job_id: str) -> bytes | None:
+        """The job's image bytes."""
+
+
+@runtime_checkable
+class JobQueue(Connection, JobStore, Consumer, WorkerRegistry, MetricsStore, ImageStore, Protocol):
+    """Every role together: what each back-end implements, and what the app and a worker hold."""
+
+
+ROLES: tuple[type, ...] = (Connection, JobStore, Consumer, WorkerRegistry, MetricsStore, ImageStore)
+"""The roles a back-end plays; code that needs one role takes that protocol (e.g. ``ServedCache``)."""
 
 
 class FinishWaiters:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from service.errors import QueueFull
 from service.jobs import Job, JobStatus
-from service.queue.base import Delivery, FinishWaiters, wait_notified
+from service.queue.base import Delivery, FinishWaiters, JobQueue, wait_notified
 
 PURGE_EVERY_S = 1.0
 
@@ -30,7 +30,7 @@ class _Pending:
     delivered_at: float
 
 
-class MemoryQueue:
+class MemoryQueue(JobQueue):
     """``JobQueue`` in process memory; records and images expire after ``ttl_s`` like in Redis.
 
     Images and results together are kept within ``max_stored_bytes``: above it, finished jobs give

@@ -1,6 +1,6 @@
 """Redis Streams back-end: one stream per model, one consumer group of workers.
 
-Layout (names in service.keys): the API writes the job record (hash), the image (string) and one
+Layout (names in service.redis_keys): the API writes the job record (hash), the image (string) and one
 stream entry ``{job_id}`` in one Lua script (with the byte budget); workers read with XREADGROUP,
 take over entries left unacknowledged by dead workers with XAUTOCLAIM, and XACK once the outcome is
 stored. After each acknowledgement the stream is trimmed with XTRIM MINID below the oldest entry
@@ -22,10 +22,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from service.errors import QueueFull
+from service.errors import QueueFull, WritesRefused
 from service.jobs import Job, JobStatus
-from service.keys import GROUP, METRICS_TTL_S, Keys
-from service.queue.base import Delivery, FinishWaiters, wait_notified
+from service.queue.base import Delivery, FinishWaiters, JobQueue, wait_notified
+from service.redis_keys import GROUP, METRICS_TTL_S, Keys
 
 log = logging.getLogger("exclip.queue")
 
@@ -177,6 +177,11 @@ return renewed
 
 ScriptArg = bytes | str | int | float  # what a Lua script's ARGV takes
 
+MEMORY_RESERVE = 0.1
+"""Share of Redis's ``maxmemory`` a new job may not use: room for the jobs already accepted to start,
+store their results and for workers to heartbeat. Redis refuses a write only once it is over the
+limit, so without a reserve the job that fills it is accepted and then cannot be started."""
+
 
 def _pairs(flat: list[str] | None) -> dict[str, str] | None:
     return None if not flat else dict(zip(flat[::2], flat[1::2], strict=True))
@@ -188,7 +193,7 @@ def _after(entry_id: str) -> str:
     return f"{ms}-{int(seq) + 1}"
 
 
-class RedisStreamsQueue:
+class RedisStreamsQueue(JobQueue):
     """``JobQueue`` on Redis Streams; ``r`` decodes responses to str, ``rb`` returns bytes (images).
 
     Images and results are kept within ``max_stored_bytes`` as in the in-memory queue (Lua scripts
@@ -223,6 +228,22 @@ class RedisStreamsQueue:
     # --- API side -------------------------------------------------------------------------------
     async def ping(self) -> None:
         await self.r.ping()
+        await self._check_memory(0)
+
+    async def _check_memory(self, adding: int) -> None:
+        """Raise ``WritesRefused`` when ``adding`` more bytes would leave Redis less than its reserve
+        (``MEMORY_RESERVE`` of ``maxmemory``; nothing to check without a ``maxmemory``)."""
+        try:
+            memory = await self.r.info("memory")
+        except ResponseError as exc:  # INFO disabled (some managed Redis): Redis's own refusals remain
+            log.debug("INFO memory unavailable (%s); not checking the memory left", exc)
+            return
+        limit, used = int(memory.get("maxmemory", 0)), int(memory.get("used_memory", 0))
+        if limit and used + adding > limit * (1 - MEMORY_RESERVE):
+            raise WritesRefused(
+                f"Redis's memory is nearly full ({used} of maxmemory {limit} bytes used; a new job "
+                f"may use up to {1 - MEMORY_RESERVE:.0%}), so it could not run"
+            )
 
     async def warm_up(self) -> None:
         self._ensure_listener()
@@ -234,6 +255,7 @@ class RedisStreamsQueue:
     async def enqueue(self, job: Job, image: bytes, *, max_depth: int, depth_models: list[str]) -> None:
         if await self.depth(depth_models) >= max_depth:
             raise QueueFull(f"the queue holds {max_depth} or more jobs (EXCLIP_MAX_QUEUE); retry later")
+        await self._check_memory(len(image))
         fields = [x for kv in job.to_fields().items() for x in kv]
         keys = [
             *self.keys.budget,

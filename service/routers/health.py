@@ -6,9 +6,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.catalog import served_models
-from service.dependencies import Queue
-from service.errors import QUEUE_DOWN
+from service.dependencies import Queue, Served
+from service.errors import QUEUE_DOWN, WritesRefused
 from service.validation import warm_up
 
 router = APIRouter(tags=["health"])
@@ -25,14 +24,16 @@ def _not_ready(reason: str) -> JSONResponse:
 
 
 @router.get("/readyz")
-async def readyz(queue: Queue) -> JSONResponse:
+async def readyz(queue: Queue, served: Served) -> JSONResponse:
     try:
         await queue.ping()
-        served = served_models(await queue.workers())
+        models = (await served.read()).models
     except QUEUE_DOWN as exc:
         return _not_ready(f"queue unreachable: {exc}")
-    if not served:
+    except WritesRefused as exc:  # jobs would be refused: say why, as /explain does
+        return _not_ready(str(exc))
+    if not models:
         return _not_ready("no live worker holds a model")
-    await run_in_threadpool(warm_up, served)  # loads on the first call; about a millisecond after
+    await run_in_threadpool(warm_up, models)  # loads on the first call; about a millisecond after
     await queue.warm_up()
-    return JSONResponse({"status": "ready", "models": sorted(served)})
+    return JSONResponse({"status": "ready", "models": sorted(models)})

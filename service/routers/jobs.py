@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -11,15 +10,15 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import metrics
-from service.catalog import served_models
-from service.dependencies import AppSettings, OwnedJob, Owner, Queue
+from service.dependencies import AppSettings, OwnedJob, Owner, Queue, Served
 from service.errors import QUEUE_DOWN, RequestInvalid, failed_job_status
 from service.jobs import Job, JobStatus
 from service.parsing import parse_request
 from service.queue import JobQueue
 from service.schemas import UNAUTHORIZED, ErrorOut, ExplainJSON, JobOut, form_schema, inline_schema
+from service.served import ServedCache
 from service.settings import Settings
-from service.validation import build_job, image_size
+from service.validation import build_job, upload_size
 
 router = APIRouter(tags=["jobs"], responses=UNAUTHORIZED)  # every route takes the API key
 log = logging.getLogger("exclip.api")
@@ -46,27 +45,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-_SERVED_TTL_S = 1.0  # heartbeats come every few seconds: re-reading them per request buys nothing
-
-
-async def _served(request: Request, queue: JobQueue) -> dict[str, Any]:
-    """The models live workers hold, read from their heartbeats at most once a second per process."""
-    cached = getattr(request.app.state, "served", None)
-    if cached is not None and time.monotonic() - cached[0] < _SERVED_TTL_S and cached[1]:
-        return cached[1]
-    served = served_models(await queue.workers())
-    request.app.state.served = (time.monotonic(), served)
-    return served
-
-
 async def _submit(
-    request: Request, owner: str | None, queue: JobQueue, settings: Settings
+    request: Request, owner: str | None, queue: JobQueue, settings: Settings, serving: ServedCache
 ) -> tuple[Job, float]:
     inp = await parse_request(request, settings)
-    served = await _served(request, queue)
-    if not served:
-        raise RequestInvalid("no worker is serving a model right now; retry in a few seconds", 503)
-    size = await run_in_threadpool(image_size, inp.image, settings)
+    served = await serving.required()
+    size = await run_in_threadpool(upload_size, inp.image, settings)
     job = await run_in_threadpool(build_job, inp, served, settings, size, owner)
     try:
         await queue.enqueue(job, inp.image, max_depth=settings.max_queue, depth_models=list(served))
@@ -138,9 +122,11 @@ async def _wait(queue: JobQueue, job: Job, wait_s: float) -> JSONResponse:
         **_ERRORS,
     },
 )
-async def explain(request: Request, owner: Owner, queue: Queue, settings: AppSettings) -> JSONResponse:
+async def explain(
+    request: Request, owner: Owner, queue: Queue, settings: AppSettings, served: Served
+) -> JSONResponse:
     """Explain one image with one or more captions; wait up to `wait` seconds for the result."""
-    job, wait = await _submit(request, owner, queue, settings)
+    job, wait = await _submit(request, owner, queue, settings, served)
     return await _wait(queue, job, wait)
 
 
@@ -150,9 +136,11 @@ async def explain(request: Request, owner: Owner, queue: Queue, settings: AppSet
     status_code=202,
     responses={202: {"model": JobOut, "description": "queued: poll Location"}, **_ERRORS},
 )
-async def submit_job(request: Request, owner: Owner, queue: Queue, settings: AppSettings) -> JSONResponse:
+async def submit_job(
+    request: Request, owner: Owner, queue: Queue, settings: AppSettings, served: Served
+) -> JSONResponse:
     """Queue an explanation and return at once (same body as POST /explain)."""
-    job, _ = await _submit(request, owner, queue, settings)
+    job, _ = await _submit(request, owner, queue, settings, served)
     return _accepted(job)
 
 

@@ -17,8 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from service.catalog import default_model, served_models
-from service.dependencies import AppSettings, Queue, basic_or_bearer_owner
+from service.dependencies import AppSettings, Queue, Served, basic_or_bearer_owner
 from service.label_studio.backend import ClientGone, LabelStudio
 from service.label_studio.config import parse_label_config
 from service.label_studio.predictor import (
@@ -75,12 +74,12 @@ _PREDICT: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _model_version(queue: Queue, settings: AppSettings) -> str:
-    served = served_models(await queue.workers())
-    name = default_model(served, settings)
+async def _model_version(served: Served, settings: AppSettings) -> str:
+    serving = await served.read()
+    name = serving.default(settings)
     if name is None:
         return settings_model_version(settings)
-    return model_version(served[name].name, served[name].pretrained)
+    return model_version(serving.models[name].name, serving.models[name].pretrained)
 
 
 Parsed = TypeVar("Parsed", bound=BaseModel)
@@ -115,7 +114,7 @@ async def health() -> dict[str, str]:
 async def setup(
     request: Request,
     owner: LabelStudioOwner,
-    queue: Queue,
+    served: Served,
     label_studio: LabelStudio,
     settings: AppSettings,
 ) -> dict[str, Any]:
@@ -126,7 +125,7 @@ async def setup(
     thresholds = default_thresholds(settings).given(body.extra_params)  # refuses bad ones
     setup = ProjectSetup(body.hostname, body.access_token, thresholds)
     await label_studio.projects.remember(owner, body.project, setup)
-    return {"model_version": await _model_version(queue, settings)}
+    return {"model_version": await _model_version(served, settings)}
 
 
 @router.post("/predict", responses=_PREDICT, openapi_extra=_json_body(PredictIn))
@@ -135,6 +134,7 @@ async def predict(
     owner: LabelStudioOwner,
     queue: Queue,
     label_studio: LabelStudio,
+    served: Served,
     settings: AppSettings,
 ) -> Response:
     """One prediction per task, in order (a batch), or the regions for the annotator's span or box.
@@ -145,7 +145,7 @@ async def predict(
     setup = await label_studio.projects.get(owner, project)
     predictor = Predictor(queue, settings, owner, setup, label_studio.downloads)
     try:  # each entry is encoded off the event loop: masks take seconds
-        entries = await label_studio.unless_abandoned(request, predictor.predict(body))
+        entries = await label_studio.unless_abandoned(request, predictor.predict(body, served))
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the access log shows the code
     return Response('{"results": [' + ", ".join(entries) + "]}", media_type="application/json")
@@ -158,5 +158,5 @@ async def webhook(owner: LabelStudioOwner) -> dict[str, str]:
 
 
 @router.get("/versions", responses=_AUTH)
-async def versions(owner: LabelStudioOwner, queue: Queue, settings: AppSettings) -> dict[str, Any]:
-    return {"versions": [await _model_version(queue, settings)]}
+async def versions(owner: LabelStudioOwner, served: Served, settings: AppSettings) -> dict[str, Any]:
+    return {"versions": [await _model_version(served, settings)]}

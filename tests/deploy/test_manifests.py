@@ -247,14 +247,14 @@ def test_k8s_worker_requests_a_gpu_and_is_scaled_only_by_keda(k8s_docs):
 
 
 def test_keda_trigger_reads_the_services_stream_and_group(k8s_docs, settings_cls, setting_env_names):
-    from service import keys
+    from service import redis_keys
 
     worker = _exclip_deployments(k8s_docs)["worker"]
     env = _container_env(k8s_docs, _container(worker))
     settings = settings_cls(
         **{setting_env_names[k.upper()]: v for k, v in env.items() if k not in FOREIGN_ENV}
     )
-    stream = keys.Keys(settings.key_prefix).stream(settings.model)
+    stream = redis_keys.Keys(settings.key_prefix).stream(settings.model)
     (scaled,) = _kind(k8s_docs, "ScaledObject")
     triggers = scaled["spec"]["triggers"]
     assert {t["type"] for t in triggers} == {"redis-streams"}
@@ -264,7 +264,7 @@ def test_keda_trigger_reads_the_services_stream_and_group(k8s_docs, settings_cls
     for trigger in triggers:
         meta = trigger["metadata"]
         assert meta["stream"] == stream, f"KEDA watches {meta['stream']}, workers read {stream}"
-        assert meta["consumerGroup"] == keys.GROUP
+        assert meta["consumerGroup"] == redis_keys.GROUP
         # KEDA's operator runs in its own namespace: the address must be the Service's full DNS name.
         host, port = meta["address"].rsplit(":", 1)
         assert host == f"{redis_url.hostname}.{namespace}.svc.cluster.local"
@@ -357,7 +357,7 @@ def test_worker_health_checks_agree(compose, k8s_docs):
     commands |= {tuple(container[p]["exec"]["command"]) for p in ("startupProbe", "livenessProbe")}
     assert len(commands) == 1, commands
     (command,) = commands
-    from service.keys import Keys
+    from service.redis_keys import Keys
 
     assert command[:2] == ("python", "-c") and "+ ':workers'" in command[2]
     assert Keys("p").workers == "p:workers", "the health check builds the workers key as <prefix>:workers"

@@ -97,7 +97,7 @@ def test_api_and_three_workers_survive_a_sigkilled_worker(
 ):
     from attribution.models import TINY_MODEL
     from attribution.pipeline import ExplainRequest, explain_requests
-    from service.keys import GROUP, Keys
+    from service.redis_keys import GROUP, Keys
 
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     api_service, worker_service = compose["api"], compose["worker-cpu"]

@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.dependencies import owner_tag
-from service.keys import Keys
 from service.label_studio.projects import (
     PROJECT_TTL_S,
     MemoryProjects,
@@ -27,6 +26,7 @@ from service.label_studio.projects import (
     RedisProjects,
     project_key,
 )
+from service.redis_keys import Keys
 from service.settings import Settings
 from tests.harness import wait_until_ready
 from tests.label_studio.scenario import CAPTION, DOCUMENTED, PHRASES, SCENE_PATH

@@ -30,7 +30,7 @@ import httpx
 import pytest
 import redis
 
-from service.keys import GROUP, METRICS_TTL_S, Keys
+from service.redis_keys import GROUP, METRICS_TTL_S, Keys
 from tests.conftest import RedisServer, ServiceLauncher
 from tests.harness import distinct_captions
 from tests.service.conftest import b64, png_bytes

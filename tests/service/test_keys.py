@@ -11,7 +11,7 @@ import pytest
 
 from service.dependencies import owner_tag
 from service.errors import ConfigError
-from service.keys import Keys
+from service.redis_keys import Keys
 from service.settings import Settings
 from tests.service.conftest import png_bytes
 

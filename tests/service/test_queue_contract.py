@@ -1,4 +1,6 @@
-"""One contract for both queue back-ends: in-memory and Redis Streams (against a real redis-server)."""
+"""One contract for both queue back-ends: in-memory and Redis Streams (against a real redis-server),
+grouped by the roles of service.queue.base: Connection, JobStore, Consumer, WorkerRegistry, MetricsStore
+and ImageStore."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 from attribution.selections import Box, Span
 from service.connections import create_queue
 from service.jobs import Job, JobStatus
-from service.queue import QueueFull
+from service.queue import ROLES, QueueFull
 from service.settings import Settings
 from tests.service.conftest import make_job
 
@@ -51,6 +53,26 @@ async def enqueue(q, job: Job | None = None, image: bytes = b"img") -> Job:
     return job
 
 
+# ------------------------------------------------------------------------------------------------
+# Connection: reached, prepared, closed (by the fixtures)
+
+
+@pytest.mark.parametrize("role", ROLES, ids=lambda r: r.__name__)
+async def test_each_back_end_plays_every_role(queue, role):
+    assert isinstance(queue, role)
+
+
+async def test_ping_and_warm_up_answer_and_can_be_repeated(queue):
+    await queue.ping()
+    await queue.warm_up()
+    await queue.warm_up()
+    await queue.ping()
+
+
+# ------------------------------------------------------------------------------------------------
+# JobStore: records through their life, and waiting for them
+
+
 async def test_enqueue_then_get_returns_the_queued_record(queue):
     job = await enqueue(queue, image=b"\x89PNG\x00bytes")
     got = await queue.get(job.id)
@@ -59,6 +81,82 @@ async def test_enqueue_then_get_returns_the_queued_record(queue):
     assert await queue.image(job.id) == b"\x89PNG\x00bytes"
     assert await queue.depth([MODEL]) == 1
     assert await queue.get("no-such-job") is None
+
+
+async def test_full_queue_refuses_and_adds_nothing(queue):
+    await enqueue(queue)
+    await enqueue(queue)
+    extra = contract_job()
+    with pytest.raises(QueueFull, match="EXCLIP_MAX_QUEUE"):
+        await queue.enqueue(extra, b"img", max_depth=2, depth_models=[MODEL])
+    assert await queue.depth([MODEL]) == 2
+    assert await queue.get(extra.id) is None
+
+
+async def test_cancel_a_queued_job_and_start_then_skips_it(queue):
+    job = await enqueue(queue)
+    cancelled = await queue.cancel(job.id)
+    assert cancelled.status is JobStatus.CANCELLED and cancelled.finished_at is not None
+    [d] = await queue.read("w1", [MODEL], count=8, block_ms=100)
+    assert (await queue.start(d.job_id)).status is JobStatus.CANCELLED
+    assert await queue.cancel("no-such-job") is None
+
+
+async def test_cancel_does_not_stop_a_running_job(queue):
+    job = await enqueue(queue)
+    await queue.read("w1", [MODEL], count=8, block_ms=100)
+    await queue.start(job.id)
+    assert (await queue.cancel(job.id)).status is JobStatus.RUNNING
+
+
+async def test_records_and_images_expire(queue):
+    job = await enqueue(queue)  # the fixture's queue keeps records 2 s
+    time.sleep(2.2)
+    assert await queue.get(job.id) is None
+    assert await queue.image(job.id) is None
+
+
+async def test_finish_does_not_resurrect_an_expired_job(queue):
+    job = await enqueue(queue)
+    time.sleep(2.2)
+    job.status, job.result = JobStatus.DONE, {"captions": []}
+    await queue.finish(job)
+    assert await queue.get(job.id) is None
+
+
+async def test_wait_finished_wakes_when_the_job_finishes(queue):
+    job = await enqueue(queue)
+    t0 = time.monotonic()
+    assert (await queue.wait_finished(job.id, 0.3)).status is JobStatus.QUEUED  # times out
+    assert 0.25 <= time.monotonic() - t0 < 2
+    await queue.read("w1", [MODEL], count=8, block_ms=100)
+
+    async def finish_soon() -> float:
+        await asyncio.sleep(0.5)
+        await finish(queue, job, {"captions": []})
+        return time.monotonic()
+
+    finisher = asyncio.create_task(finish_soon())
+    waited = await queue.wait_finished(job.id, 10)
+    woke = time.monotonic()
+    assert waited.status is JobStatus.DONE
+    # Woken by the notification, not by the 1 s safety poll.
+    assert woke - await finisher < 0.3
+    assert await queue.wait_finished("no-such-job", 1) is None
+
+
+async def test_cancel_wakes_waiters(queue):
+    job = await enqueue(queue)
+    waiter = asyncio.create_task(queue.wait_finished(job.id, 10))
+    await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    await queue.cancel(job.id)
+    assert (await waiter).status is JobStatus.CANCELLED and time.monotonic() - t0 < 0.3
+    assert await queue.image(job.id) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Consumer: deliveries read, acknowledged, renewed and taken over
 
 
 async def test_read_start_finish_ack_lifecycle(queue):
@@ -98,22 +196,6 @@ async def test_read_waits_up_to_block_ms_when_empty(queue):
     assert 0.25 <= time.monotonic() - t0 < 2.0
 
 
-async def test_cancel_a_queued_job_and_start_then_skips_it(queue):
-    job = await enqueue(queue)
-    cancelled = await queue.cancel(job.id)
-    assert cancelled.status is JobStatus.CANCELLED and cancelled.finished_at is not None
-    [d] = await queue.read("w1", [MODEL], count=8, block_ms=100)
-    assert (await queue.start(d.job_id)).status is JobStatus.CANCELLED
-    assert await queue.cancel("no-such-job") is None
-
-
-async def test_cancel_does_not_stop_a_running_job(queue):
-    job = await enqueue(queue)
-    await queue.read("w1", [MODEL], count=8, block_ms=100)
-    await queue.start(job.id)
-    assert (await queue.cancel(job.id)).status is JobStatus.RUNNING
-
-
 async def test_unacknowledged_entries_are_claimed_after_the_visibility_timeout(queue):
     job = await enqueue(queue)
     [d] = await queue.read("dead-worker", [MODEL], count=8, block_ms=100)
@@ -145,29 +227,8 @@ async def test_renewed_entries_are_not_claimed_while_their_worker_lives(queue):
     assert again.entry_id == d.entry_id
 
 
-async def test_full_queue_refuses_and_adds_nothing(queue):
-    await enqueue(queue)
-    await enqueue(queue)
-    extra = contract_job()
-    with pytest.raises(QueueFull, match="EXCLIP_MAX_QUEUE"):
-        await queue.enqueue(extra, b"img", max_depth=2, depth_models=[MODEL])
-    assert await queue.depth([MODEL]) == 2
-    assert await queue.get(extra.id) is None
-
-
-async def test_records_and_images_expire(queue):
-    job = await enqueue(queue)  # the fixture's queue keeps records 2 s
-    time.sleep(2.2)
-    assert await queue.get(job.id) is None
-    assert await queue.image(job.id) is None
-
-
-async def test_finish_does_not_resurrect_an_expired_job(queue):
-    job = await enqueue(queue)
-    time.sleep(2.2)
-    job.status, job.result = JobStatus.DONE, {"captions": []}
-    await queue.finish(job)
-    assert await queue.get(job.id) is None
+# ------------------------------------------------------------------------------------------------
+# WorkerRegistry: heartbeats
 
 
 async def test_heartbeats_list_live_workers_only(queue):
@@ -180,6 +241,10 @@ async def test_heartbeats_list_live_workers_only(queue):
     assert await queue.workers() == []
 
 
+# ------------------------------------------------------------------------------------------------
+# MetricsStore: shared counters
+
+
 async def test_metrics_accumulate_across_calls(queue):
     await queue.add_metrics({"jobs:done": 1, "compute_seconds:sum": 0.25})
     await queue.add_metrics({"jobs:done": 2, "compute_seconds:sum": 0.5})
@@ -187,6 +252,17 @@ async def test_metrics_accumulate_across_calls(queue):
     metrics = await queue.read_metrics()
     assert metrics["jobs:done"] == 3 and metrics["compute_seconds:sum"] == pytest.approx(0.75)
     assert metrics["jobs_enqueued"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# ImageStore: uploads, within the byte budget
+
+
+async def test_images_are_kept_byte_exact_and_unknown_ones_are_none(queue):
+    data = bytes(range(256)) * 3
+    job = await enqueue(queue, image=data)
+    assert await queue.image(job.id) == data
+    assert await queue.image("no-such-job") is None
 
 
 async def finish(q, job: Job, result: dict | None = None, status: JobStatus = JobStatus.DONE) -> Job:
@@ -221,34 +297,3 @@ async def test_byte_budget_evicts_finished_images_then_results_oldest_first(budg
         (JobStatus.DONE, True, True),
         (JobStatus.DONE, False, False),
     ]
-
-
-async def test_wait_finished_wakes_when_the_job_finishes(queue):
-    job = await enqueue(queue)
-    t0 = time.monotonic()
-    assert (await queue.wait_finished(job.id, 0.3)).status is JobStatus.QUEUED  # times out
-    assert 0.25 <= time.monotonic() - t0 < 2
-    await queue.read("w1", [MODEL], count=8, block_ms=100)
-
-    async def finish_soon() -> float:
-        await asyncio.sleep(0.5)
-        await finish(queue, job, {"captions": []})
-        return time.monotonic()
-
-    finisher = asyncio.create_task(finish_soon())
-    waited = await queue.wait_finished(job.id, 10)
-    woke = time.monotonic()
-    assert waited.status is JobStatus.DONE
-    # Woken by the notification, not by the 1 s safety poll.
-    assert woke - await finisher < 0.3
-    assert await queue.wait_finished("no-such-job", 1) is None
-
-
-async def test_cancel_wakes_waiters(queue):
-    job = await enqueue(queue)
-    waiter = asyncio.create_task(queue.wait_finished(job.id, 10))
-    await asyncio.sleep(0.3)
-    t0 = time.monotonic()
-    await queue.cancel(job.id)
-    assert (await waiter).status is JobStatus.CANCELLED and time.monotonic() - t0 < 0.3
-    assert await queue.image(job.id) is None

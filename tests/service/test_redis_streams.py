@@ -6,7 +6,7 @@ import pytest
 
 from service.connections import create_queue
 from service.jobs import JobStatus
-from service.keys import GROUP, Keys
+from service.redis_keys import GROUP, Keys
 from service.settings import Settings
 from tests.service.conftest import make_job
 

@@ -1,6 +1,6 @@
 """``service.validation`` in process: the job a valid request builds, and each check's refusal.
 
-No HTTP and no queue: ``build_job`` and ``image_size`` are called with a parsed request, the tiny
+No HTTP and no queue: ``build_job`` and ``upload_size`` are called with a parsed request, the tiny
 model's ``ModelInfo`` (as its worker advertises it) and explicit limits, so every limit is tested at
 its edge. tests/service/test_invalid_requests.py checks the same refusals end to end over HTTP.
 """
@@ -18,7 +18,7 @@ from service.errors import RequestInvalid
 from service.jobs import CaptionRequest, JobRequest, JobStatus
 from service.schemas import CaptionIn, ExplainInput, ExplainOptions, SelectionIn
 from service.settings import Settings
-from service.validation import build_job, image_size
+from service.validation import build_job, upload_size
 from tests.service.conftest import png_bytes
 
 MODEL = "exclip-tiny"  # 3 blocks per tower, 32x32 input, 4x4 grid of 8x8 patches, context 77
@@ -201,14 +201,14 @@ def test_selections_are_checked_against_the_caption_and_the_image(served, select
         assert message.startswith("caption 1: ") and expected in message
 
 
-def test_image_size_reads_the_header_within_the_pixel_limit():
-    assert image_size(png_bytes(64, 48), LIMITS) == (64, 48)
-    assert image_size(png_bytes(100, 100), LIMITS) == (100, 100)  # exactly EXCLIP_MAX_PIXELS
+def test_upload_size_reads_the_header_within_the_pixel_limit():
+    assert upload_size(png_bytes(64, 48), LIMITS) == (64, 48)
+    assert upload_size(png_bytes(100, 100), LIMITS) == (100, 100)  # exactly EXCLIP_MAX_PIXELS
     with pytest.raises(RequestInvalid, match="101x100 = 10100 pixels; the limit is 10000") as info:
-        image_size(png_bytes(101, 100), LIMITS)
+        upload_size(png_bytes(101, 100), LIMITS)
     assert info.value.status == 422
     with pytest.raises(RequestInvalid, match="image"):
-        image_size(b"hello, not a picture", LIMITS)
+        upload_size(b"hello, not a picture", LIMITS)
 
 
 def test_warm_up_loads_what_the_first_request_would(served):

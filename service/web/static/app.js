@@ -111,7 +111,7 @@ function spanHeatmap(cap, sel) {
   return heat;
 }
 
-// Covered fraction of each patch, as attribution ImageGeometry.box_to_patch_weights: the box is first
+// Covered fraction of each patch, as attribution.selections.box_patch_weights: the box is first
 // clipped to the image, then each patch weighs the fraction of its area the clipped box covers.
 function boxWeights(cap, box) {
   const { rows, cols } = cap.grid;
