@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     pretrained: str | None = Field(
         default=DEFAULT_PRETRAINED, description="pretrained tag, checkpoint path, or `none` (random weights)"
     )
+    tokenizer: str | None = Field(
+        default=None,
+        description=(
+            "directory of the model's Hugging Face tokenizer (unset: the Hugging Face cache); only for"
+            " models with one"
+        ),
+    )
     device: str | None = Field(
         default=None, description="`cpu`, `cuda` or `cuda:N`; unset: CUDA when present"
     )
@@ -173,6 +180,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "pretrained",
+        "tokenizer",
         "device",
         "cache_dir",
         "api_keys",
@@ -228,7 +236,7 @@ class Settings(BaseSettings):
     @property
     def model_requested(self) -> bool:
         """Whether a model or weights were named (flag, env var); if not, serve may fall back to the demo."""
-        return bool({"model", "pretrained"} & self.model_fields_set)
+        return bool({"model", "pretrained", "tokenizer"} & self.model_fields_set)
 
     @property
     def cors_origin_list(self) -> list[str]:
