@@ -94,7 +94,7 @@ def load_hf_tokenizer(
         where = f"directory {path!r}" if path else f"Hugging Face tokenizer {name!r}{offline}"
         raise ModelNotAvailable(
             f"the tokenizer of model {model!r} could not be loaded from the {where}: "
-            f"{type(e).__name__}: {e}; {TOKENIZER_HOW_TO}"
+            f"{type(e).__name__}: {' '.join(str(e).split())}; {TOKENIZER_HOW_TO}"
         ) from e
     return tokenizer
 
@@ -115,38 +115,45 @@ def _piece_offsets(cleaned: str, pieces: Sequence[str], unknown: Sequence[bool])
     """[start, end) in ``cleaned`` of each piece of a slow (SentencePiece) tokenizer, in order.
 
     A piece matches the cleaned characters whose NFKC lower-case forms spell it (its leading ``▁`` is
-    the space before it); an unknown piece covers what lies before the next piece's match.
+    the space before it); an unknown piece covers what lies before the next piece's match. One pass:
+    the position only moves forward.
     """
+    folded = [_fold(ch) for ch in cleaned]
+    n = len(cleaned)
+
+    def match_end(pos: int, want: str) -> int | None:  # end of ``want`` matched at ``pos``, if it is there
+        got = ""
+        while pos < n and len(got) < len(want):
+            got += folded[pos]
+            pos += 1
+        return pos if got == want else None
+
     offsets: list[tuple[int, int]] = []
-    pos, n = 0, len(cleaned)
-    pending: int | None = None  # start of an unknown piece waiting for its end
+    pos = 0
+    pending = False  # the last piece was unknown and waits for its end
     for piece, unk in zip(pieces, unknown, strict=True):
+        want = _fold(piece.replace(_SPACE_MARK, " ").strip())
+        if pending:  # the unknown piece ends where this one (or, for a bare space piece, a space) is found
+            while pos < n and (not cleaned[pos].isspace() if not want else match_end(pos, want) is None):
+                pos += 1
+            offsets[-1] = (offsets[-1][0], pos)
+            pending = False
         while pos < n and cleaned[pos].isspace():
             pos += 1
         if unk:
-            pending = pos
             offsets.append((pos, pos))
-            pos += 1  # an unknown piece covers at least one character
+            pos, pending = pos + 1, True  # an unknown piece covers at least one character
             continue
-        want = _fold(piece.replace(_SPACE_MARK, " ").strip())
-        start = pos
-        if pending is not None:  # the unknown piece ends where this one is found
-            while pos < n and not _fold(cleaned[pos:]).startswith(want):
-                pos += 1
-            offsets[-1] = (pending, pos)
-            start, pending = pos, None
-        got = ""
-        while pos < n and len(got) < len(want):
-            got += _fold(cleaned[pos])
-            pos += 1
-        if got != want:
+        end = match_end(pos, want)
+        if end is None:
             raise UnsupportedModel(
-                f"the tokenizer's piece {piece!r} does not match the cleaned caption at character {start}; "
+                f"the tokenizer's piece {piece!r} does not match the cleaned caption at character {pos}; "
                 "token offsets cannot be kept for this tokenizer"
             )
-        offsets.append((start, pos))
-    if pending is not None:
-        offsets[-1] = (pending, len(cleaned.rstrip()))
+        offsets.append((pos, end))
+        pos = end
+    if pending:
+        offsets[-1] = (offsets[-1][0], len(cleaned.rstrip()))
     return offsets
 
 
