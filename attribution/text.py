@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import html
+import os
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -124,7 +125,14 @@ def _unescape(text: str, spans: Spans) -> tuple[str, Spans]:
         out_spans.extend(spans[pos : m.start()])
         repl = html._replace_charref(m)
         out.append(repl)
-        out_spans.extend([(spans[m.start()][0], spans[m.end() - 1][1])] * len(repl))
+        # Text left as it was (not an entity, or the tail after an entity prefix) keeps its own spans.
+        kept = len(os.path.commonprefix([repl[::-1], m.group()[::-1]]))
+        if repl != m.group():
+            kept = min(kept, len(m.group()) - 1)  # the replaced head is at least one character
+        head_end = m.end() - kept
+        head = (spans[m.start()][0], spans[max(head_end, m.start() + 1) - 1][1])
+        out_spans.extend([head] * (len(repl) - kept))
+        out_spans.extend(spans[head_end : m.end()])
         pos = m.end()
     out.append(text[pos:])
     out_spans.extend(spans[pos:])

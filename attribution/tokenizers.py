@@ -14,6 +14,7 @@ to no token.
 from __future__ import annotations
 
 import os
+import string
 import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -107,54 +108,69 @@ def _check_mode(tokenizer: HFTokenizer) -> None:
         )
 
 
-def _fold(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).lower()
+def _fold(ch: str) -> str:
+    """A character as SentencePiece's NFKC normaliser and a lower-casing tokenizer see it."""
+    if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Zs"):  # format characters read as spaces
+        return " "
+    return unicodedata.normalize("NFKC", ch).lower()
+
+
+def _fold_piece(piece: str) -> str:
+    return "".join(_fold(ch) for ch in piece.replace(_SPACE_MARK, " ")).strip()
 
 
 def _piece_offsets(cleaned: str, pieces: Sequence[str], unknown: Sequence[bool]) -> list[tuple[int, int]]:
     """[start, end) in ``cleaned`` of each piece of a slow (SentencePiece) tokenizer, in order.
 
-    A piece matches the cleaned characters whose NFKC lower-case forms spell it (its leading ``▁`` is
-    the space before it); an unknown piece covers what lies before the next piece's match. One pass:
-    the position only moves forward.
+    Pieces are matched against the folded text (each character NFKC-normalised and lower-cased, which
+    may make it several characters: a piece may then cover part of one, and both share its span); a
+    leading ``▁`` is the space before a piece, punctuation the tokenizer itself dropped is skipped, and
+    an unknown piece covers what lies before the next piece's match. One pass: positions only move on.
     """
     folded = [_fold(ch) for ch in cleaned]
-    n = len(cleaned)
+    text = "".join(folded)
+    source = [i for i, f in enumerate(folded) for _ in f]  # folded position -> cleaned character
+    n = len(text)
 
-    def match_end(pos: int, want: str) -> int | None:  # end of ``want`` matched at ``pos``, if it is there
-        got = ""
-        while pos < n and len(got) < len(want):
-            got += folded[pos]
-            pos += 1
-        return pos if got == want else None
+    def skippable(pos: int, want: str) -> bool:
+        ch = text[pos]
+        return ch.isspace() or (bool(want) and ch in string.punctuation and not text.startswith(want, pos))
 
-    offsets: list[tuple[int, int]] = []
+    spans: list[tuple[int, int]] = []  # in folded positions
     pos = 0
     pending = False  # the last piece was unknown and waits for its end
     for piece, unk in zip(pieces, unknown, strict=True):
-        want = _fold(piece.replace(_SPACE_MARK, " ").strip())
+        want = _fold_piece(piece)
         if pending:  # the unknown piece ends where this one (or, for a bare space piece, a space) is found
-            while pos < n and (not cleaned[pos].isspace() if not want else match_end(pos, want) is None):
+            while pos < n and (not text[pos].isspace() if not want else not text.startswith(want, pos)):
                 pos += 1
-            offsets[-1] = (offsets[-1][0], pos)
+            spans[-1] = (spans[-1][0], pos)
             pending = False
-        while pos < n and cleaned[pos].isspace():
+        while pos < n and skippable(pos, want):
             pos += 1
         if unk:
-            offsets.append((pos, pos))
+            spans.append((pos, pos))
             pos, pending = pos + 1, True  # an unknown piece covers at least one character
             continue
-        end = match_end(pos, want)
-        if end is None:
+        if not text.startswith(want, pos):
+            at = source[pos] if pos < n else len(cleaned)
             raise UnsupportedModel(
-                f"the tokenizer's piece {piece!r} does not match the cleaned caption at character {pos}; "
+                f"the tokenizer's piece {piece!r} does not match the cleaned caption at character {at}; "
                 "token offsets cannot be kept for this tokenizer"
             )
-        offsets.append((pos, end))
-        pos = end
+        spans.append((pos, pos + len(want)))
+        pos += len(want)
     if pending:
-        offsets[-1] = (offsets[-1][0], len(cleaned.rstrip()))
-    return offsets
+        spans[-1] = (spans[-1][0], max(spans[-1][0] + 1, len(text.rstrip())))
+    return [_to_cleaned(a, b, source, len(cleaned)) for a, b in spans]
+
+
+def _to_cleaned(start: int, end: int, source: list[int], length: int) -> tuple[int, int]:
+    """Folded positions [start, end) as cleaned characters (every character a position came from)."""
+    if end <= start:
+        at = source[start] if start < len(source) else length
+        return at, at
+    return source[start], source[min(end, len(source)) - 1] + 1
 
 
 def _to_caption(start: int, end: int, cleaned: str, spans: Spans, length: int) -> tuple[int, int]:

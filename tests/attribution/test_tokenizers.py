@@ -162,6 +162,43 @@ def test_spans_are_consistent_with_tokens(hf_tokenizer: HFTokenizer, caption: st
                 assert seen == _piece_text(hf_tokenizer, int(token.id or 0))
 
 
+UNUSUAL = [
+    "&amp;",
+    "&lt;",
+    "&#65;",
+    "\ufb01",
+    "\u0130",
+    "\u200b",
+    "\u00bd",
+    "\u201c",
+    "\u00c3\u00a9",
+    "<",
+    "\t",
+    "\n",
+]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.sampled_from(UNUSUAL) | st.text(alphabet=CAPTION_ALPHABET, max_size=3), max_size=15))
+def test_unusual_characters_keep_ids_and_ordered_spans(hf_tokenizer: HFTokenizer, parts: list[str]) -> None:
+    """Entities, ligatures, dotted capitals, zero-width spaces, mojibake: the cleaning and normalisation
+    change them; ids stay open_clip's and spans stay ordered, inside the caption, on non-space text."""
+    caption = "".join(parts)
+    cleaned = hf_tokenizer.clean_fn(caption)
+    if not hf_tokenizer.tokenizer(cleaned, add_special_tokens=False)["input_ids"]:  # e.g. only "\u200b"
+        with pytest.raises(EmptyCaption):
+            tokenize_caption(caption, hf_tokenizer)
+        return
+    ids, tokens = tokenize_caption(caption, hf_tokenizer)
+    assert torch.equal(ids, hf_tokenizer(caption)[0])
+    for before, after in zip(tokens, tokens[1:], strict=False):
+        assert before.start <= after.start and before.end <= after.end  # a split character is shared
+    for token in tokens:
+        assert 0 <= token.start <= token.end <= len(caption)
+        if token.end > token.start:
+            assert not caption[token.start].isspace() and not caption[token.end - 1].isspace()
+
+
 def test_span_over_dropped_characters_is_a_clear_error(hf_tokenizer: HFTokenizer) -> None:
     caption = "a cat, a dog!"
     _, tokens = tokenize_caption(caption, hf_tokenizer)
@@ -170,6 +207,14 @@ def test_span_over_dropped_characters_is_a_clear_error(hf_tokenizer: HFTokenizer
         selected_tokens(tokens, Span(comma, comma + 1))
     picked = selected_tokens(tokens, Span(comma - 1, comma + 1))  # "t," selects the token of "t" only
     assert [caption[tokens[i].start : tokens[i].end] for i in picked] == ["t"]
+
+
+def test_siglip_tokenizer_dropping_punctuation_itself_keeps_offsets(siglip_dir: Path) -> None:
+    tokenizer = HFTokenizer(str(siglip_dir), context_length=CONTEXT, clean="whitespace")
+    caption = "A cat, two dogs!"
+    ids, tokens = tokenize_caption(caption, tokenizer)
+    assert torch.equal(ids, tokenizer(caption)[0])
+    assert _covered(tokens) == _kept_by_canonicalize(caption)
 
 
 def test_control_token_text_is_refused(gemma_dir: Path) -> None:
