@@ -7,6 +7,9 @@ text, the span of the original caption it came from (or, where the mirror disagr
 does), so each BPE token can be mapped back to ``caption[start:end]``. The regex and BPE are the
 tokenizer's own, run once, so the ids are exactly what the tokenizer gives.
 
+Hugging Face tokenizers (open_clip's ``HFTokenizer``) go through ``attribution.tokenizers``, reusing the
+tracked cleaning here; ``tokenize_caption`` is the one dispatch point between the two families.
+
 Literal special-token text (``<end_of_text>``, in any case the cleaning lowers) is refused with
 ``SpecialTokenText`` rather than encoded: the tokenizer turns it into its control token, and the model
 then reads the caption as ending there, so the explanation could not cover the words after it.

@@ -60,10 +60,6 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def _offline_dir(factory: pytest.TempPathFactory, name: str) -> Path:
-    return factory.mktemp(name)
-
-
 @pytest.fixture(scope="module")
 def siglip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SentencePiece model trained here, saved as a SiglipTokenizer directory."""
