@@ -34,6 +34,7 @@ from open_clip.transformer import VisionTransformer
 
 from attribution.errors import InvalidOption, ModelNotAvailable, UnknownModel, UnsupportedModel
 from attribution.text import Tokenizer
+from attribution.tokenizers import HFTokenizer, hf_tokenizer_source, load_hf_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class LoadedModel:
     """A CLIP model ready for explanation, with the metadata the rest of the library needs."""
 
     model: torch.nn.Module = field(repr=False)
-    tokenizer: Tokenizer = field(repr=False)
+    tokenizer: Tokenizer | HFTokenizer = field(repr=False)
     transform: Callable[[Any], torch.Tensor] = field(repr=False)
     name: str
     pretrained: str | None
@@ -120,7 +121,8 @@ def unsupported_reason(cfg: dict[str, Any]) -> str | None:
     """Why the engine cannot explain a model with this open_clip config, or None if it can.
 
     The engine needs a standard ``CLIP``: a ViT image tower pooled on its class token and open_clip's
-    built-in causal text transformer pooled on the end-of-text token, with CLIP's BPE tokenizer.
+    built-in causal text transformer pooled on the end-of-text token (CLIP's BPE tokenizer gives it the
+    highest id, which is where open_clip pools).
     """
     vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
     if "timm_model_name" in vision:
@@ -135,10 +137,11 @@ def unsupported_reason(cfg: dict[str, Any]) -> str | None:
         return f"its image tower pools with {vision.get('pool_type')!r} instead of the class token"
     if text.get("pool_type", "argmax") != "argmax" or text.get("embed_cls") or text.get("no_causal_mask"):
         return "its text tower does not pool on the end-of-text token of a causal transformer"
-    if text.get("hf_tokenizer_name"):
-        return f"it uses the Hugging Face tokenizer {text['hf_tokenizer_name']!r}, not CLIP's BPE tokenizer"
-    if (text.get("tokenizer_kwargs") or {}).get("clean", "lower") not in ("lower", "whitespace"):
-        return "its tokenizer canonicalises text (drops punctuation), so token offsets cannot be kept"
+    if hf_tokenizer_source(cfg):  # its tokens have offsets, but argmax pooling needs CLIP's ids
+        return (
+            f"its text tower pools on the highest token id, which is the end-of-text token only with "
+            f"CLIP's BPE tokenizer, not with the Hugging Face tokenizer {text['hf_tokenizer_name']!r}"
+        )
     return None
 
 
@@ -191,11 +194,14 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     cache_dir: str | None = None,
+    tokenizer: str | None = None,
 ) -> LoadedModel:
     """Build an open_clip CLIP model with the requested weights, in eval mode, gradients off.
 
     ``pretrained``: an open_clip tag for ``name``, a path to a local checkpoint file, or ``None`` /
-    ``"none"`` / ``""`` for random weights. Raises ``UnknownModel`` (bad name), ``ModelNotAvailable``
+    ``"none"`` / ``""`` for random weights. ``tokenizer``: a local directory holding the model's Hugging
+    Face tokenizer (else the Hugging Face cache, or hub unless ``HF_HUB_OFFLINE``); only for models with
+    one (CLIP's BPE tokenizer ships with open_clip). Raises ``UnknownModel`` (bad name), ``ModelNotAvailable``
     (weights cannot be had), ``UnsupportedModel`` (not a ViT CLIP the engine explains), ``InvalidOption``
     (bad device).
     """
@@ -215,6 +221,7 @@ def load_model(
             "image tower and the built-in text transformer (e.g. ViT-B-32, ViT-B-16, ViT-L-14)"
         )
 
+    text_tokenizer = _load_tokenizer(name, cfg, tokenizer, cache_dir)
     card = MODEL_CARDS.get(name, ModelCard())
     tag = None if pretrained is None or pretrained.strip().lower() in _NO_WEIGHTS else pretrained
     if tag is None:
@@ -251,7 +258,7 @@ def load_model(
     text_layers, image_layers = len(model.transformer.resblocks), len(visual.transformer.resblocks)
     return LoadedModel(
         model=model,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=text_tokenizer,
         transform=image_transform_v2(PreprocessCfg(**visual.preprocess_cfg), is_train=False),
         name=name,
         pretrained=tag,
@@ -268,6 +275,21 @@ def load_model(
         description=card.description,
         demo=card.demo,
     )
+
+
+def _load_tokenizer(
+    name: str, cfg: dict[str, Any], path: str | None, cache_dir: str | None
+) -> Tokenizer | HFTokenizer:
+    """The model's tokenizer: a Hugging Face one from ``path`` / the HF cache, else CLIP's BPE."""
+    if hf_tokenizer_source(cfg):
+        return load_hf_tokenizer(name, cfg, path, cache_dir)
+    if path:
+        raise InvalidOption(
+            f"a tokenizer ({path!r}) was given, but model {name!r} uses CLIP's BPE tokenizer, which ships "
+            "with open_clip; leave --tokenizer (EXCLIP_TOKENIZER) unset for it"
+        )
+    bpe: Tokenizer = open_clip.get_tokenizer(name)
+    return bpe
 
 
 def _default_layer(name: str, tower: str, stated: int | None, n_layers: int) -> int:
@@ -295,6 +317,7 @@ def load_model_or_demo(
     device: str | torch.device = "cpu",
     cache_dir: str | None = None,
     probe_timeout_s: float = PROBE_TIMEOUT_S,
+    tokenizer: str | None = None,
 ) -> LoadedModel:
     """``load_model``, except that an unrequested default whose weights can be had neither from the cache
     nor (one short probe) from the network is replaced by the packaged demo model, with a loud warning.
@@ -302,11 +325,11 @@ def load_model_or_demo(
     ``requested``: the user named a model or weights (flag, env var, setting); then nothing falls back.
     """
     if requested:
-        return load_model(name, pretrained, device=device, cache_dir=cache_dir)
+        return load_model(name, pretrained, device=device, cache_dir=cache_dir, tokenizer=tokenizer)
     reason = weights_unavailable_reason(name, pretrained, cache_dir, probe_timeout_s)
     if reason is None:
         try:
-            return load_model(name, pretrained, device=device, cache_dir=cache_dir)
+            return load_model(name, pretrained, device=device, cache_dir=cache_dir, tokenizer=tokenizer)
         except ModelNotAvailable as e:  # reachable a moment ago, but the download failed after all
             reason = str(e)
     demo = load_model(DEMO_MODEL, DEMO_PRETRAINED, device=device)

@@ -254,7 +254,7 @@ def selected_tokens(tokens: Sequence[Token], selection: Span | TokenRange) -> li
             )
         return list(range(selection.start, selection.end))
     if isinstance(selection, Span):
-        length = tokens[-1].end if tokens else 0  # EOT sits at (len, len)
+        length = max((t.end for t in tokens), default=0)  # an end token sits at (len, len)
         if selection.end > length:
             raise InvalidSelection(
                 f"span {selection.start}:{selection.end} is out of range: the caption has {length} characters"
@@ -262,8 +262,9 @@ def selected_tokens(tokens: Sequence[Token], selection: Span | TokenRange) -> li
         picked = [t.index for t in tokens if t.start < selection.end and selection.start < t.end]
         if not picked:
             raise InvalidSelection(
-                f"span {selection.start}:{selection.end} covers no token (only spaces, or text cut off by "
-                "truncation); select characters of a word"
+                f"span {selection.start}:{selection.end} covers no token: it selects only spaces, characters "
+                "the model's tokenizer drops (punctuation, for tokenizers that canonicalise text), or text "
+                "cut off by truncation; select characters of a word"
             )
         return picked
     raise InvalidSelection(f"expected a Span or TokenRange, got {type(selection).__name__}")

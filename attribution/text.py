@@ -7,6 +7,9 @@ text, the span of the original caption it came from (or, where the mirror disagr
 does), so each BPE token can be mapped back to ``caption[start:end]``. The regex and BPE are the
 tokenizer's own, run once, so the ids are exactly what the tokenizer gives.
 
+Hugging Face tokenizers (open_clip's ``HFTokenizer``) go through ``attribution.tokenizers``, reusing the
+tracked cleaning here; ``tokenize_caption`` is the one dispatch point between the two families.
+
 Literal special-token text (``<end_of_text>``, in any case the cleaning lowers) is refused with
 ``SpecialTokenText`` rather than encoded: the tokenizer turns it into its control token, and the model
 then reads the caption as ending there, so the explanation could not cover the words after it.
@@ -16,10 +19,12 @@ from __future__ import annotations
 
 import difflib
 import html
+import os
 import re
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import ftfy
 import torch
@@ -32,6 +37,9 @@ from attribution.errors import (
     SpecialTokenText,
     UnsupportedModel,
 )
+
+if TYPE_CHECKING:
+    from attribution.tokenizers import HFTokenizer
 
 # Longest caption accepted, in characters, checked before any cleaning: open_clip's cleaning (ftfy's
 # fixed point over HTML entities) costs more than linear time in the worst case, and no caption that
@@ -120,7 +128,14 @@ def _unescape(text: str, spans: Spans) -> tuple[str, Spans]:
         out_spans.extend(spans[pos : m.start()])
         repl = html._replace_charref(m)
         out.append(repl)
-        out_spans.extend([(spans[m.start()][0], spans[m.end() - 1][1])] * len(repl))
+        # Text left as it was (not an entity, or the tail after an entity prefix) keeps its own spans.
+        kept = len(os.path.commonprefix([repl[::-1], m.group()[::-1]]))
+        if repl != m.group():
+            kept = min(kept, len(m.group()) - 1)  # the replaced head is at least one character
+        head_end = m.end() - kept
+        head = (spans[m.start()][0], spans[max(head_end, m.start() + 1) - 1][1])
+        out_spans.extend([head] * (len(repl) - kept))
+        out_spans.extend(spans[head_end : m.end()])
         pos = m.end()
     out.append(text[pos:])
     out_spans.extend(spans[pos:])
@@ -155,8 +170,19 @@ def _lower(text: str, spans: Spans) -> tuple[str, Spans]:
     return text.lower(), out_spans
 
 
-def _mirror_cleaning(caption: str, tokenizer: Tokenizer) -> tuple[str, Spans]:
-    """open_clip's ``basic_clean`` + whitespace clean (+ lower), step by step, tracking spans."""
+def _canonicalize(text: str, spans: Spans) -> tuple[str, Spans]:
+    """open_clip's ``canonicalize_text`` with tracking: ``_`` -> space, ASCII punctuation dropped, lowered.
+
+    Dropped characters belong to no cleaned character, so no token covers them.
+    """
+    kept = [("_" == ch and " ") or ch for ch in text]
+    pairs = [(ch, span) for ch, span in zip(kept, spans, strict=True) if ch not in string.punctuation]
+    text, spans = _lower("".join(ch for ch, _ in pairs), [span for _, span in pairs])
+    return _collapse_whitespace(text, spans)
+
+
+def _mirror_cleaning(caption: str, clean_fn: Callable[[str], str]) -> tuple[str, Spans]:
+    """open_clip's ``basic_clean`` + whitespace / lower / canonicalize clean, step by step, tracking spans."""
     text, spans = caption, [(i, i + 1) for i in range(len(caption))]
     if "<" not in text:  # ftfy's default unescape_html="auto" unescapes, repeatedly, text without "<"
         previous = None
@@ -166,16 +192,18 @@ def _mirror_cleaning(caption: str, tokenizer: Tokenizer) -> tuple[str, Spans]:
     fixed = ftfy.fix_text(text, unescape_html=False)
     text, spans = fixed, _align(text, spans, fixed)
     text, spans = _unescape(*_unescape(text, spans))  # basic_clean's own two html.unescape calls
+    if clean_fn.__name__ == "_clean_canonicalize":
+        return _canonicalize(text, spans)
     text, spans = _collapse_whitespace(text, spans)
-    if tokenizer.clean_fn.__name__ == "_clean_lower":
+    if clean_fn.__name__ == "_clean_lower":
         text, spans = _lower(text, spans)
     return text, spans
 
 
-def _clean_with_spans(caption: str, tokenizer: Tokenizer) -> tuple[str, Spans]:
+def clean_with_spans(caption: str, clean_fn: Callable[[str], str]) -> tuple[str, Spans]:
     """The tokenizer's own cleaning of ``caption`` (run once), with each cleaned character's span."""
-    cleaned = tokenizer.clean_fn(caption)
-    text, spans = _mirror_cleaning(caption, tokenizer)
+    cleaned = clean_fn(caption)
+    text, spans = _mirror_cleaning(caption, clean_fn)
     if text != cleaned:  # a cleaning step we do not mirror exactly: fall back to a generic alignment
         return cleaned, _align(caption, [(i, i + 1) for i in range(len(caption))], cleaned)
     return text, spans
@@ -201,7 +229,7 @@ def _encode_with_offsets(caption: str, tokenizer: Tokenizer) -> list[tuple[int, 
     offsets. Text that spells a special token (``<end_of_text>``, after cleaning) is refused: the
     tokenizer would turn it into that control token, which ends the caption for the model.
     """
-    cleaned, spans = _clean_with_spans(caption, tokenizer)
+    cleaned, spans = clean_with_spans(caption, tokenizer.clean_fn)
     specials = _special_texts(tokenizer)
     result: list[tuple[int, int, int]] = []
     for m in tokenizer.pat.finditer(cleaned):
@@ -222,8 +250,17 @@ def _encode_with_offsets(caption: str, tokenizer: Tokenizer) -> list[tuple[int, 
     return result
 
 
-def _tokenizer_of(loaded_or_tokenizer: object) -> Tokenizer:
-    tokenizer = getattr(loaded_or_tokenizer, "tokenizer", loaded_or_tokenizer)
+def _tokenizer_of(loaded_or_tokenizer: object) -> object:
+    """The tokenizer itself: ``loaded_or_tokenizer`` or, for a ``LoadedModel``, its ``tokenizer``."""
+    from attribution.tokenizers import is_hf_tokenizer
+
+    if is_hf_tokenizer(loaded_or_tokenizer):
+        return loaded_or_tokenizer
+    return getattr(loaded_or_tokenizer, "tokenizer", loaded_or_tokenizer)
+
+
+def clip_bpe_tokenizer(tokenizer: object) -> Tokenizer:
+    """``tokenizer`` as open_clip's CLIP BPE ``SimpleTokenizer``; ``UnsupportedModel`` if it is another."""
     needed = (
         "pat",
         "bpe",
@@ -253,7 +290,8 @@ def tokenize_caption(
 ) -> tuple[torch.Tensor, list[Token]]:
     """Token ids (``context_length``,) exactly as the model's tokenizer gives them, and the tokens.
 
-    ``loaded_or_tokenizer`` is a ``LoadedModel`` or an open_clip ``SimpleTokenizer``; ``context_length``
+    ``loaded_or_tokenizer`` is a ``LoadedModel`` or an open_clip ``SimpleTokenizer`` (CLIP's BPE) or
+    ``HFTokenizer`` (Hugging Face tokenizers, see ``attribution.tokenizers``); ``context_length``
     defaults to the model's (or tokenizer's). Tokens run from SOT (span (0, 0)) to EOT (span
     (len, len)); padding is not listed. The caption is cleaned once (the tokenizer's own ``clean_fn``)
     and byte-pair encoded once. Raises ``CaptionTooManyCharacters`` for a caption over ``max_chars``
@@ -262,13 +300,20 @@ def tokenize_caption(
     when SOT + tokens + EOT exceed the context, unless ``truncate`` (then the tail is dropped as
     open_clip does, EOT kept last).
     """
-    tokenizer = _tokenizer_of(loaded_or_tokenizer)
+    from attribution.tokenizers import is_hf_tokenizer, tokenize_hf
+
+    found = _tokenizer_of(loaded_or_tokenizer)
     if context_length is None:
-        context_length = getattr(loaded_or_tokenizer, "context_length", None) or tokenizer.context_length
+        context_length = int(
+            getattr(loaded_or_tokenizer, "context_length", None) or cast(Any, found).context_length
+        )
     if not isinstance(caption, str):
         raise CaptionError(f"caption must be a string, got {type(caption).__name__}")
     if len(caption) > max_chars:
         raise CaptionTooManyCharacters(len(caption), max_chars)
+    if is_hf_tokenizer(found):  # the one dispatch point between tokenizer families
+        return tokenize_hf(caption, cast("HFTokenizer", found), context_length, truncate)
+    tokenizer = clip_bpe_tokenizer(found)
     body = _encode_with_offsets(caption, tokenizer)
     if not body:
         raise EmptyCaption("caption is empty or only whitespace; give at least one word")

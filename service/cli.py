@@ -45,6 +45,7 @@ def _load_models(settings: Settings) -> list[Any]:
             requested=settings.model_requested,
             device=settings.resolved_device,
             cache_dir=settings.cache_dir,
+            tokenizer=settings.tokenizer,
         )
     ]
 
@@ -189,6 +190,7 @@ def _print_summary(caption: dict[str, Any]) -> None:
 def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="open_clip architecture (EXCLIP_MODEL)")
     p.add_argument("--pretrained", help="tag, checkpoint path, or none (EXCLIP_PRETRAINED)")
+    p.add_argument("--tokenizer", help="Hugging Face tokenizer directory (EXCLIP_TOKENIZER)")
     p.add_argument("--device", help="cpu, cuda or cuda:N; default cuda when present (EXCLIP_DEVICE)")
     p.add_argument("--cache-dir", dest="cache_dir", help="model download cache (EXCLIP_CACHE_DIR)")
 

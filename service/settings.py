@@ -77,6 +77,15 @@ class Settings(BaseSettings):
         max_length=4096,
         description="pretrained tag, checkpoint path, or `none` (random weights)",
     )
+    tokenizer: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description=(
+            "directory of the model's Hugging Face tokenizer (unset: the Hugging Face cache); only for"
+            " models with one"
+        ),
+    )
     device: str | None = Field(
         default=None,
         pattern=r"^(cpu|cuda(:\d{1,3})?|mps)$",
@@ -235,6 +244,7 @@ class Settings(BaseSettings):
     @field_validator(
         "redis_url",
         "pretrained",
+        "tokenizer",
         "device",
         "cache_dir",
         "cors_origins",
@@ -328,7 +338,7 @@ class Settings(BaseSettings):
     @property
     def model_requested(self) -> bool:
         """Whether a model or weights were named (flag, env var); if not, serve may fall back to the demo."""
-        return bool({"model", "pretrained"} & self.model_fields_set)
+        return bool({"model", "pretrained", "tokenizer"} & self.model_fields_set)
 
     @property
     def cors_origin_list(self) -> list[str]:

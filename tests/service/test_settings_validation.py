@@ -27,6 +27,7 @@ BAD: dict[str, list[str]] = {
     "pretrained": ["x" * 5000],
     "device": ["gpu", "cuda:x", "cuda 0"],
     "cache_dir": ["x" * 5000],
+    "tokenizer": ["x" * 5000],
     "host": ["", "local host", "x" * 300],
     "port": ["-1", "65536", "http"],
     "max_batch": ["0", "100000", "2.5"],
