@@ -14,8 +14,9 @@ module reproduces, the completeness finding and the one deliberate difference (t
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -24,6 +25,19 @@ from torch import Tensor, nn
 
 from attribution.errors import InvalidOption
 from attribution.memory import DEFAULT_MEMORY_FRACTION, tangent_budget, widest_mlp
+from attribution.quadrature import (
+    DEFAULT_NESTED_RULE,
+    DEFAULT_RULE,
+    NESTED_RULES,
+    RIEMANN,
+    TOLERANCE_MAX_POINTS,
+    Rule,
+    check_rule,
+    nested_sizes,
+    point_key,
+    quadrature_rule,
+    right_riemann_points,
+)
 from attribution.tail import Tail, dense_token_vjps, embed, token_jvps
 from attribution.text import Tokenizer, tokenize_caption
 from attribution.towers import ImageTower, TextTower
@@ -63,36 +77,75 @@ class Completeness:
 
 
 @dataclass(frozen=True)
+class Integration:
+    """How the integrated Jacobians were computed: the quadrature ``rule``, the ``points`` per tower,
+    and with a tolerance the ``error_estimate`` (the change of the matrix from the previous nested
+    level, relative to its largest entry, which over-states the error of a converging rule); ``None``
+    without a tolerance. ``converged``: the estimate is below the tolerance (``False`` when the
+    maximum number of points was reached first; ``None`` without a tolerance)."""
+
+    rule: str
+    points: int
+    error_estimate: float | None = None
+    converged: bool | None = None
+
+
+@dataclass(frozen=True)
 class PairResult:
     """The explanation of one (image, caption) pair.
 
     ``interactions``: float32 (tokens SOT…EOT, grid rows, grid cols), on the cosine scale.
     ``cls``: the image class-token column (tokens,). ``score``: cosine similarity of the pair.
+    ``integration``: the rule and points used (``None`` for results read back from older JSON).
     """
 
     interactions: Tensor
     cls: Tensor
     score: float
     completeness: Completeness
+    integration: Integration | None = None
 
 
-@dataclass(frozen=True)
 class _Side:
-    """One tower's factor for one input: ``factor`` (E, S), embeddings in float32."""
+    """One tower's path for one input: its integrand (the per-token derivatives, (S, E) per point),
+    computed for the points a rule asks for and kept, and the embeddings in float32."""
 
-    factor: Tensor
-    embedding: Tensor  # (E,) of the input
-    reference_embedding: Tensor  # (E,)
-    path_start: Tensor  # (E,) the reference's hidden states pooled as the input is
+    def __init__(
+        self,
+        integrand: Callable[[Tensor], Tensor],
+        embedding: Tensor,
+        reference_embedding: Tensor,
+        path_start: Tensor,
+    ) -> None:
+        self.integrand = integrand  # points α (float64, (N,)) → derivatives (N, S, E)
+        self.embedding = embedding  # (E,) of the input
+        self.reference_embedding = reference_embedding  # (E,)
+        self.path_start = path_start  # (E,) the reference's hidden states pooled as the input is
+        # Each batch of points as computed, so that a rule asking for exactly one batch averages it
+        # exactly as a single pass would (the reference's sum, bit for bit).
+        self._batches: list[tuple[tuple[float, ...], Tensor]] = []
+        self._rows: dict[float, Tensor] = {}
+
+    def factor(self, rule: Rule) -> Tensor:
+        """The integrated derivatives under ``rule``: (E, S) float32."""
+        keys = tuple(point_key(float(a)) for a in rule.points)
+        missing = [i for i, k in enumerate(keys) if k not in self._rows]
+        if missing:
+            computed = self.integrand(rule.points[missing])
+            self._batches.append((tuple(keys[i] for i in missing), computed))
+            self._rows.update((keys[i], computed[j]) for j, i in enumerate(missing))
+        batch = next((d for k, d in self._batches if k == keys), None)
+        if rule.weights is None:
+            stacked = batch if batch is not None else torch.stack([self._rows[k] for k in keys])
+            return stacked.float().mean(dim=0).T
+        stacked = torch.stack([self._rows[k] for k in keys]).float()
+        weights = rule.weights.to(device=stacked.device, dtype=torch.float32)
+        return torch.einsum("n,nse->es", weights, stacked)
 
 
 def interpolation_points(steps: int) -> Tensor:
-    """α ∈ {1, 1 − 1/N, …, 1/N}: the input is included, the reference is not.
-
-    The reference computes these with a float ``arange`` that yields N + 1 points for some N (49, for
-    one); here there are always exactly N.
-    """
-    return 1.0 - torch.arange(steps, dtype=torch.float64) / steps
+    """The authors' right Riemann points (see :func:`attribution.quadrature.right_riemann_points`)."""
+    return right_riemann_points(steps)
 
 
 class Explainer:
@@ -102,6 +155,11 @@ class Explainer:
     tokenizer. ``text_layer``/``image_layer`` choose the block whose input is attributed (``None``,
     the default: each tower's last block), ``steps`` the number N of interpolation points,
     ``precision`` the dtype of the derivative computation (``float32``, ``bfloat16`` or ``float16``).
+    ``quadrature`` picks the rule (:data:`attribution.quadrature.RULES`; default the authors' right
+    Riemann sum, or with a tolerance the default nested rule) and ``steps`` its points per tower.
+    ``tolerance`` (relative to the largest entry of the matrix) replaces ``steps``: a nested rule is
+    refined from 3 points, doubling, until the change from the previous level is below it or
+    :data:`attribution.quadrature.TOLERANCE_MAX_POINTS` is reached; each result says which.
     ``points``, if given, are explicit interpolation points α in place of :func:`interpolation_points`
     (as the reference's ``N`` accepts a tensor), e.g. to reproduce its N + 1 points exactly.
 
@@ -122,6 +180,8 @@ class Explainer:
         *,
         memory_fraction: float = DEFAULT_MEMORY_FRACTION,
         points: Sequence[float] | Tensor | None = None,
+        quadrature: str | None = None,
+        tolerance: float | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -148,7 +208,25 @@ class Explainer:
         self.max_tangents = max_tangents
         self.memory_fraction = memory_fraction
         self.mlp_width = widest_mlp(model)  # a tangent row's cost, for tangent_budget
-        self.points = interpolation_points(steps) if points is None else _explicit_points(points)
+        if tolerance is not None and not (isinstance(tolerance, float | int) and 0 < tolerance < 1):
+            raise InvalidOption(f"tolerance must be a number in (0, 1), got {tolerance!r}")
+        if tolerance is not None and points is not None:
+            raise InvalidOption("give either a tolerance or explicit points, not both")
+        default = DEFAULT_RULE if tolerance is None else DEFAULT_NESTED_RULE
+        self.quadrature = default if quadrature is None else check_rule(quadrature)
+        if tolerance is not None and self.quadrature not in NESTED_RULES:
+            raise InvalidOption(
+                f"a tolerance needs a nested rule ({', '.join(NESTED_RULES)}), not {self.quadrature!r}"
+            )
+        if points is not None and self.quadrature != RIEMANN:
+            raise InvalidOption("explicit points are averaged with equal weights: only with the riemann rule")
+        self.tolerance = None if tolerance is None else float(tolerance)
+        self.rule = (
+            Rule(_explicit_points(points), None)
+            if points is not None
+            else quadrature_rule(self.quadrature, steps)
+        )
+        self.points = self.rule.points
 
     @property
     def device(self) -> torch.device:
@@ -193,7 +271,33 @@ class Explainer:
         grid_h, grid_w = self.image.visual.grid_size
         grid = (int(grid_h), int(grid_w))
         pairs = zip(text_of, image_of, strict=True)
-        return [self._combine(text_sides[t], image_sides[i], grid) for t, i in pairs]
+        if self.tolerance is None:
+            integration = Integration(self.quadrature, len(self.rule))
+            return [
+                self._combine(text_sides[t], image_sides[i], grid, self.rule, integration) for t, i in pairs
+            ]
+        return [self._refine(text_sides[t], image_sides[i], grid, self.tolerance) for t, i in pairs]
+
+    def _refine(self, text: _Side, image: _Side, grid: tuple[int, int], tolerance: float) -> PairResult:
+        """Double the nested rule's points until the matrix changes by less than ``tolerance`` of its
+        largest entry, or the maximum is reached. Each side keeps its points, so a side shared by
+        several pairs is computed once, level by level, whatever the other pairs need: a pair's result
+        depends on its own inputs only."""
+        previous: Tensor | None = None
+        result: PairResult | None = None
+        for size in nested_sizes(stop=TOLERANCE_MAX_POINTS):
+            rule = quadrature_rule(self.quadrature, size)
+            result = self._combine(text, image, grid, rule, Integration(self.quadrature, size))
+            matrix = torch.cat([result.cls.unsqueeze(1), result.interactions.flatten(1)], dim=1)
+            if previous is not None:
+                estimate = float((matrix - previous).abs().max() / matrix.abs().max().clamp_min(1e-30))
+                integration = Integration(self.quadrature, size, estimate, estimate <= tolerance)
+                result = dataclasses.replace(result, integration=integration)
+                if estimate <= tolerance:
+                    break
+            previous = matrix
+        assert result is not None  # nested_sizes is never empty
+        return result
 
     # ---------------------------------------------------------------------------------- sides
 
@@ -242,12 +346,25 @@ class Explainer:
         ``ref_pool`` are (1,).
         """
         tail, exact = tails
-        _, s, w = hidden.shape
-        dt = self.dtype
+        s = hidden.shape[1]
         delta = hidden[0] - ref_hidden[:s]
-        alphas = self.points.to(device=self.device, dtype=torch.float32)
+
+        def integrand(alphas: Tensor) -> Tensor:
+            return self._derivatives(tail, ref_hidden[:s], delta, pool, alphas)
+
+        embedding = embed(exact, hidden, pool)[0]
+        ref_rows = max(s, int(ref_pool) + 1)
+        ref_embedding = embed(exact, ref_hidden[:ref_rows].unsqueeze(0), ref_pool)[0]
+        path_start = embed(exact, ref_hidden[:s].unsqueeze(0), pool)[0]
+        return _Side(integrand, embedding, ref_embedding, path_start)
+
+    def _derivatives(self, tail: Tail, start: Tensor, delta: Tensor, pool: Tensor, alphas: Tensor) -> Tensor:
+        """Per-token derivatives of the embedding at the points ``start + α·delta``: (N, S, E)."""
+        s, w = delta.shape
+        dt = self.dtype
+        alphas = alphas.to(device=self.device, dtype=torch.float32)
         n = len(alphas)
-        points = (ref_hidden[:s] + alphas.view(n, 1, 1) * delta).to(dt)  # (N, S, W)
+        points = (start + alphas.view(n, 1, 1) * delta).to(dt)  # (N, S, W)
         deltas = delta.to(dt).expand(n, s, w)
         pools = pool.expand(n)
         max_tangents = self.max_tangents or tangent_budget(
@@ -256,25 +373,21 @@ class Explainer:
         if len(tail.blocks) > 1 and tail.head.projection.shape[1] < s:
             # Fewer embedding axes than tokens: reverse mode needs fewer passes.
             chunk = max(1, max_tangents // (n * s))
-            derivatives = dense_token_vjps(tail, points, deltas, pools, chunk)
-        else:
-            derivatives = token_jvps(tail, points, deltas, pools, max_tangents)
-        factor = derivatives.float().mean(dim=0).T  # (E, S)
-        embedding = embed(exact, hidden, pool)[0]
-        ref_rows = max(s, int(ref_pool) + 1)
-        ref_embedding = embed(exact, ref_hidden[:ref_rows].unsqueeze(0), ref_pool)[0]
-        path_start = embed(exact, ref_hidden[:s].unsqueeze(0), pool)[0]
-        return _Side(factor, embedding, ref_embedding, path_start)
+            return dense_token_vjps(tail, points, deltas, pools, chunk)
+        return token_jvps(tail, points, deltas, pools, max_tangents)
 
     # ------------------------------------------------------------------------------- combine
 
-    def _combine(self, text: _Side, image: _Side, grid: tuple[int, int]) -> PairResult:
+    def _combine(
+        self, text: _Side, image: _Side, grid: tuple[int, int], rule: Rule, integration: Integration
+    ) -> PairResult:
         t_emb, x_emb = text.embedding, image.embedding
         logit_scale = cast(Tensor, self.model.logit_scale)  # an nn.Parameter of open_clip's CLIP
         scale = float(logit_scale.exp()) if self.scale_cos else 1.0
         norm = t_emb.norm() * x_emb.norm() / scale
-        rows = text.factor.shape[1]
-        a = text.factor.T @ image.factor / norm  # (tokens, image tokens)
+        text_factor, image_factor = text.factor(rule), image.factor(rule)
+        rows = text_factor.shape[1]
+        a = text_factor.T @ image_factor / norm  # (tokens, image tokens)
         expected = float((t_emb - text.reference_embedding) @ (x_emb - image.reference_embedding) / norm)
         path_expected = float((t_emb - text.path_start) @ (x_emb - image.path_start) / norm)
         total = float(a.sum())
@@ -285,6 +398,7 @@ class Explainer:
             completeness=Completeness(
                 total, expected, total - expected, path_expected, total - path_expected
             ),
+            integration=integration,
         )
 
 
