@@ -126,8 +126,8 @@ class _Side:
         self._batches: list[tuple[tuple[float, ...], Tensor]] = []
         self._rows: dict[float, Tensor] = {}
 
-    def factor(self, rule: Rule) -> Tensor:
-        """The integrated derivatives under ``rule``: (E, S) float32."""
+    def derivatives(self, rule: Rule) -> Tensor:
+        """The integrand at the rule's points, in their order: (N, S, E), computing only new points."""
         keys = tuple(point_key(float(a)) for a in rule.points)
         missing = [i for i, k in enumerate(keys) if k not in self._rows]
         if missing:
@@ -135,12 +135,15 @@ class _Side:
             self._batches.append((tuple(keys[i] for i in missing), computed))
             self._rows.update((keys[i], computed[j]) for j, i in enumerate(missing))
         batch = next((d for k, d in self._batches if k == keys), None)
+        return batch if batch is not None else torch.stack([self._rows[k] for k in keys])
+
+    def factor(self, rule: Rule) -> Tensor:
+        """The integrated derivatives under ``rule``: (E, S) float32."""
+        derivatives = self.derivatives(rule).float()
         if rule.weights is None:
-            stacked = batch if batch is not None else torch.stack([self._rows[k] for k in keys])
-            return stacked.float().mean(dim=0).T
-        stacked = torch.stack([self._rows[k] for k in keys]).float()
-        weights = rule.weights.to(device=stacked.device, dtype=torch.float32)
-        return torch.einsum("n,nse->es", weights, stacked)
+            return derivatives.mean(dim=0).T
+        weights = rule.weights.to(device=derivatives.device, dtype=torch.float32)
+        return torch.einsum("n,nse->es", weights, derivatives)
 
 
 def interpolation_points(steps: int) -> Tensor:
@@ -255,6 +258,38 @@ class Explainer:
         Repeated images or captions are computed once: the image side is shared by all captions of an
         image and the text side by all images of a caption.
         """
+        pairs, grid = self._pairs(images, tokens)
+        if self.tolerance is None:
+            integration = Integration(self.quadrature, len(self.rule))
+            return [self._combine(text, image, grid, self.rule, integration) for text, image in pairs]
+        return [self._refine(text, image, grid, self.tolerance) for text, image in pairs]
+
+    @torch.no_grad()
+    def explain_rules(
+        self, images: Tensor, tokens: Sequence[Tensor], rules: Sequence[tuple[str, Rule]]
+    ) -> list[list[PairResult]]:
+        """The B pairs under each of several named rules (one list per rule), every point of every
+        side computed once: rules that share points (nested ones, or a rule and its refinement) cost
+        only the points they add. For comparing rules; a single rule is what ``explain_tokens`` does."""
+        pairs, grid = self._pairs(images, tokens)
+        return [
+            [self._combine(text, image, grid, rule, Integration(name, len(rule))) for text, image in pairs]
+            for name, rule in rules
+        ]
+
+    @torch.no_grad()
+    def integrands(self, image: Tensor, tokens: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Each tower's integrand along its path for one pair: the per-token derivatives of the text
+        embedding (N, S, E) and of the image embedding (N, 1 + patches, E) at the points α."""
+        pairs, _ = self._pairs(image.unsqueeze(0), [tokens])
+        text, image_side = pairs[0]
+        rule = Rule(torch.as_tensor(points, dtype=torch.float64), None)
+        return text.derivatives(rule), image_side.derivatives(rule)
+
+    def _pairs(
+        self, images: Tensor, tokens: Sequence[Tensor]
+    ) -> tuple[list[tuple[_Side, _Side]], tuple[int, int]]:
+        """The (text, image) sides of each pair, each distinct input's side made once, and the grid."""
         if images.dim() != 4 or images.shape[0] != len(tokens):
             raise InvalidOption(
                 f"expected images (B, 3, H, W) and B captions, got {tuple(images.shape)} and {len(tokens)}"
@@ -269,14 +304,8 @@ class Explainer:
         image_sides = [self._image_side(images[i], refs, image_tails) for i in unique_images]
         text_sides = [self._text_side(tokens[i], refs, text_tails) for i in unique_texts]
         grid_h, grid_w = self.image.visual.grid_size
-        grid = (int(grid_h), int(grid_w))
-        pairs = zip(text_of, image_of, strict=True)
-        if self.tolerance is None:
-            integration = Integration(self.quadrature, len(self.rule))
-            return [
-                self._combine(text_sides[t], image_sides[i], grid, self.rule, integration) for t, i in pairs
-            ]
-        return [self._refine(text_sides[t], image_sides[i], grid, self.tolerance) for t, i in pairs]
+        pairs = [(text_sides[t], image_sides[i]) for t, i in zip(text_of, image_of, strict=True)]
+        return pairs, (int(grid_h), int(grid_w))
 
     def _refine(self, text: _Side, image: _Side, grid: tuple[int, int], tolerance: float) -> PairResult:
         """Double the nested rule's points until the matrix changes by less than ``tolerance`` of its
