@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attribution.explainer import Completeness, Explainer, PairResult
+from attribution.explainer import Completeness, Explainer, Integration, PairResult
 from attribution.images import MAX_ASPECT_RATIO, ImageGeometry, ModelInput, preprocess
 from attribution.memory import DEFAULT_MEMORY_FRACTION
 from attribution.models import LoadedModel
@@ -120,6 +120,7 @@ class Explanation:
             "cls": self.result.cls.tolist(),
             "score": self.result.score,
             "completeness": asdict(self.result.completeness),
+            "integration": None if self.result.integration is None else asdict(self.result.integration),
             "selections": [s.to_dict() for s in self.selections],
         }
 
@@ -133,6 +134,7 @@ class Explanation:
             cls=torch.tensor(d["cls"], dtype=torch.float32),
             score=float(d["score"]),
             completeness=Completeness(**d["completeness"]),
+            integration=Integration(**d["integration"]) if d.get("integration") else None,
         )
         return cls(
             caption=d["caption"],
@@ -200,6 +202,8 @@ def explain_requests(
     image_layer: int | None = None,
     steps: int = 10,
     precision: str = "float32",
+    quadrature: str | None = None,
+    tolerance: float | None = None,
     max_caption_chars: int = MAX_CAPTION_CHARS,
     max_aspect_ratio: float = MAX_ASPECT_RATIO,
     memory_fraction: float = DEFAULT_MEMORY_FRACTION,
@@ -210,7 +214,8 @@ def explain_requests(
     Bad captions, options or selections raise an ``AttributionError`` subclass before anything is
     computed. The two limits are those of
     ``tokenize_caption`` and ``preprocess`` (for images not yet prepared). The engine's passes use
-    at most ``memory_fraction`` of the device's free memory (``attribution.memory``).
+    at most ``memory_fraction`` of the device's free memory (``attribution.memory``). ``quadrature`` and
+    ``tolerance`` are the ``Explainer``'s (``attribution.quadrature``).
     """
     text_layer = loaded.default_text_layer if text_layer is None else text_layer
     image_layer = loaded.default_image_layer if image_layer is None else image_layer
@@ -222,6 +227,8 @@ def explain_requests(
         steps,
         precision,
         memory_fraction=memory_fraction,
+        quadrature=quadrature,
+        tolerance=tolerance,
     )
 
     inputs = [_model_input(request.image, loaded, max_aspect_ratio) for request in requests]
@@ -241,6 +248,7 @@ def explain_requests(
     images = torch.stack([inputs[p.request].tensor for p in pairs])
     results = explainer.explain_tokens(images, [p.ids for p in pairs])
 
+    # The rule, points and tolerance are in each result's ``integration``.
     options = {"text_layer": text_layer, "image_layer": image_layer, "steps": steps, "precision": precision}
     out: list[list[Explanation]] = [[] for _ in requests]
     for pair, result in zip(pairs, results, strict=True):

@@ -52,6 +52,24 @@ def check_rule(name: str) -> str:
     return name
 
 
+def check_integration(quadrature: str | None, steps: int, tolerance: float | None) -> str:
+    """The rule an explanation uses, after checking the three options together; raises InvalidOption.
+
+    ``quadrature`` ``None``: :data:`DEFAULT_RULE`, or with a tolerance :data:`DEFAULT_NESTED_RULE`.
+    ``steps`` is the number of points per tower, unused with a tolerance.
+    """
+    if tolerance is not None and (
+        isinstance(tolerance, bool) or not isinstance(tolerance, float | int) or not 0 < tolerance < 1
+    ):
+        raise InvalidOption(f"tolerance must be a number in (0, 1), got {tolerance!r}")
+    rule = check_rule(quadrature or (DEFAULT_RULE if tolerance is None else DEFAULT_NESTED_RULE))
+    if tolerance is not None and rule not in NESTED_RULES:
+        raise InvalidOption(f"a tolerance needs a nested rule ({', '.join(NESTED_RULES)}), not {rule!r}")
+    if tolerance is None and steps < min_points(rule):
+        raise InvalidOption(f"the {rule} rule needs at least {min_points(rule)} points, got {steps}")
+    return rule
+
+
 def min_points(name: str) -> int:
     """Endpoint rules need both ends."""
     return 2 if name in (TRAPEZOID, CLENSHAW_CURTIS) else 1

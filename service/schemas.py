@@ -14,11 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from attribution.explainer import PRECISIONS
 from attribution.pipeline import MATRIX_FORMATS
+from attribution.quadrature import RULES
 
 if TYPE_CHECKING:  # built from the registry at runtime, which mypy cannot follow: plain text to it
     Precision = str
+    QuadratureRule = str
 else:
     Precision = Literal[tuple(PRECISIONS)]
+    QuadratureRule = Literal[RULES]
 MatrixFormat = Literal[MATRIX_FORMATS]  # type: ignore[valid-type]
 # Multipart selection fields (repeatable) and their syntax; JSON bodies give them as lists instead.
 SELECTION_FIELDS = {
@@ -74,6 +77,19 @@ class ExplainOptions(BaseModel):
     )
     steps: int = Field(10, description="integration steps (1..EXCLIP_MAX_STEPS)")
     precision: Precision = "float32"
+    quadrature: QuadratureRule | None = Field(
+        None,
+        description="integration rule per tower (GET /models: options.quadrature); null: riemann, "
+        "the authors' sum, or with a tolerance the default nested rule",
+    )
+    tolerance: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="relative error of the matrix (largest entry) to refine a nested rule to, in place "
+        "of steps; null: use steps",
+    )
     format: MatrixFormat = Field("json", description="interaction matrix as nested lists or base64 float32")
     wait: float | None = Field(
         None,

@@ -15,9 +15,10 @@ from typing import Any, cast
 from PIL import Image
 
 from attribution import models as _models  # noqa: F401 - registers exclip-tiny with open_clip
-from attribution.errors import AttributionError
+from attribution.errors import AttributionError, InvalidOption
 from attribution.images import ImageGeometry, transform_geometry
 from attribution.images import image_size as read_image_size
+from attribution.quadrature import check_integration
 from attribution.selections import SELECTION_KINDS, Box, Selection, Span, TokenRange, check_selection
 from attribution.text import Tokenizer, tokenize_caption
 from service.catalog import ModelInfo, default_model
@@ -115,6 +116,10 @@ def build_job(
         )
     if not 1 <= opts.steps <= settings.max_steps:
         raise RequestInvalid(f"steps {opts.steps} is out of range: use 1..{settings.max_steps}")
+    try:
+        check_integration(opts.quadrature, opts.steps, opts.tolerance)
+    except InvalidOption as exc:
+        raise RequestInvalid(str(exc)) from None
     text_layer = _layer("text_layer", opts.text_layer, info, "text")
     image_layer = _layer("image_layer", opts.image_layer, info, "image")
 
@@ -141,6 +146,8 @@ def build_job(
         image_layer=image_layer,
         steps=opts.steps,
         precision=opts.precision,
+        quadrature=opts.quadrature,
+        tolerance=opts.tolerance,
         format=opts.format,
         captions=tuple(captions),
     )
