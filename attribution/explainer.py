@@ -45,6 +45,9 @@ PRECISIONS: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 
+# A reverse pass (per cotangent) against a forward tangent pass through the same dense blocks.
+REVERSE_PASS_COST = 1.0
+
 # Per-model cache of the references' hidden states and embeddings; they depend only on the weights.
 _REFERENCE_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], dict[str, Tensor]]] = (
     weakref.WeakKeyDictionary()
@@ -110,12 +113,18 @@ class _Side:
 
     def __init__(
         self,
-        integrand: Callable[[Tensor], Tensor],
+        integrand: Callable[[Tensor, Tensor | None], Tensor],
         embedding: Tensor,
         reference_embedding: Tensor,
         path_start: Tensor,
+        dense: bool,
+        tokens: int,
+        axes: int,
     ) -> None:
-        self.integrand = integrand  # points α (float64, (N,)) → derivatives (N, S, E)
+        # points α (float64, (N,)), cotangents (K, E) or None → derivatives (N, S, K or E)
+        self.integrand = integrand
+        self.dense = dense  # the tail has blocks on all rows (not only the pooled one)
+        self.tokens, self.axes = tokens, axes  # S and E: the passes of forward and of reverse mode
         self.embedding = embedding  # (E,) of the input
         self.reference_embedding = reference_embedding  # (E,)
         self.path_start = path_start  # (E,) the reference's hidden states pooled as the input is
@@ -129,7 +138,7 @@ class _Side:
         keys = tuple(point_key(float(a)) for a in rule.points)
         missing = [i for i, k in enumerate(keys) if k not in self._rows]
         if missing:
-            computed = self.integrand(rule.points[missing])
+            computed = self.integrand(rule.points[missing], None)
             self._batches.append((tuple(keys[i] for i in missing), computed))
             self._rows.update((keys[i], computed[j]) for j, i in enumerate(missing))
         batch = next((d for k, d in self._batches if k == keys), None)
@@ -137,11 +146,22 @@ class _Side:
 
     def factor(self, rule: Rule) -> Tensor:
         """The integrated derivatives under ``rule``: (E, S) float32."""
-        derivatives = self.derivatives(rule).float()
-        if rule.weights is None:
-            return derivatives.mean(dim=0).T
-        weights = rule.weights.to(device=derivatives.device, dtype=torch.float32)
-        return torch.einsum("n,nse->es", weights, derivatives)
+        return _integrate(self.derivatives(rule), rule).T
+
+    def contracted(self, other: Tensor, rule: Rule) -> Tensor:
+        """``other.T @ factor(rule)`` for ``other`` (E, K), by one reverse pass per column of ``other``
+        and point instead of the factor's passes: (K, S) float32. Not kept: it depends on ``other``."""
+        return _integrate(self.integrand(rule.points, other.T), rule).T
+
+
+def _integrate(derivatives: Tensor, rule: Rule) -> Tensor:
+    """The rule's weighted sum over points of derivatives (N, S, K) → (S, K) float32; equal weights
+    average exactly as the reference does."""
+    derivatives = derivatives.float()
+    if rule.weights is None:
+        return derivatives.mean(dim=0)
+    weights = rule.weights.to(device=derivatives.device, dtype=torch.float32)
+    return torch.einsum("n,nsk->sk", weights, derivatives)
 
 
 def interpolation_points(steps: int) -> Tensor:
@@ -161,6 +181,9 @@ class Explainer:
     ``tolerance`` (relative to the largest entry of the matrix) replaces ``steps``: a nested rule is
     refined from 3 points, doubling, until the change from the previous level is below it or
     :data:`attribution.quadrature.TOLERANCE_MAX_POINTS` is reached; each result says which.
+    ``contraction``: compute each image's interactions as its captions' text factors contracted
+    through the image embedding by reverse mode (``True``), from the image's own factor (``False``),
+    or by whichever needs fewer passes (``None``, the default; without a tolerance only).
     ``points``, if given, are explicit interpolation points α in place of :func:`interpolation_points`
     (as the reference's ``N`` accepts a tensor), e.g. to reproduce its N + 1 points exactly.
 
@@ -183,6 +206,7 @@ class Explainer:
         points: Sequence[float] | Tensor | None = None,
         quadrature: str | None = None,
         tolerance: float | None = None,
+        contraction: bool | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -215,6 +239,7 @@ class Explainer:
         if points is not None and self.quadrature != RIEMANN:
             raise InvalidOption("explicit points are averaged with equal weights: only with the riemann rule")
         self.tolerance = None if tolerance is None else float(tolerance)
+        self.contraction = contraction  # None: choose per image by the passes each way
         if points is not None:
             self.rule = Rule(_explicit_points(points), None)
         else:  # with a tolerance: the first level
@@ -249,10 +274,18 @@ class Explainer:
         image and the text side by all images of a caption.
         """
         pairs, grid = self._pairs(images, tokens)
-        if self.tolerance is None:
-            integration = Integration(self.quadrature, len(self.rule))
-            return [self._combine(text, image, grid, self.rule, integration) for text, image in pairs]
-        return [self._refine(text, image, grid, self.tolerance) for text, image in pairs]
+        if self.tolerance is not None:
+            return [self._refine(text, image, grid, self.tolerance) for text, image in pairs]
+        integration = Integration(self.quadrature, len(self.rule))
+        done: dict[tuple[int, int], PairResult] = {}  # a repeated pair is computed once
+        for text, image in pairs:
+            if (id(text), id(image)) not in done:
+                contract = self.contraction
+                if contract is None:
+                    contract = contracts(image.dense, text.tokens, image.tokens, image.axes)
+                result = self._combine(text, image, grid, self.rule, integration, contract)
+                done[id(text), id(image)] = result
+        return [done[id(text), id(image)] for text, image in pairs]
 
     @torch.no_grad()
     def explain_rules(
@@ -372,17 +405,27 @@ class Explainer:
         s = hidden.shape[1]
         delta = hidden[0] - ref_hidden[:s]
 
-        def integrand(alphas: Tensor) -> Tensor:
-            return self._derivatives(tail, ref_hidden[:s], delta, pool, alphas)
+        def integrand(alphas: Tensor, cotangents: Tensor | None) -> Tensor:
+            return self._derivatives(tail, ref_hidden[:s], delta, pool, alphas, cotangents)
 
         embedding = embed(exact, hidden, pool)[0]
         ref_rows = max(s, int(ref_pool) + 1)
         ref_embedding = embed(exact, ref_hidden[:ref_rows].unsqueeze(0), ref_pool)[0]
         path_start = embed(exact, ref_hidden[:s].unsqueeze(0), pool)[0]
-        return _Side(integrand, embedding, ref_embedding, path_start)
+        axes = tail.head.projection.shape[1]
+        return _Side(integrand, embedding, ref_embedding, path_start, len(tail.blocks) > 1, s, axes)
 
-    def _derivatives(self, tail: Tail, start: Tensor, delta: Tensor, pool: Tensor, alphas: Tensor) -> Tensor:
-        """Per-token derivatives of the embedding at the points ``start + α·delta``: (N, S, E)."""
+    def _derivatives(
+        self,
+        tail: Tail,
+        start: Tensor,
+        delta: Tensor,
+        pool: Tensor,
+        alphas: Tensor,
+        cotangents: Tensor | None,
+    ) -> Tensor:
+        """Per-token derivatives of the embedding at the points ``start + α·delta``: (N, S, E); with
+        ``cotangents`` (K, E), contracted with them by reverse mode: (N, S, K)."""
         s, w = delta.shape
         dt = self.dtype
         alphas = alphas.to(device=self.device, dtype=torch.float32)
@@ -393,6 +436,9 @@ class Explainer:
         max_tangents = self.max_tangents or tangent_budget(
             self.mlp_width, self.device, dt, self.memory_fraction
         )
+        if cotangents is not None:
+            chunk = max(1, max_tangents // (n * s))
+            return dense_token_vjps(tail, points, deltas, pools, chunk, cotangents)
         if len(tail.blocks) > 1 and tail.head.projection.shape[1] < s:
             # Fewer embedding axes than tokens: reverse mode needs fewer passes.
             chunk = max(1, max_tangents // (n * s))
@@ -402,15 +448,24 @@ class Explainer:
     # ------------------------------------------------------------------------------- combine
 
     def _combine(
-        self, text: _Side, image: _Side, grid: tuple[int, int], rule: Rule, integration: Integration
+        self,
+        text: _Side,
+        image: _Side,
+        grid: tuple[int, int],
+        rule: Rule,
+        integration: Integration,
+        contract: bool = False,
     ) -> PairResult:
         t_emb, x_emb = text.embedding, image.embedding
         logit_scale = cast(Tensor, self.model.logit_scale)  # an nn.Parameter of open_clip's CLIP
         scale = float(logit_scale.exp()) if self.scale_cos else 1.0
         norm = t_emb.norm() * x_emb.norm() / scale
-        text_factor, image_factor = text.factor(rule), image.factor(rule)
+        text_factor = text.factor(rule)
         rows = text_factor.shape[1]
-        a = text_factor.T @ image_factor / norm  # (tokens, image tokens)
+        if contract:  # A = Tᵀ I with I never formed: one reverse pass per text row and point
+            a = image.contracted(text_factor, rule) / norm
+        else:
+            a = text_factor.T @ image.factor(rule) / norm  # (tokens, image tokens)
         expected = float((t_emb - text.reference_embedding) @ (x_emb - image.reference_embedding) / norm)
         path_expected = float((t_emb - text.path_start) @ (x_emb - image.path_start) / norm)
         total = float(a.sum())
@@ -423,6 +478,15 @@ class Explainer:
             ),
             integration=integration,
         )
+
+
+def contracts(dense: bool, text_rows: int, image_tokens: int, axes: int) -> bool:
+    """Whether one pair's interactions are cheaper as its text factor contracted through the image
+    embedding (one reverse pass per text row) than from the image's own factor (one forward tangent
+    per image token, or one reverse pass per embedding axis), a reverse pass weighing
+    ``REVERSE_PASS_COST`` forward ones. Decided per pair, so that a pair's result does not depend on
+    the other captions of its image; never at the last block, where a forward tangent costs one row."""
+    return dense and REVERSE_PASS_COST * text_rows < min(image_tokens, axes)
 
 
 def _explicit_points(points: Sequence[float] | Tensor) -> Tensor:

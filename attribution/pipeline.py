@@ -20,6 +20,7 @@ from attribution.explainer import Completeness, Explainer, Integration, PairResu
 from attribution.images import MAX_ASPECT_RATIO, ImageGeometry, ModelInput, preprocess
 from attribution.memory import DEFAULT_MEMORY_FRACTION
 from attribution.models import LoadedModel
+from attribution.quadrature import DEFAULT_RULE
 from attribution.selections import (
     SELECTION_KINDS,
     Box,
@@ -109,6 +110,10 @@ class Explanation:
         if matrix_format not in MATRIX_FORMATS:
             raise ValueError(f"matrix_format must be one of {MATRIX_FORMATS}, got {matrix_format!r}")
         geometry = self.geometry.to_dict()
+        # Only for another rule or a tolerance: the default's keys stay as they were.
+        integration = self.result.integration
+        if integration is not None and integration.rule == DEFAULT_RULE and integration.tolerance is None:
+            integration = None
         return {
             "caption": self.caption,
             "model": {"name": self.model_name, "pretrained": self.pretrained},
@@ -120,9 +125,8 @@ class Explanation:
             "cls": self.result.cls.tolist(),
             "score": self.result.score,
             "completeness": asdict(self.result.completeness),
-            "integration": None if self.result.integration is None else asdict(self.result.integration),
             "selections": [s.to_dict() for s in self.selections],
-        }
+        } | ({} if integration is None else {"integration": asdict(integration)})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Explanation:

@@ -52,12 +52,18 @@ def test_json_tolerance_equals_the_engine_and_reports_its_estimate(stack, tiny_l
     assert_close([got], direct(tiny_loaded, tolerance=1e-2))
 
 
-def test_default_is_the_authors_sum(stack):
+def test_default_rule_keeps_the_documented_keys(stack):
+    """Naming the default rule is the same as naming none: same numbers, no ``integration`` key."""
     with stack.client() as c:
-        r = c.post("/explain", json={"image": b64(IMAGE), "captions": [CAPTION], "steps": 2})
-    assert r.status_code == 200, r.text
-    [got] = r.json()["result"]["captions"]
-    assert (got["integration"]["rule"], got["integration"]["points"]) == (DEFAULT_RULE, 2)
+        plain, named = (
+            c.post("/explain", json={"image": b64(IMAGE), "captions": [CAPTION], "steps": 2, **extra})
+            for extra in ({}, {"quadrature": DEFAULT_RULE})
+        )
+    assert plain.status_code == named.status_code == 200, (plain.text, named.text)
+    [got_plain] = strip_timings(plain.json()["result"])
+    [got_named] = strip_timings(named.json()["result"])
+    assert "integration" not in got_plain and "integration" not in got_named
+    assert got_plain["interactions"] == got_named["interactions"]
 
 
 @pytest.mark.parametrize(
