@@ -183,7 +183,9 @@ class Explainer:
     :data:`attribution.quadrature.TOLERANCE_MAX_POINTS` is reached; each result says which.
     ``contraction``: compute each image's interactions as its captions' text factors contracted
     through the image embedding by reverse mode (``True``), from the image's own factor (``False``),
-    or by whichever needs fewer passes (``None``, the default; without a tolerance only).
+    or by whichever needs fewer passes (``None``, the default: in float32 only, as the reduced-precision
+    error bounds are those of the factor route; never with a tolerance, whose text factor changes from
+    level to level).
     ``points``, if given, are explicit interpolation points α in place of :func:`interpolation_points`
     (as the reference's ``N`` accepts a tensor), e.g. to reproduce its N + 1 points exactly.
 
@@ -239,7 +241,7 @@ class Explainer:
         if points is not None and self.quadrature != RIEMANN:
             raise InvalidOption("explicit points are averaged with equal weights: only with the riemann rule")
         self.tolerance = None if tolerance is None else float(tolerance)
-        self.contraction = contraction  # None: choose per image by the passes each way
+        self.contraction = contraction  # None: choose per pair by the passes each way
         if points is not None:
             self.rule = Rule(_explicit_points(points), None)
         else:  # with a tolerance: the first level
@@ -281,8 +283,9 @@ class Explainer:
         for text, image in pairs:
             if (id(text), id(image)) not in done:
                 contract = self.contraction
-                if contract is None:
-                    contract = contracts(image.dense, text.tokens, image.tokens, image.axes)
+                if contract is None:  # reduced precision: the factor route, whose error bounds are tested
+                    exact = self.dtype == torch.float32
+                    contract = exact and contracts(image.dense, text.tokens, image.tokens, image.axes)
                 result = self._combine(text, image, grid, self.rule, integration, contract)
                 done[id(text), id(image)] = result
         return [done[id(text), id(image)] for text, image in pairs]
