@@ -440,8 +440,17 @@ class Explainer:
             self.mlp_width, self.device, dt, self.memory_fraction
         )
         if cotangents is not None:
-            chunk = max(1, max_tangents // (n * s))
-            return dense_token_vjps(tail, points, deltas, pools, chunk, cotangents)
+            # The reverse pass keeps every block's activations: bound the rows × blocks it holds.
+            per_pass = max(1, max_tangents // (s * len(tail.blocks)))
+            parts = []
+            for p0 in range(0, n, per_pass):
+                m = min(per_pass, n - p0)
+                chunk = max(1, max_tangents // (m * s))
+                window = slice(p0, p0 + m)
+                parts.append(
+                    dense_token_vjps(tail, points[window], deltas[window], pools[window], chunk, cotangents)
+                )
+            return torch.cat(parts)
         if len(tail.blocks) > 1 and tail.head.projection.shape[1] < s:
             # Fewer embedding axes than tokens: reverse mode needs fewer passes.
             chunk = max(1, max_tangents // (n * s))

@@ -94,3 +94,12 @@ def test_automatic_choice_does_not_depend_on_the_batch(tiny, image):
     for caption, result in zip(CAPTIONS, together, strict=True):
         alone = explainer.explain(image, [caption])[0]
         assert torch.equal(result.interactions, alone.interactions)
+
+
+@pytest.mark.parametrize("max_tangents", [20, 100])
+def test_contraction_in_small_passes_is_the_same(tiny, image, max_tangents):
+    """A small ``max_tangents`` splits the reverse passes by points and by cotangents."""
+    model, tokenizer = tiny
+    whole = Explainer(model, tokenizer, 0, 0, 5, contraction=True).explain(image, CAPTIONS[2:])[0]
+    split = Explainer(model, tokenizer, 0, 0, 5, contraction=True, max_tangents=max_tangents)
+    assert relative_error(split.explain(image, CAPTIONS[2:])[0].interactions, whole.interactions) <= 1e-6
