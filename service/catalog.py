@@ -81,6 +81,9 @@ def option_ranges(info: ModelInfo, settings: Settings) -> dict[str, Any]:
             "nested": list(NESTED_RULES),
             "default_with_tolerance": DEFAULT_NESTED_RULE,
             "min_steps": {rule: min_points(rule) for rule in RULES},
+            "note": "riemann is the authors' sum; with 10 steps it was measured off by 21 % of the largest "
+            "entry on the demo model at layers 1/1, 12 % at its last blocks and 3.5 % on ViT-B-32 at 6/6; "
+            "midpoint with 10 steps by 18 %, 0.2 % and 0.07 % (docs/method.md)",
         },
         "tolerance": {
             "min_exclusive": 0,
