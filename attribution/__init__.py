@@ -3,6 +3,7 @@
 A plain library: no web framework, no queue. ``service`` builds on it, never the reverse.
 """
 
+from attribution.decode import MAX_ASPECT_RATIO, decode_image, image_size
 from attribution.errors import (
     AttributionError,
     CaptionError,
@@ -18,16 +19,8 @@ from attribution.errors import (
     UnsupportedModel,
 )
 from attribution.explainer import Completeness, Explainer, PairResult
-from attribution.images import (
-    MAX_ASPECT_RATIO,
-    ImageGeometry,
-    ModelInput,
-    decode_image,
-    image_size,
-    prepare_image,
-    preprocess,
-    transform_geometry,
-)
+from attribution.geometry import ImageGeometry, transform_geometry
+from attribution.images import ModelInput, prepare_image, preprocess
 from attribution.models import TINY_MODEL, LoadedModel, load_model
 from attribution.pipeline import ExplainRequest, Explanation, explain_requests
 from attribution.selections import (

@@ -44,6 +44,9 @@ PRECISIONS: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+# What a caller who names no steps or precision gets: the library's, the service's and the evaluation's.
+DEFAULT_STEPS = 10
+DEFAULT_PRECISION = "float32"
 
 # A reverse pass (per cotangent) against a forward tangent pass through the same dense blocks.
 REVERSE_PASS_COST = 1.0
@@ -199,8 +202,8 @@ class Explainer:
         tokenizer: Tokenizer,
         text_layer: int | None = None,
         image_layer: int | None = None,
-        steps: int = 10,
-        precision: str = "float32",
+        steps: int = DEFAULT_STEPS,
+        precision: str = DEFAULT_PRECISION,
         scale_cos: bool = False,
         max_tangents: int | None = None,
         *,

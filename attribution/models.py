@@ -85,7 +85,7 @@ class LoadedModel:
     pretrained: str | None
     device: torch.device
     image_size: tuple[int, int]  # (h, w) model-input pixels
-    patch_size: tuple[int, int]  # (h, w) model-input pixels
+    patch_size: tuple[int, int]  # (w, h) model-input pixels, as every patch size (ImageGeometry's too)
     grid: tuple[int, int]  # (rows, cols)
     context_length: int
     text_layers: int
@@ -257,7 +257,7 @@ def load_model(
         pretrained=tag,
         device=dev,
         image_size=tuple(visual.image_size),
-        patch_size=tuple(visual.patch_size),
+        patch_size=(visual.patch_size[1], visual.patch_size[0]),  # open_clip's is (h, w)
         grid=tuple(visual.grid_size),
         context_length=int(model.context_length),
         text_layers=text_layers,

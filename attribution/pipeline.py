@@ -10,26 +10,33 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from attribution.explainer import Completeness, Explainer, Integration, PairResult
-from attribution.images import MAX_ASPECT_RATIO, ImageGeometry, ModelInput, preprocess
+from attribution.decode import MAX_ASPECT_RATIO
+from attribution.explainer import (
+    DEFAULT_PRECISION,
+    DEFAULT_STEPS,
+    Completeness,
+    Explainer,
+    Integration,
+    PairResult,
+)
+from attribution.geometry import ImageGeometry
+from attribution.images import ModelInput, preprocess
 from attribution.memory import DEFAULT_MEMORY_FRACTION
 from attribution.models import LoadedModel
 from attribution.quadrature import DEFAULT_RULE
 from attribution.selections import (
-    SELECTION_KINDS,
     Box,
     Selection,
-    Span,
-    TokenRange,
     box_token_scores,
     check_selection,
     selected_tokens,
+    selection_from_dict,
     span_heatmap,
 )
 from attribution.text import MAX_CAPTION_CHARS, Token, tokenize_caption
@@ -63,31 +70,20 @@ class SelectionResult:
     tokens: list[int] | None = None  # token indices a span or token range selects
 
     def to_dict(self) -> dict[str, Any]:
-        sel = self.selection
-        if isinstance(sel, Box):
+        """The selection's own JSON (``Span.to_dict`` ...) with its box's token scores, or the tokens a
+        span or token range selects and its heatmap."""
+        if isinstance(self.selection, Box):
             assert self.token_scores is not None  # a box's result always carries token scores
-            return {
-                "kind": "box",
-                "box": [sel.x0, sel.y0, sel.x1, sel.y1],
-                "token_scores": self.token_scores.tolist(),
-            }
-        kind = "span" if isinstance(sel, Span) else "tokens"
+            return {**self.selection.to_dict(), "token_scores": self.token_scores.tolist()}
         assert self.heatmap is not None  # a span's or token range's result always carries a heatmap
-        return {
-            "kind": kind,
-            "start": sel.start,
-            "end": sel.end,
-            "tokens": self.tokens,
-            "heatmap": self.heatmap.tolist(),
-        }
+        return {**self.selection.to_dict(), "tokens": self.tokens, "heatmap": self.heatmap.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SelectionResult:
         """The inverse of ``to_dict``."""
-        if d["kind"] == "box":
-            return cls(Box(*d["box"]), token_scores=torch.tensor(d["token_scores"], dtype=torch.float32))
-        range_kind = cast("type[Span] | type[TokenRange]", SELECTION_KINDS[d["kind"]])  # not "box" here
-        selection = range_kind(d["start"], d["end"])
+        selection = selection_from_dict(d)
+        if isinstance(selection, Box):
+            return cls(selection, token_scores=torch.tensor(d["token_scores"], dtype=torch.float32))
         heatmap = torch.tensor(d["heatmap"], dtype=torch.float32)
         return cls(selection, heatmap=heatmap, tokens=d.get("tokens"))
 
@@ -120,7 +116,7 @@ class Explanation:
             "options": dict(self.options),
             "tokens": [t.to_dict() for t in self.tokens],
             "image": {k: v for k, v in geometry.items() if k != "grid"},  # the grid has its own key
-            "grid": {"rows": self.geometry.grid[0], "cols": self.geometry.grid[1]},
+            "grid": geometry["grid"],
             "interactions": encode_matrix(self.result.interactions, matrix_format),
             "cls": self.result.cls.tolist(),
             "score": self.result.score,
@@ -132,7 +128,6 @@ class Explanation:
     def from_dict(cls, d: dict[str, Any]) -> Explanation:
         """The inverse of ``to_dict`` (either matrix format). Keys it does not define, such as the
         service's ``timings``, are ignored. Tokens come back without vocabulary ids (``id`` None)."""
-        grid = d["grid"]
         result = PairResult(
             interactions=decode_matrix(d["interactions"]),
             cls=torch.tensor(d["cls"], dtype=torch.float32),
@@ -146,7 +141,7 @@ class Explanation:
             pretrained=d["model"]["pretrained"],
             options=dict(d["options"]),
             tokens=[Token.from_dict(t) for t in d["tokens"]],
-            geometry=ImageGeometry.from_dict({**d["image"], "grid": [grid["rows"], grid["cols"]]}),
+            geometry=ImageGeometry.from_dict({**d["image"], "grid": d["grid"]}),
             result=result,
             selections=[SelectionResult.from_dict(s) for s in d["selections"]],
         )
@@ -204,8 +199,8 @@ def explain_requests(
     *,
     text_layer: int | None = None,
     image_layer: int | None = None,
-    steps: int = 10,
-    precision: str = "float32",
+    steps: int = DEFAULT_STEPS,
+    precision: str = DEFAULT_PRECISION,
     quadrature: str | None = None,
     tolerance: float | None = None,
     max_caption_chars: int = MAX_CAPTION_CHARS,

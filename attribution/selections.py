@@ -10,6 +10,11 @@ here once: ``selected_tokens`` for spans and token ranges, ``check_box`` for box
 - ``TokenRange(start, end)``: token indices [start, end), SOT is 0.
 - ``Box(x0, y0, x1, y1)``: original-image pixels; each patch counts with the fraction of its area the
   box covers (``box_patch_weights``); a box must overlap the region the model sees (``check_box``).
+
+Each also has one JSON form, ``to_dict``/``from_dict`` (``selection_from_dict`` for any of them), named
+by its ``KIND``: ``{"kind": "span" | "tokens", "start", "end"}`` or ``{"kind": "box", "box": [x0, y0, x1,
+y1]}``. The kind names are those of every public form: form fields, JSON bodies, query parameters and
+results (``SELECTION_KINDS``).
 """
 
 from __future__ import annotations
@@ -19,12 +24,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from attribution.errors import InvalidSelection
-from attribution.images import ImageGeometry
+from attribution.geometry import ImageGeometry
 from attribution.text import Token
 
 # The string forms, one definition each (HTTP form fields, heatmap query parameters, CLI flags).
@@ -69,6 +74,7 @@ def _parse_pair(kind: str, text: str, meaning: str) -> tuple[int, int]:
 class Span:
     """Characters [start, end) of the original caption."""
 
+    KIND: ClassVar[str] = "span"
     start: int
     end: int
 
@@ -80,11 +86,20 @@ class Span:
         """``START:END`` (character offsets of the caption, end exclusive)."""
         return cls(*_parse_pair("span", text, "character offsets of the caption"))
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.KIND, "start": self.start, "end": self.end}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Span:
+        """The inverse of ``to_dict``."""
+        return cls(d["start"], d["end"])
+
 
 @dataclass(frozen=True)
 class TokenRange:
     """Token indices [start, end) (SOT is token 0)."""
 
+    KIND: ClassVar[str] = "tokens"
     start: int
     end: int
 
@@ -96,11 +111,20 @@ class TokenRange:
         """``START:END`` (token indices, start token 0, end exclusive)."""
         return cls(*_parse_pair("token range", text, "token indices, the start token is 0"))
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.KIND, "start": self.start, "end": self.end}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TokenRange:
+        """The inverse of ``to_dict``."""
+        return cls(d["start"], d["end"])
+
 
 @dataclass(frozen=True)
 class Box:
     """A rectangle in original-image pixels (after EXIF rotation), x0 < x1, y0 < y1."""
 
+    KIND: ClassVar[str] = "box"
     x0: float
     y0: float
     x1: float
@@ -124,14 +148,29 @@ class Box:
             )
         return cls(*(float(v) for v in match.groups()))
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.KIND, "box": [self.x0, self.y0, self.x1, self.y1]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Box:
+        """The inverse of ``to_dict``."""
+        return cls(*d["box"])
+
 
 Selection = Span | TokenRange | Box
-# Selection kinds by the names results use ("kind" of a selection result).
+# Selection kinds by name: "kind" of a selection's JSON, and the name of its form field, JSON body key
+# and heatmap query parameter.
 SELECTION_KINDS: dict[str, type[Span] | type[TokenRange] | type[Box]] = {
-    "span": Span,
-    "tokens": TokenRange,
-    "box": Box,
+    cls.KIND: cls for cls in (Span, TokenRange, Box)
 }
+
+
+def selection_from_dict(d: dict[str, Any]) -> Selection:
+    """Any selection's ``to_dict()`` -> that selection; ``InvalidSelection`` for an unknown kind."""
+    kind = d.get("kind")
+    if kind not in SELECTION_KINDS:
+        raise InvalidSelection(f"selection kind must be one of {', '.join(SELECTION_KINDS)}, got {kind!r}")
+    return SELECTION_KINDS[kind].from_dict(d)
 
 
 def parse_indexed(kind: str, text: str) -> tuple[int | None, Selection]:

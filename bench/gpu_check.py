@@ -1,6 +1,6 @@
 """The whole accelerator check in one run: engine vs reference, throughput, peak memory, the service.
 
-Written to be run once, unattended, when a GPU is lent for a few minutes (and on CPU in CI, so it
+Written to be run once, unattended, when a GPU is available for a few minutes (and on CPU in CI, so it
 cannot rot). Sections, each a markdown table (and all of it as JSON with ``--json``):
 
 1. **Equivalence**: the engine against the authors' reference (``exclip`` 1.1) on the device, for
@@ -17,9 +17,8 @@ cannot rot). Sections, each a markdown table (and all of it as JSON with ``--jso
     python bench/gpu_check.py --device cuda --json gpu.json      # ViT-B-32 and ViT-B-16, a few minutes
     python bench/gpu_check.py --device cpu --quick               # exclip-tiny, small counts (CI)
 
-``--quick`` uses the tiny test model, N = 3, 8 pairs / 2 × 4 and 32 service requests. On the GPU
-machine the service needs its wheels carried (fastapi, uvicorn, open_clip_torch, …; see
-/work/.library/device/README.md).
+``--quick`` uses the tiny test model, N = 3, 8 pairs / 2 × 4 and 32 service requests. On a GPU
+machine without internet, install the service's packages first (fastapi, uvicorn, open_clip_torch, …).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Peak memory of the API and the worker under the hostile uploads of issue 10.
+"""Peak memory of the API and the worker under hostile uploads and captions.
 
 Starts its own processes on loopback with the shared harness (tests/harness.py): a private
 ``redis-server``, the API (``serve`` with REDIS_URL) and one worker with the tiny model. For each case
@@ -10,7 +10,7 @@ Cases: a 6000x6000 grey PNG (explain, then one or four concurrent ``heatmap.png?
 the default two render slots and with four), a 6324x6324 (40 MP) RGBA PNG and a 6324x6324 RGB JPEG
 (explain, then one legend PNG), a 1x250000 PNG, a 24000x1 PNG, the caption
 ``'&' + 'amp;'*4000 + ' dog'``, and a caption with literal special-token text. Then the uploads whose
-decoders hold more than the decoded frame (``attribution.images.FORMAT_PIXEL_PERCENT``), each at 40 MP
+decoders hold more than the decoded frame (``attribution.decode.FORMAT_PIXEL_PERCENT``), each at 40 MP
 (the general limit) and at the largest square its own limit accepts (explain, then one legend PNG):
 WebP (lossy, lossless, lossy with alpha), AVIF (RGBA 4:4:4, the costliest AVIF Pillow writes), a
 progressive CMYK JPEG, and an RGBA TIFF stored in one strip.
@@ -226,7 +226,7 @@ import numpy as np
 from PIL import Image
 sys.path.insert(0, sys.argv[1])
 import render
-from attribution.images import decode_image
+from attribution.decode import decode_image
 
 def kib(field):
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))

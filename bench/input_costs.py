@@ -11,8 +11,8 @@ child is capped at its address space after imports + ``--cap-gb`` (default 3 GB)
 ``--before DIR`` runs the same cases against another copy of the ``attribution`` package (e.g. an
 older commit exported with ``git archive``), side by side in the same run:
 
-    git archive 6f4c82b attribution | tar -x -C /tmp/exclip-before
-    python bench/input_costs.py --before /tmp/exclip-before
+    mkdir -p ../exclip-before && git archive 6f4c82b attribution | tar -x -C ../exclip-before
+    python bench/input_costs.py --before ../exclip-before
 
 ``--after DIR`` measures another copy instead of this tree (e.g. a snapshot, so that editing the tree
 during a long run does not mix versions).
@@ -89,7 +89,7 @@ def _child(spec: dict) -> dict:
     import torch
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from attribution import images, text
+    from attribution import decode, images, text
     from attribution.errors import AttributionError
     from attribution.models import TINY_MODEL, load_model
 
@@ -112,7 +112,7 @@ def _child(spec: dict) -> dict:
             if fused is not None:
                 tensor = fused(data, loaded, max_pixels=MAX_PIXELS).tensor
             else:
-                tensor, _ = images.preprocess(images.decode_image(data, max_pixels=MAX_PIXELS), loaded)
+                tensor, _ = images.preprocess(decode.decode_image(data, max_pixels=MAX_PIXELS), loaded)
             return f"tensor {tuple(tensor.shape)}"
     else:
         caption = spec["caption"]

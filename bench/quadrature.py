@@ -30,6 +30,7 @@ import time
 import common  # noqa: F401 - puts the repository root on sys.path, for tests.harness
 import torch
 
+from attribution.evaluation.scenes import generate_scenes
 from attribution.explainer import Explainer, PairResult
 from attribution.images import preprocess
 from attribution.models import DEMO_MODEL, DEMO_PRETRAINED, load_model
@@ -43,7 +44,6 @@ from attribution.quadrature import (
     quadrature_rule,
     right_riemann_points,
 )
-from attribution.scenes import generate_scenes
 from tests.harness import random_clip
 
 CAPTION = "a photo of a brown dog with a red ball on the green grass"  # 16 tokens with SOT, EOT

@@ -1,10 +1,10 @@
 """Held-out retrieval accuracy of a CLIP on scenes, through the serving path (load_model, transform).
 
     python scripts/eval_scenes.py                      # the shipped exclip-scenes, 256 held-out scenes
-    python scripts/eval_scenes.py --pretrained /work/train-scenes/best.pt --n 256
+    python scripts/eval_scenes.py --pretrained runs/scenes/best.pt --n 256
 
 The default seed is the training script's held-out seed (scenes it never trained on); the metrics are
-defined in attribution/retrieval.py.
+defined in attribution/evaluation/retrieval.py.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import time
 
 import torch
 
+from attribution.evaluation.retrieval import retrieval_accuracy
+from attribution.evaluation.scenes import HELD_OUT_SEED, generate_scenes
 from attribution.models import SCENES_MODEL, load_model
-from attribution.retrieval import retrieval_accuracy
-from attribution.scenes import generate_scenes
-
-HELD_OUT_SEED = 1_000_003  # = scripts/train_scenes.py HELD_OUT_SEED
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """Convert a train_scenes.py checkpoint into the packaged fp16 weights of ``exclip-scenes``.
 
-    python scripts/export_scenes.py /work/train-scenes/best.pt attribution/weights/exclip-scenes.safetensors
+    python scripts/export_scenes.py runs/scenes/best.pt attribution/weights/exclip-scenes.safetensors
 
 The file is a plain open_clip state_dict in float16 (open_clip's ``load_checkpoint`` reads it), with the
 training step and held-out metrics in the safetensors metadata.

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from attribution.scenes import Scene, iter_scenes
+from attribution.evaluation.scenes import Scene, iter_scenes
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "service" / "web" / "static" / "examples"
 SEED = 2024

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from attribution.explainer import DEFAULT_STEPS
 from attribution.quadrature import (
     DEFAULT_NESTED_RULE,
     DEFAULT_RULE,
@@ -29,7 +30,7 @@ class ModelInfo(BaseModel):
     name: str
     pretrained: str | None
     image_size: list[int]
-    patch_size: list[int]
+    patch_size: list[int]  # (w, h), as LoadedModel.patch_size
     grid: list[int]
     context_length: int
     text_layers: int
@@ -73,7 +74,7 @@ def option_ranges(info: ModelInfo, settings: Settings) -> dict[str, Any]:
     return {
         "text_layer": {"min": 0, "max": info.text_layers - 1, "default": info.default_layer("text")},
         "image_layer": {"min": 0, "max": info.image_layers - 1, "default": info.default_layer("image")},
-        "steps": {"min": 1, "max": settings.max_steps, "default": 10},
+        "steps": {"min": 1, "max": settings.max_steps, "default": DEFAULT_STEPS},
         "precision": list(PRECISIONS),
         "quadrature": {
             "rules": list(RULES),

@@ -12,14 +12,13 @@ import json
 import logging
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from attribution.errors import AttributionError
 from attribution.quadrature import RULES
-from attribution.selections import Box, Span
+from attribution.selections import Box, Selection, Span
 from service.errors import ConfigError
 from service.settings import Settings
 
@@ -145,46 +144,32 @@ def _syntax(parse: Callable[[str], object]) -> Callable[[str], str]:
 
 def explain(args: argparse.Namespace) -> int:
     """Call a running service, print a summary, write the JSON and the heatmap PNG if asked."""
-    import httpx
+    from service.client import Client, ClientError
 
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    data: dict[str, Any] = {"caption": args.caption, "span": args.span, "box": args.box}
-    if args.steps is not None:
-        data["steps"] = str(args.steps)
-    if args.quadrature is not None:
-        data["quadrature"] = args.quadrature
-    if args.tolerance is not None:
-        data["tolerance"] = str(args.tolerance)
-    if args.model:
-        data["model"] = args.model
-    image = Path(args.image)
-    with httpx.Client(base_url=args.url, headers=headers, timeout=120) as client:
-        reply = client.post("/explain", data=data, files={"image": (image.name, image.read_bytes())})
-        job = reply.json()
-        while reply.status_code in (200, 202) and job.get("status") in ("queued", "running"):
-            time.sleep(float(reply.headers.get("Retry-After", "1")))
-            reply = client.get(f"/jobs/{job['id']}")
-            job = reply.json()
-        if reply.status_code != 200 or job.get("status") != "done":
-            print(f"error ({reply.status_code}): {job.get('detail') or job.get('error')}", file=sys.stderr)
-            return 1
-        caption = job["result"]["captions"][0]
-        _print_summary(caption)
-        if args.json:
-            Path(args.json).write_text(json.dumps(job))
-            print(f"wrote {args.json}")
-        if args.png:
-            params: dict[str, str] = {"caption": "0"}
-            if args.span:
-                params["span"] = args.span[0]
-            elif args.box:
-                params["box"] = args.box[0]
-            png = client.get(f"/jobs/{job['id']}/heatmap.png", params=params)
-            if png.status_code != 200:
-                print(f"heatmap failed ({png.status_code}): {png.text}", file=sys.stderr)
-                return 1
-            Path(args.png).write_bytes(png.content)
-            print(f"wrote {args.png}")
+    selections: list[Selection] = [*map(Span.parse, args.span), *map(Box.parse, args.box)]
+    try:
+        with Client(args.url, api_key=args.api_key, timeout_s=120) as client:
+            job = client.explain(
+                Path(args.image),
+                args.caption,
+                selections=selections,
+                steps=args.steps,
+                model=args.model,
+                quadrature=args.quadrature,
+                tolerance=args.tolerance,
+            )
+            _print_summary(job.raw["result"]["captions"][0])
+            if args.json:
+                Path(args.json).write_text(json.dumps(job.raw))
+                print(f"wrote {args.json}")
+            if args.png:
+                Path(args.png).write_bytes(
+                    client.heatmap(job, selection=selections[0] if selections else None)
+                )
+                print(f"wrote {args.png}")
+    except ClientError as exc:
+        print(f"error ({exc.status or 'no answer'}): {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -249,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["evaluate"]:  # the grounding benchmark has its own command line
-        from attribution.grounding.cli import main as evaluate
+        from attribution.evaluation.grounding.cli import main as evaluate
 
         return evaluate(argv[1:])
     args = build_parser().parse_args(argv)

@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any, TypedDict
 
 from attribution.pipeline import ExplainRequest
-from attribution.selections import Box, Selection, Span, TokenRange
+from attribution.selections import Selection, selection_from_dict
 from service.errors import Fault
 
 
@@ -33,21 +33,6 @@ class JobStatus(str, Enum):
         return self in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
-def selection_to_dict(selection: Selection) -> dict[str, Any]:
-    if isinstance(selection, Box):
-        return {"kind": "box", "box": [selection.x0, selection.y0, selection.x1, selection.y1]}
-    kind = "span" if isinstance(selection, Span) else "tokens"
-    return {"kind": kind, "start": selection.start, "end": selection.end}
-
-
-def selection_from_dict(d: dict[str, Any]) -> Selection:
-    if d["kind"] == "span":
-        return Span(d["start"], d["end"])
-    if d["kind"] == "tokens":
-        return TokenRange(d["start"], d["end"])
-    return Box(*d["box"])
-
-
 class JobResult(TypedDict):
     """A done job's result: per caption, ``Explanation.to_dict()`` (its typed view) plus ``timings``."""
 
@@ -56,6 +41,8 @@ class JobResult(TypedDict):
 
 @dataclass(frozen=True)
 class CaptionRequest:
+    """A caption and its typed selections, as parsed from a form, a JSON body or a Label Studio task."""
+
     text: str
     selections: tuple[Selection, ...] = ()
 
@@ -110,8 +97,7 @@ class JobRequest:
             "tolerance": self.tolerance,
             "format": self.format,
             "captions": [
-                {"text": c.text, "selections": [selection_to_dict(s) for s in c.selections]}
-                for c in self.captions
+                {"text": c.text, "selections": [s.to_dict() for s in c.selections]} for c in self.captions
             ],
         }
 

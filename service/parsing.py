@@ -17,22 +17,17 @@ from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 
 from attribution.errors import InvalidSelection
-from attribution.selections import Box, Span, echo, parse_indexed
+from attribution.selections import Selection, echo, parse_indexed
 from service.errors import RequestInvalid
-from service.schemas import (
-    SELECTION_FIELDS,
-    CaptionIn,
-    ExplainInput,
-    ExplainJSON,
-    ExplainOptions,
-    SelectionIn,
-)
+from service.jobs import CaptionRequest
+from service.schemas import FORM_FIELD_ALIASES, SELECTION_FIELDS, ExplainInput, ExplainJSON, ExplainOptions
 from service.settings import Settings
 
 OPTION_FIELDS = tuple(ExplainOptions.model_fields)
-REPEATABLE = ("caption", *SELECTION_FIELDS)
+# Form field -> the selection kind it gives (its own name, or the one an older spelling stands for).
+FORM_KINDS = {**{kind: kind for kind in SELECTION_FIELDS}, **FORM_FIELD_ALIASES}
+REPEATABLE = ("caption", *FORM_KINDS)
 FORM_FIELDS = ("image", *REPEATABLE, *OPTION_FIELDS)
-FORM_KINDS = {"span": "span", "token_range": "tokens", "box": "box"}  # form field -> selection kind
 
 
 def _pydantic_message(exc: ValidationError) -> str:
@@ -95,21 +90,23 @@ def parse_json(body: bytes) -> ExplainInput:
     except (binascii.Error, ValueError) as exc:
         message = f"image is not valid base64 ({exc}); send the file's bytes base64-encoded"
         raise RequestInvalid(message) from None
-    captions = [CaptionIn(text=c) if isinstance(c, str) else c for c in data.captions]
+    captions = []
+    for i, caption in enumerate(data.captions):
+        try:
+            captions.append(CaptionRequest(caption) if isinstance(caption, str) else caption.to_request())
+        except InvalidSelection as exc:
+            raise RequestInvalid(f"caption {i}: {exc}") from None
     options = ExplainOptions.model_validate(data.model_dump(exclude={"image", "captions"}))
     return ExplainInput(image=image, captions=captions, options=options)
 
 
-def _selection(field: str, value: str) -> tuple[int, SelectionIn]:
+def _selection(field: str, value: str) -> tuple[int, Selection]:
     """A ``[C:]...`` form field -> (caption index, default 0; the selection), with the library's syntax."""
     try:
         caption, selection = parse_indexed(FORM_KINDS[field], value)
     except InvalidSelection as exc:
         raise RequestInvalid(str(exc)) from None
-    if isinstance(selection, Box):
-        return caption or 0, SelectionIn(box=(selection.x0, selection.y0, selection.x1, selection.y1))
-    pair = (selection.start, selection.end)
-    return caption or 0, SelectionIn(span=pair) if isinstance(selection, Span) else SelectionIn(tokens=pair)
+    return caption or 0, selection
 
 
 async def _check_complete(request: Request) -> None:
@@ -145,9 +142,9 @@ async def parse_form(request: Request, *, max_selections: int) -> ExplainInput:
     texts = [str(c) for c in form.getlist("caption")]
     if not texts:
         raise RequestInvalid("missing caption: give at least one form field 'caption' (-F caption='a dog')")
-    selections: list[list[SelectionIn]] = [[] for _ in texts]
+    selections: list[list[Selection]] = [[] for _ in texts]
 
-    for field in SELECTION_FIELDS:
+    for field in FORM_KINDS:
         for value in map(str, form.getlist(field)):
             caption, selection = _selection(field, value)
             if not 0 <= caption < len(texts):
@@ -165,6 +162,6 @@ async def parse_form(request: Request, *, max_selections: int) -> ExplainInput:
         raise RequestInvalid(_pydantic_message(exc)) from None
     return ExplainInput(
         image=image,
-        captions=[CaptionIn(text=t, selections=s) for t, s in zip(texts, selections, strict=True)],
+        captions=[CaptionRequest(t, tuple(s)) for t, s in zip(texts, selections, strict=True)],
         options=options,
     )

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from attribution.explainer import PRECISIONS
+from attribution.explainer import DEFAULT_PRECISION, DEFAULT_STEPS, PRECISIONS
 from attribution.pipeline import MATRIX_FORMATS
 from attribution.quadrature import RULES
+from attribution.selections import Box, Selection, Span, TokenRange
+from service.jobs import CaptionRequest, JobStatus
 
 if TYPE_CHECKING:  # built from the registry at runtime, which mypy cannot follow: plain text to it
     Precision = str
@@ -23,12 +25,15 @@ else:
     Precision = Literal[tuple(PRECISIONS)]
     QuadratureRule = Literal[RULES]
 MatrixFormat = Literal[MATRIX_FORMATS]  # type: ignore[valid-type]
-# Multipart selection fields (repeatable) and their syntax; JSON bodies give them as lists instead.
+# Multipart selection fields (repeatable), named by their selection kind, and their syntax; JSON bodies
+# give them as lists under the same names instead.
 SELECTION_FIELDS = {
-    "span": "START:END or C:START:END (characters of caption C)",
-    "token_range": "START:END or C:START:END (token indices, end exclusive)",
-    "box": "x0,y0,x1,y1 or C:x0,y0,x1,y1 (original-image pixels)",
+    Span.KIND: "START:END or C:START:END (characters of caption C)",
+    TokenRange.KIND: "START:END or C:START:END (token indices, end exclusive)",
+    Box.KIND: "x0,y0,x1,y1 or C:x0,y0,x1,y1 (original-image pixels)",
 }
+# Older spellings of form fields, still accepted: field -> its name in SELECTION_FIELDS.
+FORM_FIELD_ALIASES = {"token_range": TokenRange.KIND}
 
 
 class SelectionIn(BaseModel):
@@ -43,16 +48,29 @@ class SelectionIn(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SelectionIn:
-        given = [k for k in ("span", "tokens", "box") if getattr(self, k) is not None]
+        given = [k for k in SELECTION_FIELDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"a selection needs exactly one of span, tokens, box; got {given or 'none'}")
         return self
+
+    def to_selection(self) -> Selection:
+        """The typed selection (``InvalidSelection`` where the library refuses it, e.g. an empty span)."""
+        if self.box is not None:
+            return Box(*self.box)
+        if self.span is not None:
+            return Span(*self.span)
+        assert self.tokens is not None  # exactly one of span, tokens, box (_exactly_one)
+        return TokenRange(*self.tokens)
 
 
 class CaptionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str
     selections: list[SelectionIn] = Field(default_factory=list)
+
+    def to_request(self) -> CaptionRequest:
+        """The caption with typed selections (``InvalidSelection`` as ``SelectionIn.to_selection``)."""
+        return CaptionRequest(self.text, tuple(s.to_selection() for s in self.selections))
 
 
 class ExplainOptions(BaseModel):
@@ -75,8 +93,8 @@ class ExplainOptions(BaseModel):
         description="image block to explain at (0-based); null: the model's default "
         "(GET /models: options.image_layer.default)",
     )
-    steps: int = Field(10, description="integration steps (1..EXCLIP_MAX_STEPS)")
-    precision: Precision = "float32"
+    steps: int = Field(DEFAULT_STEPS, description="integration steps (1..EXCLIP_MAX_STEPS)")
+    precision: Precision = DEFAULT_PRECISION
     quadrature: QuadratureRule | None = Field(
         None,
         description="integration rule per tower (GET /models: options.quadrature); null: riemann, "
@@ -107,10 +125,11 @@ class ExplainJSON(ExplainOptions):
 
 @dataclass
 class ExplainInput:
-    """A parsed request, whichever content type it came in."""
+    """A parsed request, whichever content type it came in: typed selections, not yet checked against
+    the model or the image (service.validation does that)."""
 
     image: bytes
-    captions: list[CaptionIn]
+    captions: list[CaptionRequest]
     options: ExplainOptions
 
 
@@ -123,7 +142,7 @@ class JobOut(BaseModel):
     """A job; ``result`` is ``{"captions": [CaptionResult, ...]}`` (see docs/contract.md) when done."""
 
     id: str
-    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    status: JobStatus
     created_at: float
     model: str
     result: dict[str, Any] | None

@@ -15,6 +15,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from attribution.memory import DEFAULT_MEMORY_FRACTION
+from attribution.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from attribution.text import MAX_CAPTION_CHARS
 from service.errors import ConfigError
 
@@ -29,22 +30,38 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EXCLIP_", extra="ignore", populate_by_name=True)
 
     # Queue: unset means embedded mode (in-memory queue, worker thread inside `serve`).
-    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "redis_url"))
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+        description="Redis URL; unset: embedded in-memory queue and worker inside `serve`",
+    )
     redis_timeout_s: float = Field(default=5.0, gt=0, description="socket and connect timeout for Redis")
-    key_prefix: str = Field(default="exclip", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    key_prefix: str = Field(
+        default="exclip", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$", description="prefix of every Redis key"
+    )
 
     # Model held by a worker.
-    model: str = "ViT-B-16"
-    pretrained: str | None = "laion2b_s34b_b88k"
-    device: str | None = None  # None: cuda when present, else cpu
-    cache_dir: str | None = None
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description=(
+            "open_clip architecture; with neither this nor the weights named and the default's weights"
+            " neither cached nor reachable, the demo `exclip-scenes` is served"
+        ),
+    )
+    pretrained: str | None = Field(
+        default=DEFAULT_PRETRAINED, description="pretrained tag, checkpoint path, or `none` (random weights)"
+    )
+    device: str | None = Field(
+        default=None, description="`cpu`, `cuda` or `cuda:N`; unset: CUDA when present"
+    )
+    cache_dir: str | None = Field(default=None, description="model download cache (unset: open_clip's)")
 
     # API bind address.
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1", description="API bind address")
+    port: int = Field(default=8000, ge=0, le=65535, description="API port")
 
     # Worker batching and reliability.
-    max_batch: int = Field(default=8, ge=1)
+    max_batch: int = Field(default=8, ge=1, description="jobs one engine call computes at most")
     max_wait_ms: int = Field(
         default=0,
         ge=0,
@@ -52,9 +69,11 @@ class Settings(BaseSettings):
             "wait this long for more jobs after the first; 0: jobs arriving during a batch form the next"
         ),
     )
-    visibility_timeout_s: float = Field(default=120.0, gt=0)
-    max_deliveries: int = Field(default=3, ge=1)
-    job_timeout_s: float = Field(default=300.0, gt=0)
+    visibility_timeout_s: float = Field(
+        default=120.0, gt=0, description="pending jobs idle this long are claimed by another worker"
+    )
+    max_deliveries: int = Field(default=3, ge=1, description="deliveries before a job is marked failed")
+    job_timeout_s: float = Field(default=300.0, gt=0, description="compute limit per job")
     heartbeat_s: float = Field(default=5.0, gt=0, description="heartbeat period; the key lives 3 periods")
     memory_fraction: float = Field(
         default=DEFAULT_MEMORY_FRACTION,
@@ -62,20 +81,32 @@ class Settings(BaseSettings):
         le=1,
         description="share of the device's free memory one engine pass may use (sizes the tangent batches)",
     )
-    worker_name: str = Field(default_factory=_default_worker_name, min_length=1)
+    worker_name: str = Field(
+        default_factory=_default_worker_name,
+        min_length=1,
+        description="consumer name in the group",
+    )
 
     # API limits.
-    wait_max_s: float = Field(default=60.0, ge=0)
-    result_ttl_s: int = Field(default=3600, ge=1)
+    wait_max_s: float = Field(default=60.0, ge=0, description="server bound on a request's `wait`")
+    result_ttl_s: int = Field(default=3600, ge=1, description="expiry of job records, results and images")
     max_stored_bytes: int = Field(
         default=512_000_000, ge=1, description="images and results kept; finished jobs' are evicted above it"
     )
-    max_queue: int = Field(default=1000, ge=1)
-    max_upload_bytes: int = Field(default=20_000_000, ge=1)
-    max_pixels: int = Field(default=40_000_000, ge=1)
-    max_captions: int = Field(default=16, ge=1)
-    max_selections: int = Field(default=64, ge=0)
-    max_steps: int = Field(default=100, ge=1)
+    max_queue: int = Field(default=1000, ge=1, description="queue depth above which new jobs get 429")
+    max_upload_bytes: int = Field(
+        default=20_000_000, ge=1, description="request body limit (413, checked while reading)"
+    )
+    max_pixels: int = Field(
+        default=40_000_000,
+        ge=1,
+        description=(
+            "decoded pixel limit, checked before decoding (WebP, AVIF 25 %, TIFF 40 %, progressive JPEG 50 %)"
+        ),
+    )
+    max_captions: int = Field(default=16, ge=1, description="captions per request")
+    max_selections: int = Field(default=64, ge=0, description="selections per request")
+    max_steps: int = Field(default=100, ge=1, description="interpolation steps a request may ask for")
     max_caption_chars: int = Field(
         default=MAX_CAPTION_CHARS,
         ge=1,
@@ -89,31 +120,51 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(default=120.0, gt=0, description="to send a whole request body")
 
     # Security.
-    api_keys: str | None = None
-    api_keys_file: Path | None = None
+    api_keys: str | None = Field(
+        default=None, description="comma-separated API keys; set: `Authorization: Bearer <key>` required"
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="file with one API key per line (missing, unreadable or keyless: no start)"
+    )
     owner_secret: SecretStr | None = Field(
         default=None,
         description=(
             "HMAC key for the job owner tag; the same on every API replica (unset: random per process)"
         ),
     )
-    cors_origins: str | None = None
+    cors_origins: str | None = Field(
+        default=None, description="comma-separated allowed origins (unset: CORS off)"
+    )
 
     # Label Studio ML backend (/label-studio): where task images may be fetched from, and defaults
     # for the thresholds a backend's extra_params can override (see service.label_studio.protocol).
     label_studio_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("LABEL_STUDIO_URL", "EXCLIP_LABEL_STUDIO_URL", "label_studio_url"),
+        description="the only host Label Studio task images are fetched from (unset: the one `/setup` names)",
     )
     label_studio_api_key: str | None = Field(
         default=None,
         validation_alias=AliasChoices(
             "LABEL_STUDIO_API_KEY", "EXCLIP_LABEL_STUDIO_API_KEY", "label_studio_api_key"
         ),
+        description="token sent to the Label Studio host with image requests",
     )
-    label_studio_mask_level: float = Field(default=0.5, gt=0, le=1)
-    label_studio_min_token_score: float = Field(default=0.5, ge=0, le=1)
-    label_studio_budget_s: float = Field(default=80.0, gt=0, description="under Label Studio's 100 s timeout")
+    label_studio_mask_level: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="a mask keeps patches at least this fraction of the phrase's maximum",
+    )
+    label_studio_min_token_score: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="a box highlights words scoring at least this fraction of the best",
+    )
+    label_studio_budget_s: float = Field(
+        default=80.0, gt=0, description="time one /predict call may take (Label Studio waits 100 s)"
+    )
     label_studio_max_answer_bytes: int = Field(
         default=64_000_000,
         ge=1,

@@ -10,21 +10,21 @@ says what is allowed.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any
 
 from PIL import Image
 
 from attribution import models as _models  # noqa: F401 - registers exclip-tiny with open_clip
+from attribution.decode import image_size as read_image_size
 from attribution.errors import AttributionError, InvalidOption
-from attribution.images import ImageGeometry, transform_geometry
-from attribution.images import image_size as read_image_size
+from attribution.geometry import transform_geometry
 from attribution.quadrature import check_integration
-from attribution.selections import SELECTION_KINDS, Box, Selection, Span, TokenRange, check_selection
+from attribution.selections import check_selection
 from attribution.text import Tokenizer, tokenize_caption
 from service.catalog import ModelInfo, default_model
 from service.errors import RequestInvalid
-from service.jobs import CaptionRequest, Job, JobRequest
-from service.schemas import ExplainInput, SelectionIn
+from service.jobs import Job, JobRequest
+from service.schemas import ExplainInput
 from service.settings import Settings
 
 
@@ -65,19 +65,6 @@ def _transform(image_size: tuple[int, ...]) -> Any:
     import open_clip
 
     return open_clip.image_transform(image_size, is_train=False)
-
-
-def _selection(sel: SelectionIn, tokens: list, geometry: ImageGeometry) -> Selection:
-    """One selection of the request, checked with the library's rules (``check_selection``)."""
-    if sel.box is not None:
-        selection: Selection = Box(*sel.box)
-    else:
-        kind, bounds = ("span", sel.span) if sel.span is not None else ("tokens", sel.tokens)
-        assert bounds is not None  # SelectionIn holds exactly one of span, tokens, box
-        start, end = bounds
-        selection = cast("type[Span] | type[TokenRange]", SELECTION_KINDS[kind])(start, end)
-    check_selection(selection, tokens, geometry)
-    return selection
 
 
 def image_size(data: bytes, settings: Settings) -> tuple[int, int]:
@@ -126,7 +113,6 @@ def build_job(
     patch_size = (info.patch_size[0], info.patch_size[1])
     grid = (info.grid[0], info.grid[1])
     geometry = transform_geometry(*size, _transform(tuple(info.image_size)), patch_size, grid)
-    captions = []
     for i, caption in enumerate(inp.captions):
         try:
             _, tokens = tokenize_caption(
@@ -135,10 +121,10 @@ def build_job(
                 context_length=info.context_length,
                 max_chars=settings.max_caption_chars,
             )
-            selections = [_selection(s, tokens, geometry) for s in caption.selections]
+            for selection in caption.selections:
+                check_selection(selection, tokens, geometry)
         except AttributionError as exc:
             raise RequestInvalid(f"caption {i}: {exc}") from None
-        captions.append(CaptionRequest(caption.text, tuple(selections)))
 
     request = JobRequest(
         model=name,
@@ -149,6 +135,6 @@ def build_job(
         quadrature=opts.quadrature,
         tolerance=opts.tolerance,
         format=opts.format,
-        captions=tuple(captions),
+        captions=tuple(inp.captions),
     )
     return Job(request=request, owner=owner)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from attribution.errors import AttributionError
+from attribution.explainer import DEFAULT_STEPS
 from attribution.images import prepare_image
 from attribution.models import LoadedModel
 from attribution.pipeline import ExplainRequest, explain_requests
@@ -40,13 +41,10 @@ from service import metrics
 from service.errors import QUEUE_DOWN, Fault, JobTimeout
 from service.jobs import Job, JobResult, JobStatus
 from service.queue import Delivery, JobQueue
-from service.schemas import ExplainOptions
 from service.settings import Settings
 from service.timeouts import call_with_deadline
 
 log = logging.getLogger("exclip.worker")
-
-DEFAULT_STEPS: int = ExplainOptions.model_fields["steps"].default
 
 
 @dataclass

@@ -273,18 +273,18 @@ def wait_until_ready(client: Any, timeout_s: float = 60) -> None:
 
 
 def spy_conversions(monkeypatch: Any) -> list[tuple[int, int]]:
-    """From now on, the (width, height) of every image ``attribution.images`` converts to RGB or grey
+    """From now on, the (width, height) of every image ``attribution.decode`` converts to RGB or grey
     (``_to_rgb_or_grey``): a band-wise conversion shows as many bands, a whole one as the full size."""
-    from attribution import images
+    from attribution import decode
 
     sizes: list[tuple[int, int]] = []
-    convert = images._to_rgb_or_grey
+    convert = decode._to_rgb_or_grey
 
     def spy(image: Any, *args: Any) -> Any:
         sizes.append(image.size)
         return convert(image, *args)
 
-    monkeypatch.setattr(images, "_to_rgb_or_grey", spy)
+    monkeypatch.setattr(decode, "_to_rgb_or_grey", spy)
     return sizes
 
 

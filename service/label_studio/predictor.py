@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from attribution.errors import InvalidSelection
+from attribution.selections import Box, Selection, Span
 from service.catalog import ModelInfo, default_model, served_models
 from service.errors import QueueFull, RequestInvalid
-from service.jobs import Job, JobStatus
+from service.jobs import CaptionRequest, Job, JobStatus
 from service.label_studio import results
 from service.label_studio.config import LabelConfig, parse_label_config
 from service.label_studio.errors import ImageRefused, LabelConfigInvalid, TaskInvalid
@@ -36,7 +38,7 @@ from service.label_studio.fetch import ImageFetcher
 from service.label_studio.projects import ProjectSetup
 from service.label_studio.protocol import PredictIn, Thresholds
 from service.queue import JobQueue
-from service.schemas import CaptionIn, ExplainInput, ExplainOptions, SelectionIn
+from service.schemas import ExplainInput, ExplainOptions
 from service.settings import Settings
 from service.validation import build_job, image_size
 
@@ -335,17 +337,17 @@ class Predictor:
             if work.box_pct is not None:
                 x, y, w, h = work.box_pct
                 box = (x * width / 100, y * height / 100, (x + w) * width / 100, (y + h) * height / 100)
-                selections = [SelectionIn(box=box)]
+                selections: tuple[Selection, ...] = (Box(*box),)
             else:
-                selections = [SelectionIn(span=span) for span in work.spans]
-            caption = CaptionIn(text=work.caption, selections=selections)
+                selections = tuple(Span(*span) for span in work.spans)
+            caption = CaptionRequest(work.caption, selections)
             inp = ExplainInput(image=work.image, captions=[caption], options=ExplainOptions(model=name))
             size = (width, height)
             work.job = await run_in_threadpool(build_job, inp, served, self.settings, size, self.owner)
         except RequestInvalid as exc:
             work.error = f"task {work.task_id}: {exc}"
-        except ValueError as exc:  # a SelectionIn the model validator refused (e.g. a box with NaN)
-            work.error = f"task {work.task_id}: {exc}"
+        except InvalidSelection as exc:  # a selection the library refused (e.g. a box with NaN)
+            work.error = f"task {work.task_id}: caption 0: {exc}"  # as build_job words its refusals
 
     async def _run_chunks(
         self,

@@ -14,7 +14,7 @@ box origin, clamped at the border patches (``align_corners=False``); pixels outs
 no overlay.
 
 Memory: a PNG is at most ``MAX_SIDE`` px a side, and ``render_png`` takes the upload there without a
-full-size copy of it (``attribution.images.decode_scaled``: a JPEG is decoded at a reduced scale, any
+full-size copy of it (``attribution.decode.decode_scaled``: a JPEG is decoded at a reduced scale, any
 mode but RGB and greyscale converted a band of rows at a time, EXIF orientation applied to the small
 result). So a render holds the decoded upload plus a few MB, whatever its mode.
 """
@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from attribution.images import decode_scaled, fit_size, scaled_rgb_or_grey
+from attribution.decode import decode_scaled, fit_size, scaled_rgb_or_grey
 
 # Diverging blue-white-red ("coolwarm" end points): negative blue, zero white, positive red.
 COLORMAP_STOPS: tuple[tuple[float, tuple[int, int, int]], ...] = (
@@ -146,7 +146,7 @@ def render_png(
     max_pixels: int = 64_000_000,
 ) -> bytes:
     """``render_overlay`` of encoded image bytes, as PNG bytes, without a full-size copy of the image
-    (``attribution.images.decode_scaled``); ``crop_box`` and ``box`` are in pixels of the upright
+    (``attribution.decode.decode_scaled``); ``crop_box`` and ``box`` are in pixels of the upright
     original."""
     image, size = decode_scaled(data, max_side, max_pixels=max_pixels)
     out = io.BytesIO()

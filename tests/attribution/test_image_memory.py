@@ -1,7 +1,7 @@
-"""Peak memory of decoding the costliest upload that each format's own pixel limit accepts (issue F3).
+"""Peak memory of decoding the costliest upload that each format's own pixel limit accepts.
 
 WebP, AVIF, TIFF and progressive JPEG decoders hold more than the decoded image (see
-``attribution.images.FORMAT_PIXEL_PERCENT``), so those uploads have lower pixel limits. Here the
+``attribution.decode.FORMAT_PIXEL_PERCENT``), so those uploads have lower pixel limits. Here the
 costliest variant of each, at the largest square its limit accepts under the service's default
 ``max_pixels``, is prepared for a 224 px model and pictured at 2048 px in a fresh process; the peak
 RSS (the kernel's ``VmHWM``) must stay under what the costliest other upload at ``max_pixels``
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from attribution import images
+from attribution import decode
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_PIXELS = 40_000_000  # the service's default EXCLIP_MAX_PIXELS
@@ -52,7 +52,7 @@ PROBE = textwrap.dedent(
     from pathlib import Path
     from types import SimpleNamespace
     import open_clip
-    from attribution import images
+    from attribution import decode, images
 
     def kib(field):
         lines = Path("/proc/self/status").read_text().splitlines()
@@ -67,7 +67,7 @@ PROBE = textwrap.dedent(
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         start = kib("VmRSS")
         images.prepare_image(upload, loaded, max_pixels=max_pixels)
-        images.decode_scaled(upload, 2048, max_pixels=max_pixels)
+        decode.decode_scaled(upload, 2048, max_pixels=max_pixels)
     print((kib("VmHWM") - start) / 1024)
     """
 )
@@ -107,7 +107,7 @@ def one_strip_rgba16_tiff(side: int) -> bytes:
 
 
 def _side(kind: str) -> int:
-    return math.isqrt(images.pixel_limit(kind, MAX_PIXELS))
+    return math.isqrt(decode.pixel_limit(kind, MAX_PIXELS))
 
 
 COSTLIEST = {  # kind -> (upload at the largest square its limit accepts, a small one to warm up)
@@ -122,9 +122,9 @@ COSTLIEST = {  # kind -> (upload at the largest square its limit accepts, a smal
         _encode(Image.new("RGBA", (64, 64), (0, 0, 0, 128)), "AVIF", subsampling="4:4:4"),
     ),
     "TIFF": lambda: (one_strip_rgba16_tiff(_side("TIFF")), one_strip_rgba16_tiff(64)),
-    images.PROGRESSIVE_JPEG: lambda: tuple(
+    decode.PROGRESSIVE_JPEG: lambda: tuple(
         _encode(Image.new("CMYK", (side, side)), "JPEG", progressive=True, quality=90)
-        for side in (_side(images.PROGRESSIVE_JPEG), 64)
+        for side in (_side(decode.PROGRESSIVE_JPEG), 64)
     ),
 }
 
@@ -133,11 +133,11 @@ COSTLIEST = {  # kind -> (upload at the largest square its limit accepts, a smal
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's clear_refs")
 @pytest.mark.parametrize("kind", list(COSTLIEST))
 def test_the_costliest_accepted_upload_of_each_costly_format_stays_in_the_budget(kind, tmp_path):
-    if kind not in (images.PROGRESSIVE_JPEG, *images.FORMATS):
+    if kind not in (decode.PROGRESSIVE_JPEG, *decode.FORMATS):
         pytest.skip(f"this Pillow reads no {kind}")
     data, warm_up = COSTLIEST[kind]()
-    width, height = images.image_size(data, max_pixels=MAX_PIXELS)
-    assert width == height == _side(kind) and width * height <= images.pixel_limit(kind, MAX_PIXELS)
+    width, height = decode.image_size(data, max_pixels=MAX_PIXELS)
+    assert width == height == _side(kind) and width * height <= decode.pixel_limit(kind, MAX_PIXELS)
     (tmp_path / "upload").write_bytes(data)
     (tmp_path / "warm_up").write_bytes(warm_up)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")

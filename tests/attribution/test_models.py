@@ -21,6 +21,8 @@ from torchvision.transforms import Resize
 
 from attribution import models
 from attribution.errors import InvalidOption, ModelNotAvailable, UnknownModel, UnsupportedModel
+from attribution.evaluation.retrieval import retrieval_accuracy, scene_pixels
+from attribution.evaluation.scenes import generate_scenes
 from attribution.models import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -34,8 +36,6 @@ from attribution.models import (
     load_model_or_demo,
     weights_unavailable_reason,
 )
-from attribution.retrieval import retrieval_accuracy, scene_pixels
-from attribution.scenes import generate_scenes
 
 REPO = Path(__file__).resolve().parents[2]
 # The shipped exclip-scenes (fine-tuned 2026-11-29) on 128 held-out scenes (seed 4242) measured i2t

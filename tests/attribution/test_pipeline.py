@@ -20,7 +20,8 @@ from attribution.errors import (
     InvalidSelection,
     SpecialTokenText,
 )
-from attribution.images import ImageGeometry, prepare_image
+from attribution.geometry import ImageGeometry
+from attribution.images import prepare_image
 from attribution.pipeline import ExplainRequest, Explanation, SelectionResult, explain_requests
 from attribution.selections import Box, Span, TokenRange
 from attribution.text import Token

@@ -22,6 +22,7 @@ from attribution.selections import (
     check_selection,
     parse_indexed,
     selected_tokens,
+    selection_from_dict,
     span_heatmap,
 )
 from attribution.text import tokenize_caption
@@ -296,3 +297,31 @@ def test_parsing_any_text_gives_a_selection_or_a_short_invalid_selection(kind, t
                 assert repr(text)[1:-1] not in message
             continue
         assert isinstance(selection, SELECTION_KINDS[kind])
+
+
+@pytest.mark.parametrize(
+    ("selection", "json_form"),
+    [
+        (Span(2, 5), {"kind": "span", "start": 2, "end": 5}),
+        (TokenRange(1, 3), {"kind": "tokens", "start": 1, "end": 3}),
+        (Box(0.5, 1, 20, 10.25), {"kind": "box", "box": [0.5, 1, 20, 10.25]}),
+    ],
+)
+def test_each_selection_has_one_json_form_named_by_its_kind(selection, json_form):
+    assert selection.to_dict() == json_form
+    assert type(selection).from_dict(json_form) == selection == selection_from_dict(json_form)
+    assert SELECTION_KINDS[json_form["kind"]] is type(selection)
+    assert type(selection).parse(text_form(selection)) == selection  # the string form: the same value
+
+
+def text_form(selection) -> str:
+    if isinstance(selection, Box):
+        return ",".join(str(v) for v in (selection.x0, selection.y0, selection.x1, selection.y1))
+    return f"{selection.start}:{selection.end}"
+
+
+def test_a_selection_of_an_unknown_kind_is_refused():
+    with pytest.raises(InvalidSelection, match="kind must be one of span, tokens, box, got 'token_range'"):
+        selection_from_dict({"kind": "token_range", "start": 1, "end": 2})
+    with pytest.raises(InvalidSelection, match="empty or negative"):  # and the kind's own checks apply
+        selection_from_dict({"kind": "span", "start": 3, "end": 3})

@@ -243,7 +243,7 @@ def test_special_token_text_in_another_case_is_plain_text_for_a_case_keeping_tok
 
 
 def test_character_limit_comes_before_any_cleaning(tiny_model):
-    hostile = "&" + "amp;" * 4000 + " dog"  # 16 KB whose cleaning takes seconds (issue 10)
+    hostile = "&" + "amp;" * 4000 + " dog"  # 16 KB whose cleaning took seconds before the length limit
     with pytest.raises(CaptionTooManyCharacters) as e:
         tokenize_caption(hostile, tiny_model)
     assert (e.value.n_chars, e.value.limit) == (16005, MAX_CAPTION_CHARS)

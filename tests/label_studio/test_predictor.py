@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from attribution.selections import Box
 from service.label_studio import predictor as predictor_module
 from service.label_studio.config import parse_label_config
 from service.label_studio.predictor import Predictor, _Work, parse_context
@@ -45,5 +46,5 @@ def test_interactive_box_is_converted_to_pixels_of_the_image(
     ((inp, size),) = built
     assert size == (96, 64)
     ((selection,),) = [c.selections for c in inp.captions]
-    assert (selection.span, selection.tokens) == (None, None)
-    assert selection.box == pytest.approx(pixels)
+    assert isinstance(selection, Box)  # not a span or a token range
+    assert (selection.x0, selection.y0, selection.x1, selection.y1) == pytest.approx(pixels)

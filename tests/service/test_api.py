@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from attribution.images import decode_image
+from attribution.decode import decode_image
 from attribution.pipeline import ExplainRequest, decode_matrix, explain_requests
 from attribution.selections import Box, Span, TokenRange
 from tests.harness import distinct_captions
@@ -91,7 +91,8 @@ def test_json_request_with_several_captions_and_selections_equals_the_engine(sta
     assert_close(got, want)
 
 
-def test_multipart_selections_with_caption_index(stack, tiny_loaded):
+@pytest.mark.parametrize("token_field", ["tokens", "token_range"])  # the kind's name; its older spelling
+def test_multipart_selections_with_caption_index(stack, tiny_loaded, token_field):
     image = png_bytes(50, 50, seed=3)
     with stack.client() as c:
         r = c.post(
@@ -100,7 +101,7 @@ def test_multipart_selections_with_caption_index(stack, tiny_loaded):
             data={
                 "caption": ["a dog", "a small cat"],
                 "span": ["1:2:7"],
-                "token_range": ["0:1:2"],
+                token_field: ["0:1:2"],
                 "box": ["1:0,0,25,25"],
                 "steps": "2",
             },

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attribution import images
-from attribution.images import decode_image
+from attribution import decode
+from attribution.decode import decode_image
 from service.routers import heatmap
 from service.web.render import render_overlay, render_png
 from tests.harness import spy_conversions
@@ -184,7 +184,7 @@ def test_render_png_is_the_decoded_image_rendered_small(name, legend, monkeypatc
     """``render_png`` of the bytes draws ``render_overlay(decode_image(bytes))``'s picture: the same size,
     orientation, alpha on white and overlay, up to the order of resampling (a JPEG is also decoded at a
     reduced scale). Bands of a few rows, so the band seams are checked too."""
-    monkeypatch.setattr(images, "BAND_PIXELS", 7 * W)  # a few rows per band
+    monkeypatch.setattr(decode, "BAND_PIXELS", 7 * W)  # a few rows per band
     data = UPLOADS[name]()
     decoded = decode_image(data)
     w, h = decoded.size
@@ -204,9 +204,9 @@ def test_render_png_is_the_decoded_image_rendered_small(name, legend, monkeypatc
 
 
 def test_the_heatmap_route_renders_an_rgba_upload_band_by_band(tiny_loaded, monkeypatch):
-    """GET heatmap.png of a job with an RGBA upload goes through ``attribution.images.decode_scaled``:
+    """GET heatmap.png of a job with an RGBA upload goes through ``attribution.decode.decode_scaled``:
     the upload is converted a band at a time, never whole, and the PNG has the ``max_side`` size."""
-    monkeypatch.setattr(images, "BAND_PIXELS", 1 << 16)
+    monkeypatch.setattr(decode, "BAND_PIXELS", 1 << 16)
     width, height = 1200, 900
     upload = _encode(Image.fromarray(np.dstack([_scene(width, height), _alpha(width, height)]), "RGBA"))
     with embedded_in_process(tiny_loaded) as client:

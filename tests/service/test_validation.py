@@ -31,13 +31,13 @@ def served(tiny_loaded) -> dict[str, ModelInfo]:
     return {MODEL: ModelInfo.model_validate(tiny_loaded.describe())}
 
 
-def request(*captions: str | CaptionIn, **options) -> ExplainInput:
-    items = [c if isinstance(c, CaptionIn) else CaptionIn(text=c) for c in captions or ("a dog",)]
+def request(*captions: str | CaptionRequest, **options) -> ExplainInput:
+    items = [c if isinstance(c, CaptionRequest) else CaptionRequest(c) for c in captions or ("a dog",)]
     return ExplainInput(image=b"", captions=items, options=ExplainOptions(**options))
 
 
-def caption(text: str, *selections: dict) -> CaptionIn:
-    return CaptionIn(text=text, selections=[SelectionIn(**s) for s in selections])
+def caption(text: str, *selections: dict) -> CaptionRequest:
+    return CaptionIn(text=text, selections=[SelectionIn(**s) for s in selections]).to_request()
 
 
 def refusal(served: dict[str, ModelInfo], inp: ExplainInput, limits: Settings = LIMITS) -> str:
@@ -104,7 +104,7 @@ def test_an_unknown_model_is_refused_naming_the_served_ones(served):
 
 @pytest.mark.parametrize("n", [0, 1, 3, 4])
 def test_caption_count_limit(served, n):
-    inp = ExplainInput(image=b"", captions=[CaptionIn(text="a dog")] * n, options=ExplainOptions())
+    inp = ExplainInput(image=b"", captions=[CaptionRequest("a dog")] * n, options=ExplainOptions())
     if 1 <= n <= LIMITS.max_captions:
         assert len(build_job(inp, served, LIMITS, SIZE, None).request.captions) == n
     else:

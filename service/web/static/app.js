@@ -154,7 +154,7 @@ class ApiError extends Error {
 
 const FIELD_BY_NAME = {
   image: "image", caption: "captions", captions: "captions", model: "model", steps: "steps",
-  span: "captions", token_range: "captions", box: "box",
+  span: "captions", tokens: "captions", token_range: "captions", box: "box",
 };
 
 // Which form field an error message concerns (FastAPI "loc" when given, else words in the message).

@@ -1,0 +1,5 @@
+import sys
+
+from attribution.evaluation.grounding.cli import main
+
+sys.exit(main())

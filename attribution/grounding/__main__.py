@@ -1,5 +1,0 @@
-import sys
-
-from attribution.grounding.cli import main
-
-sys.exit(main())

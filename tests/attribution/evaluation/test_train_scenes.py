@@ -1,0 +1,135 @@
+"""scripts/train_scenes.py and attribution.evaluation.scenes_training: deterministic batches, no false
+negatives, a run that checkpoints and resumes."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from attribution.evaluation.scenes import describes, generate_scenes
+from attribution.evaluation.scenes_training import also_true_mask, objects_mix, training_batch
+from scripts.train_scenes import lr_at, main
+
+
+def test_training_batches_are_fixed_by_seed_and_step():
+    mix = objects_mix(0, 100)
+    a, b = training_batch(0, 5, 16, mix, 64), training_batch(0, 5, 16, mix, 64)
+    assert [s.caption for s in a] == [s.caption for s in b]
+    assert [s.caption for s in a] != [s.caption for s in training_batch(0, 6, 16, mix, 64)]
+    assert [s.caption for s in a] != [s.caption for s in training_batch(1, 5, 16, mix, 64)]
+    late = training_batch(0, 1000, 400, objects_mix(1000, 100), 64)
+    counts = np.bincount([len(s.objects) for s in late], minlength=4)[1:] / 400
+    assert np.allclose(counts, objects_mix(1000, 100), atol=0.08)
+
+
+def test_also_true_captions_are_masked_and_nothing_else():
+    scenes = generate_scenes(40, 9)
+    texts = [s.caption for s in scenes]
+    mask = also_true_mask(scenes, texts)
+    assert not mask.diagonal().any()
+    expected = torch.tensor([[describes(t, s) for t in texts] for s in scenes])
+    expected.fill_diagonal_(False)
+    assert torch.equal(mask, expected)
+    # A scene of a lone red circle and another's "there is a red circle" would be a false negative.
+    assert mask.any()
+
+
+def test_learning_rate_warms_up_holds_and_decays():
+    class Args:
+        lr, min_lr, warmup, steps, decay_steps = 1e-3, 1e-5, 10, 100, 20
+
+    lrs = [lr_at(s, Args) for s in range(101)]
+    assert lrs[0] < lrs[9] == 1e-3 == lrs[79]
+    assert lrs[80] > lrs[90] > lrs[100] and abs(lrs[100] - 1e-5) < 1e-12
+
+
+def test_a_short_run_checkpoints_and_resumes(tmp_path):
+    common = [
+        "--out",
+        str(tmp_path),
+        "--batch",
+        "4",
+        "--held-out",
+        "8",
+        "--eval-every",
+        "1",
+        "--ckpt-every",
+        "1",
+        "--warmup",
+        "1",
+        "--decay-steps",
+        "1",
+        "--threads",
+        "1",
+    ]
+    main([*common, "--steps", "2"])
+    rows = list(csv.DictReader(open(tmp_path / "curve.csv")))
+    assert [r["step"] for r in rows] == ["1", "2"]
+    assert all(0 <= float(r["i2t_top1"]) <= 1 and float(r["loss"]) > 0 for r in rows)
+    assert (tmp_path / "best.pt").exists()
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["step"] == 2
+    assert state["metrics"]["i2t_top1"] == float(rows[1]["i2t_top1"])  # what export_scenes.py records
+    main([*common, "--steps", "2", "--resume"])  # nothing left to train: last.pt keeps its metrics
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["metrics"] == state["metrics"]
+    main([*common, "--steps", "3", "--resume"])
+    rows = list(csv.DictReader(open(tmp_path / "curve.csv")))
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert float(rows[2]["wall_s"]) >= float(rows[1]["wall_s"])
+    assert "start_step 2" in (tmp_path / "run.txt").read_text().splitlines()[-1]
+
+
+def test_a_run_starts_from_given_weights(tmp_path):
+    """``--init`` loads an exported model (fp16 safetensors, as shipped); with a zero learning rate the
+    weights the run saves are exactly those, patch dropout (a training-only change) included."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from attribution.models import SCENES_MODEL
+
+    torch.manual_seed(123)
+    weights = {
+        k: v.half() for k, v in open_clip.create_model(SCENES_MODEL, pretrained=None).state_dict().items()
+    }
+    init = tmp_path / "init.safetensors"
+    save_file(weights, str(init))
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--batch", "4", "--held-out", "8", "--eval-every", "1", "--threads", "1"]
+    main([*args, "--steps", "1", "--lr", "0", "--min-lr", "0", "--init", str(init), "--patch-dropout", "0.5"])
+    saved = torch.load(out / "last.pt", weights_only=False)["model"]
+    assert saved.keys() == weights.keys()
+    assert all(torch.equal(saved[k], weights[k].float()) for k in weights)
+    assert float(next(csv.DictReader(open(out / "curve.csv")))["loss"]) > 0
+    # A run's own last.pt (optimiser, arguments) is weights too, loadable without unpickling code.
+    main(
+        [
+            *args[:1],
+            str(tmp_path / "again"),
+            *args[2:],
+            "--steps",
+            "1",
+            "--lr",
+            "0",
+            "--min-lr",
+            "0",
+            "--init",
+            str(out / "last.pt"),
+        ]
+    )
+    again = torch.load(tmp_path / "again" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(again[k], saved[k]) for k in saved)
+    # And a run without --init starts elsewhere (the test above could not pass by accident).
+    main([*args[:1], str(tmp_path / "fresh"), *args[2:], "--steps", "1", "--lr", "0", "--min-lr", "0"])
+    fresh = torch.load(tmp_path / "fresh" / "last.pt", weights_only=False)["model"]
+    assert not torch.equal(fresh["visual.conv1.weight"], weights["visual.conv1.weight"].float())
+
+
+@pytest.mark.parametrize("share", ["1", "1.5", "-0.1", "nan"])
+def test_patch_dropout_outside_its_range_is_a_usage_error(share, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path), "--patch-dropout", share])
+    assert exit_info.value.code == 2  # argparse's usage error, before any model is built
+    assert "--patch-dropout: must be at least 0 and below 1" in capsys.readouterr().err
