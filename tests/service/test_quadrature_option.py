@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from attribution.images import decode_image
+from attribution.decode import decode_image
 from attribution.pipeline import ExplainRequest, explain_requests
 from attribution.quadrature import DEFAULT_RULE, RULES, TOLERANCE_MAX_POINTS, nested_sizes
 from tests.service.conftest import assert_close, b64, png_bytes, strip_timings
