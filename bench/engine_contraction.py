@@ -8,6 +8,7 @@ time mostly measures the others), in image forwards of the same model measured j
 routes must give the same matrix; the largest difference is printed.
 
     OMP_NUM_THREADS=1 nice -n 10 python bench/engine_contraction.py --models ViT-B-32 --layers 6 --steps 10
+    python bench/engine_contraction.py --layers 6 --steps 2 --quadrature gauss-legendre --captions 1
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import common  # noqa: F401 - puts the repository root on sys.path, for tests.ha
 import torch
 
 from attribution.explainer import Explainer
+from attribution.quadrature import RIEMANN, RULES
 from tests.harness import random_clip
 
 CAPTIONS = [
@@ -43,10 +45,14 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", type=int, default=[6])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--captions", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--quadrature", default=RIEMANN, choices=RULES)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    print("| model | layer | N | captions | image tokens | route | CPU s | image forwards | max rel. diff |")
-    print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
+    print(
+        "| model | layer | rule | N | captions | image tokens | route | CPU s | image forwards "
+        "| max rel. diff |"
+    )
+    print("|---|---:|---|---:|---:|---:|---|---:|---:|---:|")
     for name in args.models:
         model, tokenizer, image = random_clip(name)
         model.encode_image(image)
@@ -58,7 +64,15 @@ def main() -> None:
                 images = image.expand(n_captions, -1, -1, -1)
                 results = {}
                 for route, flag in (("own factor", False), ("contraction", True)):
-                    explainer = Explainer(model, tokenizer, layer, layer, args.steps, contraction=flag)
+                    explainer = Explainer(
+                        model,
+                        tokenizer,
+                        layer,
+                        layer,
+                        args.steps,
+                        quadrature=args.quadrature,
+                        contraction=flag,
+                    )
                     explainer.explain(image, ["a dog"])  # warm: references cached
                     out: list = []
                     seconds = cpu_seconds(
@@ -73,7 +87,8 @@ def main() -> None:
                         )
                         diff = f"{diff:.1e}"
                     print(
-                        f"| {name} | {layer} | {args.steps} | {n_captions} | {tokens} | {route} | "
+                        f"| {name} | {layer} | {args.quadrature} | {args.steps} | {n_captions} | {tokens} "
+                        f"| {route} | "
                         f"{seconds:.1f} | {seconds / forward:.0f} | {diff} |"
                     )
         print(f"\n{name}: one image forward {forward * 1000:.0f} ms CPU")
