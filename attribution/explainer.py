@@ -193,7 +193,9 @@ class Explainer:
     (as the reference's ``N`` accepts a tensor), e.g. to reproduce its N + 1 points exactly.
 
     Each distinct image and caption of a call is computed on its own, so a pair's result does not
-    depend on what else is in the batch (bit for bit, on one device and thread count).
+    depend on what else is in the batch (bit for bit, on one device and thread count), with one
+    exception: below the last block, whether an image is contracted through its embedding depends on
+    all its captions' rows, and the two routes agree to rounding (about 1e-6), not bit for bit.
     """
 
     def __init__(
@@ -282,15 +284,17 @@ class Explainer:
         if self.tolerance is not None:
             return [self._refine(text, image, grid, self.tolerance) for text, image in pairs]
         integration = Integration(self.quadrature, len(self.rule))
-        done: dict[tuple[int, int], PairResult] = {}  # a repeated pair is computed once
-        for text, image in pairs:
-            if (id(text), id(image)) not in done:
-                contract = self.contraction
-                if contract is None:  # reduced precision: the factor route, whose error bounds are tested
-                    exact = self.dtype == torch.float32
-                    contract = exact and contracts(image.dense, text.tokens, image.tokens, image.axes)
-                result = self._combine(text, image, grid, self.rule, integration, contract)
-                done[id(text), id(image)] = result
+        distinct = {(id(text), id(image)): (text, image) for text, image in pairs}  # repeats once
+        rows: dict[int, int] = {}  # per image side: the text rows of all its captions
+        for text, image in distinct.values():
+            rows[id(image)] = rows.get(id(image), 0) + text.tokens
+        done: dict[tuple[int, int], PairResult] = {}
+        for key, (text, image) in distinct.items():
+            contract = self.contraction
+            if contract is None:  # reduced precision: the factor route, whose error bounds are tested
+                exact = self.dtype == torch.float32
+                contract = exact and contracts(image.dense, rows[id(image)], image.tokens, image.axes)
+            done[key] = self._combine(text, image, grid, self.rule, integration, contract)
         return [done[id(text), id(image)] for text, image in pairs]
 
     @torch.no_grad()
@@ -496,11 +500,11 @@ class Explainer:
 
 
 def contracts(dense: bool, text_rows: int, image_tokens: int, axes: int) -> bool:
-    """Whether one pair's interactions are cheaper as its text factor contracted through the image
-    embedding (one reverse pass per text row) than from the image's own factor (one forward tangent
-    per image token, or one reverse pass per embedding axis), a reverse pass weighing
-    ``REVERSE_PASS_COST`` forward ones. Decided per pair, so that a pair's result does not depend on
-    the other captions of its image; never at the last block, where a forward tangent costs one row."""
+    """Whether an image's interactions are cheaper as its captions' text factors contracted through
+    the image embedding (one reverse pass per text row of all its captions, ``text_rows``) than from
+    the image's own factor (one forward tangent per image token, or one reverse pass per embedding
+    axis), a reverse pass weighing ``REVERSE_PASS_COST`` forward ones. Never at the last block, where a
+    forward tangent costs one row, not a pass."""
     return dense and REVERSE_PASS_COST * text_rows < min(image_tokens, axes)
 
 

@@ -79,6 +79,7 @@ def test_contraction_equals_the_slow_oracle(tiny, image, name):
 
 def test_contraction_is_chosen_by_the_passes_each_way():
     assert contracts(True, 16, 197, 512)  # ViT-B-16, a 16-token caption: 16 reverse passes, not 197
+    assert not contracts(True, 4 * 16, 50, 512)  # four such captions on one ViT-B-32 image: 50 tangents
     assert not contracts(False, 3, 197, 512)  # the last block: a forward tangent is one row there
     assert not contracts(True, 60, 50, 512)  # a long caption on ViT-B-32: its 50 tangents are fewer
     assert not contracts(True, 40, 197, 32)  # a small embedding: 32 reverse passes by axis
@@ -86,14 +87,18 @@ def test_contraction_is_chosen_by_the_passes_each_way():
     assert contracts(True, int(limit) - 1, 197, 512) and not contracts(True, int(limit) + 1, 197, 512)
 
 
-def test_automatic_choice_does_not_depend_on_the_batch(tiny, image):
-    """Decided per pair: a caption's result is the same bits alone or beside other captions."""
+def test_automatic_choice_counts_all_captions_of_an_image(tiny, image):
+    """Decided per image by its captions' rows together: one short caption is contracted, the same
+    caption beside two long ones on the same image is not; the results agree to rounding."""
     model, tokenizer = tiny
     explainer = Explainer(model, tokenizer, 1, 0, 3)
     together = explainer.explain(image.expand(len(CAPTIONS), -1, -1, -1), CAPTIONS)
-    for caption, result in zip(CAPTIONS, together, strict=True):
-        alone = explainer.explain(image, [caption])[0]
-        assert torch.equal(result.interactions, alone.interactions)
+    factored = Explainer(model, tokenizer, 1, 0, 3, contraction=False).explain(image, CAPTIONS[:1])[0]
+    contracted = Explainer(model, tokenizer, 1, 0, 3, contraction=True).explain(image, CAPTIONS[:1])[0]
+    alone = explainer.explain(image, CAPTIONS[:1])[0]
+    assert torch.equal(alone.interactions, contracted.interactions)  # 3 rows < 17 image tokens
+    assert torch.equal(together[0].interactions, factored.interactions)  # 3 + 8 + 12 rows ≥ 17
+    assert relative_error(together[0].interactions, alone.interactions) <= 1e-5
 
 
 @pytest.mark.parametrize("max_tangents", [20, 100])
