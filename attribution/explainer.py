@@ -14,8 +14,9 @@ module reproduces, the completeness finding and the one deliberate difference (t
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -24,6 +25,16 @@ from torch import Tensor, nn
 
 from attribution.errors import InvalidOption
 from attribution.memory import DEFAULT_MEMORY_FRACTION, tangent_budget, widest_mlp
+from attribution.quadrature import (
+    RIEMANN,
+    TOLERANCE_MAX_POINTS,
+    Rule,
+    check_integration,
+    nested_sizes,
+    point_key,
+    quadrature_rule,
+    right_riemann_points,
+)
 from attribution.tail import Tail, dense_token_vjps, embed, token_jvps
 from attribution.text import Tokenizer, tokenize_caption
 from attribution.towers import ImageTower, TextTower
@@ -36,6 +47,9 @@ PRECISIONS: dict[str, torch.dtype] = {
 # What a caller who names no steps or precision gets: the library's, the service's and the evaluation's.
 DEFAULT_STEPS = 10
 DEFAULT_PRECISION = "float32"
+
+# A reverse pass (per cotangent) against a forward tangent pass through the same dense blocks.
+REVERSE_PASS_COST = 1.0
 
 # Per-model cache of the references' hidden states and embeddings; they depend only on the weights.
 _REFERENCE_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], dict[str, Tensor]]] = (
@@ -66,36 +80,96 @@ class Completeness:
 
 
 @dataclass(frozen=True)
+class Integration:
+    """How the integrated Jacobians were computed: the quadrature ``rule`` and the ``points`` per
+    tower; with a ``tolerance``, the ``error_estimate`` (relative to the largest entry of the matrix:
+    the larger of its last two changes between nested levels, which over-states the error of a
+    converging rule) and ``converged`` (the estimate is below the tolerance; ``False`` when the maximum
+    number of points came first). The last three are ``None`` without a tolerance."""
+
+    rule: str
+    points: int
+    tolerance: float | None = None
+    error_estimate: float | None = None
+    converged: bool | None = None
+
+
+@dataclass(frozen=True)
 class PairResult:
     """The explanation of one (image, caption) pair.
 
     ``interactions``: float32 (tokens SOT…EOT, grid rows, grid cols), on the cosine scale.
     ``cls``: the image class-token column (tokens,). ``score``: cosine similarity of the pair.
+    ``integration``: the rule and points used (``None`` for results read back from older JSON).
     """
 
     interactions: Tensor
     cls: Tensor
     score: float
     completeness: Completeness
+    integration: Integration | None = None
 
 
-@dataclass(frozen=True)
 class _Side:
-    """One tower's factor for one input: ``factor`` (E, S), embeddings in float32."""
+    """One tower's path for one input: its integrand (the per-token derivatives, (S, E) per point),
+    computed for the points a rule asks for and kept, and the embeddings in float32."""
 
-    factor: Tensor
-    embedding: Tensor  # (E,) of the input
-    reference_embedding: Tensor  # (E,)
-    path_start: Tensor  # (E,) the reference's hidden states pooled as the input is
+    def __init__(
+        self,
+        integrand: Callable[[Tensor, Tensor | None], Tensor],
+        embedding: Tensor,
+        reference_embedding: Tensor,
+        path_start: Tensor,
+        dense: bool,
+        tokens: int,
+        axes: int,
+    ) -> None:
+        # points α (float64, (N,)), cotangents (K, E) or None → derivatives (N, S, K or E)
+        self.integrand = integrand
+        self.dense = dense  # the tail has blocks on all rows (not only the pooled one)
+        self.tokens, self.axes = tokens, axes  # S and E: the passes of forward and of reverse mode
+        self.embedding = embedding  # (E,) of the input
+        self.reference_embedding = reference_embedding  # (E,)
+        self.path_start = path_start  # (E,) the reference's hidden states pooled as the input is
+        # Each batch of points as computed, so that a rule asking for exactly one batch averages it
+        # exactly as a single pass would (the reference's sum, bit for bit).
+        self._batches: list[tuple[tuple[float, ...], Tensor]] = []
+        self._rows: dict[float, Tensor] = {}
+
+    def derivatives(self, rule: Rule) -> Tensor:
+        """The integrand at the rule's points, in their order: (N, S, E), computing only new points."""
+        keys = tuple(point_key(float(a)) for a in rule.points)
+        missing = [i for i, k in enumerate(keys) if k not in self._rows]
+        if missing:
+            computed = self.integrand(rule.points[missing], None)
+            self._batches.append((tuple(keys[i] for i in missing), computed))
+            self._rows.update((keys[i], computed[j]) for j, i in enumerate(missing))
+        batch = next((d for k, d in self._batches if k == keys), None)
+        return batch if batch is not None else torch.stack([self._rows[k] for k in keys])
+
+    def factor(self, rule: Rule) -> Tensor:
+        """The integrated derivatives under ``rule``: (E, S) float32."""
+        return _integrate(self.derivatives(rule), rule).T
+
+    def contracted(self, other: Tensor, rule: Rule) -> Tensor:
+        """``other.T @ factor(rule)`` for ``other`` (E, K), by one reverse pass per column of ``other``
+        and point instead of the factor's passes: (K, S) float32. Not kept: it depends on ``other``."""
+        return _integrate(self.integrand(rule.points, other.T), rule).T
+
+
+def _integrate(derivatives: Tensor, rule: Rule) -> Tensor:
+    """The rule's weighted sum over points of derivatives (N, S, K) → (S, K) float32; equal weights
+    average exactly as the reference does."""
+    derivatives = derivatives.float()
+    if rule.weights is None:
+        return derivatives.mean(dim=0)
+    weights = rule.weights.to(device=derivatives.device, dtype=torch.float32)
+    return torch.einsum("n,nsk->sk", weights, derivatives)
 
 
 def interpolation_points(steps: int) -> Tensor:
-    """α ∈ {1, 1 − 1/N, …, 1/N}: the input is included, the reference is not.
-
-    The reference computes these with a float ``arange`` that yields N + 1 points for some N (49, for
-    one); here there are always exactly N.
-    """
-    return 1.0 - torch.arange(steps, dtype=torch.float64) / steps
+    """The authors' right Riemann points (see :func:`attribution.quadrature.right_riemann_points`)."""
+    return right_riemann_points(steps)
 
 
 class Explainer:
@@ -105,11 +179,23 @@ class Explainer:
     tokenizer. ``text_layer``/``image_layer`` choose the block whose input is attributed (``None``,
     the default: each tower's last block), ``steps`` the number N of interpolation points,
     ``precision`` the dtype of the derivative computation (``float32``, ``bfloat16`` or ``float16``).
+    ``quadrature`` picks the rule (:data:`attribution.quadrature.RULES`; default the authors' right
+    Riemann sum, or with a tolerance the default nested rule) and ``steps`` its points per tower.
+    ``tolerance`` (relative to the largest entry of the matrix) replaces ``steps``: a nested rule is
+    refined from 3 points, doubling, until the change from the previous level is below it or
+    :data:`attribution.quadrature.TOLERANCE_MAX_POINTS` is reached; each result says which.
+    ``contraction``: compute each image's interactions as its captions' text factors contracted
+    through the image embedding by reverse mode (``True``), from the image's own factor (``False``),
+    or by whichever needs fewer passes (``None``, the default: in float32 only, as the reduced-precision
+    error bounds are those of the factor route; never with a tolerance, whose text factor changes from
+    level to level).
     ``points``, if given, are explicit interpolation points α in place of :func:`interpolation_points`
     (as the reference's ``N`` accepts a tensor), e.g. to reproduce its N + 1 points exactly.
 
     Each distinct image and caption of a call is computed on its own, so a pair's result does not
-    depend on what else is in the batch (bit for bit, on one device and thread count).
+    depend on what else is in the batch (bit for bit, on one device and thread count), with one
+    exception: below the last block, whether an image is contracted through its embedding depends on
+    all its captions' rows, and the two routes agree to rounding (about 1e-6), not bit for bit.
     """
 
     def __init__(
@@ -125,6 +211,9 @@ class Explainer:
         *,
         memory_fraction: float = DEFAULT_MEMORY_FRACTION,
         points: Sequence[float] | Tensor | None = None,
+        quadrature: str | None = None,
+        tolerance: float | None = None,
+        contraction: bool | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -151,7 +240,18 @@ class Explainer:
         self.max_tangents = max_tangents
         self.memory_fraction = memory_fraction
         self.mlp_width = widest_mlp(model)  # a tangent row's cost, for tangent_budget
-        self.points = interpolation_points(steps) if points is None else _explicit_points(points)
+        if tolerance is not None and points is not None:
+            raise InvalidOption("give either a tolerance or explicit points, not both")
+        self.quadrature = check_integration(quadrature, steps, tolerance)
+        if points is not None and self.quadrature != RIEMANN:
+            raise InvalidOption("explicit points are averaged with equal weights: only with the riemann rule")
+        self.tolerance = None if tolerance is None else float(tolerance)
+        self.contraction = contraction  # None: choose per pair by the passes each way
+        if points is not None:
+            self.rule = Rule(_explicit_points(points), None)
+        else:  # with a tolerance: the first level
+            self.rule = quadrature_rule(self.quadrature, steps if tolerance is None else nested_sizes()[0])
+        self.points = self.rule.points
 
     @property
     def device(self) -> torch.device:
@@ -180,6 +280,49 @@ class Explainer:
         Repeated images or captions are computed once: the image side is shared by all captions of an
         image and the text side by all images of a caption.
         """
+        pairs, grid = self._pairs(images, tokens)
+        if self.tolerance is not None:
+            return [self._refine(text, image, grid, self.tolerance) for text, image in pairs]
+        integration = Integration(self.quadrature, len(self.rule))
+        distinct = {(id(text), id(image)): (text, image) for text, image in pairs}  # repeats once
+        rows: dict[int, int] = {}  # per image side: the text rows of all its captions
+        for text, image in distinct.values():
+            rows[id(image)] = rows.get(id(image), 0) + text.tokens
+        done: dict[tuple[int, int], PairResult] = {}
+        for key, (text, image) in distinct.items():
+            contract = self.contraction
+            if contract is None:  # reduced precision: the factor route, whose error bounds are tested
+                exact = self.dtype == torch.float32
+                contract = exact and contracts(image.dense, rows[id(image)], image.tokens, image.axes)
+            done[key] = self._combine(text, image, grid, self.rule, integration, contract)
+        return [done[id(text), id(image)] for text, image in pairs]
+
+    @torch.no_grad()
+    def explain_rules(
+        self, images: Tensor, tokens: Sequence[Tensor], rules: Sequence[tuple[str, Rule]]
+    ) -> list[list[PairResult]]:
+        """The B pairs under each of several named rules (one list per rule), every point of every
+        side computed once: rules that share points (nested ones, or a rule and its refinement) cost
+        only the points they add. For comparing rules; a single rule is what ``explain_tokens`` does."""
+        pairs, grid = self._pairs(images, tokens)
+        return [
+            [self._combine(text, image, grid, rule, Integration(name, len(rule))) for text, image in pairs]
+            for name, rule in rules
+        ]
+
+    @torch.no_grad()
+    def integrands(self, image: Tensor, tokens: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Each tower's integrand along its path for one pair: the per-token derivatives of the text
+        embedding (N, S, E) and of the image embedding (N, 1 + patches, E) at the points α."""
+        pairs, _ = self._pairs(image.unsqueeze(0), [tokens])
+        text, image_side = pairs[0]
+        rule = Rule(torch.as_tensor(points, dtype=torch.float64), None)
+        return text.derivatives(rule), image_side.derivatives(rule)
+
+    def _pairs(
+        self, images: Tensor, tokens: Sequence[Tensor]
+    ) -> tuple[list[tuple[_Side, _Side]], tuple[int, int]]:
+        """The (text, image) sides of each pair, each distinct input's side made once, and the grid."""
         if images.dim() != 4 or images.shape[0] != len(tokens):
             raise InvalidOption(
                 f"expected images (B, 3, H, W) and B captions, got {tuple(images.shape)} and {len(tokens)}"
@@ -194,9 +337,33 @@ class Explainer:
         image_sides = [self._image_side(images[i], refs, image_tails) for i in unique_images]
         text_sides = [self._text_side(tokens[i], refs, text_tails) for i in unique_texts]
         grid_h, grid_w = self.image.visual.grid_size
-        grid = (int(grid_h), int(grid_w))
-        pairs = zip(text_of, image_of, strict=True)
-        return [self._combine(text_sides[t], image_sides[i], grid) for t, i in pairs]
+        pairs = [(text_sides[t], image_sides[i]) for t, i in zip(text_of, image_of, strict=True)]
+        return pairs, (int(grid_h), int(grid_w))
+
+    def _refine(self, text: _Side, image: _Side, grid: tuple[int, int], tolerance: float) -> PairResult:
+        """Double the nested rule's points until the matrix's last two changes between levels are
+        below ``tolerance`` of its largest entry (one change can be small by accident: the bench
+        showed it under-stating the error at 5 points), or the maximum is reached. Each side keeps its
+        points, so a side shared by several pairs is computed once, level by level, whatever the other
+        pairs need: a pair's result depends on its own inputs only."""
+        previous: Tensor | None = None
+        changes: list[float] = []
+        result: PairResult | None = None
+        for size in nested_sizes(stop=TOLERANCE_MAX_POINTS):
+            rule = quadrature_rule(self.quadrature, size)
+            result = self._combine(text, image, grid, rule, Integration(self.quadrature, size, tolerance))
+            matrix = torch.cat([result.cls.unsqueeze(1), result.interactions.flatten(1)], dim=1)
+            if previous is not None:
+                changes.append(float((matrix - previous).abs().max() / matrix.abs().max().clamp_min(1e-30)))
+            previous = matrix
+            if len(changes) >= 2:
+                estimate = max(changes[-2:])
+                integration = Integration(self.quadrature, size, tolerance, estimate, estimate <= tolerance)
+                result = dataclasses.replace(result, integration=integration)
+                if estimate <= tolerance:
+                    break
+        assert result is not None  # nested_sizes is never empty
+        return result
 
     # ---------------------------------------------------------------------------------- sides
 
@@ -245,39 +412,79 @@ class Explainer:
         ``ref_pool`` are (1,).
         """
         tail, exact = tails
-        _, s, w = hidden.shape
-        dt = self.dtype
+        s = hidden.shape[1]
         delta = hidden[0] - ref_hidden[:s]
-        alphas = self.points.to(device=self.device, dtype=torch.float32)
+
+        def integrand(alphas: Tensor, cotangents: Tensor | None) -> Tensor:
+            return self._derivatives(tail, ref_hidden[:s], delta, pool, alphas, cotangents)
+
+        embedding = embed(exact, hidden, pool)[0]
+        ref_rows = max(s, int(ref_pool) + 1)
+        ref_embedding = embed(exact, ref_hidden[:ref_rows].unsqueeze(0), ref_pool)[0]
+        path_start = embed(exact, ref_hidden[:s].unsqueeze(0), pool)[0]
+        axes = tail.head.projection.shape[1]
+        return _Side(integrand, embedding, ref_embedding, path_start, len(tail.blocks) > 1, s, axes)
+
+    def _derivatives(
+        self,
+        tail: Tail,
+        start: Tensor,
+        delta: Tensor,
+        pool: Tensor,
+        alphas: Tensor,
+        cotangents: Tensor | None,
+    ) -> Tensor:
+        """Per-token derivatives of the embedding at the points ``start + α·delta``: (N, S, E); with
+        ``cotangents`` (K, E), contracted with them by reverse mode: (N, S, K)."""
+        s, w = delta.shape
+        dt = self.dtype
+        alphas = alphas.to(device=self.device, dtype=torch.float32)
         n = len(alphas)
-        points = (ref_hidden[:s] + alphas.view(n, 1, 1) * delta).to(dt)  # (N, S, W)
+        points = (start + alphas.view(n, 1, 1) * delta).to(dt)  # (N, S, W)
         deltas = delta.to(dt).expand(n, s, w)
         pools = pool.expand(n)
         max_tangents = self.max_tangents or tangent_budget(
             self.mlp_width, self.device, dt, self.memory_fraction
         )
+        if cotangents is not None:
+            # The reverse pass keeps every block's activations: bound the rows × blocks it holds.
+            per_pass = max(1, max_tangents // (s * len(tail.blocks)))
+            parts = []
+            for p0 in range(0, n, per_pass):
+                m = min(per_pass, n - p0)
+                chunk = max(1, max_tangents // (m * s))
+                window = slice(p0, p0 + m)
+                parts.append(
+                    dense_token_vjps(tail, points[window], deltas[window], pools[window], chunk, cotangents)
+                )
+            return torch.cat(parts)
         if len(tail.blocks) > 1 and tail.head.projection.shape[1] < s:
             # Fewer embedding axes than tokens: reverse mode needs fewer passes.
             chunk = max(1, max_tangents // (n * s))
-            derivatives = dense_token_vjps(tail, points, deltas, pools, chunk)
-        else:
-            derivatives = token_jvps(tail, points, deltas, pools, max_tangents)
-        factor = derivatives.float().mean(dim=0).T  # (E, S)
-        embedding = embed(exact, hidden, pool)[0]
-        ref_rows = max(s, int(ref_pool) + 1)
-        ref_embedding = embed(exact, ref_hidden[:ref_rows].unsqueeze(0), ref_pool)[0]
-        path_start = embed(exact, ref_hidden[:s].unsqueeze(0), pool)[0]
-        return _Side(factor, embedding, ref_embedding, path_start)
+            return dense_token_vjps(tail, points, deltas, pools, chunk)
+        return token_jvps(tail, points, deltas, pools, max_tangents)
 
     # ------------------------------------------------------------------------------- combine
 
-    def _combine(self, text: _Side, image: _Side, grid: tuple[int, int]) -> PairResult:
+    def _combine(
+        self,
+        text: _Side,
+        image: _Side,
+        grid: tuple[int, int],
+        rule: Rule,
+        integration: Integration,
+        contract: bool = False,
+    ) -> PairResult:
         t_emb, x_emb = text.embedding, image.embedding
         logit_scale = cast(Tensor, self.model.logit_scale)  # an nn.Parameter of open_clip's CLIP
         scale = float(logit_scale.exp()) if self.scale_cos else 1.0
         norm = t_emb.norm() * x_emb.norm() / scale
-        rows = text.factor.shape[1]
-        a = text.factor.T @ image.factor / norm  # (tokens, image tokens)
+        text_factor = text.factor(rule)
+        rows = text_factor.shape[1]
+        if contract:  # A = Tᵀ I with I never formed: one reverse pass per text row and point
+            a = image.contracted(text_factor, rule) / norm
+        else:
+            a = text_factor.T @ image.factor(rule) / norm  # (tokens, image tokens)
         expected = float((t_emb - text.reference_embedding) @ (x_emb - image.reference_embedding) / norm)
         path_expected = float((t_emb - text.path_start) @ (x_emb - image.path_start) / norm)
         total = float(a.sum())
@@ -288,7 +495,17 @@ class Explainer:
             completeness=Completeness(
                 total, expected, total - expected, path_expected, total - path_expected
             ),
+            integration=integration,
         )
+
+
+def contracts(dense: bool, text_rows: int, image_tokens: int, axes: int) -> bool:
+    """Whether an image's interactions are cheaper as its captions' text factors contracted through
+    the image embedding (one reverse pass per text row of all its captions, ``text_rows``) than from
+    the image's own factor (one forward tangent per image token, or one reverse pass per embedding
+    axis), a reverse pass weighing ``REVERSE_PASS_COST`` forward ones. Never at the last block, where a
+    forward tangent costs one row, not a pass."""
+    return dense and REVERSE_PASS_COST * text_rows < min(image_tokens, axes)
 
 
 def _explicit_points(points: Sequence[float] | Tensor) -> Tensor:

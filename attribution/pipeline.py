@@ -17,11 +17,19 @@ import torch
 from PIL import Image
 
 from attribution.decode import MAX_ASPECT_RATIO
-from attribution.explainer import DEFAULT_PRECISION, DEFAULT_STEPS, Completeness, Explainer, PairResult
+from attribution.explainer import (
+    DEFAULT_PRECISION,
+    DEFAULT_STEPS,
+    Completeness,
+    Explainer,
+    Integration,
+    PairResult,
+)
 from attribution.geometry import ImageGeometry
 from attribution.images import ModelInput, preprocess
 from attribution.memory import DEFAULT_MEMORY_FRACTION
 from attribution.models import LoadedModel
+from attribution.quadrature import DEFAULT_RULE
 from attribution.selections import (
     Box,
     Selection,
@@ -98,6 +106,10 @@ class Explanation:
         if matrix_format not in MATRIX_FORMATS:
             raise ValueError(f"matrix_format must be one of {MATRIX_FORMATS}, got {matrix_format!r}")
         geometry = self.geometry.to_dict()
+        # Only for another rule or a tolerance: the default's keys stay as they were.
+        integration = self.result.integration
+        if integration is not None and integration.rule == DEFAULT_RULE and integration.tolerance is None:
+            integration = None
         return {
             "caption": self.caption,
             "model": {"name": self.model_name, "pretrained": self.pretrained},
@@ -110,7 +122,7 @@ class Explanation:
             "score": self.result.score,
             "completeness": asdict(self.result.completeness),
             "selections": [s.to_dict() for s in self.selections],
-        }
+        } | ({} if integration is None else {"integration": asdict(integration)})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Explanation:
@@ -121,6 +133,7 @@ class Explanation:
             cls=torch.tensor(d["cls"], dtype=torch.float32),
             score=float(d["score"]),
             completeness=Completeness(**d["completeness"]),
+            integration=Integration(**d["integration"]) if d.get("integration") else None,
         )
         return cls(
             caption=d["caption"],
@@ -188,6 +201,8 @@ def explain_requests(
     image_layer: int | None = None,
     steps: int = DEFAULT_STEPS,
     precision: str = DEFAULT_PRECISION,
+    quadrature: str | None = None,
+    tolerance: float | None = None,
     max_caption_chars: int = MAX_CAPTION_CHARS,
     max_aspect_ratio: float = MAX_ASPECT_RATIO,
     memory_fraction: float = DEFAULT_MEMORY_FRACTION,
@@ -198,7 +213,8 @@ def explain_requests(
     Bad captions, options or selections raise an ``AttributionError`` subclass before anything is
     computed. The two limits are those of
     ``tokenize_caption`` and ``preprocess`` (for images not yet prepared). The engine's passes use
-    at most ``memory_fraction`` of the device's free memory (``attribution.memory``).
+    at most ``memory_fraction`` of the device's free memory (``attribution.memory``). ``quadrature`` and
+    ``tolerance`` are the ``Explainer``'s (``attribution.quadrature``).
     """
     text_layer = loaded.default_text_layer if text_layer is None else text_layer
     image_layer = loaded.default_image_layer if image_layer is None else image_layer
@@ -210,6 +226,8 @@ def explain_requests(
         steps,
         precision,
         memory_fraction=memory_fraction,
+        quadrature=quadrature,
+        tolerance=tolerance,
     )
 
     inputs = [_model_input(request.image, loaded, max_aspect_ratio) for request in requests]
@@ -229,6 +247,7 @@ def explain_requests(
     images = torch.stack([inputs[p.request].tensor for p in pairs])
     results = explainer.explain_tokens(images, [p.ids for p in pairs])
 
+    # The rule, points and tolerance are in each result's ``integration``.
     options = {"text_layer": text_layer, "image_layer": image_layer, "steps": steps, "precision": precision}
     out: list[list[Explanation]] = [[] for _ in requests]
     for pair, result in zip(pairs, results, strict=True):

@@ -379,22 +379,25 @@ def token_jvps(tail: Tail, x: Tensor, delta: Tensor, pool: Tensor, max_tangents:
     return out
 
 
-def dense_token_vjps(tail: Tail, x: Tensor, delta: Tensor, pool: Tensor, chunk: int) -> Tensor:
-    """The same derivatives as :func:`dense_token_jvps`, reverse mode: one pass per embedding axis.
+def dense_token_vjps(
+    tail: Tail, x: Tensor, delta: Tensor, pool: Tensor, chunk: int, cotangents: Tensor | None = None
+) -> Tensor:
+    """The same derivatives as :func:`token_jvps`, reverse mode: one pass per embedding axis.
 
-    Cheaper when the embedding is smaller than the number of tokens. Returns (M, S, E).
+    Cheaper when the embedding is smaller than the number of tokens. With ``cotangents`` (K, E), the
+    derivatives are contracted with them instead of the axes, one pass per cotangent: row ``k`` gives
+    ``cotangents[k] · ∂embedding/∂x[s] · delta[s]`` for every token ``s``. ``chunk`` cotangents per
+    pass. Returns (M, S, E), or (M, S, K) with cotangents.
     """
     with torch.enable_grad():
         h = x.detach().requires_grad_(True)
         embedding = embed(tail, h, pool)
         e = embedding.shape[-1]
-        eye = torch.eye(e, dtype=x.dtype, device=x.device)
+        rows = torch.eye(e, dtype=x.dtype, device=x.device) if cotangents is None else cotangents.to(x.dtype)
         out = []
-        for start in range(0, e, chunk):
-            axes = eye[start : start + chunk]  # (K, E)
-            cotangents = axes.unsqueeze(1).expand(len(axes), *embedding.shape)
-            (grads,) = torch.autograd.grad(
-                embedding, h, cotangents, retain_graph=True, is_grads_batched=True
-            )  # (K, M, S, W)
-            out.append((grads * delta).sum(-1))
+        for start in range(0, len(rows), chunk):
+            axes = rows[start : start + chunk]  # (K, E)
+            batched = axes.unsqueeze(1).expand(len(axes), *embedding.shape)
+            (grads,) = torch.autograd.grad(embedding, h, batched, retain_graph=True, is_grads_batched=True)
+            out.append((grads * delta).sum(-1))  # (K, M, S)
     return torch.cat(out, dim=0).permute(1, 2, 0)

@@ -11,6 +11,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from attribution.explainer import DEFAULT_STEPS
+from attribution.quadrature import (
+    DEFAULT_NESTED_RULE,
+    DEFAULT_RULE,
+    NESTED_RULES,
+    RULES,
+    min_points,
+    nested_sizes,
+)
 from service.schemas import MATRIX_FORMATS, PRECISIONS
 from service.settings import Settings
 
@@ -68,6 +76,24 @@ def option_ranges(info: ModelInfo, settings: Settings) -> dict[str, Any]:
         "image_layer": {"min": 0, "max": info.image_layers - 1, "default": info.default_layer("image")},
         "steps": {"min": 1, "max": settings.max_steps, "default": DEFAULT_STEPS},
         "precision": list(PRECISIONS),
+        "quadrature": {
+            "rules": list(RULES),
+            "default": DEFAULT_RULE,
+            "nested": list(NESTED_RULES),
+            "default_with_tolerance": DEFAULT_NESTED_RULE,
+            "min_steps": {rule: min_points(rule) for rule in RULES},
+            "note": "riemann is the authors' sum; with 10 steps it was measured off by 21 % of the largest "
+            "entry on the demo model at layers 1/1, 12 % at its last blocks and 3.5 % on ViT-B-32 at 6/6; "
+            "midpoint with 10 steps by 18 %, 0.2 % and 0.07 % (docs/method.md)",
+        },
+        "tolerance": {
+            "min_exclusive": 0,
+            "max_exclusive": 1,
+            "default": None,
+            "points": nested_sizes(),
+            "note": "relative to the largest entry; the points per tower double from the first to the "
+            "last of these until the estimate is below it; the result's integration says which",
+        },
         "format": list(MATRIX_FORMATS),
         "wait": {"min": 0, "max": settings.wait_max_s, "default": settings.wait_max_s},
         "max_captions": settings.max_captions,

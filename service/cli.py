@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from attribution.errors import AttributionError
+from attribution.quadrature import RULES
 from attribution.selections import Box, Selection, Span
 from service.errors import ConfigError
 from service.settings import Settings, load_settings
@@ -150,7 +151,13 @@ def explain(args: argparse.Namespace) -> int:
     try:
         with Client(args.url, api_key=args.api_key, timeout_s=120) as client:
             job = client.explain(
-                Path(args.image), args.caption, selections=selections, steps=args.steps, model=args.model
+                Path(args.image),
+                args.caption,
+                selections=selections,
+                steps=args.steps,
+                model=args.model,
+                quadrature=args.quadrature,
+                tolerance=args.tolerance,
             )
             _print_summary(job.raw["result"]["captions"][0])
             if args.json:
@@ -179,6 +186,12 @@ def _print_summary(caption: dict[str, Any]) -> None:
         f"tokens: {len(caption['tokens'])}  grid: {grid['rows']}x{grid['cols']}  "
         f"compute: {caption['timings']['compute_ms']:.0f} ms"
     )
+    if integration := caption.get("integration"):
+        estimate = integration["error_estimate"]
+        print(
+            f"integration: {integration['rule']}, {integration['points']} points per tower"
+            + ("" if estimate is None else f", error estimate {estimate:.1e}")
+        )
     for sel in caption["selections"]:
         if sel["kind"] == "box":
             best = max(range(len(sel["token_scores"])), key=lambda i: sel["token_scores"][i])
@@ -213,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_explain.add_argument("--url", default="http://127.0.0.1:8000")
     p_explain.add_argument("--api-key", dest="api_key")
     p_explain.add_argument("--steps", type=int)
+    p_explain.add_argument("--quadrature", choices=RULES, help="integration rule (default: riemann)")
+    p_explain.add_argument("--tolerance", type=float, help="refine a nested rule to this relative error")
     p_explain.add_argument("--model")
     sub.add_parser("evaluate", add_help=False, help="grounding benchmark (see evaluate -h)")
     return parser

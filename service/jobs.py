@@ -58,11 +58,14 @@ class JobRequest:
     precision: str
     format: str
     captions: tuple[CaptionRequest, ...]
+    quadrature: str | None = None  # None: the engine's default rule (attribution.quadrature)
+    tolerance: float | None = None
 
     @property
-    def batch_key(self) -> tuple[str, int, int, int, str]:
+    def batch_key(self) -> tuple[str, int, int, int, str, str, str]:
         """Requests with equal keys can be computed in one engine call."""
-        return (self.model, self.text_layer, self.image_layer, self.steps, self.precision)
+        integration = (str(self.quadrature), str(self.tolerance))
+        return (self.model, self.text_layer, self.image_layer, self.steps, self.precision, *integration)
 
     @property
     def engine_options(self) -> dict[str, Any]:
@@ -72,6 +75,8 @@ class JobRequest:
             "image_layer": self.image_layer,
             "steps": self.steps,
             "precision": self.precision,
+            "quadrature": self.quadrature,
+            "tolerance": self.tolerance,
         }
 
     def explain_request(self, image: Any) -> ExplainRequest:
@@ -88,6 +93,8 @@ class JobRequest:
             "image_layer": self.image_layer,
             "steps": self.steps,
             "precision": self.precision,
+            "quadrature": self.quadrature,
+            "tolerance": self.tolerance,
             "format": self.format,
             "captions": [
                 {"text": c.text, "selections": [s.to_dict() for s in c.selections]} for c in self.captions
@@ -108,6 +115,8 @@ class JobRequest:
             precision=d["precision"],
             format=d["format"],
             captions=captions,
+            quadrature=d.get("quadrature"),  # absent in jobs queued before the option existed
+            tolerance=None if d.get("tolerance") is None else float(d["tolerance"]),
         )
 
 
@@ -133,7 +142,7 @@ class Job:
         return self.request.model
 
     @property
-    def batch_key(self) -> tuple[str, int, int, int, str]:
+    def batch_key(self) -> tuple[str, int, int, int, str, str, str]:
         return self.request.batch_key
 
     @property

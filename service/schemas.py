@@ -15,13 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from attribution.explainer import DEFAULT_PRECISION, DEFAULT_STEPS, PRECISIONS
 from attribution.pipeline import MATRIX_FORMATS
+from attribution.quadrature import RULES
 from attribution.selections import Box, Selection, Span, TokenRange
 from service.jobs import CaptionRequest, JobStatus
 
 if TYPE_CHECKING:  # built from the registry at runtime, which mypy cannot follow: plain text to it
     Precision = str
+    QuadratureRule = str
 else:
     Precision = Literal[tuple(PRECISIONS)]
+    QuadratureRule = Literal[RULES]
 MatrixFormat = Literal[MATRIX_FORMATS]  # type: ignore[valid-type]
 # Multipart selection fields (repeatable), named by their selection kind, and their syntax; JSON bodies
 # give them as lists under the same names instead.
@@ -111,6 +114,19 @@ class ExplainOptions(BaseModel):
     )
     steps: int = Field(DEFAULT_STEPS, description="integration steps (1..EXCLIP_MAX_STEPS)")
     precision: Precision = DEFAULT_PRECISION
+    quadrature: QuadratureRule | None = Field(
+        None,
+        description="integration rule per tower (GET /models: options.quadrature); null: riemann, "
+        "the authors' sum, or with a tolerance the default nested rule",
+    )
+    tolerance: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="relative error of the matrix (largest entry) to refine a nested rule to, in place "
+        "of steps; null: use steps",
+    )
     format: MatrixFormat = Field("json", description="interaction matrix as nested lists or base64 float32")
     wait: float | None = Field(
         None,

@@ -17,8 +17,9 @@ from PIL import Image
 
 from attribution import models as _models  # noqa: F401 - registers exclip-tiny with open_clip
 from attribution.decode import image_size as read_image_size
-from attribution.errors import AttributionError
+from attribution.errors import AttributionError, InvalidOption
 from attribution.geometry import transform_geometry
+from attribution.quadrature import check_integration
 from attribution.selections import check_selection
 from attribution.text import Tokenizer, tokenize_caption
 from service.catalog import ModelInfo, default_model
@@ -78,6 +79,8 @@ class ExplainCall:
     image_layer: int | None = None
     steps: int = ExplainOptions.model_fields["steps"].default
     precision: str = ExplainOptions.model_fields["precision"].default
+    quadrature: str | None = None  # None: the engine's default rule (or, with a tolerance, its nested one)
+    tolerance: float | None = None
     format: str = ExplainOptions.model_fields["format"].default
 
 
@@ -105,6 +108,8 @@ def build_job(
         opts.image_layer,
         opts.steps,
         opts.precision,
+        opts.quadrature,
+        opts.tolerance,
         opts.format,
     )
     return build_call_job(call, served, settings, size, owner)
@@ -137,6 +142,10 @@ def build_call_job(
         )
     if not 1 <= call.steps <= settings.max_steps:
         raise RequestInvalid(f"steps {call.steps} is out of range: use 1..{settings.max_steps}")
+    try:
+        check_integration(call.quadrature, call.steps, call.tolerance)
+    except InvalidOption as exc:
+        raise RequestInvalid(str(exc)) from None
     text_layer = _layer("text_layer", call.text_layer, info, "text")
     image_layer = _layer("image_layer", call.image_layer, info, "image")
 
@@ -162,6 +171,8 @@ def build_call_job(
         image_layer=image_layer,
         steps=call.steps,
         precision=call.precision,
+        quadrature=call.quadrature,
+        tolerance=call.tolerance,
         format=call.format,
         captions=call.captions,
     )

@@ -53,6 +53,8 @@ class Options(TypedDict, total=False):
     image_layer: int | None
     steps: int | None
     precision: str | None
+    quadrature: str | None
+    tolerance: float | None
     matrix_format: str | None
 
 
