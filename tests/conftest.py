@@ -1,4 +1,4 @@
-"""Shared pytest fixtures over tests/harness.py: a private Redis server, a tiny self-saved model, services.
+"""Shared pytest fixtures over the ``testing`` package: a private Redis, a tiny self-saved model, services.
 
 Everything is real: Redis is ``/usr/bin/redis-server`` on a free port (never the shared 6379), the
 model is ``exclip-tiny`` with weights saved once per session, and the API and workers are
@@ -36,9 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REDIS_SERVER, RedisServer, ServiceLauncher, free_port, save_tiny_checkpoint
-
-__all__ = ["RedisServer", "ServiceLauncher", "free_port"]  # imported from here by older test modules
+from testing import REDIS_SERVER, RedisServer, ServiceLauncher, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from attribution.images import (
     preprocess,
 )
 from attribution.selections import Box, box_patch_weights
-from tests.harness import spy_conversions
+from testing import spy_conversions
 
 # ---------------------------------------------------------------- helpers
 

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.harness import Process, free_port
+from testing import Process, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MIN_JOBS = 60  # submitted before the victim may be killed

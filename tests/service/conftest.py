@@ -27,7 +27,7 @@ from PIL import Image
 
 from service.jobs import CaptionRequest, Job, JobRequest
 from service.keys import Keys
-from tests.harness import wait_until_ready
+from testing import wait_until_ready
 
 BATCH_ENV = {"EXCLIP_MAX_BATCH": "8", "EXCLIP_MAX_WAIT_MS": "200"}
 

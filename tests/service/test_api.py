@@ -11,7 +11,7 @@ import torch
 from attribution.images import decode_image
 from attribution.pipeline import ExplainRequest, decode_matrix, explain_requests
 from attribution.selections import Box, Span, TokenRange
-from tests.harness import distinct_captions
+from testing import distinct_captions
 from tests.service.conftest import assert_close, b64, png_bytes, strip_timings
 
 

@@ -31,8 +31,7 @@ import pytest
 import redis
 
 from service.keys import GROUP, METRICS_TTL_S, Keys
-from tests.conftest import RedisServer, ServiceLauncher
-from tests.harness import distinct_captions
+from testing import RedisServer, ServiceLauncher, distinct_captions
 from tests.service.conftest import b64, png_bytes
 
 STREAM_MODEL = "exclip-tiny"

@@ -8,8 +8,7 @@ import time
 
 import httpx
 
-from tests.conftest import ServiceLauncher
-from tests.harness import distinct_captions
+from testing import ServiceLauncher, distinct_captions
 from tests.service.conftest import png_bytes
 
 SLOW_B32 = {"EXCLIP_MODEL": "ViT-B-32", "EXCLIP_PRETRAINED": "none"}  # random weights, ~1 s per caption

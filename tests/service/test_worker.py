@@ -21,7 +21,7 @@ from service.queue.memory import MemoryQueue
 from service.settings import Settings
 from service.timeouts import call_with_deadline
 from service.worker import Worker
-from tests.harness import distinct_captions
+from testing import distinct_captions
 from tests.service.conftest import make_job, png_bytes
 
 pytestmark = pytest.mark.anyio
