@@ -47,6 +47,9 @@ from service.timeouts import call_with_deadline
 log = logging.getLogger("exclip.worker")
 
 DEFAULT_STEPS: int = ExplainOptions.model_fields["steps"].default
+# For tests only: while the file this variable names exists, a started batch waits before it computes,
+# so a test holds jobs "running" for as long as it needs, however fast the machine computes.
+TEST_HOLD_FILE_ENV = "EXCLIP_TEST_HOLD_FILE"
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Worker:
         self._next_claim = 0.0
         self._in_flight: list[Delivery] = []  # renewed by the heartbeat while a batch computes
         self._metrics: list[dict[str, float]] = []  # engine-call observations not yet sent
+        self._test_hold_file = os.environ.get(TEST_HOLD_FILE_ENV)
         self.info = {
             "name": self.name,
             "pid": os.getpid(),
@@ -224,8 +228,13 @@ class Worker:
                 item.job.fail(str(exc), type(exc).__name__, Fault.CLIENT)
         ready = [i for i in items if not i.failed]
         if ready:
+            await self._wait_while_test_holds()
             await self._compute(ready)
         await self._store(items)
+
+    async def _wait_while_test_holds(self) -> None:
+        while self._test_hold_file and os.path.exists(self._test_hold_file):
+            await asyncio.sleep(0.02)
 
     def _prepare(self, job: Job, data: bytes) -> ExplainRequest:
         # Decoded straight to the model's input: a batch holds tensors, never full-size images.
