@@ -96,6 +96,7 @@ class Worker:
 
     def stop(self) -> None:
         """Finish the current batch, then leave ``run``."""
+        log.info("worker %s stopping after the current batch", self.name)
         self._stopping.set()
 
     async def run(self) -> None:
