@@ -75,12 +75,14 @@ class Process:
             time.sleep(0.1)
         raise RuntimeError(f"{self.url}{path} not 200 after {timeout_s}s:\n{self.output}")
 
-    def wait_healthy(self, timeout_s: float = 60) -> Process:
+    # Generous limits: they only bound how long a broken start takes to fail, and several test
+    # processes may start services at once on a small, shared machine.
+    def wait_healthy(self, timeout_s: float = 180) -> Process:
         """Wait for the API's /healthz (the process serves HTTP)."""
         self._wait_url("/healthz", timeout_s)
         return self
 
-    def wait_ready(self, timeout_s: float = 90) -> Process:
+    def wait_ready(self, timeout_s: float = 240) -> Process:
         """Wait for the API's /readyz (queue reachable, a worker advertises a model)."""
         self._wait_url("/readyz", timeout_s)
         return self

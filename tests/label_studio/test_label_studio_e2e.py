@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -24,6 +23,7 @@ import pytest
 from service.label_studio.config import parse_label_config
 from service.label_studio.results import token_regions
 from service.label_studio.rle import mask_rle
+from testing import ROOT
 from tests.label_studio.label_studio_server import PASSWORD, USER, LabelStudio, venv_python
 from tests.label_studio.scenario import CAPTION, DOCUMENTED, HEIGHT, PHRASES, WIDTH, scene_png
 
@@ -35,7 +35,6 @@ IMAGE_ONLY = (
     '<View><Image name="image" value="$image"/>'
     '<RectangleLabels name="region" toName="image"><Label value="Phrase"/></RectangleLabels></View>'
 )
-ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "test-artifacts" / "screenshots" / "label-studio.png"
 DOCS_SCREENSHOT = ROOT / "docs" / "label-studio.png"
 

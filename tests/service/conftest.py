@@ -4,6 +4,8 @@
 API + worker subprocesses sharing the private Redis, and against one embedded ``serve`` process.
 Both use ``EXCLIP_MAX_BATCH=8`` and ``EXCLIP_MAX_WAIT_MS=200`` so concurrent requests batch.
 
+``private_stack`` (function): a redis-server of the test's own and a ``ServiceLauncher`` bound to it.
+
 ``embedded_in_process(loaded, **settings)``: the embedded service (API and worker on the in-memory
 queue) in the test process, behind a Starlette ``TestClient``, for tests that patch a function of the
 service or look into its queue.
@@ -27,7 +29,7 @@ from PIL import Image
 
 from service.jobs import CaptionRequest, Job, JobRequest
 from service.keys import Keys
-from testing import wait_until_ready
+from testing import ServiceLauncher, wait_until_ready
 
 BATCH_ENV = {"EXCLIP_MAX_BATCH": "8", "EXCLIP_MAX_WAIT_MS": "200"}
 
@@ -111,6 +113,17 @@ def stack(request, session_launcher, redis_server) -> Stack:
         return Stack("redis", api.url, redis_server.client(), Keys(session_launcher.key_prefix))
     serve = session_launcher.embedded(**BATCH_ENV).wait_ready()
     return Stack("embedded", serve.url, None, None)
+
+
+@pytest.fixture
+def private_stack(make_redis_server, key_prefix, tiny_checkpoint, tmp_path):
+    """A redis-server of this test's own (to stop or to watch expire) and a launcher bound to it."""
+    server = make_redis_server()
+    launch = ServiceLauncher(server.url, key_prefix, tiny_checkpoint, tmp_path)
+    try:
+        yield server, launch
+    finally:
+        launch.close()
 
 
 def assert_close(got: Any, want: Any, path: str = "") -> None:
