@@ -63,6 +63,7 @@ class Process:
         return self.proc.poll() is None
 
     def _wait_url(self, path: str, timeout_s: float) -> None:
+        assert self.url is not None, f"{self.args} was started without a port: it serves no HTTP"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.alive():
