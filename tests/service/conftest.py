@@ -29,7 +29,7 @@ from PIL import Image
 
 from service.jobs import CaptionRequest, Job, JobRequest
 from service.keys import Keys
-from testing import ServiceLauncher, wait_until_ready
+from testing import ServiceLauncher, WorkerHold, wait_until_ready
 
 BATCH_ENV = {"EXCLIP_MAX_BATCH": "8", "EXCLIP_MAX_WAIT_MS": "200"}
 
@@ -78,12 +78,14 @@ def metric_values(text: str) -> dict[str, float]:
 
 @dataclass
 class Stack:
-    """A running service: ``url``; ``redis`` (sync client) and ``keys`` only in redis mode."""
+    """A running service: ``url``; ``redis`` (sync client) and ``keys`` only in redis mode; ``hold``
+    (released unless a test engages it) holds its worker's batches before they compute."""
 
     mode: str
     url: str
     redis: Any
     keys: Keys | None
+    hold: WorkerHold
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kw)
@@ -105,14 +107,15 @@ class Stack:
 
 
 @pytest.fixture(scope="session", params=["redis", "embedded"])
-def stack(request, session_launcher, redis_server) -> Stack:
+def stack(request, session_launcher, redis_server, tmp_path_factory) -> Stack:
+    hold = WorkerHold(tmp_path_factory.mktemp(f"hold-{request.param}"), engaged=False)
     if request.param == "redis":
         api = session_launcher.api()
-        session_launcher.worker(**BATCH_ENV)
+        session_launcher.worker(**BATCH_ENV, **hold.env)
         api.wait_ready()
-        return Stack("redis", api.url, redis_server.client(), Keys(session_launcher.key_prefix))
-    serve = session_launcher.embedded(**BATCH_ENV).wait_ready()
-    return Stack("embedded", serve.url, None, None)
+        return Stack("redis", api.url, redis_server.client(), Keys(session_launcher.key_prefix), hold)
+    serve = session_launcher.embedded(**BATCH_ENV, **hold.env).wait_ready()
+    return Stack("embedded", serve.url, None, None, hold)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 import torch
 
@@ -156,38 +155,37 @@ def test_explain_answers_202_when_the_result_is_not_ready_in_time(stack):
         assert wait_done(c, r.json()["id"])["status"] == "done"
 
 
-@pytest.mark.parametrize("mode", ["redis", "embedded"])
-def test_cancelled_job_is_not_computed(mode, launcher, worker_hold):
+def test_cancelled_job_is_not_computed(stack):
     """A job cancelled while the worker computes another is skipped when the worker reads it.
 
-    The busy job is held running (``worker_hold``) until the victim is cancelled; a job submitted after
+    The busy job is held running (``stack.hold``) until the victim is cancelled; a job submitted after
     the victim finishing proves the worker has read past the victim's entry (one worker, read in order).
     """
-    if mode == "redis":
-        service = launcher.api()
-        launcher.worker(**worker_hold.env)
-    else:
-        service = launcher.embedded(**worker_hold.env)
-    service.wait_ready()
-    with httpx.Client(base_url=service.url, timeout=60) as c:
-        busy = c.post(
-            "/jobs", files={"image": ("a.png", png_bytes(seed=7))}, data={"caption": "a dog"}
-        ).json()
-        deadline = time.monotonic() + 60
-        while (status := c.get(f"/jobs/{busy['id']}").json()["status"]) != "running":
-            assert status == "queued" and time.monotonic() < deadline, f"the busy job is {status}"
-            time.sleep(0.02)
-        victim = c.post(
-            "/jobs", files={"image": ("b.png", png_bytes(seed=8))}, data={"caption": "a cat", "steps": "3"}
-        ).json()
-        r = c.delete(f"/jobs/{victim['id']}")
-        assert r.status_code == 200, r.text
-        assert r.json()["status"] == "cancelled"
-        assert c.get(f"/jobs/{busy['id']}").json()["status"] == "running"  # cancelled while it was busy
-        later = c.post(
-            "/jobs", files={"image": ("c.png", png_bytes(seed=9))}, data={"caption": "a bird", "steps": "3"}
-        ).json()
-        worker_hold.release()
+    with stack.client() as c:
+        stack.hold.engage()
+        try:
+            busy = c.post("/jobs", files={"image": ("a.png", png_bytes(seed=7))}, data={"caption": "a dog"})
+            busy = busy.json()
+            deadline = time.monotonic() + 60
+            while (status := c.get(f"/jobs/{busy['id']}").json()["status"]) != "running":
+                assert status == "queued" and time.monotonic() < deadline, f"the busy job is {status}"
+                time.sleep(0.02)
+            victim = c.post(
+                "/jobs",
+                files={"image": ("b.png", png_bytes(seed=8))},
+                data={"caption": "a cat", "steps": "3"},
+            ).json()
+            r = c.delete(f"/jobs/{victim['id']}")
+            assert r.status_code == 200, r.text
+            assert r.json()["status"] == "cancelled"
+            assert c.get(f"/jobs/{busy['id']}").json()["status"] == "running"  # cancelled while it was busy
+            later = c.post(
+                "/jobs",
+                files={"image": ("c.png", png_bytes(seed=9))},
+                data={"caption": "a bird", "steps": "3"},
+            ).json()
+        finally:
+            stack.hold.release()
         assert wait_done(c, busy["id"])["status"] == "done"
         assert wait_done(c, later["id"])["status"] == "done"  # so the victim's entry was read before
         after = c.get(f"/jobs/{victim['id']}").json()
