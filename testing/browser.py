@@ -23,7 +23,8 @@ def chromium() -> Iterator[Any]:
     """A headless Chromium (a Playwright ``Browser``) for as long as the ``with`` block runs.
 
     Each fixture scope opens its own: a sync Playwright session cannot be shared into tests that run
-    an asyncio loop of their own, so tests/web and tests/label_studio do not share one browser.
+    an asyncio loop of their own, so tests/service/web and tests/service/label_studio do not share one
+    browser.
     """
     import pytest
     from playwright.sync_api import sync_playwright

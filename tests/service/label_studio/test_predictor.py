@@ -10,8 +10,8 @@ from service.label_studio import predictor as predictor_module
 from service.label_studio.config import parse_label_config
 from service.label_studio.predictor import Predictor, _Work, parse_context
 from service.settings import Settings
-from tests.label_studio.scenario import DOCUMENTED
 from tests.service.conftest import png_bytes
+from tests.service.label_studio.scenario import DOCUMENTED
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """End to end against a real Label Studio 1.23.2: pre-annotation, interactive spans and boxes, RLE.
 
-Label Studio runs from its own cached virtualenv (tests/label_studio/label_studio_server.py: built
+Label Studio runs from its own cached virtualenv (tests/service/label_studio/label_studio_server.py: built
 on first use, a few minutes; then about a minute for this module). The service is the embedded
 ``serve`` with the tiny model and an API key, which Label Studio sends as Basic auth. Only Label
 Studio's REST API is driven; it calls the backend itself. Prediction validation is on, so a result
@@ -24,8 +24,8 @@ from service.label_studio.config import parse_label_config
 from service.label_studio.results import token_regions
 from service.label_studio.rle import mask_rle
 from testing import ROOT
-from tests.label_studio.label_studio_server import PASSWORD, USER, LabelStudio, venv_python
-from tests.label_studio.scenario import CAPTION, DOCUMENTED, HEIGHT, PHRASES, WIDTH, scene_png
+from tests.service.label_studio.label_studio_server import PASSWORD, USER, LabelStudio, venv_python
+from tests.service.label_studio.scenario import CAPTION, DOCUMENTED, HEIGHT, PHRASES, WIDTH, scene_png
 
 pytestmark = pytest.mark.slow
 

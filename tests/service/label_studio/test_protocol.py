@@ -25,7 +25,7 @@ from service.label_studio.protocol import (
     Thresholds,
     parse_predict,
 )
-from tests.label_studio.scenario import DOCUMENTED
+from tests.service.label_studio.scenario import DOCUMENTED
 
 CONFIG = parse_label_config(DOCUMENTED)
 CAPTION = "A 🐕 chases a Red ball"

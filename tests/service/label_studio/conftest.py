@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from testing import chromium
-from tests.label_studio.scenario import SCENE_PATH, file_server, scene_png
+from tests.service.label_studio.scenario import SCENE_PATH, file_server, scene_png
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from service.label_studio.projects import (
 )
 from service.settings import Settings
 from testing import wait_until_ready
-from tests.label_studio.scenario import CAPTION, DOCUMENTED, PHRASES, SCENE_PATH
+from tests.service.label_studio.scenario import CAPTION, DOCUMENTED, PHRASES, SCENE_PATH
 
 SETUP = ProjectSetup("http://label-studio:8080", "token-1", {"mask_level": 0.3})
 
