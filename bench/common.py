@@ -1,6 +1,6 @@
-"""What the bench scripts share beyond the test harness: the repository on ``sys.path`` (for
-``tests.harness``, whose ``Process``, ``RedisServer`` and ``free_port`` they start processes with),
-the service command, client images and percentiles. Scripts import it as ``common`` (their own
+"""What the bench scripts share beyond the test harness (the ``testing`` package, whose ``Process``,
+``RedisServer`` and ``free_port`` they start processes with): the service command, client images and
+percentiles. Scripts import it as ``common`` (their own
 directory is on the path).
 """
 
@@ -16,8 +16,6 @@ from pathlib import Path
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 __all__ = ["IMAGE_SIZES", "ROOT", "images", "percentile", "service_command"]
 

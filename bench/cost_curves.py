@@ -30,12 +30,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import common  # noqa: F401 - puts the repository root on sys.path, for tests.harness
 import torch
 
 from attribution.explainer import Explainer
 from attribution.models import TINY_MODEL
-from tests.harness import random_clip
+from testing import random_clip
 
 WORDS = "dog cat red ball grass tree sky blue car road house window street person".split()
 BASE_MODEL = "ViT-B-32"

@@ -17,12 +17,11 @@ import argparse
 import sys
 import time
 
-import common  # noqa: F401 - puts the repository root on sys.path, for tests.harness
 import torch
 
 from attribution.explainer import Explainer
 from attribution.quadrature import RIEMANN, RULES
-from tests.harness import random_clip
+from testing import random_clip
 
 CAPTIONS = [
     "a photo of a brown dog with a red ball on the green grass",

@@ -24,11 +24,10 @@ import os
 import sys
 import time
 
-import common  # noqa: F401 - puts the repository root on sys.path, for tests.harness
 import torch
 
 from attribution.explainer import Explainer
-from tests.harness import random_clip
+from testing import random_clip
 
 CAPTION = "a photo of a brown dog with a red ball on the green grass"  # 16 tokens with SOT, EOT
 

@@ -50,7 +50,7 @@ def _rss_gb() -> float:
 
 
 def _setup(model_name: str, device: str):
-    from tests.harness import random_clip  # the child runs with the repository root on PYTHONPATH
+    from testing import random_clip  # the child runs with the repository root on PYTHONPATH
 
     model, tokenizer, image = random_clip(model_name, 1, device)
     assert len(tokenizer.encode(CAPTION)) + 2 == 16

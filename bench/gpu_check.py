@@ -45,7 +45,7 @@ from service_throughput import BATCHING, WAIT_S, drive  # noqa: E402 - its clien
 from attribution.explainer import PRECISIONS, Explainer  # noqa: E402
 from attribution.memory import tangent_budget  # noqa: E402
 from attribution.models import TINY_MODEL  # noqa: E402 - importing registers exclip-tiny
-from tests.harness import Process, free_port, random_clip  # noqa: E402
+from testing import Process, free_port, random_clip  # noqa: E402
 
 CAPTION = "a photo of a brown dog with a red ball on the green grass"  # 16 tokens with SOT, EOT
 CAPTIONS = [

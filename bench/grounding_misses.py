@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 from collections import Counter, defaultdict
 
-import common  # noqa: F401  (puts the repository on sys.path)
 import torch
 
 from attribution.evaluation.grounding.metrics import argmax_patch, pointing_hit, union_cover

@@ -1,6 +1,6 @@
 """Peak memory of the API and the worker under hostile uploads and captions.
 
-Starts its own processes on loopback with the shared harness (tests/harness.py): a private
+Starts its own processes on loopback with the shared harness (the ``testing`` package): a private
 ``redis-server``, the API (``serve`` with REDIS_URL) and one worker with the tiny model. For each case
 it resets the kernel's peak-RSS counter of both processes (``/proc/PID/clear_refs``), runs the case,
 and reads the peak (``VmHWM``) back: the table gives, per case, the time, the HTTP statuses and the
@@ -44,10 +44,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from testing import RedisServer, ServiceLauncher, save_tiny_checkpoint
 
-from tests.harness import RedisServer, ServiceLauncher, save_tiny_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MIB = 2**20
 

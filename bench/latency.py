@@ -29,11 +29,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from common import images
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import images  # noqa: E402
-
-from tests.harness import Process, RedisServer, free_port  # noqa: E402
+from testing import Process, RedisServer, free_port
 
 CAPTION = "a photo of a cat sleeping on a sofa"
 

@@ -27,7 +27,6 @@ import argparse
 import sys
 import time
 
-import common  # noqa: F401 - puts the repository root on sys.path, for tests.harness
 import torch
 
 from attribution.evaluation.scenes import generate_scenes
@@ -44,7 +43,7 @@ from attribution.quadrature import (
     quadrature_rule,
     right_riemann_points,
 )
-from tests.harness import random_clip
+from testing import random_clip
 
 CAPTION = "a photo of a brown dog with a red ball on the green grass"  # 16 tokens with SOT, EOT
 SIZES: dict[str, list[int]] = {

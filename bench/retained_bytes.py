@@ -24,10 +24,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402, F401 - puts the repository root on sys.path, for tests.harness
-
-from tests.harness import Process, free_port  # noqa: E402
+from testing import Process, free_port
 
 
 def big_jpeg(target_bytes: int = 6_800_000) -> bytes:

@@ -40,7 +40,7 @@ from pathlib import Path
 import httpx
 from common import IMAGE_SIZES, ROOT, images, percentile, service_command
 
-from tests.harness import REDIS_SERVER, Process, RedisServer, free_port
+from testing import REDIS_SERVER, Process, RedisServer, free_port
 
 # Defaults sized so the whole default run stays under ~10 minutes on 2 busy CPU cores.
 DEFAULT_REQUESTS = {"exclip-tiny": 96}

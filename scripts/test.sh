@@ -28,7 +28,9 @@ fi
 
 ruff check .
 ruff format --check .
-mypy  # configured in pyproject.toml: strict on attribution/, default checks on service/
+mypy  # configured in pyproject.toml: strict on attribution/, default checks on service/ and testing/
 # Many processes share few cores in these tests (API, workers, browser); one thread each avoids thrashing.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec python -m pytest "$@"
+# Test processes in parallel (pytest-xdist), one per core by default (TEST_PROCESSES=1: one process).
+# Each starts its own Redis, services and browsers on free ports; tests are handed out one at a time.
+exec python -m pytest -n "${TEST_PROCESSES:-auto}" --dist worksteal "$@"

@@ -50,6 +50,9 @@ from service.timeouts import call_with_deadline
 log = logging.getLogger("exclip.worker")
 
 T = TypeVar("T")
+# For tests only: while the file this variable names exists, a started batch waits before it computes,
+# so a test holds jobs "running" for as long as it needs, however fast the machine computes.
+TEST_HOLD_FILE_ENV = "EXCLIP_TEST_HOLD_FILE"
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Worker:
         self._in_flight: list[Delivery] = []  # renewed by the heartbeat while a batch computes
         self._advertised = asyncio.Event()  # cleared while Redis refuses to store the heartbeat
         self._metrics: list[dict[str, float]] = []  # engine-call observations not yet sent
+        self._test_hold_file = os.environ.get(TEST_HOLD_FILE_ENV)
         self.info = {
             "name": self.name,
             "pid": os.getpid(),
@@ -96,6 +100,7 @@ class Worker:
 
     def stop(self) -> None:
         """Finish the current batch, then leave ``run``."""
+        log.info("worker %s stopping after the current batch", self.name)
         self._stopping.set()
 
     async def run(self) -> None:
@@ -235,8 +240,13 @@ class Worker:
                 item.job.fail(str(exc), type(exc).__name__, Fault.CLIENT)
         ready = [i for i in items if not i.failed]
         if ready:
+            await self._wait_while_test_holds()
             await self._compute(ready)
         await self._store(items)
+
+    async def _wait_while_test_holds(self) -> None:
+        while self._test_hold_file and os.path.exists(self._test_hold_file):
+            await asyncio.sleep(0.02)
 
     def _prepare(self, job: Job, data: bytes) -> ExplainRequest:
         # Decoded straight to the model's input: a batch holds tensors, never full-size images.

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures over tests/harness.py: a private Redis server, a tiny self-saved model, services.
+"""Shared pytest fixtures over the ``testing`` package: a private Redis, a tiny self-saved model, services.
 
 Everything is real: Redis is ``/usr/bin/redis-server`` on a free port (never the shared 6379), the
 model is ``exclip-tiny`` with weights saved once per session, and the API and workers are
@@ -23,6 +23,9 @@ model is ``exclip-tiny`` with weights saved once per session, and the API and wo
     ``key_prefix``: ``.api(**env)``, ``.worker(**env)``, ``.embedded(**env)`` start subprocesses
     (keyword arguments are extra env vars, e.g. ``EXCLIP_MAX_BATCH="8"``) and return
     ``Process`` objects; all still running are stopped at teardown.
+``worker_hold`` (function)
+    A ``WorkerHold``, engaged: workers started with ``**worker_hold.env`` start batches and then wait
+    before computing until ``worker_hold.release()`` (at the latest at teardown).
 """
 
 from __future__ import annotations
@@ -36,9 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REDIS_SERVER, RedisServer, ServiceLauncher, free_port, save_tiny_checkpoint
-
-__all__ = ["RedisServer", "ServiceLauncher", "free_port"]  # imported from here by older test modules
+from testing import REDIS_SERVER, RedisServer, ServiceLauncher, WorkerHold, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +100,10 @@ def session_launcher(redis_server: RedisServer, tiny_checkpoint: str) -> Iterato
     yield launch
     launch.close()
     shutil.rmtree(log_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def worker_hold(tmp_path: Path) -> Iterator[WorkerHold]:
+    hold = WorkerHold(tmp_path)
+    yield hold
+    hold.release()

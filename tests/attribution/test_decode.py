@@ -18,8 +18,8 @@ from attribution import decode
 from attribution.decode import ALPHA_BACKGROUND, decode_image, decode_scaled, image_size
 from attribution.errors import InvalidImage
 from attribution.images import prepare_image
+from testing import spy_conversions
 from tests.attribution.image_uploads import BAND_UPLOADS, encode, noise, png_declaring, with_exif
-from tests.harness import spy_conversions
 
 # ---------------------------------------------------------------- decoding
 

@@ -22,7 +22,7 @@ from exclip.explanation import OpenClipExplainer
 
 from attribution.explainer import Explainer
 from attribution.models import TINY_MODEL
-from tests.harness import random_clip
+from testing import random_clip
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTION = "a red dog"  # SOT + 3 tokens + EOT

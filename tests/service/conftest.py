@@ -4,6 +4,8 @@
 API + worker subprocesses sharing the private Redis, and against one embedded ``serve`` process.
 Both use ``EXCLIP_MAX_BATCH=8`` and ``EXCLIP_MAX_WAIT_MS=200`` so concurrent requests batch.
 
+``private_stack`` (function): a redis-server of the test's own and a ``ServiceLauncher`` bound to it.
+
 ``embedded_in_process(loaded, **settings)``: the embedded service (API and worker on the in-memory
 queue) in the test process, behind a Starlette ``TestClient``, for tests that patch a function of the
 service or look into its queue.
@@ -27,7 +29,7 @@ from PIL import Image
 
 from service.jobs import CaptionRequest, Job, JobRequest
 from service.redis_keys import Keys
-from tests.harness import wait_until_ready
+from testing import ServiceLauncher, WorkerHold, wait_until_ready
 
 BATCH_ENV = {"EXCLIP_MAX_BATCH": "8", "EXCLIP_MAX_WAIT_MS": "200"}
 
@@ -76,12 +78,14 @@ def metric_values(text: str) -> dict[str, float]:
 
 @dataclass
 class Stack:
-    """A running service: ``url``; ``redis`` (sync client) and ``keys`` only in redis mode."""
+    """A running service: ``url``; ``redis`` (sync client) and ``keys`` only in redis mode; ``hold``
+    (released unless a test engages it) holds its worker's batches before they compute."""
 
     mode: str
     url: str
     redis: Any
     keys: Keys | None
+    hold: WorkerHold
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kw)
@@ -103,14 +107,26 @@ class Stack:
 
 
 @pytest.fixture(scope="session", params=["redis", "embedded"])
-def stack(request, session_launcher, redis_server) -> Stack:
+def stack(request, session_launcher, redis_server, tmp_path_factory) -> Stack:
+    hold = WorkerHold(tmp_path_factory.mktemp(f"hold-{request.param}"), engaged=False)
     if request.param == "redis":
         api = session_launcher.api()
-        session_launcher.worker(**BATCH_ENV)
+        session_launcher.worker(**BATCH_ENV, **hold.env)
         api.wait_ready()
-        return Stack("redis", api.url, redis_server.client(), Keys(session_launcher.key_prefix))
-    serve = session_launcher.embedded(**BATCH_ENV).wait_ready()
-    return Stack("embedded", serve.url, None, None)
+        return Stack("redis", api.url, redis_server.client(), Keys(session_launcher.key_prefix), hold)
+    serve = session_launcher.embedded(**BATCH_ENV, **hold.env).wait_ready()
+    return Stack("embedded", serve.url, None, None, hold)
+
+
+@pytest.fixture
+def private_stack(make_redis_server, key_prefix, tiny_checkpoint, tmp_path):
+    """A redis-server of this test's own (to stop or to watch expire) and a launcher bound to it."""
+    server = make_redis_server()
+    launch = ServiceLauncher(server.url, key_prefix, tiny_checkpoint, tmp_path)
+    try:
+        yield server, launch
+    finally:
+        launch.close()
 
 
 def assert_close(got: Any, want: Any, path: str = "") -> None:

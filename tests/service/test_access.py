@@ -14,7 +14,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import ServiceLauncher
+from testing import ServiceLauncher
 from tests.service.conftest import png_bytes
 
 KEY_A, KEY_B = "alpha-key-6d1f0c2b9e", "beta-key-41aa77e3c5"

@@ -11,7 +11,6 @@ import torch
 from attribution.decode import decode_image
 from attribution.pipeline import ExplainRequest, decode_matrix, explain_requests
 from attribution.selections import Box, Span, TokenRange
-from tests.harness import distinct_captions
 from tests.service.conftest import assert_close, b64, png_bytes, strip_timings
 
 
@@ -158,20 +157,38 @@ def test_explain_answers_202_when_the_result_is_not_ready_in_time(stack):
 
 
 def test_cancelled_job_is_not_computed(stack):
-    slow = {"caption": distinct_captions("a dog running on the beach near the sea", 16), "steps": "100"}
+    """A job cancelled while the worker computes another is skipped when the worker reads it.
+
+    The busy job is held running (``stack.hold``) until the victim is cancelled; a job submitted after
+    the victim finishing proves the worker has read past the victim's entry (one worker, read in order).
+    """
     with stack.client() as c:
-        busy = c.post("/jobs", files={"image": ("a.png", png_bytes(seed=7))}, data=slow).json()
-        deadline = time.monotonic() + 30
-        while c.get(f"/jobs/{busy['id']}").json()["status"] == "queued" and time.monotonic() < deadline:
-            time.sleep(0.01)  # the worker is now computing the slow job and reads nothing new
-        victim = c.post(
-            "/jobs", files={"image": ("b.png", png_bytes(seed=8))}, data={"caption": "a cat", "steps": "3"}
-        ).json()
-        r = c.delete(f"/jobs/{victim['id']}")
-        assert r.status_code == 200, r.text
-        assert r.json()["status"] == "cancelled"
+        stack.hold.engage()
+        try:
+            busy = c.post("/jobs", files={"image": ("a.png", png_bytes(seed=7))}, data={"caption": "a dog"})
+            busy = busy.json()
+            deadline = time.monotonic() + 60
+            while (status := c.get(f"/jobs/{busy['id']}").json()["status"]) != "running":
+                assert status == "queued" and time.monotonic() < deadline, f"the busy job is {status}"
+                time.sleep(0.02)
+            victim = c.post(
+                "/jobs",
+                files={"image": ("b.png", png_bytes(seed=8))},
+                data={"caption": "a cat", "steps": "3"},
+            ).json()
+            r = c.delete(f"/jobs/{victim['id']}")
+            assert r.status_code == 200, r.text
+            assert r.json()["status"] == "cancelled"
+            assert c.get(f"/jobs/{busy['id']}").json()["status"] == "running"  # cancelled while it was busy
+            later = c.post(
+                "/jobs",
+                files={"image": ("c.png", png_bytes(seed=9))},
+                data={"caption": "a bird", "steps": "3"},
+            ).json()
+        finally:
+            stack.hold.release()
         assert wait_done(c, busy["id"])["status"] == "done"
-        time.sleep(0.5)  # the worker has read the cancelled entry by now
+        assert wait_done(c, later["id"])["status"] == "done"  # so the victim's entry was read before
         after = c.get(f"/jobs/{victim['id']}").json()
         assert after["status"] == "cancelled" and after["result"] is None
         assert c.delete(f"/jobs/{busy['id']}").status_code == 409  # finished jobs cannot be cancelled

@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from tests.harness import ROOT
+from testing import ROOT
 
 BURST = 24
 # Measured 2026-11-28 on the 2-core machine, two bursts after a warm-up: +5 MB after each with the

@@ -39,7 +39,7 @@ from service.client import (
     TokenRange,
 )
 from service.client.retry import retry_after_s
-from tests.harness import Process, distinct_captions, free_port
+from testing import Process, distinct_captions, free_port
 from tests.service.conftest import BATCH_ENV, png_bytes
 
 KEY = "client-test-key"

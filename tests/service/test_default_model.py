@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import ROOT, Process, free_port
+from testing import ROOT, Process, free_port
 
 EXAMPLES = ROOT / "service" / "web" / "static" / "examples"
 

@@ -21,7 +21,7 @@ from attribution import decode
 from attribution.decode import decode_image
 from service.routers import heatmap
 from service.web.render import render_overlay, render_png
-from tests.harness import spy_conversions
+from testing import spy_conversions
 from tests.service.conftest import embedded_in_process, png_bytes
 
 

@@ -19,6 +19,10 @@ from tests.service.conftest import make_job
 pytestmark = pytest.mark.anyio
 
 MODEL = "exclip-tiny"
+# Idle and TTL windows: long enough that no pause of a busy machine between two calls of a test
+# crosses one by accident (sub-second windows did), short enough to wait past.
+WINDOW_S = 2.0
+PAST_WINDOW_S = WINDOW_S + 0.2
 
 
 @pytest.fixture
@@ -28,6 +32,15 @@ def anyio_backend() -> str:
 
 @pytest.fixture(params=["memory", "redis"])
 async def queue(request, redis_server, key_prefix):
+    url = redis_server.url if request.param == "redis" else None
+    q = create_queue(Settings(redis_url=url, key_prefix=key_prefix, result_ttl_s=60))
+    yield q
+    await q.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def expiring_queue(request, redis_server, key_prefix):
+    """A queue that keeps records and images 2 s."""
     url = redis_server.url if request.param == "redis" else None
     q = create_queue(Settings(redis_url=url, key_prefix=key_prefix, result_ttl_s=2))
     yield q
@@ -109,49 +122,76 @@ async def test_cancel_does_not_stop_a_running_job(queue):
     assert (await queue.cancel(job.id)).status is JobStatus.RUNNING
 
 
-async def test_records_and_images_expire(queue):
-    job = await enqueue(queue)  # the fixture's queue keeps records 2 s
+async def test_records_and_images_expire(expiring_queue):
+    job = await enqueue(expiring_queue)
+    assert await expiring_queue.get(job.id) is not None
     time.sleep(2.2)
-    assert await queue.get(job.id) is None
-    assert await queue.image(job.id) is None
+    assert await expiring_queue.get(job.id) is None
+    assert await expiring_queue.image(job.id) is None
 
 
-async def test_finish_does_not_resurrect_an_expired_job(queue):
-    job = await enqueue(queue)
+async def test_finish_does_not_resurrect_an_expired_job(expiring_queue):
+    job = await enqueue(expiring_queue)
     time.sleep(2.2)
     job.status, job.result = JobStatus.DONE, {"captions": []}
-    await queue.finish(job)
-    assert await queue.get(job.id) is None
+    await expiring_queue.finish(job)
+    assert await expiring_queue.get(job.id) is None
 
 
-async def test_wait_finished_wakes_when_the_job_finishes(queue):
+@pytest.fixture
+def woken_only_by_notification(monkeypatch) -> None:
+    """Waiters wake only when notified: their safety poll is an hour, so a wait that ends well before
+    its timeout was ended by the finish notification (not by a poll, however the machine is paced)."""
+    from service.queue import base, memory, redis_streams
+
+    def wait(get, waiters, job_id, timeout_s, safety_poll_s):
+        return base.wait_notified(get, waiters, job_id, timeout_s, safety_poll_s=3600.0)
+
+    for module in (memory, redis_streams):
+        monkeypatch.setattr(module, "wait_notified", wait)
+
+
+async def waiting(q, monkeypatch, job_id: str, timeout_s: float) -> asyncio.Task:
+    """A task waiting for ``job_id`` to finish, returned once it has read the job unfinished and waits."""
+    reads: list[JobStatus | None] = []
+    get = q.get
+
+    async def spy(read_id: str) -> Job | None:
+        job = await get(read_id)
+        reads.append(job.status if job else None)
+        return job
+
+    monkeypatch.setattr(q, "get", spy)
+    waiter = asyncio.create_task(q.wait_finished(job_id, timeout_s))
+    deadline = time.monotonic() + 30
+    while not reads:  # the waiter goes from its read straight to waiting, without yielding
+        assert time.monotonic() < deadline and not waiter.done()
+        await asyncio.sleep(0.01)
+    assert reads == [JobStatus.QUEUED]
+    return waiter
+
+
+async def test_wait_finished_wakes_when_the_job_finishes(queue, monkeypatch, woken_only_by_notification):
     job = await enqueue(queue)
     t0 = time.monotonic()
     assert (await queue.wait_finished(job.id, 0.3)).status is JobStatus.QUEUED  # times out
-    assert 0.25 <= time.monotonic() - t0 < 2
+    assert 0.25 <= time.monotonic() - t0 < 5
     await queue.read("w1", [MODEL], count=8, block_ms=100)
-
-    async def finish_soon() -> float:
-        await asyncio.sleep(0.5)
-        await finish(queue, job, {"captions": []})
-        return time.monotonic()
-
-    finisher = asyncio.create_task(finish_soon())
-    waited = await queue.wait_finished(job.id, 10)
-    woke = time.monotonic()
+    waiter = await waiting(queue, monkeypatch, job.id, timeout_s=60)
+    await finish(queue, job, {"captions": []})
+    finished_at = time.monotonic()
+    waited = await waiter
     assert waited.status is JobStatus.DONE
-    # Woken by the notification, not by the 1 s safety poll.
-    assert woke - await finisher < 0.3
+    assert time.monotonic() - finished_at < 30  # woken by the notification: the timeout is 60 s
     assert await queue.wait_finished("no-such-job", 1) is None
 
 
-async def test_cancel_wakes_waiters(queue):
+async def test_cancel_wakes_waiters(queue, monkeypatch, woken_only_by_notification):
     job = await enqueue(queue)
-    waiter = asyncio.create_task(queue.wait_finished(job.id, 10))
-    await asyncio.sleep(0.3)
+    waiter = await waiting(queue, monkeypatch, job.id, timeout_s=60)
     t0 = time.monotonic()
     await queue.cancel(job.id)
-    assert (await waiter).status is JobStatus.CANCELLED and time.monotonic() - t0 < 0.3
+    assert (await waiter).status is JobStatus.CANCELLED and time.monotonic() - t0 < 30
     assert await queue.image(job.id) is None
 
 
@@ -200,9 +240,9 @@ async def test_unacknowledged_entries_are_claimed_after_the_visibility_timeout(q
     job = await enqueue(queue)
     [d] = await queue.read("dead-worker", [MODEL], count=8, block_ms=100)
     await queue.start(job.id)
-    assert await queue.claim_stale("w2", [MODEL], min_idle_s=0.5, count=8) == []
-    time.sleep(0.6)
-    [claimed] = await queue.claim_stale("w2", [MODEL], min_idle_s=0.5, count=8)
+    assert await queue.claim_stale("w2", [MODEL], min_idle_s=WINDOW_S, count=8) == []
+    time.sleep(PAST_WINDOW_S)
+    [claimed] = await queue.claim_stale("w2", [MODEL], min_idle_s=WINDOW_S, count=8)
     assert claimed.job_id == job.id and claimed.entry_id == d.entry_id
     again = await queue.start(job.id)
     assert again.status is JobStatus.RUNNING and again.deliveries == 2  # counts towards max_deliveries
@@ -214,16 +254,17 @@ async def test_renewed_entries_are_not_claimed_while_their_worker_lives(queue):
     job = await enqueue(queue)
     [d] = await queue.read("busy-worker", [MODEL], count=8, block_ms=100)
     await queue.start(job.id)
-    time.sleep(0.6)
+    time.sleep(PAST_WINDOW_S)
     await queue.renew("busy-worker", [d])
-    assert await queue.claim_stale("w2", [MODEL], min_idle_s=0.5, count=8) == []
-    time.sleep(0.6)
-    [claimed] = await queue.claim_stale("w2", [MODEL], min_idle_s=0.5, count=8)  # no renewal: taken over
+    assert await queue.claim_stale("w2", [MODEL], min_idle_s=WINDOW_S, count=8) == []
+    time.sleep(PAST_WINDOW_S)
+    # No renewal: taken over.
+    [claimed] = await queue.claim_stale("w2", [MODEL], min_idle_s=WINDOW_S, count=8)
     assert claimed.entry_id == d.entry_id
     await queue.renew("busy-worker", [d])  # the old holder cannot take it back
-    assert await queue.claim_stale("w3", [MODEL], min_idle_s=0.5, count=8) == []
-    time.sleep(0.6)
-    [again] = await queue.claim_stale("w3", [MODEL], min_idle_s=0.5, count=8)
+    assert await queue.claim_stale("w3", [MODEL], min_idle_s=WINDOW_S, count=8) == []
+    time.sleep(PAST_WINDOW_S)
+    [again] = await queue.claim_stale("w3", [MODEL], min_idle_s=WINDOW_S, count=8)
     assert again.entry_id == d.entry_id
 
 
@@ -232,10 +273,10 @@ async def test_renewed_entries_are_not_claimed_while_their_worker_lives(queue):
 
 
 async def test_heartbeats_list_live_workers_only(queue):
-    await queue.heartbeat("w1", {"name": "w1", "models": [{"name": MODEL}]}, ttl_s=0.4)
+    await queue.heartbeat("w1", {"name": "w1", "models": [{"name": MODEL}]}, ttl_s=WINDOW_S)
     await queue.heartbeat("w2", {"name": "w2", "models": []}, ttl_s=30)
     assert sorted(w["name"] for w in await queue.workers()) == ["w1", "w2"]
-    time.sleep(0.6)
+    time.sleep(PAST_WINDOW_S)
     assert [w["name"] for w in await queue.workers()] == ["w2"]
     await queue.remove_worker("w2")
     assert await queue.workers() == []

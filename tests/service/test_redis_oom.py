@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from tests.harness import RedisServer, ServiceLauncher
+from testing import RedisServer, ServiceLauncher
 from tests.service.conftest import png_bytes
 
 MAXMEMORY = 8 * 1024 * 1024

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from scripts.make_examples import EXAMPLES_DIR, example_entries, pick_examples
-from tests.web.test_page import LAPTOP, open_page
+from tests.service.web.test_page import LAPTOP, open_page
 
 
 @pytest.fixture(scope="module")

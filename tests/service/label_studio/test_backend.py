@@ -2,7 +2,7 @@
 its downloads and jobs when its client leaves or the service is told to stop.
 
 The sick image host is a real HTTP server on loopback that trickles its body a byte at a time
-(tests/label_studio/image_hosts.py), so a download only ends when someone closes it.
+(tests/service/label_studio/image_hosts.py), so a download only ends when someone closes it.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import uvicorn
 from service.app import create_app
 from service.errors import ConfigError
 from service.settings import Settings, load_settings
-from tests.harness import ROOT, free_port
-from tests.label_studio.image_hosts import sick_host, url_of
-from tests.label_studio.scenario import CAPTION, DOCUMENTED
+from testing import ROOT, free_port
+from tests.service.label_studio.image_hosts import sick_host, url_of
+from tests.service.label_studio.scenario import CAPTION, DOCUMENTED
 
 REFUSED_URLS = [
     ("ftp://x", "is not an http(s) URL with a host"),

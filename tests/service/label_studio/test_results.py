@@ -11,8 +11,8 @@ from attribution.geometry import ImageGeometry
 from attribution.text import Token
 from service.label_studio.config import parse_label_config
 from service.label_studio.results import heatmap_mask, image_regions, text_region, token_regions
-from tests.label_studio.scenario import DOCUMENTED
-from tests.label_studio.test_rle import decode, reference_mask_rle
+from tests.service.label_studio.scenario import DOCUMENTED
+from tests.service.label_studio.test_rle import decode, reference_mask_rle
 
 CONFIG = parse_label_config(DOCUMENTED)
 

@@ -18,7 +18,7 @@ from service.label_studio.fetch import Downloads, ImageFetcher, refused_category
 from service.label_studio.predictor import Predictor
 from service.label_studio.projects import ProjectSetup
 from service.settings import Settings
-from tests.label_studio.image_hosts import sick_host, url_of
+from tests.service.label_studio.image_hosts import sick_host, url_of
 
 IMAGE = b"\x89PNG fake image bytes" * 10
 LIMIT = 1000

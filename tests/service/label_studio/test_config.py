@@ -6,7 +6,7 @@ import pytest
 
 from service.label_studio.config import Control, parse_label_config
 from service.label_studio.errors import LabelConfigInvalid
-from tests.label_studio.scenario import DOCUMENTED
+from tests.service.label_studio.scenario import DOCUMENTED
 
 
 def test_documented_config() -> None:

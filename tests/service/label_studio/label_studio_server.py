@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_port
+from testing import free_port
 
 VERSION = "1.23.2"
 CACHE = (

@@ -1,4 +1,4 @@
-"""Fixtures of the Label Studio tests: a headless Debian Chromium per module (tests/harness.py), and a
+"""Fixtures of the Label Studio tests: a headless Debian Chromium per module (``testing.chromium``), and a
 stand-in for Label Studio's upload server holding the scenario's image."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import chromium
-from tests.label_studio.scenario import SCENE_PATH, file_server, scene_png
+from testing import chromium
+from tests.service.label_studio.scenario import SCENE_PATH, file_server, scene_png
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ answered, failed, lost (no final answer; must be 0), client latency p50/p95/max,
 TTL has passed. It stops by itself (each phase has a deadline) and stops every process it started,
 also on Ctrl-C. Exit code 1 if a request was lost or failed.
 
-    python bench/load_test.py                                # 300 requests at 10/s, TTL 20 s
-    python bench/load_test.py --requests 120 --rate 5 --result-ttl 10
+    python bench/load.py                                # 300 requests at 10/s, TTL 20 s
+    python bench/load.py --requests 120 --rate 5 --result-ttl 10
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ import httpx
 import redis
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from testing import RedisServer, ServiceLauncher, save_tiny_checkpoint
 
-from tests.harness import RedisServer, ServiceLauncher, save_tiny_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CAPTIONS = [
     "a dog",

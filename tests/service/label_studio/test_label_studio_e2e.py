@@ -1,6 +1,6 @@
 """End to end against a real Label Studio 1.23.2: pre-annotation, interactive spans and boxes, RLE.
 
-Label Studio runs from its own cached virtualenv (tests/label_studio/label_studio_server.py: built
+Label Studio runs from its own cached virtualenv (tests/service/label_studio/label_studio_server.py: built
 on first use, a few minutes; then about a minute for this module). The service is the embedded
 ``serve`` with the tiny model and an API key, which Label Studio sends as Basic auth. Only Label
 Studio's REST API is driven; it calls the backend itself. Prediction validation is on, so a result
@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -25,8 +24,9 @@ from attribution.text import Token
 from service.label_studio.config import parse_label_config
 from service.label_studio.results import token_regions
 from service.label_studio.rle import mask_rle
-from tests.label_studio.label_studio_server import PASSWORD, USER, LabelStudio, venv_python
-from tests.label_studio.scenario import CAPTION, DOCUMENTED, HEIGHT, PHRASES, WIDTH, scene_png
+from testing import ROOT
+from tests.service.label_studio.label_studio_server import PASSWORD, USER, LabelStudio, venv_python
+from tests.service.label_studio.scenario import CAPTION, DOCUMENTED, HEIGHT, PHRASES, WIDTH, scene_png
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,6 @@ IMAGE_ONLY = (
     '<View><Image name="image" value="$image"/>'
     '<RectangleLabels name="region" toName="image"><Label value="Phrase"/></RectangleLabels></View>'
 )
-ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "test-artifacts" / "screenshots" / "label-studio.png"
 DOCS_SCREENSHOT = ROOT / "docs" / "label-studio.png"
 

@@ -28,8 +28,8 @@ from service.label_studio.projects import (
 )
 from service.redis_keys import Keys
 from service.settings import Settings
-from tests.harness import wait_until_ready
-from tests.label_studio.scenario import CAPTION, DOCUMENTED, PHRASES, SCENE_PATH
+from testing import wait_until_ready
+from tests.service.label_studio.scenario import CAPTION, DOCUMENTED, PHRASES, SCENE_PATH
 
 SETUP = ProjectSetup("http://label-studio:8080", "token-1", {"mask_level": 0.3})
 

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.label_studio.scenario import DOCUMENTED, file_server
 from tests.service.conftest import metric_values, png_bytes
+from tests.service.label_studio.scenario import DOCUMENTED, file_server
 
 pytestmark = pytest.mark.slow  # service processes start in 20-60 s on a busy 2-core machine
 

@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.label_studio.scenario import CAPTION, DOCUMENTED, SCENE_PATH
 from tests.service.conftest import embedded_in_process
+from tests.service.label_studio.scenario import CAPTION, DOCUMENTED, SCENE_PATH
 
 ANSWER_BOUND_S = 20.0
 """Slowest answer allowed to any body here (a valid one computes one tiny-model job)."""

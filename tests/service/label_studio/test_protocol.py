@@ -26,7 +26,7 @@ from service.label_studio.protocol import (
 )
 from service.label_studio.tasks import Context, parse_context
 from service.label_studio.tasks import phrase_spans as _phrase_spans
-from tests.label_studio.scenario import DOCUMENTED
+from tests.service.label_studio.scenario import DOCUMENTED
 
 CONFIG = parse_label_config(DOCUMENTED)
 CAPTION = "A 🐕 chases a Red ball"

@@ -12,8 +12,8 @@ from service.label_studio.config import parse_label_config
 from service.label_studio.predictor import Predictor
 from service.label_studio.tasks import TaskWork, parse_context
 from service.settings import Settings
-from tests.label_studio.scenario import DOCUMENTED
 from tests.service.conftest import png_bytes
+from tests.service.label_studio.scenario import DOCUMENTED
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.harness import chromium
+from testing import ROOT, chromium
 
-ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 
 

@@ -22,8 +22,16 @@ from service.app import create_app
 from service.label_studio import results
 from service.label_studio.config import parse_label_config
 from service.settings import Settings
-from tests.label_studio.scenario import CAPTION, DOCUMENTED, HEIGHT, PHRASES, SCENE_PATH, WIDTH, scene_png
 from tests.service.conftest import embedded_in_process
+from tests.service.label_studio.scenario import (
+    CAPTION,
+    DOCUMENTED,
+    HEIGHT,
+    PHRASES,
+    SCENE_PATH,
+    WIDTH,
+    scene_png,
+)
 
 CONFIG = parse_label_config(DOCUMENTED)
 IMAGE = SCENE_PATH

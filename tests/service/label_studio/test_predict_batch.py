@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 
 from service.label_studio import tasks as tasks_module
 from service.label_studio.protocol import MAX_TASKS
-from tests.label_studio.scenario import CAPTION, DOCUMENTED, PHRASES, SCENE_PATH
 from tests.service.conftest import embedded_in_process
+from tests.service.label_studio.scenario import CAPTION, DOCUMENTED, PHRASES, SCENE_PATH
 
 LIMIT = 64  # EXCLIP_MAX_SELECTIONS's default
 

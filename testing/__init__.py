@@ -1,0 +1,44 @@
+"""The harness shared by tests/ and bench/: free ports, private Redis, the tiny model, processes.
+
+A package of its own (not part of ``service``: none of it is used in serving), importable wherever the
+project is installed, so pytest fixtures (tests/conftest.py) and bench scripts use the same code.
+
+- ``free_port()``: a TCP port that was free a moment ago on 127.0.0.1 (``testing.network``).
+- ``RedisServer``: a private ``redis-server`` on its own port, no persistence (``testing.redis_server``).
+- ``random_clip``, ``save_tiny_checkpoint``, ``distinct_captions``: seeded models and inputs
+  (``testing.models``).
+- ``Process``: any subprocess with its output in a log file; ``wait_healthy``/``wait_ready`` for APIs.
+  ``ServiceLauncher``: API / worker / embedded ``python -m service.cli`` processes sharing one Redis
+  and key prefix, with the tiny checkpoint; ``wait_until_ready`` for an in-process app
+  (``testing.processes``).
+- ``WorkerHold``: holds a worker's batches "running" until the test lets them go (``testing.hold``).
+- ``chromium()``: a headless Debian Chromium (``testing.browser``); ``spy_conversions``
+  (``testing.spies``).
+"""
+
+from testing.browser import CHROMIUM, CHROMIUM_ARGS, chromium
+from testing.hold import WorkerHold
+from testing.models import distinct_captions, random_clip, save_tiny_checkpoint
+from testing.network import free_port
+from testing.processes import ROOT, SERVICE_CLI, Process, ServiceLauncher, wait_until_ready
+from testing.redis_server import REDIS_SERVER, RedisServer
+from testing.spies import spy_conversions
+
+__all__ = [
+    "CHROMIUM",
+    "CHROMIUM_ARGS",
+    "REDIS_SERVER",
+    "ROOT",
+    "SERVICE_CLI",
+    "Process",
+    "RedisServer",
+    "ServiceLauncher",
+    "WorkerHold",
+    "chromium",
+    "distinct_captions",
+    "free_port",
+    "random_clip",
+    "save_tiny_checkpoint",
+    "spy_conversions",
+    "wait_until_ready",
+]
