@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+# What the engine sets every float32 backend to. bench/gpu_check.py sets "tf32" here for one run to
+# measure the error TF32 would cause.
 IEEE = "ieee"
 
 
