@@ -37,6 +37,7 @@ from attribution.quadrature import (
 )
 from attribution.tail import Tail, dense_token_vjps, embed, token_jvps
 from attribution.text import Tokenizer, tokenize_caption
+from attribution.tf32 import exact_float32
 from attribution.towers import ImageTower, TextTower
 
 PRECISIONS: dict[str, torch.dtype] = {
@@ -274,11 +275,13 @@ class Explainer:
         return self.explain_tokens(images, self.tokenize(captions))
 
     @torch.no_grad()
+    @exact_float32()
     def explain_tokens(self, images: Tensor, tokens: Sequence[Tensor]) -> list[PairResult]:
         """Explain B pairs given token ids per caption (SOT … EOT, padding optional).
 
         Repeated images or captions are computed once: the image side is shared by all captions of an
-        image and the text side by all images of a caption.
+        image and the text side by all images of a caption. Float32 is IEEE float32 throughout, TF32
+        off (:mod:`attribution.tf32`); the caller's backend settings are restored afterwards.
         """
         pairs, grid = self._pairs(images, tokens)
         if self.tolerance is not None:

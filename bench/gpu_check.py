@@ -6,6 +6,9 @@ cannot rot). Sections, each a markdown table (and all of it as JSON with ``--jso
 1. **Equivalence**: the engine against the authors' reference (``exclip`` 1.1) on the device, for
    ViT-B-32 and ViT-B-16 (random weights, seed 0, a 16-token caption, N = 10, last blocks): max
    relative error, seconds, and both as image forwards of the same model measured in the same run.
+   The reference runs in IEEE float32 (TF32 off); the engine as shipped (TF32 off inside its calls,
+   ``attribution/tf32.py``), and once more with TF32 on for every float32 product and convolution
+   (``max_rel_error_tf32``: what the guard prevents; on CPU TF32 does not exist and it equals the first).
    No address-space cap is set anywhere here: ``RLIMIT_AS`` breaks CUDA initialisation.
 2. **Throughput** in float32 and bfloat16: 64 distinct (image, caption) pairs in one call, and
    8 images × 8 captions (64 pairs sharing sides), pairs per second and peak memory (GPU allocator
@@ -25,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402 - the bench's images and percentiles
 from service_throughput import BATCHING, WAIT_S, drive  # noqa: E402 - its client driver and modes
 
+from attribution import tf32  # noqa: E402
 from attribution.explainer import PRECISIONS, Explainer  # noqa: E402
 from attribution.memory import tangent_budget  # noqa: E402
 from attribution.models import TINY_MODEL  # noqa: E402 - importing registers exclip-tiny
@@ -120,6 +126,16 @@ def forward_seconds(model: torch.nn.Module, image: torch.Tensor) -> float:
         return min(timed(lambda: model.encode_image(image), image.device)[0] for _ in range(5))
 
 
+@contextlib.contextmanager
+def tf32_inside_the_engine() -> Iterator[None]:
+    """The engine's float32 guard set to TF32 instead of IEEE float32, for one measurement."""
+    exact, tf32.IEEE = tf32.IEEE, "tf32"
+    try:
+        yield
+    finally:
+        tf32.IEEE = exact
+
+
 def equivalence(name: str, plan: Plan, device: torch.device) -> dict:
     model, tokenizer, images = random_clip(name, 64, str(device))
     image = images[:1]
@@ -127,7 +143,7 @@ def equivalence(name: str, plan: Plan, device: torch.device) -> dict:
     reference = OpenClipExplainer(model, image_dim=image.shape[-1], device=device)
     layer = len(model.visual.transformer.resblocks) - 1
     tokens = tokenizer([CAPTION]).to(device)
-    with Memory(device) as ref_memory:
+    with Memory(device) as ref_memory, tf32.exact_float32():
         ref_seconds, expected = timed(
             lambda: reference.explain(tokens, image, text_layer=layer, image_layer=layer, N=plan.steps),
             device,
@@ -139,9 +155,13 @@ def equivalence(name: str, plan: Plan, device: torch.device) -> dict:
         seconds = min(timed(lambda: explainer.explain(image, [CAPTION]), device)[0] for _ in range(3))
     result = explainer.explain(image, [CAPTION])[0].interactions.cpu()
     error = float((result - expected.cpu()).abs().max() / expected.abs().max())
+    with tf32_inside_the_engine():
+        with_tf32 = explainer.explain(image, [CAPTION])[0].interactions.cpu()
+    error_tf32 = float((with_tf32 - expected.cpu()).abs().max() / expected.abs().max())
     return {
         "model": name,
         "max_rel_error": error,
+        "max_rel_error_tf32": error_tf32,
         "seconds": seconds,
         "forwards": seconds / forward,
         "reference_seconds": ref_seconds,
@@ -266,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     "model",
                     "max_rel_error",
+                    "max_rel_error_tf32",
                     "seconds",
                     "forwards",
                     "reference_seconds",

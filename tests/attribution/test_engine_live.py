@@ -2,8 +2,10 @@
 a memory regression guard, and CUDA where a GPU is present.
 
 The reference costs one backward pass per embedding axis and builds the full token × patch Jacobian
-product, so these comparisons use a short caption and few steps to stay within about a minute each
-on two CPU cores.
+product, so most comparisons use a short caption and few steps to stay within about a minute each
+on two CPU cores; one ViT-B-32 comparison uses N = 10 and a 27-token caption at the last blocks
+(about 100 s), and the middle blocks are compared with a stored reference run in
+test_engine_real_size.py.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from exclip.explanation import OpenClipExplainer
 from attribution.explainer import Explainer
 from attribution.models import TINY_MODEL
 from testing import random_clip
+from tests.attribution.real_size_reference import LONG_CAPTION, reference_with_cls
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTION = "a red dog"  # SOT + 3 tokens + EOT
@@ -31,36 +34,6 @@ CAPTION = "a red dog"  # SOT + 3 tokens + EOT
 def relative_error(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None = None) -> float:
     """Max error relative to the largest reference entry (of ``scale`` if given)."""
     return float((a - b).abs().max() / (b if scale is None else scale).abs().max())
-
-
-def reference_with_cls(model, tokenizer, image, text_layer, image_layer, steps):
-    """The reference's matrix with its CLS column, from its own integrated Jacobians and deltas.
-
-    ``OpenClipExplainer.explain`` drops the CLS column; here its public steps are run one by one (hooks,
-    encoders, ``_compute_integrated_jacobian``) and the token × image-token sum is formed from them.
-    ``test_reference_with_cls_is_the_reference`` checks that this equals ``explain`` on the patches.
-    """
-    ref = OpenClipExplainer(
-        model, image_dim=image.shape[-1], text_seq_len=model.context_length, device=image.device
-    )
-    tokens = tokenizer([CAPTION]).to(image.device)
-    try:
-        ref.init_text_attribution(layer=text_layer, N_interpolations=steps)
-        ref.init_image_attribution(layer=image_layer, N_interpolations=steps)
-        text_emb, _ = ref.encode_text(tokens)
-        image_emb, _ = ref.encode_image(image)
-        text_states, image_states = ref.txt_intermediates[0], ref.img_intermediates[0]
-        j_text = ref._compute_integrated_jacobian(text_emb, text_states, verbose=False)
-        j_image = ref._compute_integrated_jacobian(image_emb, image_states, verbose=False)
-    finally:
-        ref.reset_attribution()  # the reference leaves its hooks on the model otherwise
-    eot = int(tokens.argmax())
-    d_text = (text_states[0] - text_states[-1]).detach().cpu()[: eot + 1]
-    d_image = (image_states[0] - image_states[-1]).detach().cpu()
-    t = torch.einsum("ksi,si->ks", j_text.cpu()[:, : eot + 1], d_text)
-    x = torch.einsum("kpj,pj->kp", j_image.cpu(), d_image)
-    a = t.T @ x / (text_emb[0].norm().cpu() * image_emb[0].norm().cpu())
-    return a.detach()
 
 
 def mid_size_model() -> torch.nn.Module:
@@ -92,7 +65,7 @@ def test_reference_with_cls_is_the_reference(mid_size):
         expected = ref.explain(tokenizer([CAPTION]), image, text_layer=1, image_layer=2, N=3)
     finally:
         ref.reset_attribution()
-    full = reference_with_cls(model, tokenizer, image, 1, 2, 3)
+    full = reference_with_cls(model, tokenizer, image, CAPTION, 1, 2, 3)
     assert relative_error(full[:, 1:].reshape(expected.shape), expected) <= 1e-5
 
 
@@ -102,7 +75,7 @@ def test_mid_size_model_matches_reference_every_layer(mid_size, layer):
     model, tokenizer = mid_size
     image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(layer))
     text_layer, image_layer = layer, 3 - layer  # every block of both towers, in four calls
-    expected = reference_with_cls(model, tokenizer, image, text_layer, image_layer, 4)
+    expected = reference_with_cls(model, tokenizer, image, CAPTION, text_layer, image_layer, 4)
     result = Explainer(model, tokenizer, text_layer, image_layer, 4).explain(image, [CAPTION])[0]
     assert relative_error(result.interactions.flatten(1), expected[:, 1:]) <= 1e-4
     # Relative to the whole matrix: at image layer 0 the class token's hidden state does not depend on
@@ -127,9 +100,24 @@ def test_vit_b32_matches_reference(vit_b32, layer):
     120 s at block 4 (the engine: 1.8 s and 3.4 s). The mid-size model above covers every block.
     """
     model, tokenizer, image = vit_b32
-    expected = reference_with_cls(model, tokenizer, image, layer, layer, 1)
+    expected = reference_with_cls(model, tokenizer, image, CAPTION, layer, layer, 1)
     result = Explainer(model, tokenizer, layer, layer, steps=1).explain(image, [CAPTION])[0]
     assert result.interactions.shape == (5, 7, 7)
+    assert relative_error(result.interactions.flatten(1), expected[:, 1:]) <= 1e-4
+    assert relative_error(result.cls, expected[:, 0], scale=expected) <= 1e-4
+    assert expected[:, 0].abs().max() > 1e-3 * expected.abs().max()  # a column worth comparing
+
+
+@pytest.mark.slow
+def test_vit_b32_long_caption_n10_matches_reference_at_the_last_blocks(vit_b32):
+    """N = 10 (ten interpolation points, not the single point α = 1 above) and a 27-token caption with
+    punctuation, CLS column included, at the last blocks. The reference: about 80-100 s of CPU and 9 GB;
+    the middle block with the same caption is compared with a stored reference run
+    (test_engine_real_size.py)."""
+    model, tokenizer, image = vit_b32
+    expected = reference_with_cls(model, tokenizer, image, LONG_CAPTION, 11, 11, 10)
+    result = Explainer(model, tokenizer, steps=10).explain(image, [LONG_CAPTION])[0]
+    assert result.interactions.shape == (27, 7, 7)
     assert relative_error(result.interactions.flatten(1), expected[:, 1:]) <= 1e-4
     assert relative_error(result.cls, expected[:, 0], scale=expected) <= 1e-4
     assert expected[:, 0].abs().max() > 1e-3 * expected.abs().max()  # a column worth comparing
@@ -196,3 +184,26 @@ def test_cuda_matches_cpu(name):
     for precision, bound in (("bfloat16", 2.5e-2), ("float16", 3e-3)):
         low = Explainer(model, tokenizer, steps=5, precision=precision).explain(image.cuda(), [caption])[0]
         assert relative_error(low.interactions.cpu(), on_cpu.interactions) < bound, precision
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", [TINY_MODEL, pytest.param("ViT-B-32", marks=pytest.mark.slow)])
+def test_cuda_with_the_callers_tf32_on_still_matches_cpu(name):
+    """TF32 (10 mantissa bits) for the caller's matmuls and convolutions: the engine turns it off for its
+    own computations (attribution/tf32.py), so the 1e-4 bound holds, and the caller's flags come back."""
+    model, tokenizer, image = random_clip(name)
+    caption = "a photo of a brown dog, with a red ball (and a stick!) on the green grass"
+    on_cpu = Explainer(model, tokenizer, steps=5).explain(image, [caption])[0]
+    model = model.cuda()
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    saved = [b.fp32_precision for b in backends]
+    for backend in backends:
+        backend.fp32_precision = "tf32"
+    try:
+        on_gpu = Explainer(model, tokenizer, steps=5).explain(image.cuda(), [caption])[0]
+        assert [b.fp32_precision for b in backends] == ["tf32", "tf32"]
+    finally:
+        for backend, value in zip(backends, saved, strict=True):
+            backend.fp32_precision = value
+    assert relative_error(on_gpu.interactions.cpu(), on_cpu.interactions) <= 1e-4
+    assert relative_error(on_gpu.cls.cpu(), on_cpu.cls, scale=on_cpu.interactions) <= 1e-4

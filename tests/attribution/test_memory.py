@@ -70,3 +70,10 @@ def test_results_do_not_depend_on_the_pass_size(tiny_model, layer):
 def test_bad_budget_options_are_refused(tiny_model, options):
     with pytest.raises(InvalidOption):
         Explainer(tiny_model.model, tiny_model.tokenizer, **options)
+
+
+@pytest.mark.parametrize("options", [{"max_tangents": 1}, {"memory_fraction": 1.0}])
+def test_budget_options_at_their_limits_are_accepted(tiny_model, options):
+    """The smallest pass and the whole free memory are valid (a mutant refusing 1.0 survived)."""
+    explainer = Explainer(tiny_model.model, tiny_model.tokenizer, **options)
+    assert all(getattr(explainer, name) == value for name, value in options.items())

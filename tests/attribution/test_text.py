@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import open_clip
@@ -196,6 +197,15 @@ def test_tokenizer_with_reduction_mask_is_refused():
 def test_token_to_dict(tiny_model):
     _, tokens = tokenize_caption("a dog", tiny_model)
     assert tokens[1].to_dict() == {"index": 1, "text": "a", "start": 0, "end": 1}
+
+
+def test_tokens_are_values_immutable_and_hashable(tiny_model):
+    """Equal tokens hash equal (they can key a dict or a set) and none changes once returned."""
+    _, tokens = tokenize_caption("a dog, a dog", tiny_model)
+    again = tokenize_caption("a dog, a dog", tiny_model)[1]
+    assert tokens == again and [hash(t) for t in tokens] == [hash(t) for t in again]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tokens[1].text = "cat"  # type: ignore[misc]
 
 
 def test_case_keeping_tokenizer(tiny_model):

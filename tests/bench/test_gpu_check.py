@@ -42,6 +42,7 @@ def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:
     [equivalence] = report["equivalence"]
     assert equivalence["model"] == "exclip-tiny"
     assert equivalence["max_rel_error"] <= 1e-4  # engine and reference agree on this device
+    assert equivalence["max_rel_error_tf32"] <= 1e-4  # reported; a CPU has no TF32 to lose accuracy to
 
     rows = {(r["precision"], r["pairs"]): r for r in report["throughput"]}
     assert set(rows) == {(p, k) for p in ("float32", "bfloat16") for k in ("distinct", "2x4")}
