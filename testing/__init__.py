@@ -18,7 +18,7 @@ project is installed, so pytest fixtures (tests/conftest.py) and bench scripts u
 
 from testing.browser import CHROMIUM, CHROMIUM_ARGS, chromium
 from testing.hold import WorkerHold
-from testing.models import distinct_captions, random_clip, save_tiny_checkpoint
+from testing.models import distinct_captions, perturb_norms_and_biases, random_clip, save_tiny_checkpoint
 from testing.network import free_port
 from testing.processes import ROOT, SERVICE_CLI, Process, ServiceLauncher, wait_until_ready
 from testing.redis_server import REDIS_SERVER, RedisServer
@@ -37,6 +37,7 @@ __all__ = [
     "chromium",
     "distinct_captions",
     "free_port",
+    "perturb_norms_and_biases",
     "random_clip",
     "save_tiny_checkpoint",
     "spy_conversions",

@@ -25,6 +25,18 @@ def random_clip(name: str, n_images: int = 1, device: str = "cpu") -> tuple[Any,
     return model, open_clip.get_tokenizer(name), images
 
 
+def perturb_norms_and_biases(model: Any) -> Any:
+    """``model`` with every norm and bias moved off its initial value (in place; returned): the engine is
+    compared on a model whose LayerNorms are not the identity, a stricter test than a fresh init."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and ("ln" in name or "bias" in name):
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
 def save_tiny_checkpoint(directory: Path, seed: int = 0) -> str:
     """Save an ``exclip-tiny`` state_dict (seeded random weights) in ``directory``; return its path.
 

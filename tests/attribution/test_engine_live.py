@@ -24,7 +24,7 @@ from exclip.explanation import OpenClipExplainer
 
 from attribution.explainer import Explainer
 from attribution.models import TINY_MODEL
-from testing import random_clip
+from testing import perturb_norms_and_biases, random_clip
 from tests.attribution.real_size_reference import LONG_CAPTION, reference_with_cls
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,10 +44,7 @@ def mid_size_model() -> torch.nn.Module:
         vision_cfg={"image_size": 64, "patch_size": 16, "width": 128, "layers": 4, "head_width": 32},
         text_cfg={"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
     ).eval()
-    with torch.no_grad():  # norms and biases away from their initial values: a stricter comparison
-        for name, param in model.named_parameters():
-            if param.dim() == 1 and ("ln" in name or "bias" in name):
-                param.add_(0.1 * torch.randn_like(param))
+    perturb_norms_and_biases(model)
     return model
 
 

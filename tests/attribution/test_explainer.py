@@ -12,6 +12,7 @@ from attribution.errors import CaptionTooLong, EmptyCaption, InvalidOption, Unsu
 from attribution.explainer import Explainer, interpolation_points
 from attribution.models import TINY_MODEL
 from attribution.tail import dense_token_vjps, token_jvps
+from testing import perturb_norms_and_biases
 
 LAYERS = 3  # blocks per tower of the tiny model
 IMAGE_SIZE = 32
@@ -22,10 +23,7 @@ def tiny_model(seed: int) -> torch.nn.Module:
     """A random tiny CLIP whose norms and biases are not at their initial values (stricter test)."""
     torch.manual_seed(seed)
     model = open_clip.create_model(TINY_MODEL, pretrained=None).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1 and ("ln" in name or "bias" in name):
-                param.add_(0.1 * torch.randn_like(param))
+    perturb_norms_and_biases(model)
     return model
 
 

@@ -34,6 +34,7 @@ from attribution.quadrature import (
     quadrature_rule,
     right_riemann_points,
 )
+from testing import perturb_norms_and_biases
 
 IMAGE_SIZE = 32
 CAPTION = "a red ball on green grass"
@@ -51,10 +52,7 @@ EXACT_DEGREE = {
 def tiny():
     torch.manual_seed(3)
     model = open_clip.create_model(TINY_MODEL, pretrained=None).eval()
-    with torch.no_grad():  # norms and biases away from their initial values: a stricter test
-        for name, param in model.named_parameters():
-            if param.dim() == 1 and ("ln" in name or "bias" in name):
-                param.add_(0.1 * torch.randn_like(param))
+    perturb_norms_and_biases(model)
     return model, open_clip.get_tokenizer(TINY_MODEL)
 
 

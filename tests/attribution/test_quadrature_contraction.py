@@ -12,6 +12,7 @@ from exclip.explanation import OpenClipExplainer
 from attribution.explainer import REVERSE_PASS_COST, Explainer, contracts
 from attribution.models import TINY_MODEL
 from attribution.quadrature import GAUSS_LEGENDRE, MIDPOINT, RULES, quadrature_rule
+from testing import perturb_norms_and_biases
 from tests.attribution.test_quadrature import engine_matrix, relative_error, slow_explanation
 
 IMAGE_SIZE = 32
@@ -22,10 +23,7 @@ CAPTIONS = ["dog", "a red ball on green grass", "two cats sleeping on a blue car
 def tiny():
     torch.manual_seed(5)
     model = open_clip.create_model(TINY_MODEL, pretrained=None).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1 and ("ln" in name or "bias" in name):
-                param.add_(0.1 * torch.randn_like(param))
+    perturb_norms_and_biases(model)
     return model, open_clip.get_tokenizer(TINY_MODEL)
 
 
