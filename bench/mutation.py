@@ -204,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         help="third-party modules the parent imports (never the project's own: they are mutated)",
     )
     argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])  # first, so that --help answers
+    if split == len(argv):
         parser.error("give the tests to run after --")
-    split = argv.index("--")
-    args = parser.parse_args(argv[:split])
     pytest_args = argv[split + 1 :]
     path = (ROOT / args.file).resolve()
     module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
