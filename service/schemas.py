@@ -136,7 +136,7 @@ class ExplainOptions(BaseModel):
         "for the result (bounded by EXCLIP_WAIT_MAX_S); default: the bound",
     )
 
-    @field_validator("text_layer", "image_layer", "steps", "wait", mode="before")
+    @field_validator("text_layer", "image_layer", "steps", "tolerance", "wait", mode="before")
     @classmethod
     def _plain_numbers(cls, value: Any) -> Any:
         return _plain_number(value)

@@ -24,6 +24,8 @@ def _json(**fields) -> bytes:
         ({"steps": "5_0"}, "steps: Value error, must be a decimal number, got '5_0'"),
         ({"steps": True}, "steps: Value error, must be a number, not a boolean"),
         ({"wait": True}, "wait: Value error, must be a number, not a boolean"),
+        ({"tolerance": True}, "tolerance: Value error, must be a number, not a boolean"),
+        ({"tolerance": "1_0e-3"}, "tolerance: Value error, must be a decimal number, got '1_0e-3'"),
         (
             {"captions": [{"text": "a dog", "selections": [{"span": [0.5, 3.9]}]}]},
             "span.0: Input should be a valid integer",
