@@ -30,30 +30,16 @@ model is ``exclip-tiny`` with weights saved once per session, and the API and wo
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import tempfile
 import uuid
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from testing import REDIS_SERVER, RedisServer, ServiceLauncher, WorkerHold, save_tiny_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def no_event_loop_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A test that leaves an event loop marked running in this thread makes every later async test of
-    the same process fail ("Cannot run the event loop while another loop is running"; seen once in CI
-    with several workers, culprit unknown). Clear the mark after the test and warn with its name, so
-    the culprit shows in the log and the tests after it still test what they say."""
-    yield
-    if asyncio.events._get_running_loop() is not None:
-        asyncio.events._set_running_loop(None)
-        warnings.warn(f"{request.node.nodeid} left an event loop marked running", stacklevel=1)
 
 
 @pytest.fixture(scope="session")

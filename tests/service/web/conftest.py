@@ -86,7 +86,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(f"web page screenshots: {SCREENSHOTS}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    # Per module, not per session: Playwright's sync API keeps its event loop marked running in this
+    # thread while the browser is open, and every async test that a test worker runs meanwhile (other
+    # modules' tests, interleaved by pytest-xdist) then fails to start its own loop.
     with chromium() as browser:
         yield browser
