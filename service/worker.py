@@ -70,10 +70,12 @@ class _Item:
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
-    # CUDA says "out of memory"; the CPU allocator says "can't allocate memory" (or MemoryError).
+    # CUDA says "out of memory"; the CPU allocator says "can't allocate memory" (or MemoryError); with
+    # the address space exhausted, the next thread's stack cannot be mapped ("can't start new thread").
     message = str(exc).lower()
     return isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError) or (
-        isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+        isinstance(exc, RuntimeError)
+        and any(s in message for s in ("out of memory", "can't allocate memory", "can't start new thread"))
     )
 
 
