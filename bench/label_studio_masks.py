@@ -22,33 +22,21 @@ from typing import Any
 import numpy as np
 from common import ROOT  # noqa: F401  (puts the repository on sys.path)
 
-from service.label_studio.config import LabelConfig, parse_label_config
+from attribution.geometry import ImageGeometry
+from service.label_studio.config import EXAMPLE_CONFIG, LabelConfig, parse_label_config
 from service.label_studio.results import heatmap_mask, image_regions
 
-CONFIG = """
-<View>
-  <Image name="image" value="$image"/>
-  <Text name="caption" value="$caption"/>
-  <Labels name="phrase" toName="caption"><Label value="Phrase"/></Labels>
-  <RectangleLabels name="region" toName="image" smart="true"><Label value="Phrase"/></RectangleLabels>
-  <BrushLabels name="heatmap" toName="image"><Label value="Phrase"/></BrushLabels>
-</View>
-"""
 
-
-def image_object(width: int, height: int, grid: int) -> dict[str, Any]:
-    """A result's ``image`` object for a centre-cropped square model input of ``grid`` x ``grid`` patches."""
+def image_object(width: int, height: int, grid: int) -> ImageGeometry:
+    """A result's image geometry for a centre-cropped square model input of ``grid`` x ``grid`` patches."""
     side = min(width, height)
     x0, y0 = (width - side) / 2, (height - side) / 2
-    return {
-        "width": width,
-        "height": height,
-        "crop_box": [x0, y0, x0 + side, y0 + side],
-        "patch_size": [side / grid, side / grid],
-    }
+    return ImageGeometry(
+        width, height, (x0, y0, x0 + side, y0 + side), (grid, grid), (side / grid, side / grid)
+    )
 
 
-def one_task(config: LabelConfig, heatmaps: np.ndarray, image: dict[str, Any], level: float) -> int:
+def one_task(config: LabelConfig, heatmaps: np.ndarray, image: ImageGeometry, level: float) -> int:
     """The regions of every phrase of one task; returns the total RLE length."""
     total = 0
     for heatmap in heatmaps:
@@ -58,7 +46,7 @@ def one_task(config: LabelConfig, heatmaps: np.ndarray, image: dict[str, Any], l
 
 
 def measure(width: int, height: int, grid: int, level: float, phrases: int) -> dict[str, Any]:
-    config = parse_label_config(CONFIG)
+    config = parse_label_config(EXAMPLE_CONFIG)
     image = image_object(width, height, grid)
     heatmaps = np.random.default_rng(0).standard_normal((phrases, grid, grid))
     start = time.process_time()

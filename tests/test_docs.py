@@ -114,3 +114,11 @@ def test_links_between_docs_resolve(doc: Path) -> None:
         path = (doc.parent / target).resolve() if target else doc
         assert path.exists(), f"{doc.name}: {target} does not exist"
         assert anchor in heading_anchors(path.read_text(encoding="utf-8")), f"{doc.name}: {target}#{anchor}"
+
+
+def test_the_readme_shows_the_label_studio_config_the_tests_use() -> None:
+    """The Label Studio tests and bench use ``EXAMPLE_CONFIG``; the README's ```xml block is it."""
+    from service.label_studio.config import EXAMPLE_CONFIG
+
+    blocks = re.findall(r"```xml\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    assert EXAMPLE_CONFIG.strip() in [b.strip() for b in blocks]

@@ -16,6 +16,17 @@ from dataclasses import dataclass
 
 from service.label_studio.errors import LabelConfigInvalid
 
+EXAMPLE_CONFIG = """
+<View>
+  <Image name="image" value="$image"/>
+  <Text name="caption" value="$caption"/>
+  <Labels name="phrase" toName="caption"><Label value="Phrase"/></Labels>
+  <RectangleLabels name="region" toName="image" smart="true"><Label value="Phrase"/></RectangleLabels>
+  <BrushLabels name="heatmap" toName="image"><Label value="Phrase"/></BrushLabels>
+</View>
+"""
+"""The labeling config the README documents (a test checks the README shows exactly this)."""
+
 MAX_CONFIG_CHARS = 200_000
 """Label configs are a few hundred characters; far larger ones are refused before parsing."""
 

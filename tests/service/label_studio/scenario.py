@@ -13,15 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DOCUMENTED = """
-<View>
-  <Image name="image" value="$image"/>
-  <Text name="caption" value="$caption"/>
-  <Labels name="phrase" toName="caption"><Label value="Phrase"/></Labels>
-  <RectangleLabels name="region" toName="image" smart="true"><Label value="Phrase"/></RectangleLabels>
-  <BrushLabels name="heatmap" toName="image"><Label value="Phrase"/></BrushLabels>
-</View>
-"""
+from service.label_studio.config import EXAMPLE_CONFIG
+
+DOCUMENTED = EXAMPLE_CONFIG  # the config the README documents
 
 WIDTH, HEIGHT = 96, 64
 CAPTION = "a yellow 🐕 block on a blue field"  # an emoji: offsets must count code points
