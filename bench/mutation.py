@@ -27,9 +27,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,14 +96,19 @@ def _sites(tree: ast.Module) -> Iterator[tuple[ast.AST, str]]:
             yield node, f"drop {type(node.op).__name__}"
         elif isinstance(node, ast.Constant) and id(node) not in docstrings:
             value = node.value
-            if isinstance(value, bool):
-                yield node, f"{value} -> {not value}"
-            elif isinstance(value, int):
-                yield node, f"{value} -> {value + 1}"
-            elif isinstance(value, float):
-                yield node, f"{value} -> {value * 2}"
+            if isinstance(value, bool | int | float):
+                yield node, f"{value} -> {_mutated_constant(value)}"
         elif isinstance(node, ast.Name) and node.id in NAME_SWAPS:
             yield node, f"{node.id} -> {NAME_SWAPS[node.id]}"
+
+
+def _mutated_constant(value: bool | int | float) -> bool | int | float:
+    """``True``↔``False``, an integer ``n``→``n + 1``, a float ``x``→``x * 2``."""
+    if isinstance(value, bool):  # before int: bool is an int
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    return value * 2
 
 
 def _apply(node: ast.AST, change: str) -> ast.AST | None:
@@ -116,9 +122,8 @@ def _apply(node: ast.AST, change: str) -> ast.AST | None:
         return node.operand
     elif isinstance(node, ast.Constant):
         value = node.value
-        node.value = (
-            (not value) if isinstance(value, bool) else value + 1 if isinstance(value, int) else value * 2
-        )
+        assert isinstance(value, bool | int | float), f"_sites yields no {type(value).__name__} constant"
+        node.value = _mutated_constant(value)
     elif isinstance(node, ast.Name):
         node.id = NAME_SWAPS[node.id]
     return None
@@ -154,15 +159,17 @@ class _MutatedModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def __init__(self, name: str, path: Path, source: str) -> None:
         self.name, self.path, self.source = name, path, source
 
-    def find_spec(self, fullname, path=None, target=None):  # type: ignore[no-untyped-def]
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname != self.name:
             return None
         return importlib.util.spec_from_loader(fullname, self, origin=str(self.path))
 
-    def create_module(self, spec):  # type: ignore[no-untyped-def]
-        return None
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return None  # the default module
 
-    def exec_module(self, module) -> None:  # type: ignore[no-untyped-def]
+    def exec_module(self, module: ModuleType) -> None:
         module.__file__ = str(self.path)
         exec(compile(self.source, str(self.path), "exec"), module.__dict__)
 
