@@ -5,7 +5,8 @@ process that downloads with ``service.label_studio.fetch.ImageFetcher`` as the p
 images with ``fetch_all``, the call's deadline when the code has one, the process's download limit
 when it has one), so its peak RSS is the downloads' alone. ``--code DIR`` runs a case against another
 checkout's code (e.g. ``git archive <rev> service attribution | tar -x -C DIR``) for a before/after
-table; old code without a deadline is cut off by the bench at ``--cap-s``.
+table; old code without a deadline (before 46a2435, BENCHMARKS.md's "before" rows: ``<rev>`` =
+``46a2435^``) is cut off by the bench at ``--cap-s``.
 
 Cases:
 - ``trickle``: one call, one image; the host declares 1000 bytes and sends one every 0.5 s (each read
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import os
 import resource
@@ -70,15 +70,18 @@ async def _child(url: str, case: str, cap_s: float) -> dict:
     from service.label_studio import fetch
 
     calls, per_call, _, _, _, budget = CASES[case]
-    takes_deadline = "deadline" in inspect.signature(fetch.ImageFetcher.fetch_all).parameters
-    shared = {"downloads": fetch.Downloads()} if hasattr(fetch, "Downloads") else {}
+    # The per-process download bound (Downloads) and the call deadline came in one commit (46a2435);
+    # code before it, the "before" rows of BENCHMARKS.md, takes neither keyword.
+    downloads = fetch.Downloads() if hasattr(fetch, "Downloads") else None
+    refs = [f"/img{i}.png" for i in range(per_call)]
     baseline = _rss_mb()
     started = time.monotonic()
-    deadline = {"deadline": started + budget} if takes_deadline else {}
 
-    async def one_call() -> list:
-        fetcher = fetch.ImageFetcher(url, None, max_bytes=LIMIT, **shared)
-        return await fetcher.fetch_all([f"/img{i}.png" for i in range(per_call)], **deadline)
+    async def one_call() -> list[bytes | Exception]:
+        if downloads is None:
+            return await fetch.ImageFetcher(url, None, max_bytes=LIMIT).fetch_all(refs)
+        fetcher = fetch.ImageFetcher(url, None, max_bytes=LIMIT, downloads=downloads)
+        return await fetcher.fetch_all(refs, deadline=started + budget)
 
     try:
         outcomes = await asyncio.wait_for(asyncio.gather(*(one_call() for _ in range(calls))), cap_s)
