@@ -1,7 +1,7 @@
 """What the bench scripts share beyond the test harness (the ``testing`` package, whose ``Process``,
-``RedisServer`` and ``free_port`` they start processes with): the service command, client images and
-percentiles. Scripts import it as ``common`` (their own
-directory is on the path).
+``RedisServer`` and ``free_port`` they start processes with): the service command, client images,
+percentiles and line-buffered output. Scripts import it as ``common`` (their own directory is on the
+path).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["IMAGE_SIZES", "ROOT", "images", "percentile", "service_command"]
+__all__ = ["IMAGE_SIZES", "ROOT", "images", "line_buffered_stdout", "percentile", "service_command"]
 
 IMAGE_SIZES = [(320, 240), (256, 256), (400, 300), (224, 320), (640, 480), (180, 180)]
 
@@ -52,3 +52,10 @@ def percentile(sorted_values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def line_buffered_stdout() -> None:
+    """Table rows appear as they are measured, also through a pipe (``| tee``). Only a text stream
+    over a file can be reconfigured; anything else put in its place (a capture) stays as it is."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)

@@ -14,12 +14,15 @@ routes must give the same matrix; the largest difference is printed.
 from __future__ import annotations
 
 import argparse
-import sys
+import functools
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+from common import line_buffered_stdout
 
-from attribution.explainer import Explainer
+from attribution.explainer import Explainer, PairResult
 from attribution.quadrature import RIEMANN, RULES
 from testing import random_clip
 
@@ -30,15 +33,18 @@ CAPTIONS = [
     "a photo of a small boat on a calm lake under grey clouds",
 ]  # 16 tokens each with SOT and EOT
 
+T = TypeVar("T")
 
-def cpu_seconds(call) -> float:
+
+def cpu_seconds(call: Callable[[], T]) -> tuple[float, T]:
+    """This process's CPU seconds for ``call`` and what it returned."""
     start = time.process_time()
-    call()
-    return time.process_time() - start
+    out = call()
+    return time.process_time() - start, out
 
 
 def main() -> None:
-    sys.stdout.reconfigure(line_buffering=True)
+    line_buffered_stdout()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["ViT-B-32"])
     parser.add_argument("--layers", nargs="+", type=int, default=[6])
@@ -55,13 +61,13 @@ def main() -> None:
     for name in args.models:
         model, tokenizer, image = random_clip(name)
         model.encode_image(image)
-        forward = min(cpu_seconds(lambda m=model, x=image: m.encode_image(x)) for _ in range(3))
+        forward = min(cpu_seconds(functools.partial(model.encode_image, image))[0] for _ in range(3))
         tokens = int(model.visual.grid_size[0] * model.visual.grid_size[1]) + 1
         for layer in args.layers:
             for n_captions in args.captions:
                 captions = CAPTIONS[:n_captions]
                 images = image.expand(n_captions, -1, -1, -1)
-                results = {}
+                results: dict[str, list[PairResult]] = {}
                 for route, flag in (("own factor", False), ("contraction", True)):
                     explainer = Explainer(
                         model,
@@ -73,18 +79,15 @@ def main() -> None:
                         contraction=flag,
                     )
                     explainer.explain(image, ["a dog"])  # warm: references cached
-                    out: list = []
-                    seconds = cpu_seconds(
-                        lambda e=explainer, o=out, x=images, c=captions: o.extend(e.explain(x, c))
-                    )
+                    seconds, out = cpu_seconds(functools.partial(explainer.explain, images, captions))
                     results[route] = out
                     diff = ""
                     if route == "contraction":
-                        diff = max(
+                        largest = max(
                             float((a.interactions - b.interactions).abs().max() / b.interactions.abs().max())
                             for a, b in zip(out, results["own factor"], strict=True)
                         )
-                        diff = f"{diff:.1e}"
+                        diff = f"{largest:.1e}"
                     print(
                         f"| {name} | {layer} | {args.quadrature} | {args.steps} | {n_captions} | {tokens} "
                         f"| {route} | "

@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 import time
+from collections.abc import Callable
 
 import torch
+from common import line_buffered_stdout
 
 from attribution.explainer import Explainer
 from testing import random_clip
@@ -32,7 +33,7 @@ from testing import random_clip
 CAPTION = "a photo of a brown dog with a red ball on the green grass"  # 16 tokens with SOT, EOT
 
 
-def best_seconds(call, repeats: int) -> float:
+def best_seconds(call: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.process_time()
@@ -43,14 +44,14 @@ def best_seconds(call, repeats: int) -> float:
     return min(times)
 
 
-def forward_seconds(model: torch.nn.Module, image: torch.Tensor) -> float:
+def forward_seconds(encode_image: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor) -> float:
     with torch.no_grad():
-        model.encode_image(image)
-        return best_seconds(lambda: model.encode_image(image), 3)
+        encode_image(image)
+        return best_seconds(lambda: encode_image(image), 3)
 
 
 def main() -> None:
-    sys.stdout.reconfigure(line_buffering=True)  # rows appear as they are measured
+    line_buffered_stdout()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16"])
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 10])
@@ -76,7 +77,7 @@ def main() -> None:
                     print(f"| {name} | {layer} | {steps} | {skipped} | | |")
                     continue
                 explainer = Explainer(model, tokenizer, layer, layer, steps)
-                forward = forward_seconds(model, image)
+                forward = forward_seconds(model.encode_image, image)
                 call = functools.partial(explainer.explain, image, [CAPTION])
                 seconds = best_seconds(call, 1)  # warm-up: references cached per model
                 if seconds < 20:  # slower calls: the warm-up is the measurement (references ≤ 2 forwards)

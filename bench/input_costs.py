@@ -78,7 +78,7 @@ def _build_image(kind: str, args: tuple) -> bytes:
         w, h = args
         rng = np.random.default_rng(0)
         small = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((w, h), Image.BICUBIC).save(buf, "JPEG", quality=90)
+        Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
     return buf.getvalue()
 
 

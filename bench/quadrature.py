@@ -24,10 +24,10 @@ rules' points, not their sum. CPU seconds of this process are printed per case.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
+from common import line_buffered_stdout
 
 from attribution.evaluation.scenes import generate_scenes
 from attribution.explainer import Explainer, PairResult
@@ -43,6 +43,7 @@ from attribution.quadrature import (
     quadrature_rule,
     right_riemann_points,
 )
+from attribution.text import clip_bpe_tokenizer
 from testing import random_clip
 
 CAPTION = "a photo of a brown dog with a red ball on the green grass"  # 16 tokens with SOT, EOT
@@ -77,7 +78,9 @@ def load_case(case: str) -> tuple[Explainer, torch.Tensor, torch.Tensor, str]:
     else:
         model, tokenizer, image = random_clip(name)
         caption = CAPTION
-    return Explainer(model, tokenizer, layer, layer), image, tokenizer([caption])[0], caption
+    # The engine needs CLIP's BPE tokenizer (token offsets); a model with another one fails here, clearly.
+    explainer = Explainer(model, clip_bpe_tokenizer(tokenizer), layer, layer)
+    return explainer, image, tokenizer([caption])[0], caption
 
 
 def row_spread(start: torch.Tensor, end: torch.Tensor) -> tuple[float, float, int]:
@@ -167,7 +170,7 @@ def run(case: str, fine: int) -> None:
 
 
 def main() -> None:
-    sys.stdout.reconfigure(line_buffering=True)
+    line_buffered_stdout()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["scenes:1", "ViT-B-32:6"])
     parser.add_argument("--fine", type=int, default=40, help="converged = 2·R(2·FINE) − R(FINE)")
