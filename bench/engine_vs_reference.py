@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 CAPTION = "a photo of a brown dog with a red ball on the green grass"  # 16 tokens with SOT, EOT
 CAPTIONS = [
@@ -36,6 +37,18 @@ CAPTIONS = [
     "a child flying a kite on the beach",
     "an old car parked in front of a house",
 ]
+
+
+class Row(TypedDict, total=False):
+    """One measurement, as a child prints it (JSON) and the table reads it."""
+
+    seconds: float
+    forward: float  # one plain image forward in the same process
+    baseline_gb: float  # resident memory before the call
+    gpu_peak_gb: float
+    pairs_per_second: float
+    peak_rss_gb: float
+    error: str  # in place of the numbers when the measurement failed
 
 
 def _peak_rss_gb() -> float:
@@ -79,7 +92,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_ours(model_name: str, device: str, out: Path) -> dict:
+def run_ours(model_name: str, device: str, out: Path) -> Row:
     import torch
 
     from attribution.explainer import Explainer
@@ -99,13 +112,13 @@ def run_ours(model_name: str, device: str, out: Path) -> dict:
         times.append(time.perf_counter() - start)
     seconds = min(times)
     torch.save(result.interactions.cpu(), out)
-    row = {"seconds": seconds, "forward": forward, "baseline_gb": baseline}
+    row: Row = {"seconds": seconds, "forward": forward, "baseline_gb": baseline}
     if image.device.type == "cuda":
         row["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1024**3
     return row
 
 
-def run_throughput(model_name: str, device: str) -> dict:
+def run_throughput(model_name: str, device: str) -> Row:
     """8 captions × 4 images in one call (after a warm-up call), in pairs per second."""
     import torch
 
@@ -122,7 +135,7 @@ def run_throughput(model_name: str, device: str) -> dict:
     return {"pairs_per_second": len(pairs) / (time.perf_counter() - start)}
 
 
-def run_reference(model_name: str, device: str, out: Path) -> dict:
+def run_reference(model_name: str, device: str, out: Path) -> Row:
     import torch
     from exclip.explanation import OpenClipExplainer
 
@@ -137,7 +150,7 @@ def run_reference(model_name: str, device: str, out: Path) -> dict:
     _sync(image.device)
     seconds = time.perf_counter() - start
     torch.save(interactions.cpu(), out)
-    row = {"seconds": seconds, "forward": forward, "baseline_gb": baseline}
+    row: Row = {"seconds": seconds, "forward": forward, "baseline_gb": baseline}
     if image.device.type == "cuda":
         row["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1024**3
     return row
@@ -162,12 +175,11 @@ def _child(args) -> None:
     print(json.dumps(row), flush=True)
 
 
-def _measure(kind: str, model: str, device: str, out: Path, memory_limit_gb: float | None = None) -> dict:
+def _measure(kind: str, model: str, device: str, out: Path, memory_limit_gb: float | None = None) -> Row:
     cmd = [sys.executable, __file__, "--child", kind, "--model", model, "--device", device, "--out", str(out)]
 
-    def limit() -> (
-        None
-    ):  # an address-space cap turns a runaway allocation into a MemoryError, not a dead machine
+    # An address-space cap turns a runaway allocation into a MemoryError, not a dead machine.
+    def limit() -> None:
         if memory_limit_gb:
             cap = int(memory_limit_gb * 1024**3)
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
@@ -178,7 +190,8 @@ def _measure(kind: str, model: str, device: str, out: Path, memory_limit_gb: flo
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
         return {"error": f"failed: {tail[0][:160]}"}
-    return json.loads(lines[-1])
+    row: Row = json.loads(lines[-1])
+    return row
 
 
 def main() -> None:
@@ -215,7 +228,7 @@ def main() -> None:
         for model in args.models:
             ours_out, ref_out = Path(tmp, f"{model}-ours.pt"), Path(tmp, f"{model}-ref.pt")
             ours = _measure("ours", model, args.device, ours_out)
-            ref = (
+            ref: Row = (
                 {"error": "not run"}
                 if args.no_reference
                 else _measure("reference", model, args.device, ref_out, args.reference_memory_gb)
