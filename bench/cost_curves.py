@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -38,13 +39,14 @@ from testing import random_clip
 
 WORDS = "dog cat red ball grass tree sky blue car road house window street person".split()
 BASE_MODEL = "ViT-B-32"
-GRID = {
+GRID = {  # the numeric curves: a keyword of Model.point and its values
     "steps": [1, 2, 5, 10, 20, 50],
     "tokens": [3, 8, 16, 32, 77],
     "captions": [1, 2, 4, 8, 16],
     "images": [1, 2, 4, 8],
-    "model": [TINY_MODEL, "ViT-B-32", "ViT-B-16", "ViT-L-14"],
 }
+MODELS = [TINY_MODEL, "ViT-B-32", "ViT-B-16", "ViT-L-14"]
+CURVES = [*GRID, "model"]
 LABELS = {
     "steps": "interpolation steps N",
     "tokens": "caption tokens (SOT … EOT)",
@@ -62,6 +64,26 @@ def caption(tokens: int, seed: int = 0) -> str:
 def _status_gb(field: str) -> float:
     lines = Path("/proc/self/status").read_text().splitlines()
     return next(int(line.split()[1]) for line in lines if line.startswith(field)) / 1024**2
+
+
+class Point(TypedDict):
+    cpu_s: float
+    forward_cpu_s: float
+    forwards: float  # cpu_s in image forwards
+    added_gb: float
+
+
+class Row(Point):
+    x: int | str  # the curve's value: a number, or the model's name
+
+
+class _CurveRows(TypedDict):
+    rows: list[Row]
+
+
+class Curve(_CurveRows, total=False):  # (typing.Required is Python 3.11+)
+    cost_fit: dict[str, float]  # numeric curves only
+    memory_fit: dict[str, float]
 
 
 def measure(call: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -84,7 +106,9 @@ class Model:
         with torch.no_grad():
             self.forward = measure(lambda: self.model.encode_image(self.images[:1]), 3)[0]
 
-    def point(self, steps: int = 10, tokens: int = 16, captions: int = 1, images: int = 1, repeats: int = 3):
+    def point(
+        self, steps: int = 10, tokens: int = 16, captions: int = 1, images: int = 1, repeats: int = 3
+    ) -> Point:
         explainer = Explainer(self.model, self.tokenizer, steps=steps)
         pairs = [(i, caption(tokens, c)) for i in range(images) for c in range(captions)]
         batch = self.images[[i for i, _ in pairs]]
@@ -98,7 +122,7 @@ class Model:
         }
 
 
-def fit(xs: list[float], ys: list[float]) -> dict:
+def fit(xs: list[float], ys: list[float]) -> dict[str, float]:
     """Least-squares line y = a + b·x, its R², and the ratio of the last to the first point."""
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
@@ -111,30 +135,39 @@ def fit(xs: list[float], ys: list[float]) -> dict:
     return {"a": a, "b": b, "r2": 1 - ss_res / ss_tot, "last_over_first": ratio}
 
 
-def run(curves: list[str], repeats: int) -> dict:
+def _row(curve: str, x: int | str, point: Point) -> Row:
+    print(f"  {curve}={x}: {point['forwards']:.2f} forwards, +{point['added_gb']:.3f} GB", flush=True)
+    return {"x": x, **point}
+
+
+def _model_curve(base: Model, repeats: int) -> Curve:
+    rows = []
+    for name in MODELS:
+        model = base if name == BASE_MODEL else Model(name)
+        rows.append(_row("model", name, model.point(repeats=repeats)))
+        del model  # freed before the next one is built
+    return {"rows": rows}
+
+
+def _numeric_curve(base: Model, curve: str, repeats: int) -> Curve:
+    rows = [_row(curve, x, base.point(**{curve: x}, repeats=repeats)) for x in GRID[curve]]
+    xs = [float(x) for x in GRID[curve]]
+    return {
+        "rows": rows,
+        "cost_fit": fit(xs, [r["forwards"] for r in rows]),
+        "memory_fit": fit(xs, [r["added_gb"] for r in rows]),
+    }
+
+
+def run(curves: list[str], repeats: int) -> dict[str, Curve]:
     base = Model(BASE_MODEL)
-    results: dict = {}
-    for curve in curves:
-        rows = []
-        for x in GRID[curve]:
-            if curve == "model":
-                model = base if x == BASE_MODEL else Model(x)
-                row = model.point(repeats=repeats)
-                del model
-            else:
-                row = base.point(**{curve: x}, repeats=repeats)
-            rows.append({"x": x, **row})
-            print(f"  {curve}={x}: {row['forwards']:.2f} forwards, +{row['added_gb']:.3f} GB", flush=True)
-        entry = {"rows": rows}
-        if curve != "model":
-            xs = [float(r["x"]) for r in rows]
-            entry["cost_fit"] = fit(xs, [r["forwards"] for r in rows])
-            entry["memory_fit"] = fit(xs, [r["added_gb"] for r in rows])
-        results[curve] = entry
-    return results
+    return {
+        curve: _model_curve(base, repeats) if curve == "model" else _numeric_curve(base, curve, repeats)
+        for curve in curves
+    }
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict[str, Curve]) -> str:
     out = []
     for curve, entry in results.items():
         out.append(f"\n**{LABELS[curve]}** (base: {BASE_MODEL}, N = 10, 16 tokens, 1 image, 1 caption)\n")
@@ -147,17 +180,19 @@ def markdown(results: dict) -> str:
                 f"| {r['x']} | {r['cpu_s']:.3f} | {r['forward_cpu_s']:.3f} | {r['forwards']:.2f} | "
                 f"{r['added_gb']:.3f} |"
             )
-        for key, unit in (("cost_fit", "forwards"), ("memory_fit", "GB")):
-            if key in entry:
-                f = entry[key]
+        for name, f, unit in (
+            ("cost", entry.get("cost_fit"), "forwards"),
+            ("memory", entry.get("memory_fit"), "GB"),
+        ):
+            if f is not None:
                 out.append(
-                    f"\n{key.split('_')[0]}: {f['a']:.3g} + {f['b']:.3g}·x {unit}, R² = {f['r2']:.3f}, "
+                    f"\n{name}: {f['a']:.3g} + {f['b']:.3g}·x {unit}, R² = {f['r2']:.3f}, "
                     f"last/first = {f['last_over_first']:.2f}"
                 )
     return "\n".join(out)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict[str, Curve], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,7 +223,7 @@ def main() -> None:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--curves", nargs="+", choices=list(GRID), default=list(GRID))
+    parser.add_argument("--curves", nargs="+", choices=CURVES, default=CURVES)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/cost_curves"))
     args = parser.parse_args()
