@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -173,11 +174,9 @@ async def _case(url: str, image: bytes, caption: str, heatmaps: int) -> tuple[li
     return statuses, note
 
 
-# name, image, caption, concurrent legend PNGs of the job, extra env of the API
-
 # Formats with pixel limits of their own (defaults, EXCLIP_MAX_PIXELS=40000000), each at 40 MP and at the
 # largest square under its limit: (that side, name, maker of an upload of a side, caption).
-FORMATS_WITH_LIMITS = [
+FORMATS_WITH_LIMITS: list[tuple[int, str, Callable[[int], bytes], str]] = [
     (3162, "WebP lossy", webp, "black"),
     (3162, "WebP lossless", partial(webp, lossless=True), "black"),
     (3162, "WebP RGBA", partial(webp, alpha=True), "black"),
@@ -186,7 +185,8 @@ FORMATS_WITH_LIMITS = [
     (4000, "one-strip RGBA TIFF", one_strip_tiff, "black"),
 ]
 
-CASES = [
+# name, image, caption, concurrent legend PNGs of the job, extra env of the API
+CASES: list[tuple[str, Callable[[], bytes], str, int, dict[str, str]]] = [
     ("6000x6000 grey PNG + 1 legend PNG", lambda: png(6000, 6000), "a grey square", 1, {}),
     ("6000x6000 grey PNG + 4 concurrent legend PNGs", lambda: png(6000, 6000), "a grey square", 4, {}),
     (
@@ -320,6 +320,7 @@ def main() -> int:
             image = make()
             api, worker = launcher.api(**env), launcher.worker()  # fresh: freed memory is not reused
             api.wait_ready(180)
+            assert api.url is not None  # ServiceLauncher.api starts it with a port
             with Peak(api.proc.pid) as api_peak, Peak(worker.proc.pid) as worker_peak:
                 t0 = time.monotonic()
                 statuses, note = asyncio.run(_case(api.url, image, caption, heatmaps))

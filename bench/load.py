@@ -140,6 +140,7 @@ def run(args: argparse.Namespace, server: RedisServer, launcher: ServiceLauncher
         "EXCLIP_MAX_QUEUE": str(args.requests * 2),
     }
     url = launcher.api(**env).url
+    assert url is not None  # ServiceLauncher.api starts it with a port
     workers = {name: launcher.worker(**env, EXCLIP_WORKER_NAME=name) for name in ("w1", "w2")}
 
     def two_workers() -> bool:

@@ -28,7 +28,7 @@ fi
 
 ruff check .
 ruff format --check .
-mypy  # configured in pyproject.toml: strict on attribution/, default checks on service/ and testing/
+mypy  # configured in pyproject.toml: strict on attribution/, default checks on service/, testing/, bench/ and scripts/
 # Many processes share few cores in these tests (API, workers, browser); one thread each avoids thrashing.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # Test processes in parallel (pytest-xdist), one per core by default (TEST_PROCESSES=1: one process).
