@@ -151,36 +151,83 @@ def with_hidden(block: nn.Module, run: Callable[[], Tensor], hidden: Tensor) -> 
 # --- The method -----------------------------------------------------------------------------------------
 
 
-def tower_path(
-    block: nn.Module,
-    run: Callable[[], Tensor],
-    run_reference: Callable[[], Tensor],
-    rule: tuple[Tensor, Tensor],
-) -> TowerPath:
-    """One tower's hidden states, integrated Jacobian and embeddings: ``run`` encodes the input,
-    ``run_reference`` the reference; the path is the input's forward pass on interpolated rows."""
-    hidden = hidden_entering(block, run)
-    reference = hidden_entering(block, run_reference)
+class TowerOracle:
+    """One tower for one input: its hidden states entering the cut block, its embeddings, and the dense
+    Jacobian of its embedding function at any point of the path (each point's computed once)."""
 
-    def embedding_of(rows: Tensor) -> Tensor:
-        return with_hidden(block, run, rows)
+    def __init__(
+        self, block: nn.Module, run: Callable[[], Tensor], run_reference: Callable[[], Tensor]
+    ) -> None:
+        self.block, self.run = block, run
+        self.hidden = hidden_entering(block, run)
+        self.reference = hidden_entering(block, run_reference)
+        with torch.no_grad():
+            self.embedding = run()[0]
+            self.reference_embedding = run_reference()[0]
+            self.path_start = self.embedding_of(self.reference)
+        self._jacobians: dict[float, Tensor] = {}
 
-    points, weights = rule
-    jacobian = torch.zeros(0)
-    for alpha, weight in zip(points.tolist(), weights.tolist(), strict=True):
-        point = reference + alpha * (hidden - reference)
-        j = torch.autograd.functional.jacobian(embedding_of, point)  # (E, S, W)
-        jacobian = weight * j if jacobian.numel() == 0 else jacobian + weight * j
-    with torch.no_grad():
-        embedding = run()[0]
-        return TowerPath(
-            hidden=hidden,
-            reference=reference,
-            jacobian=jacobian,
-            embedding=embedding,
-            reference_embedding=run_reference()[0],
-            path_start=embedding_of(reference),
+    def embedding_of(self, rows: Tensor) -> Tensor:
+        """The input's embedding with the rows entering the cut block replaced by ``rows``."""
+        return with_hidden(self.block, self.run, rows)
+
+    def jacobian_at(self, alpha: float) -> Tensor:
+        """(E, S, W): one backward pass per embedding axis at ``reference + α·(hidden − reference)``."""
+        if alpha not in self._jacobians:
+            point = self.reference + alpha * (self.hidden - self.reference)
+            self._jacobians[alpha] = torch.autograd.functional.jacobian(self.embedding_of, point)
+        return self._jacobians[alpha]
+
+    def path(self, rule: tuple[Tensor, Tensor]) -> TowerPath:
+        points, weights = rule
+        jacobian = sum(
+            w * self.jacobian_at(a) for a, w in zip(points.tolist(), weights.tolist(), strict=True)
         )
+        assert isinstance(jacobian, Tensor)
+        return TowerPath(
+            self.hidden, self.reference, jacobian, self.embedding, self.reference_embedding, self.path_start
+        )
+
+
+class PairOracle:
+    """The oracle for one pair: ``tokens`` (1, context) ids, ``image`` (1, 3, H, W) preprocessed,
+    ``reference_tokens`` (1, context). The model is copied to float64; the original is untouched.
+    ``result(rule)`` gives the matrix for a rule (points α, weights) on [0, 1], reusing the points
+    earlier rules computed."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokens: Tensor,
+        image: Tensor,
+        text_layer: int,
+        image_layer: int,
+        reference_tokens: Tensor,
+    ) -> None:
+        model64: Any = copy.deepcopy(model).double().eval()
+        image64 = image.double()
+        self.text = TowerOracle(
+            text_blocks(model64)[text_layer],
+            lambda: model64.encode_text(tokens),
+            lambda: model64.encode_text(reference_tokens),
+        )
+        self.image = TowerOracle(
+            image_blocks(model64)[image_layer],
+            lambda: model64.encode_image(image64),
+            lambda: model64.encode_image(torch.zeros_like(image64)),
+        )
+
+    def result(self, rule: tuple[Tensor, Tensor]) -> OracleResult:
+        text, img = self.text.path(rule), self.image.path(rule)
+        e = text.jacobian.shape[0]
+        s, wt = text.hidden.shape
+        p, wx = img.hidden.shape
+        product = (text.jacobian.reshape(e, s * wt).T @ img.jacobian.reshape(e, p * wx)).view(s, wt, p, wx)
+        norm = float(text.embedding.norm() * img.embedding.norm())
+        matrix = torch.einsum("si,sipj,pj->sp", text.delta, product, img.delta) / norm
+        expected = (text.embedding - text.reference_embedding) @ (img.embedding - img.reference_embedding)
+        path_expected = (text.embedding - text.path_start) @ (img.embedding - img.path_start)
+        return OracleResult(matrix, text, img, float(expected) / norm, float(path_expected) / norm)
 
 
 def explain(
@@ -192,32 +239,5 @@ def explain(
     reference_tokens: Tensor,
     rule: tuple[Tensor, Tensor],
 ) -> OracleResult:
-    """The oracle's matrix for one pair: ``tokens`` (1, context) ids, ``image`` (1, 3, H, W) preprocessed,
-    ``rule`` (points α, weights) on [0, 1]. The model is copied to float64; the original is untouched."""
-    model64 = copy.deepcopy(model).double().eval()
-    image64 = image.double()
-
-    def encode_text(ids: Tensor) -> Callable[[], Tensor]:
-        return lambda: model64.encode_text(ids)  # type: ignore[operator]
-
-    def encode_image(pixels: Tensor) -> Callable[[], Tensor]:
-        return lambda: model64.encode_image(pixels)  # type: ignore[operator]
-
-    text = tower_path(
-        text_blocks(model64)[text_layer], encode_text(tokens), encode_text(reference_tokens), rule
-    )
-    img = tower_path(
-        image_blocks(model64)[image_layer],
-        encode_image(image64),
-        encode_image(torch.zeros_like(image64)),
-        rule,
-    )
-    e = text.jacobian.shape[0]
-    s, wt = text.hidden.shape
-    p, wx = img.hidden.shape
-    product = (text.jacobian.reshape(e, s * wt).T @ img.jacobian.reshape(e, p * wx)).view(s, wt, p, wx)
-    norm = float(text.embedding.norm() * img.embedding.norm())
-    matrix = torch.einsum("si,sipj,pj->sp", text.delta, product, img.delta) / norm
-    expected = float((text.embedding - text.reference_embedding) @ (img.embedding - img.reference_embedding))
-    path_expected = float((text.embedding - text.path_start) @ (img.embedding - img.path_start))
-    return OracleResult(matrix, text, img, expected / norm, path_expected / norm)
+    """The oracle's matrix for one pair under one rule (see :class:`PairOracle`)."""
+    return PairOracle(model, tokens, image, text_layer, image_layer, reference_tokens).result(rule)
