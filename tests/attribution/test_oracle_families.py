@@ -75,7 +75,8 @@ def folded(name: str, matrix: torch.Tensor, rows: int) -> dict[str, torch.Tensor
         extra_columns["registers"] = matrix[:, cls_rows:start].sum(dim=1)
     parts.update({f"column {k}": v[:rows] for k, v in extra_columns.items()})
     parts["padding"] = padding[:, start:].sum(dim=0).reshape(GRID)
-    parts["corner"] = sum((v[rows:].sum() for v in extra_columns.values()), torch.zeros((), dtype=matrix.dtype))
+    corner = torch.zeros((), dtype=matrix.dtype)
+    parts["corner"] = corner + sum(v[rows:].sum() for v in extra_columns.values())
     return parts
 
 
