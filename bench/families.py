@@ -70,7 +70,7 @@ def main() -> None:
                 explainer.explain(image, ["a dog"])  # warm: references cached
                 image_rows = explainer.image.hidden(image, 0).shape[1]
                 text_rows = len(explainer._text_inputs(explainer.tokenize([CAPTION])[0]))
-                seconds = cpu_seconds(lambda e=explainer: e.explain(image, [CAPTION]))
+                seconds = cpu_seconds(lambda e=explainer, x=image: e.explain(x, [CAPTION]))
                 print(
                     f"| {name} | {layer if cut is not None else 'last'} | {args.steps} | {image_rows} "
                     f"| {text_rows} | {route} | {seconds:.1f} | {seconds / forward:.1f} |"
