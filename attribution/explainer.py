@@ -35,7 +35,7 @@ from attribution.quadrature import (
     quadrature_rule,
     right_riemann_points,
 )
-from attribution.tail import Tail, dense_token_vjps, embed, token_jvps
+from attribution.tail import Tail, dense_token_vjps, embed, pooled_token_vjps, token_jvps
 from attribution.text import Tokenizer, tokenize_caption
 from attribution.tf32 import exact_float32
 from attribution.towers import AnyImageTower, TextTower, image_tower, text_tower
@@ -531,12 +531,18 @@ class Explainer:
                 chunk = max(1, max_tangents // (m * s))
                 window = slice(p0, p0 + m)
                 parts.append(
-                    dense_token_vjps(tail, points[window], deltas[window], pools[window], chunk, cotangents)
+                    pooled_token_vjps(tail, points[window], deltas[window], chunk, cotangents)
+                    if tail.pooling is not None
+                    else dense_token_vjps(
+                        tail, points[window], deltas[window], pools[window], chunk, cotangents
+                    )
                 )
             return torch.cat(parts)
         if tail.dense and tail.head.projection.shape[1] < s:
             # Fewer embedding axes than tokens: reverse mode needs fewer passes.
             chunk = max(1, max_tangents // (n * s))
+            if tail.pooling is not None:
+                return pooled_token_vjps(tail, points, deltas, chunk)
             return dense_token_vjps(tail, points, deltas, pools, chunk)
         return token_jvps(tail, points, deltas, pools, max_tangents)
 

@@ -448,3 +448,60 @@ def dense_token_vjps(
             (grads,) = torch.autograd.grad(embedding, h, batched, retain_graph=True, is_grads_batched=True)
             out.append((grads * delta).sum(-1))  # (K, M, S)
     return torch.cat(out, dim=0).permute(1, 2, 0)
+
+
+def pooled_token_vjps(
+    tail: Tail, x: Tensor, delta: Tensor, chunk: int, cotangents: Tensor | None = None
+) -> Tensor:
+    """:func:`dense_token_vjps` for a tail with a pooling that reads every row, cheaper.
+
+    Reverse mode runs only from the output of the first block's attention (``z``) up: the MLP half,
+    the blocks above and the pooling. The first block's attention is then contracted in closed form,
+    the transpose of :func:`single_token_block`: with ``ĝ_r`` the cotangent of ``z_r`` taken back
+    through the output projection and split into heads, the derivative along ``delta`` on token
+    ``s`` is ``g_s·δ_s + Σ_h Σ_r P[r,s]·(c[r,s]·(ĝ_r·v_s − ĝ_r·o_r) + ĝ_r·dv_s)`` plus, for the
+    query of row ``s``, ``Σ_h Σ_j P[s,j]·g[s,j]·(ĝ_s·v_j − ĝ_s·o_s)``: products of (S, S) matrices
+    per head, no pass of the attention per cotangent.
+
+    x, delta: (M, S, W). Returns (M, S, E), or (M, S, K) with cotangents (K, E).
+    """
+    first, *rest = tail.blocks
+    assert tail.pooling is not None
+    heads = first.heads
+    wq, wk, wv = _split_qkv_weights(first)
+    bq, bk, bv = _split_qkv_biases(first)
+    a = first.ln_1(x)
+    q, k, v = (split_heads(F.linear(a, w_, b_), heads) for w_, b_ in ((wq, bq), (wk, bk), (wv, bv)))
+    scale = q.shape[-1] ** -0.5
+    logits = (q * scale) @ k.transpose(-1, -2)
+    if tail.mask is not None:
+        logits = logits + tail.mask[: x.shape[-2], : x.shape[-2]]
+    probs = logits.softmax(dim=-1)  # (M, H, S, S)
+    out = probs @ v  # (M, H, S, d)
+    z = x + first.scale_1(F.linear(_merge_heads(out), first.out_proj_weight, first.out_proj_bias))
+    da = layer_norm_tangent(first.ln_1, x, delta.unsqueeze(1)).squeeze(1)  # row s: tangent s's change
+    dq, dk, dv = (split_heads(F.linear(da, w_), heads) for w_ in (wq, wk, wv))
+    key_change = (q * scale) @ dk.transpose(-1, -2)  # (M, H, r, s): c[r,s]
+    query_change = (dq * scale) @ k.transpose(-1, -2)  # (M, H, s, j): g[s,j]
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        y = zz + first.scale_2(first.mlp(zz))
+        for block in rest:
+            y = block_forward(block, y, tail.mask)
+        embedding = tail.head(tail.pooling(y))
+        e = embedding.shape[-1]
+        rows = torch.eye(e, dtype=x.dtype, device=x.device) if cotangents is None else cotangents.to(x.dtype)
+        out_rows = []
+        for start in range(0, len(rows), chunk):
+            axes = rows[start : start + chunk]  # (K, E)
+            batched = axes.unsqueeze(1).expand(len(axes), *embedding.shape)
+            (g,) = torch.autograd.grad(embedding, zz, batched, retain_graph=True, is_grads_batched=True)
+            residual = (g * delta).sum(-1)  # (K, M, S)
+            g_hat = split_heads(first.scale_1(g) @ first.out_proj_weight, heads)  # (K, M, H, S, d)
+            g_v = g_hat @ v.transpose(-1, -2)  # (K, M, H, r, s): ĝ_r·v_s
+            g_o = (g_hat * out).sum(-1, keepdim=True)  # (K, M, H, r, 1): ĝ_r·o_r
+            kv_term = probs * (key_change * (g_v - g_o) + g_hat @ dv.transpose(-1, -2))
+            query_term = probs * query_change * (g_v - g_o)  # row s: its own query's change
+            total = residual + kv_term.sum(dim=(2, 3)) + query_term.sum(dim=(2, 4))
+            out_rows.append(total)
+    return torch.cat(out_rows, dim=0).permute(1, 2, 0)

@@ -238,6 +238,7 @@ class ImageTower:
         gh, gw = visual.grid_size
         tok = visual.pool_type == "tok"
         self.layout = RowLayout({"cls": range(0, 1)}, 1, (int(gh), int(gw)), 0 if tok else None)
+        self.patch_size: tuple[int, int] = (int(visual.patch_size[0]), int(visual.patch_size[1]))
 
     @property
     def n_layers(self) -> int:
@@ -370,6 +371,8 @@ class TimmImageTower:
             raise UnsupportedModel("token pooling with both a final norm and a pooled norm")
         self.linears = _head_linears(visual, trunk)
         gh, gw = trunk.patch_embed.grid_size
+        ph, pw = trunk.patch_embed.patch_size
+        self.patch_size = (int(ph), int(pw))
         pool_row = 0 if self.global_pool == "token" else None
         self.layout = RowLayout(extras, prefix, (int(gh), int(gw)), pool_row)
 

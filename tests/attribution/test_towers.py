@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from attribution.errors import UnsupportedModel
 from attribution.explainer import Explainer, PairResult
-from attribution.tail import dense_token_vjps, embed, token_jvps
+from attribution.tail import dense_token_vjps, embed, pooled_token_vjps, token_jvps
 from attribution.towers import image_tower, text_tower
 from testing.families import build_family
 from testing.models import perturb_norms_and_biases
@@ -91,6 +91,11 @@ def test_forward_and_reverse_modes_agree_on_both_towers(name: str, layer: int) -
         forward = token_jvps(tail, x, delta, pool, max_tangents=1 << 20)
         reverse = dense_token_vjps(tail, x, delta, pool, chunk=64)
         assert relative(forward, reverse) < 1e-5
+        if tail.pooling is not None:  # the first block's attention contracted in closed form
+            assert relative(pooled_token_vjps(tail, x, delta, chunk=5), reverse) < 1e-5
+            cotangents = torch.randn(3, reverse.shape[-1])
+            contracted = pooled_token_vjps(tail, x, delta, chunk=2, cotangents=cotangents)
+            assert relative(contracted, reverse @ cotangents.T) < 1e-5
         small = token_jvps(tail, x, delta, pool, max_tangents=s)  # tangents in several chunks
         assert relative(small, forward) < 1e-6
 
