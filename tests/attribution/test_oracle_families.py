@@ -90,38 +90,25 @@ def reported(result: PairResult) -> dict[str, torch.Tensor]:
     return parts
 
 
-@pytest.mark.parametrize("steps", [1, 3, 10])
-@pytest.mark.parametrize("layer", range(LAYERS))
-def test_engine_is_the_oracle_at_every_block(family, oracles, layer, steps):
-    name, model, tokenizer, image = family
-    tokens = tokenizer([CAPTION])
-    rows = caption_rows(name, tokenizer, tokens)
-    expected = oracle_result = oracles[layer].result(oracle.right_riemann(steps))
-    want = folded(name, oracle_result.matrix, rows)
-    explainer = Explainer(model, tokenizer, layer, LAYERS - 1 - layer, steps)
-    result = explainer.explain_tokens(image, [tokens[0]])[0]  # the ids as the model's tokenizer gives them
+def assert_engine_is_oracle(name: str, result: PairResult, expected: oracle.OracleResult, rows: int) -> None:
+    """The engine's result equals the oracle's full matrix folded as PairResult reports it."""
+    want = folded(name, expected.matrix, rows)
     got = reported(result)
-
     assert result.interactions.shape == (rows, *GRID)
     assert set(got) == {k for k in want if k.startswith(("interactions", "column"))}
     scale = max(float(v.abs().max()) for v in want.values())
     for key, value in got.items():
         assert float((value.double() - want[key]).abs().max()) <= TOLERANCE * scale, key
-
-    padding_read = float(oracle_result.matrix[rows:].abs().max()) > 0
     if name in CAUSAL:  # nothing after the pooled end token is read
-        assert not padding_read
+        assert float(expected.matrix[rows:].abs().max()) == 0
         assert result.extra_rows == {} and result.corner == 0
     else:  # a bidirectional tower reads its padding rows: they are reported, summed
-        # (entering block 0 a padding row is its token and position, the same in the reference)
-        assert padding_read == (layer > 0)
         assert set(result.extra_rows) == {"padding"}
         padding = result.extra_rows["padding"].double()
         assert float((padding - want["padding"]).abs().max()) <= TOLERANCE * scale
         assert abs(result.corner - float(want["corner"])) <= TOLERANCE * scale
     if "column cls" not in want:
         assert result.cls is None
-
     completeness = result.completeness
     for got_value, want_value in [
         (completeness.total, expected.total),
@@ -129,7 +116,32 @@ def test_engine_is_the_oracle_at_every_block(family, oracles, layer, steps):
         (completeness.expected, expected.expected),
         (float(result.entries().double().sum()), expected.total),
     ]:  # sums of cancelling float32 terms: relative to the sum of the magnitudes
-        assert abs(got_value - want_value) <= TOLERANCE * float(oracle_result.matrix.abs().sum())
+        assert abs(got_value - want_value) <= TOLERANCE * float(expected.matrix.abs().sum())
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10])
+@pytest.mark.parametrize("layer", range(LAYERS))
+def test_engine_is_the_oracle_at_every_block(family, oracles, layer, steps):
+    name, model, tokenizer, image = family
+    tokens = tokenizer([CAPTION])
+    rows = caption_rows(name, tokenizer, tokens)
+    expected = oracles[layer].result(oracle.right_riemann(steps))
+    explainer = Explainer(model, tokenizer, layer, LAYERS - 1 - layer, steps)
+    result = explainer.explain_tokens(image, [tokens[0]])[0]  # the ids as the model's tokenizer gives them
+    assert_engine_is_oracle(name, result, expected, rows)
+    if name not in CAUSAL:  # entering block 0 a padding row is its token and position, as in the reference
+        assert (float(expected.matrix[rows:].abs().max()) > 0) == (layer > 0)
+
+
+def test_engine_is_the_oracle_under_a_weighted_rule(family, oracles):
+    """Gauss–Legendre (numpy's nodes and weights in the oracle, the engine's own construction)."""
+    name, model, tokenizer, image = family
+    tokens = tokenizer([CAPTION])
+    expected = oracles[1].result(oracle.gauss_legendre(4))
+    explainer = Explainer(model, tokenizer, 1, LAYERS - 2, 4, quadrature="gauss-legendre")
+    result = explainer.explain_tokens(image, [tokens[0]])[0]
+    assert_engine_is_oracle(name, result, expected, caption_rows(name, tokenizer, tokens))
+    assert result.integration is not None and result.integration.rule == "gauss-legendre"
 
 
 def test_engine_explains_a_caption_of_every_family(family, oracles):
