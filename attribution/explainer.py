@@ -127,7 +127,8 @@ class PairResult:
         parts = [self.interactions.flatten()]
         parts += [self.extra_columns[k].flatten() for k in sorted(self.extra_columns)]
         parts += [self.extra_rows[k].flatten() for k in sorted(self.extra_rows)]
-        return torch.cat([*parts, torch.tensor([self.corner], dtype=self.interactions.dtype)])
+        corner = torch.tensor([self.corner], dtype=self.interactions.dtype, device=self.interactions.device)
+        return torch.cat([*parts, corner])
 
 
 class _Side:
