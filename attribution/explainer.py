@@ -127,7 +127,8 @@ class PairResult:
         parts = [self.interactions.flatten()]
         parts += [self.extra_columns[k].flatten() for k in sorted(self.extra_columns)]
         parts += [self.extra_rows[k].flatten() for k in sorted(self.extra_rows)]
-        return torch.cat([*parts, torch.tensor([self.corner], dtype=self.interactions.dtype)])
+        corner = torch.tensor([self.corner], dtype=self.interactions.dtype, device=self.interactions.device)
+        return torch.cat([*parts, corner])
 
 
 class _Side:
@@ -314,7 +315,8 @@ class Explainer:
     @torch.no_grad()
     @exact_float32()
     def explain_tokens(self, images: Tensor, tokens: Sequence[Tensor]) -> list[PairResult]:
-        """Explain B pairs given token ids per caption (SOT … EOT, padding optional).
+        """Explain B pairs given token ids per caption as its tokenizer gives them (padding optional:
+        a causal tower cuts it, a non-causal one is padded to its context with the padding id).
 
         Repeated images or captions are computed once: the image side is shared by all captions of an
         image and the text side by all images of a caption. Float32 is IEEE float32 throughout, TF32

@@ -481,8 +481,12 @@ def pooled_token_vjps(
     z = x + first.scale_1(F.linear(_merge_heads(out), first.out_proj_weight, first.out_proj_bias))
     da = layer_norm_tangent(first.ln_1, x, delta.unsqueeze(1)).squeeze(1)  # row s: tangent s's change
     dq, dk, dv = (split_heads(F.linear(da, w_), heads) for w_ in (wq, wk, wv))
-    key_change = (q * scale) @ dk.transpose(-1, -2)  # (M, H, r, s): c[r,s]
-    query_change = (dq * scale) @ k.transpose(-1, -2)  # (M, H, s, j): g[s,j]
+    # Key changes weighted by attention, (M, H, s, r): P[r,s]·c[r,s], transposed for products over r.
+    key_weights = (probs * ((q * scale) @ dk.transpose(-1, -2))).transpose(-1, -2)
+    probs_t = probs.transpose(-1, -2)
+    # Query of row s: Σ_j P[s,j]·g[s,j]·(v_j − o_s) = moved_values[s] − moved_mass[s]·o_s, any cotangent.
+    query_weights = probs * ((dq * scale) @ k.transpose(-1, -2))  # (M, H, s, j)
+    moved_values, moved_mass = query_weights @ v, query_weights.sum(-1)  # (M, H, s, d), (M, H, s)
     with torch.enable_grad():
         zz = z.detach().requires_grad_(True)
         y = zz + first.scale_2(first.mlp(zz))
@@ -498,10 +502,10 @@ def pooled_token_vjps(
             (g,) = torch.autograd.grad(embedding, zz, batched, retain_graph=True, is_grads_batched=True)
             residual = (g * delta).sum(-1)  # (K, M, S)
             g_hat = split_heads(first.scale_1(g) @ first.out_proj_weight, heads)  # (K, M, H, S, d)
-            g_v = g_hat @ v.transpose(-1, -2)  # (K, M, H, r, s): ĝ_r·v_s
-            g_o = (g_hat * out).sum(-1, keepdim=True)  # (K, M, H, r, 1): ĝ_r·o_r
-            kv_term = probs * (key_change * (g_v - g_o) + g_hat @ dv.transpose(-1, -2))
-            query_term = probs * query_change * (g_v - g_o)  # row s: its own query's change
-            total = residual + kv_term.sum(dim=(2, 3)) + query_term.sum(dim=(2, 4))
-            out_rows.append(total)
+            g_o = (g_hat * out).sum(-1)  # (K, M, H, r): ĝ_r·o_r
+            # Σ_r P[r,s]·c[r,s]·(ĝ_r·v_s − ĝ_r·o_r) + Σ_r P[r,s]·ĝ_r·dv_s, as products over r
+            keys = ((key_weights @ g_hat) * v).sum(-1) - (key_weights @ g_o.unsqueeze(-1)).squeeze(-1)
+            values = ((probs_t @ g_hat) * dv).sum(-1)
+            query = (g_hat * moved_values).sum(-1) - g_o * moved_mass
+            out_rows.append(residual + (keys + values + query).sum(dim=2))
     return torch.cat(out_rows, dim=0).permute(1, 2, 0)
