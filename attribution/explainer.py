@@ -18,7 +18,7 @@ import dataclasses
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -35,10 +35,10 @@ from attribution.quadrature import (
     quadrature_rule,
     right_riemann_points,
 )
-from attribution.tail import Tail, dense_token_vjps, embed, token_jvps
+from attribution.tail import Tail, dense_token_vjps, embed, pooled_token_vjps, token_jvps
 from attribution.text import Tokenizer, tokenize_caption
 from attribution.tf32 import exact_float32
-from attribution.towers import ImageTower, TextTower
+from attribution.towers import AnyImageTower, TextTower, image_tower, text_tower
 
 PRECISIONS: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -97,18 +97,38 @@ class Integration:
 
 @dataclass(frozen=True)
 class PairResult:
-    """The explanation of one (image, caption) pair.
+    """The explanation of one (image, caption) pair, every entry float32 on the cosine scale.
 
-    ``interactions``: float32 (tokens SOT…EOT, grid rows, grid cols), on the cosine scale.
-    ``cls``: the image class-token column (tokens,). ``score``: cosine similarity of the pair.
-    ``integration``: the rule and points used (``None`` for results read back from older JSON).
+    ``interactions``: (caption tokens, grid rows, grid cols): the caption's token rows as its
+    tokenizer gave them (start token, if any, … end token) against the image patches.
+    Rows and columns that are neither caption tokens nor patches are reported beside the matrix, one
+    named vector each: ``extra_columns`` name → (caption tokens,) for image rows that are not
+    patches (``"cls"``: the class token, ``"registers"``: the sum over register tokens), and
+    ``extra_rows`` name → (grid rows, grid cols) for text rows that are not caption tokens
+    (``"padding"``: the sum over the padding rows a non-causal text tower reads after the caption).
+    ``corner``: the sum of the extra rows × extra columns entries, so that the matrix, the extra rows
+    and columns and the corner add up to ``completeness.total``.
+    ``cls``: ``extra_columns["cls"]``, or ``None`` for an image tower without a class token.
+    ``score``: cosine similarity of the pair. ``integration``: the rule and points used (``None`` for
+    results read back from older JSON).
     """
 
     interactions: Tensor
-    cls: Tensor
+    cls: Tensor | None
     score: float
     completeness: Completeness
     integration: Integration | None = None
+    extra_columns: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    extra_rows: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    corner: float = 0.0
+
+    def entries(self) -> Tensor:
+        """Every entry, flattened: the matrix, the extra columns, the extra rows and the corner."""
+        parts = [self.interactions.flatten()]
+        parts += [self.extra_columns[k].flatten() for k in sorted(self.extra_columns)]
+        parts += [self.extra_rows[k].flatten() for k in sorted(self.extra_rows)]
+        corner = torch.tensor([self.corner], dtype=self.interactions.dtype, device=self.interactions.device)
+        return torch.cat([*parts, corner])
 
 
 class _Side:
@@ -124,11 +144,14 @@ class _Side:
         dense: bool,
         tokens: int,
         axes: int,
+        caption_rows: int | None = None,
     ) -> None:
         # points α (float64, (N,)), cotangents (K, E) or None → derivatives (N, S, K or E)
         self.integrand = integrand
         self.dense = dense  # the tail has blocks on all rows (not only the pooled one)
         self.tokens, self.axes = tokens, axes  # S and E: the passes of forward and of reverse mode
+        # Rows reported one by one (the caption's tokens); the rest (padding) are summed into one.
+        self.caption_rows = tokens if caption_rows is None else caption_rows
         self.embedding = embedding  # (E,) of the input
         self.reference_embedding = reference_embedding  # (E,)
         self.path_start = path_start  # (E,) the reference's hidden states pooled as the input is
@@ -152,6 +175,19 @@ class _Side:
         """The integrated derivatives under ``rule``: (E, S) float32."""
         return _integrate(self.derivatives(rule), rule).T
 
+    @property
+    def reported_rows(self) -> int:
+        """Rows of the reported factor: the caption rows, and one for all padding rows if any."""
+        return self.caption_rows + int(self.tokens > self.caption_rows)
+
+    def reported_factor(self, rule: Rule) -> Tensor:
+        """The factor with the rows after the caption (padding) summed into one: (E, reported_rows)."""
+        factor = self.factor(rule)
+        if self.tokens == self.caption_rows:
+            return factor
+        n = self.caption_rows
+        return torch.cat([factor[:, :n], factor[:, n:].sum(dim=1, keepdim=True)], dim=1)
+
     def contracted(self, other: Tensor, rule: Rule) -> Tensor:
         """``other.T @ factor(rule)`` for ``other`` (E, K), by one reverse pass per column of ``other``
         and point instead of the factor's passes: (K, S) float32. Not kept: it depends on ``other``."""
@@ -174,11 +210,13 @@ def interpolation_points(steps: int) -> Tensor:
 
 
 class Explainer:
-    """Explains open_clip CLIP models by second-order caption–image interactions.
+    """Explains open_clip models by second-order caption–image interactions.
 
-    ``model`` is an open_clip ``CLIP`` with a ViT image tower (eval mode), ``tokenizer`` its open_clip
-    tokenizer. ``text_layer``/``image_layer`` choose the block whose input is attributed (``None``,
-    the default: each tower's last block), ``steps`` the number N of interpolation points,
+    ``model`` is an open_clip ``CLIP`` or ``CustomTextCLIP`` (eval mode) whose towers
+    :mod:`attribution.towers` supports (ViTs of open_clip or timm; CLIP, SigLIP, SigLIP 2, CLIPA,
+    MetaCLIP 2 text towers), ``tokenizer`` its open_clip tokenizer. ``text_layer``/``image_layer``
+    choose the block whose input is attributed (``None``, the default: each tower's last block),
+    ``steps`` the number N of interpolation points,
     ``precision`` the dtype of the derivative computation (``float32``, ``bfloat16`` or ``float16``).
     ``quadrature`` picks the rule (:data:`attribution.quadrature.RULES`; default the authors' right
     Riemann sum, or with a tolerance the default nested rule) and ``steps`` its points per tower.
@@ -218,8 +256,8 @@ class Explainer:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.text = TextTower(model)
-        self.image = ImageTower(model)
+        self.text = text_tower(model)
+        self.image = image_tower(model)
         text_layer = self.text.n_layers - 1 if text_layer is None else text_layer
         image_layer = self.image.n_layers - 1 if image_layer is None else image_layer
         self.text.check_layer(text_layer)
@@ -277,7 +315,8 @@ class Explainer:
     @torch.no_grad()
     @exact_float32()
     def explain_tokens(self, images: Tensor, tokens: Sequence[Tensor]) -> list[PairResult]:
-        """Explain B pairs given token ids per caption (SOT … EOT, padding optional).
+        """Explain B pairs given token ids per caption as its tokenizer gives them (padding optional:
+        a causal tower cuts it, a non-causal one is padded to its context with the padding id).
 
         Repeated images or captions are computed once: the image side is shared by all captions of an
         image and the text side by all images of a caption. Float32 is IEEE float32 throughout, TF32
@@ -290,7 +329,7 @@ class Explainer:
         distinct = {(id(text), id(image)): (text, image) for text, image in pairs}  # repeats once
         rows: dict[int, int] = {}  # per image side: the text rows of all its captions
         for text, image in distinct.values():
-            rows[id(image)] = rows.get(id(image), 0) + text.tokens
+            rows[id(image)] = rows.get(id(image), 0) + text.reported_rows
         done: dict[tuple[int, int], PairResult] = {}
         for key, (text, image) in distinct.items():
             contract = self.contraction
@@ -331,17 +370,39 @@ class Explainer:
                 f"expected images (B, 3, H, W) and B captions, got {tuple(images.shape)} and {len(tokens)}"
             )
         image_of, unique_images = _unique([img.contiguous().cpu().numpy().tobytes() for img in images])
-        # The text mask is causal: rows after EOT (padding) change nothing that is pooled, so cut them.
-        tokens = [t[: int(t.argmax()) + 1] for t in tokens]
+        # A causal mask: rows after the pooled one (padding) change nothing that is pooled, so cut them.
+        tokens = [self._text_inputs(t) for t in tokens]
         text_of, unique_texts = _unique([tuple(t.tolist()) for t in tokens])
         refs = self._references((images.shape[-2], images.shape[-1]))
         image_tails = self._tails(self.image, self.image_layer)
         text_tails = self._tails(self.text, self.text_layer)
         image_sides = [self._image_side(images[i], refs, image_tails) for i in unique_images]
         text_sides = [self._text_side(tokens[i], refs, text_tails) for i in unique_texts]
-        grid_h, grid_w = self.image.visual.grid_size
         pairs = [(text_sides[t], image_sides[i]) for t, i in zip(text_of, image_of, strict=True)]
-        return pairs, (int(grid_h), int(grid_w))
+        return pairs, self.image.layout.grid
+
+    def _text_inputs(self, tokens: Tensor) -> Tensor:
+        """The ids entering the text path: cut after the pooled row (causal), or padded to the
+        context as the tokenizer pads (non-causal)."""
+        if self.text.causal:
+            return self.text.cut(tokens)
+        context = self.text.context_length
+        if len(tokens) > context:
+            raise InvalidOption(f"{len(tokens)} token ids exceed the text context of {context}")
+        padding = tokens.new_full((context - len(tokens),), _special_ids(self.tokenizer)[1])
+        return torch.cat([tokens, padding])
+
+    def _caption_rows(self, tokens: Tensor) -> int:
+        """How many of the ids are the caption's tokens (up to its end token); for a causal tower all
+        rows kept are. Otherwise: up to the first end-of-sequence id, or (a tokenizer that appends
+        none) the last id that is not padding."""
+        if self.text.causal:
+            return len(tokens)
+        eos, pad = _special_ids(self.tokenizer)
+        ends = (tokens == eos).nonzero() if eos is not None else tokens[:0]
+        if len(ends):
+            return int(ends[0]) + 1
+        return int((tokens != pad).nonzero().max()) + 1 if bool((tokens != pad).any()) else len(tokens)
 
     def _refine(self, text: _Side, image: _Side, grid: tuple[int, int], tolerance: float) -> PairResult:
         """Double the nested rule's points until the matrix's last two changes between levels are
@@ -355,7 +416,7 @@ class Explainer:
         for size in nested_sizes(stop=TOLERANCE_MAX_POINTS):
             rule = quadrature_rule(self.quadrature, size)
             result = self._combine(text, image, grid, rule, Integration(self.quadrature, size, tolerance))
-            matrix = torch.cat([result.cls.unsqueeze(1), result.interactions.flatten(1)], dim=1)
+            matrix = result.entries()
             if previous is not None:
                 changes.append(float((matrix - previous).abs().max() / matrix.abs().max().clamp_min(1e-30)))
             previous = matrix
@@ -375,9 +436,7 @@ class Explainer:
         cache = _REFERENCE_CACHE.setdefault(self.model, {})
         key = (self.text_layer, self.image_layer, self.device, image_shape)
         if key not in cache:
-            ref_tokens = torch.zeros(1, self.text.context_length, dtype=torch.long, device=self.device)
-            ref_tokens[0, 0] = self.tokenizer.sot_token_id
-            ref_tokens[0, 2] = self.tokenizer.eot_token_id  # [SOT, 0, EOT, 0, …] as in the reference
+            ref_tokens = self._reference_tokens()
             ref_image = torch.zeros(1, 3, *image_shape, device=self.device)
             cache[key] = {
                 "text": self.text.hidden(ref_tokens, self.text_layer)[0].float(),
@@ -386,22 +445,38 @@ class Explainer:
             }
         return cache[key]
 
-    def _tails(self, tower: TextTower | ImageTower, layer: int) -> tuple[Tail, Tail]:
+    def _reference_tokens(self) -> Tensor:
+        """The text reference: CLIP's (EOT pooling) is the authors' [SOT, 0, EOT, 0, …]; any other
+        tower's is its tokenizer's output for the empty caption, padded as the tower sees inputs."""
+        context = self.text.context_length
+        if self.text.pool_type == "argmax":
+            ref_tokens = torch.zeros(1, context, dtype=torch.long, device=self.device)
+            ref_tokens[0, 0] = self.tokenizer.sot_token_id
+            ref_tokens[0, 2] = self.tokenizer.eot_token_id  # [SOT, 0, EOT, 0, …] as in the reference
+            return ref_tokens
+        tokenizer: Any = self.tokenizer
+        empty: Tensor = tokenizer([""], context_length=context)
+        return empty.to(device=self.device, dtype=torch.long).view(1, context)
+
+    def _tails(self, tower: TextTower | AnyImageTower, layer: int) -> tuple[Tail, Tail]:
         """The tail in the derivative's precision, and in float32 for embeddings and completeness."""
         exact = tower.tail(layer, torch.float32, self.device)
         return (exact if self.dtype == torch.float32 else tower.tail(layer, self.dtype, self.device)), exact
 
     def _image_side(self, image: Tensor, refs: dict[str, Tensor], tails: tuple[Tail, Tail]) -> _Side:
         hidden = self.image.hidden(image.unsqueeze(0).to(self.device), self.image_layer).float()
-        class_token = torch.zeros(1, dtype=torch.long, device=self.device)
-        return self._factor(tails, hidden, class_token, refs["image"], class_token)
+        # The pooled row (the class token) of a tower pooled on one row; unread by any other pooling.
+        pooled = torch.full((1,), self.image.layout.pool_row or 0, dtype=torch.long, device=self.device)
+        return self._factor(tails, hidden, pooled, refs["image"], pooled)
 
     def _text_side(self, tokens: Tensor, refs: dict[str, Tensor], tails: tuple[Tail, Tail]) -> _Side:
-        """``tokens``: one caption's ids SOT … EOT (cut after EOT)."""
+        """``tokens``: one caption's ids as they enter the path (see :meth:`_text_inputs`)."""
         batch = tokens.to(self.device).unsqueeze(0)
         hidden = self.text.hidden(batch, self.text_layer).float()
-        eot = self.text.pool_index(batch)
-        return self._factor(tails, hidden, eot, refs["text"], refs["text_pool"].view(1))
+        pooled = self.text.pool_index(batch)
+        side = self._factor(tails, hidden, pooled, refs["text"], refs["text_pool"].view(1))
+        side.caption_rows = self._caption_rows(tokens)
+        return side
 
     def _factor(
         self, tails: tuple[Tail, Tail], hidden: Tensor, pool: Tensor, ref_hidden: Tensor, ref_pool: Tensor
@@ -426,7 +501,7 @@ class Explainer:
         ref_embedding = embed(exact, ref_hidden[:ref_rows].unsqueeze(0), ref_pool)[0]
         path_start = embed(exact, ref_hidden[:s].unsqueeze(0), pool)[0]
         axes = tail.head.projection.shape[1]
-        return _Side(integrand, embedding, ref_embedding, path_start, len(tail.blocks) > 1, s, axes)
+        return _Side(integrand, embedding, ref_embedding, path_start, tail.dense, s, axes)
 
     def _derivatives(
         self,
@@ -458,12 +533,18 @@ class Explainer:
                 chunk = max(1, max_tangents // (m * s))
                 window = slice(p0, p0 + m)
                 parts.append(
-                    dense_token_vjps(tail, points[window], deltas[window], pools[window], chunk, cotangents)
+                    pooled_token_vjps(tail, points[window], deltas[window], chunk, cotangents)
+                    if tail.pooling is not None
+                    else dense_token_vjps(
+                        tail, points[window], deltas[window], pools[window], chunk, cotangents
+                    )
                 )
             return torch.cat(parts)
-        if len(tail.blocks) > 1 and tail.head.projection.shape[1] < s:
+        if tail.dense and tail.head.projection.shape[1] < s:
             # Fewer embedding axes than tokens: reverse mode needs fewer passes.
             chunk = max(1, max_tangents // (n * s))
+            if tail.pooling is not None:
+                return pooled_token_vjps(tail, points, deltas, chunk)
             return dense_token_vjps(tail, points, deltas, pools, chunk)
         return token_jvps(tail, points, deltas, pools, max_tangents)
 
@@ -479,26 +560,32 @@ class Explainer:
         contract: bool = False,
     ) -> PairResult:
         t_emb, x_emb = text.embedding, image.embedding
-        logit_scale = cast(Tensor, self.model.logit_scale)  # an nn.Parameter of open_clip's CLIP
+        logit_scale = cast(Tensor, self.model.logit_scale)  # an nn.Parameter of open_clip's models
         scale = float(logit_scale.exp()) if self.scale_cos else 1.0
         norm = t_emb.norm() * x_emb.norm() / scale
-        text_factor = text.factor(rule)
-        rows = text_factor.shape[1]
+        text_factor = text.reported_factor(rule)
         if contract:  # A = Tᵀ I with I never formed: one reverse pass per text row and point
             a = image.contracted(text_factor, rule) / norm
         else:
-            a = text_factor.T @ image.factor(rule) / norm  # (tokens, image tokens)
+            a = text_factor.T @ image.factor(rule) / norm  # (text rows, image rows)
         expected = float((t_emb - text.reference_embedding) @ (x_emb - image.reference_embedding) / norm)
         path_expected = float((t_emb - text.path_start) @ (x_emb - image.path_start) / norm)
         total = float(a.sum())
+        layout, n = self.image.layout, text.caption_rows
+        patches = a[:, layout.patch_start :]
+        extra_columns = {name: a[:n, rows].sum(dim=1) for name, rows in layout.extras.items()}
+        padded = a.shape[0] > n
         return PairResult(
-            interactions=a[:, 1:].reshape(rows, *grid).contiguous(),
-            cls=a[:, 0].contiguous(),
+            interactions=patches[:n].reshape(n, *grid).contiguous(),
+            cls=a[:n, layout.extras["cls"].start].contiguous() if "cls" in layout.extras else None,
             score=float(t_emb @ x_emb / (t_emb.norm() * x_emb.norm())),
             completeness=Completeness(
                 total, expected, total - expected, path_expected, total - path_expected
             ),
             integration=integration,
+            extra_columns=extra_columns,
+            extra_rows={"padding": patches[n].reshape(grid).contiguous()} if padded else {},
+            corner=float(a[n, : layout.patch_start].sum()) if padded else 0.0,
         )
 
 
@@ -509,6 +596,16 @@ def contracts(dense: bool, text_rows: int, image_tokens: int, axes: int) -> bool
     axis), a reverse pass weighing ``REVERSE_PASS_COST`` forward ones. Never at the last block, where a
     forward tangent costs one row, not a pass."""
     return dense and REVERSE_PASS_COST * text_rows < min(image_tokens, axes)
+
+
+def _special_ids(tokenizer: object) -> tuple[int | None, int]:
+    """The end-of-sequence id (``None`` if the tokenizer has none) and the padding id."""
+    hf: Any = getattr(tokenizer, "tokenizer", None)
+    if hf is not None and hasattr(hf, "pad_token_id"):  # open_clip's HFTokenizer
+        pad = hf.pad_token_id
+        return hf.eos_token_id, 0 if pad is None else int(pad)
+    bpe: Any = tokenizer
+    return int(bpe.eot_token_id), 0  # CLIP's BPE pads with 0
 
 
 def _explicit_points(points: Sequence[float] | Tensor) -> Tensor:

@@ -44,7 +44,11 @@ def free_memory_bytes(device: torch.device) -> int | None:
 def widest_mlp(model: nn.Module) -> int:
     """The largest hidden width of any MLP in the model (both towers)."""
     modules = model.named_modules()
-    widths = [m.out_features for name, m in modules if name.endswith("c_fc") and isinstance(m, nn.Linear)]
+    # open_clip's blocks name their first MLP layer c_fc, timm's (and its attention pooling's) fc1.
+    first_layers = ("c_fc", "fc1")
+    widths = [
+        m.out_features for name, m in modules if name.endswith(first_layers) and isinstance(m, nn.Linear)
+    ]
     return max(widths, default=4 * 512)  # a model without open_clip's MLP names: ViT-B's width
 
 

@@ -15,6 +15,8 @@ test model ``exclip-tiny``, the demo model ``exclip-scenes``) with open_clip's `
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import json
 import logging
 import os
@@ -30,11 +32,11 @@ import open_clip
 import torch
 from open_clip import get_model_config
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
-from open_clip.transformer import VisionTransformer
 
 from attribution.errors import InvalidOption, ModelNotAvailable, UnknownModel, UnsupportedModel
 from attribution.text import Tokenizer
 from attribution.tokenizers import HFTokenizer, hf_tokenizer_source, load_hf_tokenizer
+from attribution.towers import image_tower, text_tower
 
 log = logging.getLogger(__name__)
 
@@ -117,32 +119,90 @@ class LoadedModel:
         }
 
 
+# Config keys that swap open_clip's standard blocks for variants the engine's tail does not model.
+_CUSTOM_BLOCK_KEYS = (
+    *("block_type", "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner"),
+    *("scale_attn", "scale_fc", "attentional_pool"),
+)
+
+
 def unsupported_reason(cfg: dict[str, Any]) -> str | None:
     """Why the engine cannot explain a model with this open_clip config, or None if it can.
 
-    The engine needs a standard ``CLIP``: a ViT image tower pooled on its class token and open_clip's
-    built-in causal text transformer pooled on the end-of-text token (CLIP's BPE tokenizer gives it the
-    highest id, which is where open_clip pools).
+    The engine explains the towers of :mod:`attribution.towers`: open_clip's ViT pooled on the class
+    token or the mean of the patches, timm's ViT (standard pre-norm blocks) pooled on the class token,
+    the mean or a latent query (SigLIP); open_clip's text transformer pooled on the EOT (causal,
+    CLIP's BPE tokenizer, which gives EOT the highest id), the first EOS (causal) or the last row
+    (non-causal). A timm trunk is built on the meta device (no weights, no memory) to check its blocks.
     """
     vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-    if "timm_model_name" in vision:
-        return f"its image tower is a timm model ({vision['timm_model_name']}), not open_clip's ViT"
     if isinstance(vision.get("layers"), (list, tuple)):
         return "its image tower is a ResNet, not a ViT"
-    if "hf_model_name" in text or cfg.get("custom_text") or "multimodal_cfg" in cfg:
-        return "it has a custom or Hugging Face text tower (CustomTextCLIP / CoCa), not CLIP's own"
-    if vision.get("attentional_pool"):
-        return "its image tower uses attentional pooling"
-    if vision.get("pool_type", "tok") != "tok" or vision.get("final_ln_after_pool"):
-        return f"its image tower pools with {vision.get('pool_type')!r} instead of the class token"
-    if text.get("pool_type", "argmax") != "argmax" or text.get("embed_cls") or text.get("no_causal_mask"):
-        return "its text tower does not pool on the end-of-text token of a causal transformer"
-    if hf_tokenizer_source(cfg):  # its tokens have offsets, but argmax pooling needs CLIP's ids
+    if "hf_model_name" in text or "multimodal_cfg" in cfg:
+        return "it has a Hugging Face text tower or a multimodal decoder (CoCa), not open_clip's transformer"
+    for tower, sub in (("image", vision), ("text", text)):
+        custom = [k for k in _CUSTOM_BLOCK_KEYS if sub.get(k)]
+        if custom:
+            return f"its {tower} tower uses non-standard blocks or pooling ({', '.join(custom)})"
+    if "timm_model_name" in vision:
+        reason = _timm_reason(vision, int(cfg.get("embed_dim", 512)))
+        if reason:
+            return reason
+    elif vision.get("pool_type", "tok") not in ("tok", "avg"):
+        return f"its image tower pools with {vision.get('pool_type')!r} (only the class token or the mean)"
+    return _text_reason(text, cfg)
+
+
+def _text_reason(text: dict[str, Any], cfg: dict[str, Any]) -> str | None:
+    pool, causal = text.get("pool_type", "argmax"), not text.get("no_causal_mask", False)
+    if text.get("embed_cls") or (text.get("use_pad_mask") and not causal):
+        return "its text tower appends a class token or masks padding (CoCa-style)"
+    if pool not in ("argmax", "eos", "last"):
+        return f"its text tower pools with {pool!r} (only 'argmax' or 'eos' when causal, 'last' when not)"
+    if causal == (pool == "last"):
+        kind = "causal" if causal else "non-causal"
+        return (
+            f"its {kind} text tower pools with {pool!r} (only 'argmax' or 'eos' when causal, 'last' when not)"
+        )
+    if pool == "argmax" and hf_tokenizer_source(cfg):  # its tokens have offsets, but not CLIP's ids
         return (
             f"its text tower pools on the highest token id, which is the end-of-text token only with "
             f"CLIP's BPE tokenizer, not with the Hugging Face tokenizer {text['hf_tokenizer_name']!r}"
         )
+    kwargs = text.get("tokenizer_kwargs") or {}
+    if kwargs.get("strip_sep_token") or kwargs.get("tokenizer_mode"):
+        return (
+            "its tokenizer runs in a mode (strip_sep_token or tokenizer_mode) for which caption tokens "
+            "have no character offsets"
+        )
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _timm_trunk_reason(name: str, pool: str, proj: str, embed_dim: int, image_size: int) -> str | None:
+    from open_clip.timm_model import TimmModel
+
+    from attribution.towers import TimmImageTower
+
+    try:
+        with torch.device("meta"):
+            visual = TimmModel(name, embed_dim, image_size=image_size, pool=pool, proj=proj)
+    except Exception as e:  # an unknown timm name, or a trunk that cannot be built without weights
+        return f"its timm image tower {name!r} cannot be built: {type(e).__name__}: {e}"
+    try:
+        TimmImageTower(torch.nn.ModuleDict({"visual": visual}))
+    except UnsupportedModel as e:
+        return str(e)
+    return None
+
+
+def _timm_reason(vision: dict[str, Any], embed_dim: int) -> str | None:
+    pool, proj = vision.get("timm_pool", "avg"), vision.get("timm_proj", "linear")
+    if pool in ("abs_attn", "rot_attn") or proj == "mlp":
+        return f"its timm image tower pools with {pool!r} or projects with {proj!r} (not linear)"
+    size = vision.get("image_size", 224)
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    return _timm_trunk_reason(str(vision["timm_model_name"]), pool, proj, embed_dim, size)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -209,7 +269,9 @@ def load_model(
     # Schema names (hf-hub:, local-dir:) would fetch configs; only registered architectures are accepted.
     cfg = get_model_config(name) if isinstance(name, str) and name and ":" not in name else None
     if cfg is None:
-        supported = [m for m in open_clip.list_models() if not unsupported_reason(get_model_config(m))]
+        # Lazily: checking a timm tower builds it on the meta device.
+        candidates = (m for m in open_clip.list_models() if not unsupported_reason(get_model_config(m)))
+        supported = list(itertools.islice(candidates, 12))
         raise UnknownModel(
             f"model {name!r} is not an open_clip architecture; supported names include "
             f"{', '.join(supported[:12])}, ... (open_clip.list_models()); {_HOW_TO}"
@@ -217,8 +279,9 @@ def load_model(
     reason = unsupported_reason(cfg)
     if reason:
         raise UnsupportedModel(
-            f"model {name!r} cannot be explained: {reason}. Supported: open_clip CLIP models with a ViT "
-            "image tower and the built-in text transformer (e.g. ViT-B-32, ViT-B-16, ViT-L-14)"
+            f"model {name!r} cannot be explained: {reason}. Supported: open_clip models with ViT image "
+            "towers (open_clip's or timm's) and open_clip's text transformer (e.g. ViT-B-32, ViT-B-16, "
+            "ViT-L-14, ViT-B-16-SigLIP, ViT-B-16-SigLIP2, ViT-H-14-worldwide)"
         )
 
     text_tokenizer = _load_tokenizer(name, cfg, tokenizer, cache_dir)
@@ -251,11 +314,13 @@ def load_model(
 
     if card.demo:
         log.warning("model %s: %s", name, card.description)
-    if not isinstance(model, open_clip.CLIP) or not isinstance(model.visual, VisionTransformer):
-        raise UnsupportedModel(f"model {name!r} built as {type(model).__name__}, not a ViT CLIP")
+    try:
+        image, text = image_tower(model), text_tower(model)
+    except UnsupportedModel as e:
+        raise UnsupportedModel(f"model {name!r} cannot be explained: {e}") from e
     model = model.to(dev).eval().requires_grad_(False)
     visual = model.visual
-    text_layers, image_layers = len(model.transformer.resblocks), len(visual.transformer.resblocks)
+    text_layers, image_layers = text.n_layers, image.n_layers
     return LoadedModel(
         model=model,
         tokenizer=text_tokenizer,
@@ -263,18 +328,22 @@ def load_model(
         name=name,
         pretrained=tag,
         device=dev,
-        image_size=tuple(visual.image_size),
-        patch_size=(visual.patch_size[1], visual.patch_size[0]),  # open_clip's is (h, w)
-        grid=tuple(visual.grid_size),
-        context_length=int(model.context_length),
+        image_size=_pair(visual.image_size),
+        patch_size=(image.patch_size[1], image.patch_size[0]),  # towers give (h, w)
+        grid=image.layout.grid,
+        context_length=text.context_length,
         text_layers=text_layers,
         image_layers=image_layers,
-        embed_dim=int(model.text_projection.shape[1]),
+        embed_dim=int(cfg["embed_dim"]),
         default_text_layer=_default_layer(name, "text", card.default_text_layer, text_layers),
         default_image_layer=_default_layer(name, "image", card.default_image_layer, image_layers),
         description=card.description,
         demo=card.demo,
     )
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
 
 
 def _load_tokenizer(

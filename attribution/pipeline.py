@@ -118,7 +118,7 @@ class Explanation:
             "image": {k: v for k, v in geometry.items() if k != "grid"},  # the grid has its own key
             "grid": geometry["grid"],
             "interactions": encode_matrix(self.result.interactions, matrix_format),
-            "cls": self.result.cls.tolist(),
+            "cls": None if self.result.cls is None else self.result.cls.tolist(),
             "score": self.result.score,
             "completeness": asdict(self.result.completeness),
             "selections": [s.to_dict() for s in self.selections],
@@ -130,7 +130,7 @@ class Explanation:
         service's ``timings``, are ignored. Tokens come back without vocabulary ids (``id`` None)."""
         result = PairResult(
             interactions=decode_matrix(d["interactions"]),
-            cls=torch.tensor(d["cls"], dtype=torch.float32),
+            cls=None if d["cls"] is None else torch.tensor(d["cls"], dtype=torch.float32),
             score=float(d["score"]),
             completeness=Completeness(**d["completeness"]),
             integration=Integration(**d["integration"]) if d.get("integration") else None,

@@ -14,7 +14,7 @@ Shapes: ``M`` batch (items × interpolation points), ``S`` tokens, ``W`` width, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ class BlockWeights:
     def attention_input(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Query, key and value of ``x`` (..., S, W), each split into heads (..., H, S, d)."""
         q, k, v = _qkv(self, self.ln_1(x))
-        return _split_heads(q, self.heads), _split_heads(k, self.heads), _split_heads(v, self.heads)
+        return split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads)
 
     def scale_1(self, x: Tensor) -> Tensor:
         return x if self.ls_1 is None else x * self.ls_1
@@ -69,24 +69,46 @@ class BlockWeights:
 
 @dataclass(frozen=True)
 class Head:
-    """Final layer norm and projection from the pooled row to the embedding."""
+    """Layer norm (if any) and projection from the pooled vector to the embedding."""
 
-    ln: LayerNormWeights
+    ln: LayerNormWeights | None
     projection: Tensor  # (W, E)
     projection_bias: Tensor | None
 
     def __call__(self, pooled: Tensor) -> Tensor:
-        out = self.ln(pooled) @ self.projection
+        out = (pooled if self.ln is None else self.ln(pooled)) @ self.projection
         return out if self.projection_bias is None else out + self.projection_bias
+
+
+class Pooling(Protocol):
+    """A pooling that reads every row of the last block's output (mean, attention pooling; see
+    :mod:`attribution.pooling`): the last block then runs on all rows, and the pooling's own tangent
+    follows it."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Rows (M, S, W) → pooled (M, W)."""
+        ...
+
+    def tangent(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows (M, S, W) and tangents (M, C, S, W) → pooled (M, W) and its tangents (M, C, W)."""
+        ...
 
 
 @dataclass(frozen=True)
 class Tail:
-    """Blocks ``layer … last`` of one tower plus its head; ``mask`` is the additive attention mask."""
+    """Blocks ``layer … last`` of one tower plus its pooling and head; ``mask`` is the additive
+    attention mask. ``pooling`` ``None``: the embedding reads one row per item (class token, EOT,
+    EOS, last), given as ``pool`` to the functions below, and the last block runs on that row only."""
 
     blocks: tuple[BlockWeights, ...]
     head: Head
     mask: Tensor | None  # (S_max, S_max) additive, or None
+    pooling: Pooling | None = None
+
+    @property
+    def dense(self) -> bool:
+        """Whether some block runs on all rows (not only on the pooled one)."""
+        return len(self.blocks) > 1 or self.pooling is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -136,7 +158,7 @@ def _qkv(block: BlockWeights, a: Tensor, with_bias: bool = True) -> tuple[Tensor
     return q, k, v
 
 
-def _split_heads(t: Tensor, heads: int) -> Tensor:
+def split_heads(t: Tensor, heads: int) -> Tensor:
     *lead, s, w = t.shape
     return t.reshape(*lead, s, heads, w // heads).transpose(-3, -2)
 
@@ -179,13 +201,18 @@ def pooled_block_forward(block: BlockWeights, x: Tensor, pool: Tensor, mask: Ten
 
 
 def embed(tail: Tail, x: Tensor, pool: Tensor) -> Tensor:
-    """The embedding from hidden states entering the tail: x (M, S, W), pool (M,) → (M, E)."""
+    """The embedding from hidden states entering the tail: x (M, S, W), pool (M,) → (M, E)
+    (``pool`` is read only by a tail without its own pooling)."""
+    if tail.pooling is not None:
+        for block in tail.blocks:
+            x = block_forward(block, x, tail.mask)
+        return tail.head(tail.pooling(x))
     for block in tail.blocks[:-1]:
         x = block_forward(block, x, tail.mask)
     return tail.head(pooled_block_forward(tail.blocks[-1], x, pool, tail.mask))
 
 
-def _layer_norm_tangent(ln: LayerNormWeights, x: Tensor, dx: Tensor) -> Tensor:
+def layer_norm_tangent(ln: LayerNormWeights, x: Tensor, dx: Tensor) -> Tensor:
     """The tangent of ``ln`` at ``x`` (M, R, W) for tangents ``dx`` (M, C, R, W) sharing that primal.
 
     Statistics in float32: they decide the accuracy of the whole tangent in reduced precision.
@@ -199,20 +226,35 @@ def _layer_norm_tangent(ln: LayerNormWeights, x: Tensor, dx: Tensor) -> Tensor:
     return (tangent * ln.weight.float()).to(dx.dtype)
 
 
+def mlp_tangent(
+    ln: LayerNormWeights | None,
+    fc: tuple[Tensor, Tensor | None],
+    activation: nn.Module,
+    proj: tuple[Tensor, Tensor | None],
+    y: Tensor,
+    dy: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``proj(activation(fc(ln(y))))`` on rows y (M, R, W) and its tangents for dy (M, C, R, W); the
+    primal runs once. ``fc`` and ``proj``: (weight, bias); ``ln`` ``None``: no norm."""
+    h = F.linear(y if ln is None else ln(y), fc[0], fc[1])
+    dh = F.linear(dy if ln is None else layer_norm_tangent(ln, y, dy), fc[0])
+    # elementwise: the derivative; without has_aux, jvp returns exactly (output, tangent)
+    activated, slope = cast(tuple[Tensor, Tensor], jvp(activation, (h,), (torch.ones_like(h),)))
+    return F.linear(activated, proj[0], proj[1]), F.linear(dh * slope.unsqueeze(1), proj[0])
+
+
 def _mlp_tangent(block: BlockWeights, y: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
     """The block's MLP half on rows y (M, R, W) and tangents dy (M, C, R, W): the primal runs once."""
-    h = F.linear(block.ln_2(y), block.fc_weight, block.fc_bias)
-    dh = F.linear(_layer_norm_tangent(block.ln_2, y, dy), block.fc_weight)
-    # elementwise: the derivative; without has_aux, jvp returns exactly (output, tangent)
-    activated, slope = cast(tuple[Tensor, Tensor], jvp(block.activation, (h,), (torch.ones_like(h),)))
-    out = F.linear(activated, block.proj_weight, block.proj_bias)
-    d_out = F.linear(dh * slope.unsqueeze(1), block.proj_weight)
+    fc, proj = (block.fc_weight, block.fc_bias), (block.proj_weight, block.proj_bias)
+    out, d_out = mlp_tangent(block.ln_2, fc, block.activation, proj, y, dy)
     return y + block.scale_2(out), dy + block.scale_2(d_out)
 
 
 def _head_tangent(head: Head, pooled: Tensor, d_pooled: Tensor) -> Tensor:
     """Tangent of the embedding for the pooled row (M, W) and its tangents (M, C, W) → (M, C, E)."""
-    normed = _layer_norm_tangent(head.ln, pooled.unsqueeze(1), d_pooled.unsqueeze(2)).squeeze(2)
+    if head.ln is None:
+        return d_pooled @ head.projection
+    normed = layer_norm_tangent(head.ln, pooled.unsqueeze(1), d_pooled.unsqueeze(2)).squeeze(2)
     return normed @ head.projection
 
 
@@ -248,14 +290,14 @@ def single_token_block(
     wq, wk, wv = _split_qkv_weights(block)
     bq, bk, bv = _split_qkv_biases(block)
     a = block.ln_1(x)
-    da = _layer_norm_tangent(block.ln_1, x, delta.unsqueeze(1)).squeeze(1)  # row s: tangent s's change
+    da = layer_norm_tangent(block.ln_1, x, delta.unsqueeze(1)).squeeze(1)  # row s: tangent s's change
     row_index = rows.unsqueeze(-1).expand(-1, -1, w)
     a_rows, da_rows = a.gather(1, row_index), da.gather(1, row_index)
-    q = _split_heads(F.linear(a_rows, wq, bq), heads)  # (M, H, R, d)
-    k, v = _split_heads(F.linear(a, wk, bk), heads), _split_heads(F.linear(a, wv, bv), heads)
+    q = split_heads(F.linear(a_rows, wq, bq), heads)  # (M, H, R, d)
+    k, v = split_heads(F.linear(a, wk, bk), heads), split_heads(F.linear(a, wv, bv), heads)
     da_c = da[:, c_tokens]
-    dk, dv = _split_heads(F.linear(da_c, wk), heads), _split_heads(F.linear(da_c, wv), heads)  # (M,H,C,d)
-    dq_rows = _split_heads(F.linear(da_rows, wq), heads)  # the query change of tangent rows[r]
+    dk, dv = split_heads(F.linear(da_c, wk), heads), split_heads(F.linear(da_c, wv), heads)  # (M,H,C,d)
+    dq_rows = split_heads(F.linear(da_rows, wq), heads)  # the query change of tangent rows[r]
     scale = q.shape[-1] ** -0.5
 
     logits = (q * scale) @ k.transpose(-1, -2)  # (M, H, R, S)
@@ -295,7 +337,7 @@ def block_tangent(block: BlockWeights, x: Tensor, dx: Tensor, mask: Tensor | Non
     """One full block on x (M, S, W) with dense tangents dx (M, C, S, W); the primal runs once."""
     heads = block.heads
     q, k, v = block.attention_input(x)  # (M, H, S, d)
-    dq, dk, dv = (_split_heads(t, heads) for t in _qkv(block, _layer_norm_tangent(block.ln_1, x, dx), False))
+    dq, dk, dv = (split_heads(t, heads) for t in _qkv(block, layer_norm_tangent(block.ln_1, x, dx), False))
     scale = q.shape[-1] ** -0.5
     logits = (q * scale) @ k.transpose(-1, -2)
     if mask is not None:
@@ -319,13 +361,13 @@ def pooled_block_tangent(
     heads = block.heads
     wq, wk, wv = _split_qkv_weights(block)
     bq, bk, bv = _split_qkv_biases(block)
-    a, da = block.ln_1(x), _layer_norm_tangent(block.ln_1, x, dx)
+    a, da = block.ln_1(x), layer_norm_tangent(block.ln_1, x, dx)
     a_row = _gather_rows(a, pool)  # (M, W)
     da_row = da.gather(2, pool.view(m, 1, 1, 1).expand(-1, da.shape[1], 1, w)).squeeze(2)  # (M, C, W)
-    q = _split_heads(F.linear(a_row, wq, bq).unsqueeze(1), heads)  # (M, H, 1, d)
-    k, v = _split_heads(F.linear(a, wk, bk), heads), _split_heads(F.linear(a, wv, bv), heads)
-    dq = _split_heads(F.linear(da_row, wq).unsqueeze(2), heads)  # (M, C, H, 1, d)
-    dk, dv = _split_heads(F.linear(da, wk), heads), _split_heads(F.linear(da, wv), heads)  # (M, C, H, S, d)
+    q = split_heads(F.linear(a_row, wq, bq).unsqueeze(1), heads)  # (M, H, 1, d)
+    k, v = split_heads(F.linear(a, wk, bk), heads), split_heads(F.linear(a, wv, bv), heads)
+    dq = split_heads(F.linear(da_row, wq).unsqueeze(2), heads)  # (M, C, H, 1, d)
+    dk, dv = split_heads(F.linear(da, wk), heads), split_heads(F.linear(da, wv), heads)  # (M, C, H, S, d)
     scale = q.shape[-1] ** -0.5
     logits = (q * scale) @ k.transpose(-1, -2)  # (M, H, 1, S)
     if mask is not None:
@@ -348,16 +390,17 @@ def token_jvps(tail: Tail, x: Tensor, delta: Tensor, pool: Tensor, max_tangents:
     """Per-token directional derivatives of the embedding, forward mode, for any tail.
 
     For every row ``s`` the tangent is ``delta`` restricted to row ``s``. The first block of the tail
-    is done in closed form (:func:`single_token_block`): for a one-block tail on the pooled row only,
-    otherwise on every row, after which the tangents are dense and go through the remaining blocks
-    batched, each block's primal computed once for all of them. ``max_tangents`` bounds the tangent
-    rows (points × tangents × rows) held at once.
+    is done in closed form (:func:`single_token_block`): for a one-block tail pooled on one row, on
+    that row only, otherwise on every row, after which the tangents are dense and go through the
+    remaining blocks batched, each block's primal computed once for all of them, then through the
+    last block on the pooled row only, or on all rows and the tail's pooling. ``max_tangents`` bounds
+    the tangent rows (points × tangents × rows) held at once.
 
     x, delta: (M, S, W); pool: (M,). Returns (M, S, E).
     """
     m, s, _ = x.shape
     first, *rest = tail.blocks
-    rows_per_tangent = s if rest else 1
+    rows_per_tangent = s if tail.dense else 1
     per_point = s * rows_per_tangent
     points = max(1, max_tangents // per_point)
     tokens = s if per_point <= max_tangents else max(1, max_tangents // rows_per_tangent)
@@ -365,11 +408,15 @@ def token_jvps(tail: Tail, x: Tensor, delta: Tensor, pool: Tensor, max_tangents:
     for p0 in range(0, m, points):
         xp, dp, pp = x[p0 : p0 + points], delta[p0 : p0 + points], pool[p0 : p0 + points]
         all_rows = torch.arange(s, device=x.device).expand(len(xp), s)
-        rows = all_rows if rest else pp.view(-1, 1)
+        rows = all_rows if tail.dense else pp.view(-1, 1)
         for t0 in range(0, s, tokens):
             chunk = range(t0, min(t0 + tokens, s))
             h, dh = single_token_block(first, xp, dp, tail.mask, rows, chunk)
-            if rest:
+            if tail.pooling is not None:
+                for block in rest:
+                    h, dh = block_tangent(block, h, dh, tail.mask)
+                h, dh = tail.pooling.tangent(h, dh)
+            elif rest:
                 for block in rest[:-1]:
                     h, dh = block_tangent(block, h, dh, tail.mask)
                 h, dh = pooled_block_tangent(rest[-1], h, dh, pp, tail.mask)
@@ -401,3 +448,64 @@ def dense_token_vjps(
             (grads,) = torch.autograd.grad(embedding, h, batched, retain_graph=True, is_grads_batched=True)
             out.append((grads * delta).sum(-1))  # (K, M, S)
     return torch.cat(out, dim=0).permute(1, 2, 0)
+
+
+def pooled_token_vjps(
+    tail: Tail, x: Tensor, delta: Tensor, chunk: int, cotangents: Tensor | None = None
+) -> Tensor:
+    """:func:`dense_token_vjps` for a tail with a pooling that reads every row, cheaper.
+
+    Reverse mode runs only from the output of the first block's attention (``z``) up: the MLP half,
+    the blocks above and the pooling. The first block's attention is then contracted in closed form,
+    the transpose of :func:`single_token_block`: with ``ĝ_r`` the cotangent of ``z_r`` taken back
+    through the output projection and split into heads, the derivative along ``delta`` on token
+    ``s`` is ``g_s·δ_s + Σ_h Σ_r P[r,s]·(c[r,s]·(ĝ_r·v_s − ĝ_r·o_r) + ĝ_r·dv_s)`` plus, for the
+    query of row ``s``, ``Σ_h Σ_j P[s,j]·g[s,j]·(ĝ_s·v_j − ĝ_s·o_s)``: products of (S, S) matrices
+    per head, no pass of the attention per cotangent.
+
+    x, delta: (M, S, W). Returns (M, S, E), or (M, S, K) with cotangents (K, E).
+    """
+    first, *rest = tail.blocks
+    assert tail.pooling is not None
+    heads = first.heads
+    wq, wk, wv = _split_qkv_weights(first)
+    bq, bk, bv = _split_qkv_biases(first)
+    a = first.ln_1(x)
+    q, k, v = (split_heads(F.linear(a, w_, b_), heads) for w_, b_ in ((wq, bq), (wk, bk), (wv, bv)))
+    scale = q.shape[-1] ** -0.5
+    logits = (q * scale) @ k.transpose(-1, -2)
+    if tail.mask is not None:
+        logits = logits + tail.mask[: x.shape[-2], : x.shape[-2]]
+    probs = logits.softmax(dim=-1)  # (M, H, S, S)
+    out = probs @ v  # (M, H, S, d)
+    z = x + first.scale_1(F.linear(_merge_heads(out), first.out_proj_weight, first.out_proj_bias))
+    da = layer_norm_tangent(first.ln_1, x, delta.unsqueeze(1)).squeeze(1)  # row s: tangent s's change
+    dq, dk, dv = (split_heads(F.linear(da, w_), heads) for w_ in (wq, wk, wv))
+    # Key changes weighted by attention, (M, H, s, r): P[r,s]·c[r,s], transposed for products over r.
+    key_weights = (probs * ((q * scale) @ dk.transpose(-1, -2))).transpose(-1, -2)
+    probs_t = probs.transpose(-1, -2)
+    # Query of row s: Σ_j P[s,j]·g[s,j]·(v_j − o_s) = moved_values[s] − moved_mass[s]·o_s, any cotangent.
+    query_weights = probs * ((dq * scale) @ k.transpose(-1, -2))  # (M, H, s, j)
+    moved_values, moved_mass = query_weights @ v, query_weights.sum(-1)  # (M, H, s, d), (M, H, s)
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        y = zz + first.scale_2(first.mlp(zz))
+        for block in rest:
+            y = block_forward(block, y, tail.mask)
+        embedding = tail.head(tail.pooling(y))
+        e = embedding.shape[-1]
+        rows = torch.eye(e, dtype=x.dtype, device=x.device) if cotangents is None else cotangents.to(x.dtype)
+        out_rows = []
+        for start in range(0, len(rows), chunk):
+            axes = rows[start : start + chunk]  # (K, E)
+            batched = axes.unsqueeze(1).expand(len(axes), *embedding.shape)
+            (g,) = torch.autograd.grad(embedding, zz, batched, retain_graph=True, is_grads_batched=True)
+            residual = (g * delta).sum(-1)  # (K, M, S)
+            g_hat = split_heads(first.scale_1(g) @ first.out_proj_weight, heads)  # (K, M, H, S, d)
+            g_o = (g_hat * out).sum(-1)  # (K, M, H, r): ĝ_r·o_r
+            # Σ_r P[r,s]·c[r,s]·(ĝ_r·v_s − ĝ_r·o_r) + Σ_r P[r,s]·ĝ_r·dv_s, as products over r
+            keys = ((key_weights @ g_hat) * v).sum(-1) - (key_weights @ g_o.unsqueeze(-1)).squeeze(-1)
+            values = ((probs_t @ g_hat) * dv).sum(-1)
+            query = (g_hat * moved_values).sum(-1) - g_o * moved_mass
+            out_rows.append(residual + (keys + values + query).sum(dim=2))
+    return torch.cat(out_rows, dim=0).permute(1, 2, 0)

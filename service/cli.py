@@ -1,4 +1,5 @@
-"""``exclip-service``: ``serve`` (API; plus a worker when there is no REDIS_URL), ``worker``, ``explain``.
+"""``exclip-service``: ``serve`` (API; plus a worker when there is no REDIS_URL), ``worker``, ``explain``,
+``models`` (which open_clip architectures are explained, and why the others are refused).
 
 Flags override the ``EXCLIP_*`` env vars of service.settings. A model that cannot be had (offline
 without a cached copy, missing checkpoint) stops the command with its message and exit code 2.
@@ -200,6 +201,45 @@ def _print_summary(caption: dict[str, Any]) -> None:
             print(f"{sel['kind']} {sel['start']}:{sel['end']}: tokens {sel.get('tokens')}")
 
 
+def model_coverage() -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Every architecture open_clip knows (its own and this package's): those the engine explains, each
+    with its pretrained tags (open_clip's, then the weights this package ships), and those it refuses,
+    each with the reason; in open_clip's order."""
+    import open_clip
+
+    from attribution.models import MODEL_CARDS, unsupported_reason
+
+    tags: dict[str, list[str]] = {}
+    for name, tag in open_clip.list_pretrained():
+        tags.setdefault(name, []).append(tag)
+    for name, card in MODEL_CARDS.items():
+        tags.setdefault(name, []).extend(card.weights)
+    explained: dict[str, list[str]] = {}
+    refused: dict[str, str] = {}
+    for name in open_clip.list_models():
+        reason = unsupported_reason(open_clip.get_model_config(name))
+        if reason is None:
+            explained[name] = tags.get(name, [])
+        else:
+            refused[name] = reason
+    return explained, refused
+
+
+def models(args: argparse.Namespace) -> int:
+    """Print the explained architectures (with their pretrained tags) and the refused ones with why."""
+    explained, refused = model_coverage()
+    if args.json:
+        print(json.dumps({"explained": explained, "refused": refused}, indent=2))
+        return 0
+    print(f"Explained: {len(explained)} architectures (pretrained tags in brackets)")
+    for name, tags in explained.items():
+        print(f"  {name}" + (f"  [{', '.join(tags)}]" if tags else ""))
+    print(f"Refused: {len(refused)} architectures")
+    for name, reason in refused.items():
+        print(f"  {name}: {reason}")
+    return 0
+
+
 def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="open_clip architecture (EXCLIP_MODEL)")
     p.add_argument("--pretrained", help="tag, checkpoint path, or none (EXCLIP_PRETRAINED)")
@@ -229,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_explain.add_argument("--quadrature", choices=RULES, help="integration rule (default: riemann)")
     p_explain.add_argument("--tolerance", type=float, help="refine a nested rule to this relative error")
     p_explain.add_argument("--model")
+    p_models = sub.add_parser("models", help="list the architectures explained and those refused, with why")
+    p_models.add_argument("--json", action="store_true", help="print one JSON object instead")
     sub.add_parser("evaluate", add_help=False, help="grounding benchmark (see evaluate -h)")
     return parser
 
@@ -240,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return evaluate(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "models":
+        return models(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "explain":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # the summary is the output, not request logs

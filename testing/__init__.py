@@ -7,6 +7,9 @@ project is installed, so pytest fixtures (tests/conftest.py) and bench scripts u
 - ``RedisServer``: a private ``redis-server`` on its own port, no persistence (``testing.redis_server``).
 - ``random_clip``, ``save_tiny_checkpoint``, ``distinct_captions``: seeded models and inputs
   (``testing.models``).
+- ``build_family(name)``: a tiny random model of each family the engine explains (CLIP, SigLIP, SigLIP 2,
+  CLIPA, MetaCLIP 2, a timm ViT with registers) with its tokenizer built offline; ``build_real(arch)``: a
+  real architecture with random weights and a local tokenizer (``testing.families``).
 - ``Process``: any subprocess with its output in a log file; ``wait_healthy``/``wait_ready`` for APIs.
   ``ServiceLauncher``: API / worker / embedded ``python -m service.cli`` processes sharing one Redis
   and key prefix, with the tiny checkpoint; ``wait_until_ready`` for an in-process app
@@ -17,6 +20,7 @@ project is installed, so pytest fixtures (tests/conftest.py) and bench scripts u
 """
 
 from testing.browser import CHROMIUM, CHROMIUM_ARGS, chromium
+from testing.families import FAMILIES, build_family, build_real, family_arch
 from testing.hold import WorkerHold
 from testing.models import distinct_captions, perturb_norms_and_biases, random_clip, save_tiny_checkpoint
 from testing.network import free_port
@@ -27,6 +31,7 @@ from testing.spies import spy_conversions
 __all__ = [
     "CHROMIUM",
     "CHROMIUM_ARGS",
+    "FAMILIES",
     "REDIS_SERVER",
     "ROOT",
     "SERVICE_CLI",
@@ -34,8 +39,11 @@ __all__ = [
     "RedisServer",
     "ServiceLauncher",
     "WorkerHold",
+    "build_family",
+    "build_real",
     "chromium",
     "distinct_captions",
+    "family_arch",
     "free_port",
     "perturb_norms_and_biases",
     "random_clip",

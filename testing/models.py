@@ -27,12 +27,14 @@ def random_clip(name: str, n_images: int = 1, device: str = "cpu") -> tuple[Any,
 
 def perturb_norms_and_biases(model: Any) -> Any:
     """``model`` with every norm and bias moved off its initial value (in place; returned): the engine is
-    compared on a model whose LayerNorms are not the identity, a stricter test than a fresh init."""
+    compared on a model whose LayerNorms are not the identity, a stricter test than a fresh init.
+
+    open_clip names its norms ``ln_*``, timm ``norm*``."""
     import torch
 
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() == 1 and ("ln" in name or "bias" in name):
+            if param.dim() == 1 and ("ln" in name or "norm" in name or "bias" in name):  # open_clip, timm
                 param.add_(0.1 * torch.randn_like(param))
     return model
 

@@ -151,9 +151,11 @@ def test_unknown_tag_lists_known_tags():
     ("name", "reason"),
     [
         ("RN50", "ResNet"),
-        ("ViT-B-16-SigLIP", "timm"),
+        ("EVA02-B-16", "Eva is not timm's VisionTransformer"),
+        ("MobileCLIP-B", "non-standard embedder"),
         ("coca_ViT-B-32", "CoCa"),
-        ("ViT-L-14-CLIPA", "class token"),
+        ("ViT-L-14-CLIPA", "strip_sep_token"),
+        ("MobileCLIP2-L-14", "non-causal text tower pools with 'argmax'"),
         ("xlm-roberta-base-ViT-B-32", "Hugging Face text tower"),
     ],
 )
@@ -353,3 +355,23 @@ def test_fallback_only_when_unrequested(monkeypatch, tmp_path, tiny_state_file, 
     # Requested and unavailable: the error, never the demo.
     with pytest.raises(ModelNotAvailable):
         load_model_or_demo(TINY_MODEL, str(tmp_path / "missing.pt"), requested=True)
+
+
+@pytest.mark.parametrize(
+    ("family", "grid", "context"),
+    [("siglip", (4, 4), 16), ("siglip2", (4, 4), 16), ("metaclip2", (4, 4), 16), ("timm-cls", (4, 4), 16)],
+)
+def test_other_families_load_with_their_local_tokenizers_and_explain(family, grid, context):
+    from attribution.explainer import Explainer
+    from testing.families import FAMILY_TOKENIZER, family_arch, tokenizer_dir
+
+    kind = FAMILY_TOKENIZER[family]
+    tokenizer = None if kind is None else str(tokenizer_dir(kind))
+    loaded = load_model(family_arch(family), None, tokenizer=tokenizer)
+    sizes = (loaded.grid, loaded.context_length, loaded.patch_size, loaded.embed_dim)
+    assert sizes == (grid, context, (8, 8), 32)
+    assert loaded.image_layers == loaded.text_layers == 3
+    image = torch.randn(1, 3, *loaded.image_size)
+    result = Explainer(loaded.model, loaded.tokenizer, steps=2).explain(image, ["a cat"])[0]
+    assert result.interactions.shape[1:] == grid
+    assert abs(float(result.entries().sum()) - result.completeness.total) < 1e-5

@@ -8,7 +8,6 @@ built in memory (a fast tokenizer: offsets from ``offset_mapping``). Both load t
 
 from __future__ import annotations
 
-import io
 import string
 import subprocess
 import sys
@@ -28,29 +27,16 @@ from attribution.errors import (
     InvalidSelection,
     ModelNotAvailable,
     SpecialTokenText,
-    UnsupportedModel,
 )
 from attribution.models import TINY_MODEL, load_model, unsupported_reason
 from attribution.selections import Span, selected_tokens
 from attribution.text import Token, tokenize_caption
 from attribution.tokenizers import TOKENIZER_HOW_TO, load_hf_tokenizer
+from testing.families import save_gemma_tokenizer, save_siglip_tokenizer
 
 sentencepiece = pytest.importorskip("sentencepiece", reason="the test extra installs sentencepiece")
 transformers = pytest.importorskip("transformers", reason="the test extra installs transformers")
 
-SENTENCES = [
-    "a photo of a cat",
-    "two dogs on the grass",
-    "a red car near a tree",
-    "the sky is blue",
-    "many birds fly over water and hills",
-    "quick brown fox jumps",
-]
-# A Gemma-style vocabulary: whole words with their leading space mark, single letters, control tokens.
-GEMMA_VOCAB = ["<pad>", "<eos>", "<bos>", "<unk>", "▁"] + [
-    f"▁{w}" for w in "a photo of cat dog red sky".split()
-]
-GEMMA_VOCAB += list(string.ascii_lowercase)
 CONTEXT = 128  # room for every caption the property tests draw (SentencePiece splits into letters)
 CAPTION_ALPHABET = "abcdefghijklmnopqrstuvwxyz" + "ACZ" + "   " + ",.!?_-'" + "éß"
 
@@ -63,31 +49,17 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def siglip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SentencePiece model trained here, saved as a SiglipTokenizer directory."""
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES * 5),
-        model_writer=model,
-        vocab_size=32,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
-        num_threads=1,
-    )
     directory = tmp_path_factory.mktemp("siglip-tokenizer")
-    (directory / "spiece.model").write_bytes(model.getvalue())
-    transformers.SiglipTokenizer(vocab_file=str(directory / "spiece.model")).save_pretrained(directory)
+    save_siglip_tokenizer(directory)
     return directory
 
 
 @pytest.fixture(scope="module")
 def gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Gemma-style Siglip2Tokenizer built in memory, saved as a directory."""
-    vocab = {piece: i for i, piece in enumerate(GEMMA_VOCAB)}
+    """A Gemma-style Siglip2Tokenizer built in memory, saved as a directory; letters only, no merges (the
+    span tests below select single letters)."""
     directory = tmp_path_factory.mktemp("gemma-tokenizer")
-    transformers.Siglip2Tokenizer(vocab=vocab, merges=[]).save_pretrained(directory)
+    save_gemma_tokenizer(directory, words=())
     return directory
 
 
@@ -253,9 +225,7 @@ def test_local_directory_loads_the_models_tokenizer(siglip_dir: Path) -> None:
     assert ids.shape == (cfg["text_cfg"]["context_length"],)
 
 
-def test_siglip_models_stay_refused_for_their_towers(siglip_dir: Path) -> None:
-    with pytest.raises(UnsupportedModel, match="timm model"):
-        load_model("ViT-B-16-SigLIP", None, tokenizer=str(siglip_dir))
+def test_argmax_pooling_with_a_hugging_face_tokenizer_is_refused() -> None:
     reason = unsupported_reason({"vision_cfg": {}, "text_cfg": {"hf_tokenizer_name": "some/tokenizer"}})
     assert reason and "pools on the highest token id" in reason
 
