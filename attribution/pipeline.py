@@ -118,7 +118,13 @@ class Explanation:
             "image": {k: v for k, v in geometry.items() if k != "grid"},  # the grid has its own key
             "grid": geometry["grid"],
             "interactions": encode_matrix(self.result.interactions, matrix_format),
+            # the class-token column under its old key too (null for a tower without a class token)
             "cls": None if self.result.cls is None else self.result.cls.tolist(),
+            "extra_columns": {name: v.tolist() for name, v in self.result.extra_columns.items()},
+            "extra_rows": {
+                name: encode_matrix(v, matrix_format) for name, v in self.result.extra_rows.items()
+            },
+            "corner": self.result.corner,
             "score": self.result.score,
             "completeness": asdict(self.result.completeness),
             "selections": [s.to_dict() for s in self.selections],
@@ -128,9 +134,15 @@ class Explanation:
     def from_dict(cls, d: dict[str, Any]) -> Explanation:
         """The inverse of ``to_dict`` (either matrix format). Keys it does not define, such as the
         service's ``timings``, are ignored. Tokens come back without vocabulary ids (``id`` None)."""
+        cls_column = None if d["cls"] is None else torch.tensor(d["cls"], dtype=torch.float32)
+        # Results written before the extra rows and columns existed had only ``cls``.
+        columns = d.get("extra_columns", {} if cls_column is None else {"cls": d["cls"]})
         result = PairResult(
             interactions=decode_matrix(d["interactions"]),
-            cls=None if d["cls"] is None else torch.tensor(d["cls"], dtype=torch.float32),
+            cls=cls_column,
+            extra_columns={k: torch.tensor(v, dtype=torch.float32) for k, v in columns.items()},
+            extra_rows={k: decode_matrix(v) for k, v in d.get("extra_rows", {}).items()},
+            corner=float(d.get("corner", 0.0)),
             score=float(d["score"]),
             completeness=Completeness(**d["completeness"]),
             integration=Integration(**d["integration"]) if d.get("integration") else None,
