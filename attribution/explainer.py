@@ -36,8 +36,9 @@ from attribution.quadrature import (
     right_riemann_points,
 )
 from attribution.tail import Tail, dense_token_vjps, embed, pooled_token_vjps, token_jvps
-from attribution.text import Tokenizer, tokenize_caption
+from attribution.text import Tokenizer, clip_bpe_tokenizer, tokenize_caption
 from attribution.tf32 import exact_float32
+from attribution.tokenizers import HFTokenizer
 from attribution.towers import AnyImageTower, TextTower, image_tower, text_tower
 
 PRECISIONS: dict[str, torch.dtype] = {
@@ -239,7 +240,7 @@ class Explainer:
     def __init__(
         self,
         model: nn.Module,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | HFTokenizer,
         text_layer: int | None = None,
         image_layer: int | None = None,
         steps: int = DEFAULT_STEPS,
@@ -448,9 +449,10 @@ class Explainer:
         tower's is its tokenizer's output for the empty caption, padded as the tower sees inputs."""
         context = self.text.context_length
         if self.text.pool_type == "argmax":
+            bpe = clip_bpe_tokenizer(self.tokenizer)  # argmax pooling finds EOT only with CLIP's ids
             ref_tokens = torch.zeros(1, context, dtype=torch.long, device=self.device)
-            ref_tokens[0, 0] = self.tokenizer.sot_token_id
-            ref_tokens[0, 2] = self.tokenizer.eot_token_id  # [SOT, 0, EOT, 0, …] as in the reference
+            ref_tokens[0, 0] = bpe.sot_token_id
+            ref_tokens[0, 2] = bpe.eot_token_id  # [SOT, 0, EOT, 0, …] as in the reference
             return ref_tokens
         tokenizer: Any = self.tokenizer
         empty: Tensor = tokenizer([""], context_length=context)

@@ -39,7 +39,7 @@ from attribution.selections import (
     selection_from_dict,
     span_heatmap,
 )
-from attribution.text import MAX_CAPTION_CHARS, Token, clip_bpe_tokenizer, tokenize_caption
+from attribution.text import MAX_CAPTION_CHARS, Token, tokenize_caption
 
 MATRIX_FORMATS = ("json", "base64")
 
@@ -232,7 +232,7 @@ def explain_requests(
     image_layer = loaded.default_image_layer if image_layer is None else image_layer
     explainer = Explainer(
         loaded.model,
-        clip_bpe_tokenizer(loaded.tokenizer),
+        loaded.tokenizer,
         text_layer,
         image_layer,
         steps,
