@@ -315,7 +315,8 @@ class Explainer:
     @torch.no_grad()
     @exact_float32()
     def explain_tokens(self, images: Tensor, tokens: Sequence[Tensor]) -> list[PairResult]:
-        """Explain B pairs given token ids per caption (SOT … EOT, padding optional).
+        """Explain B pairs given token ids per caption as its tokenizer gives them (padding optional:
+        a causal tower cuts it, a non-causal one is padded to its context with the padding id).
 
         Repeated images or captions are computed once: the image side is shared by all captions of an
         image and the text side by all images of a caption. Float32 is IEEE float32 throughout, TF32

@@ -1,7 +1,8 @@
 """Cost of one explanation per model family, in image forwards of the same model.
 
 For each architecture (random weights, seed 0; SigLIP's with a locally built tokenizer of its kind,
-``testing.families.build_real``), one image and one caption are explained at ``--steps`` points, cut
+``testing.families.build_real``), one image and one caption (cut to ``--caption-rows`` tokens, as
+the local tokenizers spell words letter by letter) are explained at ``--steps`` points, cut
 at the last blocks (or ``--layers``), by each route: the image's own factor (forward tangents, or
 reverse passes where the embedding is narrower than the image's rows), contraction of the caption's
 factor through the image embedding, and the engine's own choice. Times are CPU seconds of this
@@ -26,7 +27,7 @@ from attribution.explainer import Explainer
 from testing import random_clip
 from testing.families import build_real
 
-CAPTION = "a photo of a brown dog on the grass"
+CAPTION = "a photo of a brown dog on the grass"  # 11 rows with CLIP's SOT and EOT
 
 
 def cpu_seconds(call: Callable[[], object]) -> float:
@@ -47,6 +48,16 @@ def build(name: str) -> tuple[Any, Any, torch.Tensor]:
         return model, tokenizer, torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
 
 
+def caption_ids(explainer: Explainer, rows: int) -> torch.Tensor:
+    """CAPTION's ids cut to ``rows`` caption rows, its end token kept last: the local tokenizers of
+    the other families spell words letter by letter, so the same text would have more rows."""
+    ids = explainer.tokenize([CAPTION])[0]
+    n = explainer._caption_rows(explainer._text_inputs(ids))
+    if n <= rows:
+        return ids
+    return torch.cat([ids[: rows - 1], ids[n - 1 : n]])
+
+
 def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -54,9 +65,11 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", type=int, default=[-1], help="-1: each tower's last block")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--routes", nargs="+", default=["auto", "own factor", "contraction"])
+    parser.add_argument("--caption-rows", type=int, default=11, help="caption tokens, start/end included")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     flags = {"auto": None, "own factor": False, "contraction": True}
+    print(f"caption rows: {args.caption_rows} (text rows: all rows the text tower reads)\n")
     print("| model | layer | N | image rows | text rows | route | CPU s | image forwards |")
     print("|---|---:|---:|---:|---:|---|---:|---:|")
     for name in args.models:
@@ -69,8 +82,9 @@ def main() -> None:
                 explainer = Explainer(model, tokenizer, cut, cut, args.steps, contraction=flags[route])
                 explainer.explain(image, ["a dog"])  # warm: references cached
                 image_rows = explainer.image.hidden(image, 0).shape[1]
-                text_rows = len(explainer._text_inputs(explainer.tokenize([CAPTION])[0]))
-                seconds = cpu_seconds(lambda e=explainer, x=image: e.explain(x, [CAPTION]))
+                ids = caption_ids(explainer, args.caption_rows)
+                text_rows = len(explainer._text_inputs(ids))
+                seconds = cpu_seconds(lambda e=explainer, x=image, t=ids: e.explain_tokens(x, [t]))
                 print(
                     f"| {name} | {layer if cut is not None else 'last'} | {args.steps} | {image_rows} "
                     f"| {text_rows} | {route} | {seconds:.1f} | {seconds / forward:.1f} |"
