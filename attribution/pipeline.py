@@ -20,6 +20,7 @@ from attribution.decode import MAX_ASPECT_RATIO
 from attribution.explainer import (
     DEFAULT_PRECISION,
     DEFAULT_STEPS,
+    DEFAULT_TEXT_REFERENCE,
     Completeness,
     Explainer,
     Integration,
@@ -215,6 +216,7 @@ def explain_requests(
     precision: str = DEFAULT_PRECISION,
     quadrature: str | None = None,
     tolerance: float | None = None,
+    text_reference: str = DEFAULT_TEXT_REFERENCE,
     max_caption_chars: int = MAX_CAPTION_CHARS,
     max_aspect_ratio: float = MAX_ASPECT_RATIO,
     memory_fraction: float = DEFAULT_MEMORY_FRACTION,
@@ -226,7 +228,7 @@ def explain_requests(
     computed. The two limits are those of
     ``tokenize_caption`` and ``preprocess`` (for images not yet prepared). The engine's passes use
     at most ``memory_fraction`` of the device's free memory (``attribution.memory``). ``quadrature`` and
-    ``tolerance`` are the ``Explainer``'s (``attribution.quadrature``).
+    ``tolerance`` are the ``Explainer``'s (``attribution.quadrature``), and so is ``text_reference``.
     """
     text_layer = loaded.default_text_layer if text_layer is None else text_layer
     image_layer = loaded.default_image_layer if image_layer is None else image_layer
@@ -240,6 +242,7 @@ def explain_requests(
         memory_fraction=memory_fraction,
         quadrature=quadrature,
         tolerance=tolerance,
+        text_reference=text_reference,
     )
 
     inputs = [_model_input(request.image, loaded, max_aspect_ratio) for request in requests]
@@ -260,7 +263,14 @@ def explain_requests(
     results = explainer.explain_tokens(images, [p.ids for p in pairs])
 
     # The rule, points and tolerance are in each result's ``integration``.
-    options = {"text_layer": text_layer, "image_layer": image_layer, "steps": steps, "precision": precision}
+    options: dict[str, Any] = {
+        "text_layer": text_layer,
+        "image_layer": image_layer,
+        "steps": steps,
+        "precision": precision,
+    }
+    if text_reference != DEFAULT_TEXT_REFERENCE:  # the default's keys stay as they were
+        options["text_reference"] = text_reference
     out: list[list[Explanation]] = [[] for _ in requests]
     for pair, result in zip(pairs, results, strict=True):
         geometry, interactions = inputs[pair.request].geometry, result.interactions
