@@ -36,8 +36,9 @@ from attribution.quadrature import (
     right_riemann_points,
 )
 from attribution.tail import Tail, dense_token_vjps, embed, pooled_token_vjps, token_jvps
-from attribution.text import Tokenizer, tokenize_caption
+from attribution.text import Tokenizer, clip_bpe_tokenizer, tokenize_caption
 from attribution.tf32 import exact_float32
+from attribution.tokenizers import HFTokenizer
 from attribution.towers import AnyImageTower, TextTower, image_tower, text_tower
 
 PRECISIONS: dict[str, torch.dtype] = {
@@ -48,6 +49,16 @@ PRECISIONS: dict[str, torch.dtype] = {
 # What a caller who names no steps or precision gets: the library's, the service's and the evaluation's.
 DEFAULT_STEPS = 10
 DEFAULT_PRECISION = "float32"
+# The text reference of a tower pooled on one row of a causal transformer (CLIP's EOT, MetaCLIP 2's EOS):
+# "authors": the empty caption's ids as they are ([SOT, 0, EOT, …] for CLIP, as exclip builds it), so
+# the input's path, pooled at the input's end row, does not end at the reference's own embedding;
+# "aligned": the empty caption's end token moved onto the caption's end row, so the path ends at the
+# reference's embedding and the interactions sum to the score change they explain. Non-causal towers
+# read every row: their reference is the padded empty caption either way.
+AUTHORS_REFERENCE = "authors"
+ALIGNED_REFERENCE = "aligned"
+TEXT_REFERENCES = (AUTHORS_REFERENCE, ALIGNED_REFERENCE)
+DEFAULT_TEXT_REFERENCE = AUTHORS_REFERENCE
 
 # A reverse pass (per cotangent) against a forward tangent pass through the same dense blocks.
 REVERSE_PASS_COST = 1.0
@@ -228,6 +239,10 @@ class Explainer:
     or by whichever needs fewer passes (``None``, the default: in float32 only, as the reduced-precision
     error bounds are those of the factor route; never with a tolerance, whose text factor changes from
     level to level).
+    ``text_reference``: :data:`TEXT_REFERENCES` — ``"authors"`` (default: the reference's
+    conventions) or ``"aligned"`` (the empty caption's end token on the caption's end row, so that
+    ``completeness.total`` converges to ``expected``, not to ``path_expected``); it changes nothing for
+    non-causal text towers.
     ``points``, if given, are explicit interpolation points α in place of :func:`interpolation_points`
     (as the reference's ``N`` accepts a tensor), e.g. to reproduce its N + 1 points exactly.
 
@@ -240,7 +255,7 @@ class Explainer:
     def __init__(
         self,
         model: nn.Module,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | HFTokenizer,
         text_layer: int | None = None,
         image_layer: int | None = None,
         steps: int = DEFAULT_STEPS,
@@ -253,6 +268,7 @@ class Explainer:
         quadrature: str | None = None,
         tolerance: float | None = None,
         contraction: bool | None = None,
+        text_reference: str = DEFAULT_TEXT_REFERENCE,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -286,6 +302,11 @@ class Explainer:
             raise InvalidOption("explicit points are averaged with equal weights: only with the riemann rule")
         self.tolerance = None if tolerance is None else float(tolerance)
         self.contraction = contraction  # None: choose per pair by the passes each way
+        if text_reference not in TEXT_REFERENCES:
+            raise InvalidOption(
+                f"text_reference must be one of {', '.join(TEXT_REFERENCES)}, got {text_reference!r}"
+            )
+        self.text_reference = text_reference
         if points is not None:
             self.rule = Rule(_explicit_points(points), None)
         else:  # with a tolerance: the first level
@@ -450,13 +471,35 @@ class Explainer:
         tower's is its tokenizer's output for the empty caption, padded as the tower sees inputs."""
         context = self.text.context_length
         if self.text.pool_type == "argmax":
+            bpe = clip_bpe_tokenizer(self.tokenizer)  # argmax pooling finds EOT only with CLIP's ids
             ref_tokens = torch.zeros(1, context, dtype=torch.long, device=self.device)
-            ref_tokens[0, 0] = self.tokenizer.sot_token_id
-            ref_tokens[0, 2] = self.tokenizer.eot_token_id  # [SOT, 0, EOT, 0, …] as in the reference
+            ref_tokens[0, 0] = bpe.sot_token_id
+            ref_tokens[0, 2] = bpe.eot_token_id  # [SOT, 0, EOT, 0, …] as in the reference
             return ref_tokens
         tokenizer: Any = self.tokenizer
         empty: Tensor = tokenizer([""], context_length=context)
         return empty.to(device=self.device, dtype=torch.long).view(1, context)
+
+    def _aligned_reference(self, length: int) -> tuple[Tensor, Tensor]:
+        """The "aligned" text reference of a caption with ``length`` rows: the empty caption's start
+        token(s), padding, and its end token on the caption's end row (``length - 1``); its hidden
+        states at the cut (length, W) and its pooled row (1,). Cached per model, layer and length."""
+        cache = _REFERENCE_CACHE.setdefault(self.model, {})
+        key = (ALIGNED_REFERENCE, self.text_layer, self.device, length)
+        if key not in cache:
+            empty = self._reference_tokens()[0]
+            pad = _special_ids(self.tokenizer)[1]
+            ids = empty[empty != pad]  # the empty caption's own tokens: start token(s) if any, then end
+            if length < len(ids):
+                raise InvalidOption(f"a caption of {length} rows is shorter than the empty caption's")
+            aligned = empty.new_full((1, length), pad)
+            aligned[0, : len(ids) - 1] = ids[:-1]
+            aligned[0, length - 1] = ids[-1]
+            cache[key] = {
+                "text": self.text.hidden(aligned, self.text_layer)[0].float(),
+                "text_pool": self.text.pool_index(aligned)[0],
+            }
+        return cache[key]["text"], cache[key]["text_pool"].view(1)
 
     def _tails(self, tower: TextTower | AnyImageTower, layer: int) -> tuple[Tail, Tail]:
         """The tail in the derivative's precision, and in float32 for embeddings and completeness."""
@@ -474,7 +517,10 @@ class Explainer:
         batch = tokens.to(self.device).unsqueeze(0)
         hidden = self.text.hidden(batch, self.text_layer).float()
         pooled = self.text.pool_index(batch)
-        side = self._factor(tails, hidden, pooled, refs["text"], refs["text_pool"].view(1))
+        ref_hidden, ref_pool = refs["text"], refs["text_pool"].view(1)
+        if self.text_reference == ALIGNED_REFERENCE and self.text.causal:
+            ref_hidden, ref_pool = self._aligned_reference(len(tokens))
+        side = self._factor(tails, hidden, pooled, ref_hidden, ref_pool)
         side.caption_rows = self._caption_rows(tokens)
         return side
 

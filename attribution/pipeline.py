@@ -20,6 +20,7 @@ from attribution.decode import MAX_ASPECT_RATIO
 from attribution.explainer import (
     DEFAULT_PRECISION,
     DEFAULT_STEPS,
+    DEFAULT_TEXT_REFERENCE,
     Completeness,
     Explainer,
     Integration,
@@ -39,7 +40,7 @@ from attribution.selections import (
     selection_from_dict,
     span_heatmap,
 )
-from attribution.text import MAX_CAPTION_CHARS, Token, clip_bpe_tokenizer, tokenize_caption
+from attribution.text import MAX_CAPTION_CHARS, Token, tokenize_caption
 
 MATRIX_FORMATS = ("json", "base64")
 
@@ -118,7 +119,13 @@ class Explanation:
             "image": {k: v for k, v in geometry.items() if k != "grid"},  # the grid has its own key
             "grid": geometry["grid"],
             "interactions": encode_matrix(self.result.interactions, matrix_format),
+            # the class-token column under its old key too (null for a tower without a class token)
             "cls": None if self.result.cls is None else self.result.cls.tolist(),
+            "extra_columns": {name: v.tolist() for name, v in self.result.extra_columns.items()},
+            "extra_rows": {
+                name: encode_matrix(v, matrix_format) for name, v in self.result.extra_rows.items()
+            },
+            "corner": self.result.corner,
             "score": self.result.score,
             "completeness": asdict(self.result.completeness),
             "selections": [s.to_dict() for s in self.selections],
@@ -128,9 +135,15 @@ class Explanation:
     def from_dict(cls, d: dict[str, Any]) -> Explanation:
         """The inverse of ``to_dict`` (either matrix format). Keys it does not define, such as the
         service's ``timings``, are ignored. Tokens come back without vocabulary ids (``id`` None)."""
+        cls_column = None if d["cls"] is None else torch.tensor(d["cls"], dtype=torch.float32)
+        # Results written before the extra rows and columns existed had only ``cls``.
+        columns = d.get("extra_columns", {} if cls_column is None else {"cls": d["cls"]})
         result = PairResult(
             interactions=decode_matrix(d["interactions"]),
-            cls=None if d["cls"] is None else torch.tensor(d["cls"], dtype=torch.float32),
+            cls=cls_column,
+            extra_columns={k: torch.tensor(v, dtype=torch.float32) for k, v in columns.items()},
+            extra_rows={k: decode_matrix(v) for k, v in d.get("extra_rows", {}).items()},
+            corner=float(d.get("corner", 0.0)),
             score=float(d["score"]),
             completeness=Completeness(**d["completeness"]),
             integration=Integration(**d["integration"]) if d.get("integration") else None,
@@ -203,6 +216,7 @@ def explain_requests(
     precision: str = DEFAULT_PRECISION,
     quadrature: str | None = None,
     tolerance: float | None = None,
+    text_reference: str = DEFAULT_TEXT_REFERENCE,
     max_caption_chars: int = MAX_CAPTION_CHARS,
     max_aspect_ratio: float = MAX_ASPECT_RATIO,
     memory_fraction: float = DEFAULT_MEMORY_FRACTION,
@@ -214,13 +228,13 @@ def explain_requests(
     computed. The two limits are those of
     ``tokenize_caption`` and ``preprocess`` (for images not yet prepared). The engine's passes use
     at most ``memory_fraction`` of the device's free memory (``attribution.memory``). ``quadrature`` and
-    ``tolerance`` are the ``Explainer``'s (``attribution.quadrature``).
+    ``tolerance`` are the ``Explainer``'s (``attribution.quadrature``), and so is ``text_reference``.
     """
     text_layer = loaded.default_text_layer if text_layer is None else text_layer
     image_layer = loaded.default_image_layer if image_layer is None else image_layer
     explainer = Explainer(
         loaded.model,
-        clip_bpe_tokenizer(loaded.tokenizer),
+        loaded.tokenizer,
         text_layer,
         image_layer,
         steps,
@@ -228,6 +242,7 @@ def explain_requests(
         memory_fraction=memory_fraction,
         quadrature=quadrature,
         tolerance=tolerance,
+        text_reference=text_reference,
     )
 
     inputs = [_model_input(request.image, loaded, max_aspect_ratio) for request in requests]
@@ -248,7 +263,14 @@ def explain_requests(
     results = explainer.explain_tokens(images, [p.ids for p in pairs])
 
     # The rule, points and tolerance are in each result's ``integration``.
-    options = {"text_layer": text_layer, "image_layer": image_layer, "steps": steps, "precision": precision}
+    options: dict[str, Any] = {
+        "text_layer": text_layer,
+        "image_layer": image_layer,
+        "steps": steps,
+        "precision": precision,
+    }
+    if text_reference != DEFAULT_TEXT_REFERENCE:  # the default's keys stay as they were
+        options["text_reference"] = text_reference
     out: list[list[Explanation]] = [[] for _ in requests]
     for pair, result in zip(pairs, results, strict=True):
         geometry, interactions = inputs[pair.request].geometry, result.interactions

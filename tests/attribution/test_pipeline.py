@@ -64,6 +64,9 @@ def test_result_keeps_its_documented_keys(explanation):
         "grid",
         "interactions",
         "cls",
+        "extra_columns",
+        "extra_rows",
+        "corner",
         "score",
         "completeness",
         "selections",
@@ -72,6 +75,30 @@ def test_result_keeps_its_documented_keys(explanation):
     assert d["grid"] == {"rows": 4, "cols": 4}
     d["timings"] = {"queued_ms": 1.0}  # added by the service; reading back ignores it
     assert Explanation.from_dict(d).caption == "a dog on grass"
+
+
+def test_extra_rows_and_columns_add_up_to_the_total_and_round_trip(explanation):
+    """CLIP: the class token is the one extra column (also under ``cls``); everything sums to total."""
+    d = json.loads(json.dumps(explanation.to_dict()))
+    assert list(d["extra_columns"]) == ["cls"] and d["extra_columns"]["cls"] == d["cls"]
+    assert d["extra_rows"] == {} and d["corner"] == 0.0
+    total = torch.tensor(d["interactions"]).sum() + sum(
+        torch.tensor(v).sum() for v in d["extra_columns"].values()
+    )
+    assert float(total) == pytest.approx(d["completeness"]["total"], rel=1e-5, abs=1e-6)
+    for matrix_format in ("json", "base64"):
+        back = Explanation.from_dict(json.loads(json.dumps(explanation.to_dict(matrix_format))))
+        assert torch.equal(back.result.entries(), explanation.result.entries())
+
+
+def test_a_result_written_before_the_extra_keys_reads_back_with_its_class_column(explanation):
+    d = explanation.to_dict()
+    for key in ("extra_columns", "extra_rows", "corner"):
+        del d[key]
+    back = Explanation.from_dict(d).result
+    assert set(back.extra_columns) == {"cls"} and torch.equal(
+        back.extra_columns["cls"], explanation.result.cls
+    )
 
 
 def test_parts_round_trip(explanation):

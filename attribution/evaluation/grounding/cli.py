@@ -37,6 +37,7 @@ from attribution.evaluation.grounding.report import (
 )
 from attribution.evaluation.grounding.samples import GroundingSample, InvalidSample
 from attribution.evaluation.scenes import GROUNDING_SEED
+from attribution.explainer import DEFAULT_TEXT_REFERENCE, TEXT_REFERENCES
 from attribution.models import LoadedModel, load_model
 
 DATASETS = ("scenes", "coco", "flickr30k")
@@ -153,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="all, default (the model's), last, or TEXT/IMAGE pairs like 1/1,3/3 (default)",
     )
     p.add_argument("--steps", type=int, default=10, help="interpolation steps (interactions, IG)")
+    p.add_argument(
+        "--text-reference",
+        choices=TEXT_REFERENCES,
+        default=DEFAULT_TEXT_REFERENCE,
+        help=f"the interactions' text reference convention ({DEFAULT_TEXT_REFERENCE})",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--pointing-rule", choices=POINTING_RULES, default="centre")
     p.add_argument("--json", help="write all scores, summaries and costs here")
@@ -209,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs = parse_layers(args.layers, loaded)
         figure_pair = parse_layers(args.figure_layers, loaded)[0] if args.figure_layers else pairs[0]
         names = parse_methods(args.methods)
-        methods = [create_method(n, MethodOptions(steps=args.steps, seed=args.random_seed)) for n in names]
+        options = MethodOptions(steps=args.steps, seed=args.random_seed, text_reference=args.text_reference)
+        methods = [create_method(n, options) for n in names]
         skipped: list[InvalidSample] | None = [] if args.skip_invalid else None
         samples = load_samples(args, skipped)
         print_skipped(skipped or [])

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from attribution.evaluation.grounding.samples import GroundingSample
-from attribution.explainer import DEFAULT_STEPS
+from attribution.explainer import DEFAULT_STEPS, DEFAULT_TEXT_REFERENCE
 from attribution.geometry import ImageGeometry
 from attribution.images import preprocess
 from attribution.models import LoadedModel
@@ -30,6 +30,7 @@ class MethodOptions:
 
     steps: int = DEFAULT_STEPS
     seed: int = 0
+    text_reference: str = DEFAULT_TEXT_REFERENCE  # interactions only (attribution.explainer)
 
 
 @dataclass(frozen=True, eq=False)  # identity: methods may memoise work per batch

@@ -23,9 +23,9 @@ from attribution.selections import Span
 
 TARGETS = ("phrase", "caption")
 
-# Batch -> {(model id, text layer, image layer, steps): ({target: heatmaps}, seconds)}
+# Batch -> {(model id, text layer, image layer, steps, text reference): ({target: heatmaps}, seconds)}
 _Heatmaps = dict[str, list[list[torch.Tensor]]]  # target -> per sample, per phrase
-_MEMO: weakref.WeakKeyDictionary[Batch, dict[tuple[int, int, int, int], tuple[_Heatmaps, float]]] = (
+_MEMO: weakref.WeakKeyDictionary[Batch, dict[tuple[int, int, int, int, str], tuple[_Heatmaps, float]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -44,20 +44,20 @@ class Interactions(GroundingMethod):
         self, loaded: LoadedModel, batch: Batch, text_layer: int, image_layer: int
     ) -> list[list[torch.Tensor]]:
         memo = _MEMO.setdefault(batch, {})
-        key = (id(loaded.model), text_layer, image_layer, self.options.steps)
+        key = (id(loaded.model), text_layer, image_layer, self.options.steps, self.options.text_reference)
         if key in memo:
             maps, seconds = memo[key]
             self.last_cost_s = seconds
         else:
             start = time.perf_counter()
-            maps = _readouts(loaded, batch, text_layer, image_layer, self.options.steps)
+            maps = _readouts(loaded, batch, text_layer, image_layer, self.options)
             memo[key] = maps, time.perf_counter() - start
             self.last_cost_s = None
         return maps[self.target]
 
 
 def _readouts(
-    loaded: LoadedModel, batch: Batch, text_layer: int, image_layer: int, steps: int
+    loaded: LoadedModel, batch: Batch, text_layer: int, image_layer: int, options: MethodOptions
 ) -> dict[str, list[list[torch.Tensor]]]:
     """Both targets' heatmaps from one engine call over the batch (one computation per caption)."""
     requests = [
@@ -65,7 +65,12 @@ def _readouts(
         for image, sample in zip(batch.images, batch.samples, strict=True)
     ]
     explained = explain_requests(
-        loaded, requests, text_layer=text_layer, image_layer=image_layer, steps=steps
+        loaded,
+        requests,
+        text_layer=text_layer,
+        image_layer=image_layer,
+        steps=options.steps,
+        text_reference=options.text_reference,
     )
     out: dict[str, list[list[torch.Tensor]]] = {"phrase": [], "caption": []}
     for (explanation,), sample in zip(explained, batch.samples, strict=True):
