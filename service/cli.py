@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from attribution.errors import AttributionError
+from attribution.explainer import DEFAULT_TEXT_REFERENCE, TEXT_REFERENCES
 from attribution.quadrature import RULES
 from attribution.selections import Box, Selection, Span
 from service.errors import ConfigError
@@ -159,6 +160,7 @@ def explain(args: argparse.Namespace) -> int:
                 model=args.model,
                 quadrature=args.quadrature,
                 tolerance=args.tolerance,
+                text_reference=args.text_reference,
             )
             _print_summary(job.raw["result"]["captions"][0])
             if args.json:
@@ -268,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_explain.add_argument("--steps", type=int)
     p_explain.add_argument("--quadrature", choices=RULES, help="integration rule (default: riemann)")
     p_explain.add_argument("--tolerance", type=float, help="refine a nested rule to this relative error")
+    p_explain.add_argument(
+        "--text-reference",
+        choices=TEXT_REFERENCES,
+        help=f"text reference convention (default: {DEFAULT_TEXT_REFERENCE})",
+    )
     p_explain.add_argument("--model")
     p_models = sub.add_parser("models", help="list the architectures explained and those refused, with why")
     p_models.add_argument("--json", action="store_true", help="print one JSON object instead")

@@ -60,11 +60,12 @@ class JobRequest:
     captions: tuple[CaptionRequest, ...]
     quadrature: str | None = None  # None: the engine's default rule (attribution.quadrature)
     tolerance: float | None = None
+    text_reference: str | None = None  # None: the engine's default (attribution.explainer)
 
     @property
-    def batch_key(self) -> tuple[str, int, int, int, str, str, str]:
+    def batch_key(self) -> tuple[str, int, int, int, str, str, str, str]:
         """Requests with equal keys can be computed in one engine call."""
-        integration = (str(self.quadrature), str(self.tolerance))
+        integration = (str(self.quadrature), str(self.tolerance), str(self.text_reference))
         return (self.model, self.text_layer, self.image_layer, self.steps, self.precision, *integration)
 
     @property
@@ -77,7 +78,7 @@ class JobRequest:
             "precision": self.precision,
             "quadrature": self.quadrature,
             "tolerance": self.tolerance,
-        }
+        } | ({} if self.text_reference is None else {"text_reference": self.text_reference})
 
     def explain_request(self, image: Any) -> ExplainRequest:
         return ExplainRequest(
@@ -95,6 +96,7 @@ class JobRequest:
             "precision": self.precision,
             "quadrature": self.quadrature,
             "tolerance": self.tolerance,
+            "text_reference": self.text_reference,
             "format": self.format,
             "captions": [
                 {"text": c.text, "selections": [s.to_dict() for s in c.selections]} for c in self.captions
@@ -117,6 +119,7 @@ class JobRequest:
             captions=captions,
             quadrature=d.get("quadrature"),  # absent in jobs queued before the option existed
             tolerance=None if d.get("tolerance") is None else float(d["tolerance"]),
+            text_reference=d.get("text_reference"),  # absent in jobs queued before the option existed
         )
 
 

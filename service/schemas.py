@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from attribution.explainer import DEFAULT_PRECISION, DEFAULT_STEPS, PRECISIONS
+from attribution.explainer import (
+    DEFAULT_PRECISION,
+    DEFAULT_STEPS,
+    DEFAULT_TEXT_REFERENCE,
+    PRECISIONS,
+    TEXT_REFERENCES,
+)
 from attribution.pipeline import MATRIX_FORMATS
 from attribution.quadrature import RULES
 from attribution.selections import Box, Selection, Span, TokenRange
@@ -22,9 +28,11 @@ from service.jobs import CaptionRequest, JobStatus
 if TYPE_CHECKING:  # built from the registry at runtime, which mypy cannot follow: plain text to it
     Precision = str
     QuadratureRule = str
+    TextReference = str
 else:
     Precision = Literal[tuple(PRECISIONS)]
     QuadratureRule = Literal[RULES]
+    TextReference = Literal[TEXT_REFERENCES]
 MatrixFormat = Literal[MATRIX_FORMATS]  # type: ignore[valid-type]
 # Multipart selection fields (repeatable), named by their selection kind, and their syntax; JSON bodies
 # give them as lists under the same names instead.
@@ -126,6 +134,12 @@ class ExplainOptions(BaseModel):
         allow_inf_nan=False,
         description="relative error of the matrix (largest entry) to refine a nested rule to, in place "
         "of steps; null: use steps",
+    )
+    text_reference: TextReference | None = Field(
+        None,
+        description="text reference convention (GET /models: options.text_reference); null: "
+        f"{DEFAULT_TEXT_REFERENCE}. aligned: the interactions sum to the score change they explain "
+        "(completeness.expected); authors: the reference implementation's, summing to path_expected",
     )
     format: MatrixFormat = Field("json", description="interaction matrix as nested lists or base64 float32")
     wait: float | None = Field(

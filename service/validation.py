@@ -81,6 +81,7 @@ class ExplainCall:
     precision: str = ExplainOptions.model_fields["precision"].default
     quadrature: str | None = None  # None: the engine's default rule (or, with a tolerance, its nested one)
     tolerance: float | None = None
+    text_reference: str | None = None  # None: the engine's default convention
     format: str = ExplainOptions.model_fields["format"].default
 
 
@@ -110,6 +111,7 @@ def build_job(
         opts.precision,
         opts.quadrature,
         opts.tolerance,
+        opts.text_reference,
         opts.format,
     )
     return build_call_job(call, served, settings, size, owner)
@@ -173,6 +175,7 @@ def build_call_job(
         precision=call.precision,
         quadrature=call.quadrature,
         tolerance=call.tolerance,
+        text_reference=call.text_reference,
         format=call.format,
         captions=call.captions,
     )

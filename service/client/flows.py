@@ -55,6 +55,7 @@ class Options(TypedDict, total=False):
     precision: str | None
     quadrature: str | None
     tolerance: float | None
+    text_reference: str | None
     matrix_format: str | None
 
 

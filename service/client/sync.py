@@ -56,9 +56,8 @@ class Client:
         ``captions``: a string or a list of strings and ``(text, selections)`` pairs; ``selections``
         (``Span``, ``TokenRange``, ``Box``) apply to every caption given as a plain string. ``options``:
         ``model``, ``text_layer``, ``image_layer``, ``steps``, ``precision``, ``quadrature``, ``tolerance``,
-        ``matrix_format`` (absent:
-        the server's defaults). Raises ``JobFailed`` if the job fails, ``WaitTimeout`` after ``wait_s``
-        (its ``job`` can be waited for again).
+        ``text_reference``, ``matrix_format`` (absent: the server's defaults). Raises ``JobFailed`` if
+        the job fails, ``WaitTimeout`` after ``wait_s`` (its ``job`` can be waited for again).
         """
         body = flows.explain_body(image, captions, selections, options)
         return self._run(flows.explain(body, self.retry, self.poll_s, self.wait_s))
