@@ -142,7 +142,12 @@ def dump(name: str, prefix: str = "exclip", max_phrases: int = 16) -> dict[str, 
     return {"samples": out, "schema": {k: str(v) for k, v in schema.items()}}
 
 
-SCENARIOS = {f.__name__: f for f in (build, add_samples, add_field, explain, dump)}
+def steps(steps: list[list[Any]]) -> list[Any]:
+    """Several scenarios in one process (FiftyOne and torch are imported once): ``[[name, args], ...]``."""
+    return [SCENARIOS[name](**arguments) for name, arguments in steps]
+
+
+SCENARIOS = {f.__name__: f for f in (build, add_samples, add_field, explain, dump, steps)}
 
 if __name__ == "__main__":
     answer = SCENARIOS[sys.argv[1]](**json.loads(sys.argv[2]))
