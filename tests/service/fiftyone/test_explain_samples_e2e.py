@@ -21,11 +21,11 @@ from tests.service.fiftyone.fiftyone_env import FiftyOne
 pytestmark = pytest.mark.slow
 
 N_SCENES, SEED = 8, 7_100_003
-# Measured on these 8 scenes (SEED) with the packaged demo weights at the default layers: the phrase
-# heatmap's best patch lies in the phrase's own ground-truth box for 13 of 16 phrases, a box centre for
-# 12 of 16; chance (a random point) is the boxes' mean area share, about 0.07. The margin is 0.15
-# (2-3 phrases) for numerical differences between machines.
-MEASURED_POINTING, MEASURED_BOX_CENTRE, MARGIN = 13 / 16, 12 / 16, 0.15
+# Measured on these 8 scenes (SEED, 17 phrases) with the packaged demo weights at the default layers:
+# the phrase heatmap's best patch lies in the phrase's own ground-truth box for 16 of 17 phrases, the
+# box's centre for 14 of 17; chance (a random point) is the boxes' mean area share, about 0.07. The
+# margin, 0.15 (2-3 phrases), is for numerical differences between machines.
+MEASURED_POINTING, MEASURED_BOX_CENTRE, MARGIN = 16 / 17, 14 / 17, 0.15
 CHANCE = 0.1
 
 
@@ -74,11 +74,8 @@ def test_every_sample_gets_its_phrases_heatmaps_boxes_and_scores(runs):
     assert "Heatmap" in schema["exclip_heatmap_0"] and "Detections" in schema["exclip_boxes"]
     for sample in dumped["samples"]:
         phrases = sample["phrases"]
-        assert (
-            sample["error"] is None
-            and [p["text"] for p in phrases] == [g["label"] for g in sample["ground_truth"]]
-            or len(phrases) <= len(sample["ground_truth"])
-        )
+        assert sample["error"] is None and phrases
+        assert {p["text"] for p in phrases} <= {g["label"] for g in sample["ground_truth"]}
         assert sample["caption"] and -1 <= sample["score"] <= 1
         assert set(sample["completeness"]) >= {"total", "expected", "gap"}
         for i, phrase in enumerate(phrases):
@@ -113,8 +110,7 @@ def test_heatmaps_and_boxes_hit_the_ground_truth_well_above_chance(runs):
                 inside(t, boxes[0][0] + boxes[0][2] / 2, boxes[0][1] + boxes[0][3] / 2) for t in truth
             )
             total += 1
-    print("MEASURED", pointed, centred, total)
-    assert total == 16
+    assert total == 17
     assert pointed / total >= MEASURED_POINTING - MARGIN > CHANCE
     assert centred / total >= MEASURED_BOX_CENTRE - MARGIN > CHANCE
 
