@@ -105,4 +105,3 @@ def test_refusals_say_what_is_wrong(outcome):
     assert "serves no model 'no-such-model'" in messages["no such model"]
     assert "concurrency must be between 1" in messages["no concurrency"]
     assert "at most one of phrases_field, phrases and label_field" in messages["two phrase sources"]
-
