@@ -16,6 +16,7 @@ import json  # noqa: E402
 import signal  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 from typing import Any  # noqa: E402
 
 import fiftyone as fo  # noqa: E402
@@ -142,12 +143,38 @@ def dump(name: str, prefix: str = "exclip", max_phrases: int = 16) -> dict[str, 
     return {"samples": out, "schema": {k: str(v) for k, v in schema.items()}}
 
 
+def operator(
+    name: str, uri: str, params: dict[str, Any], select: int = 0, limit: int | None = None
+) -> dict[str, Any]:
+    """``execute_operator`` on the dataset (its first ``limit`` samples; the first ``select`` of them
+    selected), as a script runs an App operator headless; answers its result or its error."""
+    import fiftyone.operators as foo
+
+    dataset = fo.load_dataset(name)
+    view = dataset.limit(limit) if limit else dataset.view()
+    selected = view.limit(select).values("id") if select else []
+    executed = foo.execute_operator(uri, ctx={"view": view, "selected": selected, "params": params})
+    return {"result": executed.result, "error": executed.error, "selected": selected}
+
+
+def search_query(query: str) -> dict[str, Any]:
+    """The query the text-search operator reads off a ``sort_by_similarity`` view."""
+    import fiftyone.core.stages as fos
+
+    from service.fiftyone.plugin import search_query as read_query
+
+    stages = [fos.Limit(3), fos.SortBySimilarity(query, brain_key="clip_sim"), fos.Limit(2)]
+    return {"query": read_query(SimpleNamespace(_stages=stages))}
+
+
 def steps(steps: list[list[Any]]) -> list[Any]:
     """Several scenarios in one process (FiftyOne and torch are imported once): ``[[name, args], ...]``."""
     return [SCENARIOS[name](**arguments) for name, arguments in steps]
 
 
-SCENARIOS = {f.__name__: f for f in (build, add_samples, add_field, explain, dump, steps)}
+SCENARIOS = {
+    f.__name__: f for f in (build, add_samples, add_field, explain, dump, operator, search_query, steps)
+}
 
 if __name__ == "__main__":
     answer = SCENARIOS[sys.argv[1]](**json.loads(sys.argv[2]))
