@@ -1,6 +1,6 @@
 """Fixtures of the FiftyOne tests: the cached FiftyOne virtualenv, a private mongod, the demo service.
 
-FiftyOne runs in its own virtualenv (tests/service/fiftyone/fiftyone_env.py: built on first use, a few
+FiftyOne runs in its own virtualenv (testing/fiftyone_env.py: built on first use, a few
 minutes), against a ``mongod`` of this session; the service is the embedded ``serve`` with the demo
 model ``exclip-scenes``, whose maps point at the generated scenes' objects.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from testing import Process, ServiceLauncher
-from tests.service.fiftyone.fiftyone_env import FiftyOne, Mongo, ensure_installation
+from testing.fiftyone_env import FiftyOne, Mongo, ensure_installation
 
 DEMO = {"EXCLIP_MODEL": "exclip-scenes", "EXCLIP_PRETRAINED": "scenes"}
 

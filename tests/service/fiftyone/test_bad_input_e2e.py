@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from attribution.text import MAX_CAPTION_CHARS
-from tests.service.fiftyone.fiftyone_env import FiftyOne
+from testing.fiftyone_env import FiftyOne
 
 pytestmark = pytest.mark.slow
 

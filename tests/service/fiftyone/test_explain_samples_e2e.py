@@ -15,8 +15,8 @@ import pytest
 
 from service.fiftyone.labels import BOX_METHOD
 from testing import ServiceLauncher
+from testing.fiftyone_env import FiftyOne
 from tests.service.fiftyone.conftest import demo_service
-from tests.service.fiftyone.fiftyone_env import FiftyOne
 
 pytestmark = pytest.mark.slow
 

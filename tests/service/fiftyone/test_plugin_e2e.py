@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.service.fiftyone.fiftyone_env import FiftyOne
+from testing.fiftyone_env import FiftyOne
 
 pytestmark = pytest.mark.slow
 

