@@ -14,6 +14,7 @@ sys.path.extend(p for p in os.environ.get("EXCLIP_HOST_SITE", "").split(os.paths
 
 import json  # noqa: E402
 import signal  # noqa: E402
+import time  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
@@ -86,11 +87,12 @@ def explain(name: str, kill_pid_after: list[int] | None = None, **arguments: Any
                 except ProcessLookupError:
                     pass
 
+    started = time.monotonic()
     try:
         summary = explain_samples(fo.load_dataset(name), progress=progress, **arguments)
     except (ValueError, ServiceUnavailable) as exc:
         return {"error": type(exc).__name__, "message": str(exc)}
-    return {"summary": asdict(summary)}
+    return {"summary": asdict(summary), "seconds": time.monotonic() - started}
 
 
 def dump(name: str, prefix: str = "exclip", max_phrases: int = 16) -> dict[str, Any]:
