@@ -1,30 +1,26 @@
-"""Scenarios the FiftyOne tests run inside the FiftyOne virtualenv: ``python -m ... SCENARIO 'JSON'``.
+"""Scenarios the FiftyOne tests and bench run inside the FiftyOne virtualenv: ``SCENARIO 'JSON'``.
 
 Each prints one line of JSON (its answer) last; the tests assert on it. Run by ``FiftyOne.run``
-(testing/fiftyone_env.py), which puts the test environment's site-packages on
-``EXCLIP_HOST_SITE``: they are appended after this virtualenv's own before anything else is imported.
+(testing/fiftyone_env.py), which first appends the test environment's site-packages to the path.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
-sys.path.extend(p for p in os.environ.get("EXCLIP_HOST_SITE", "").split(os.pathsep) if p)
+import fiftyone as fo
 
-import json  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict  # noqa: E402
-from pathlib import Path  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-from typing import Any  # noqa: E402
-
-import fiftyone as fo  # noqa: E402
-
-from attribution.evaluation.scenes import generate_scenes  # noqa: E402
-from service.fiftyone import ServiceUnavailable, explain_samples  # noqa: E402
-from service.fiftyone.fields import Fields  # noqa: E402
+from attribution.evaluation.scenes import generate_scenes
+from service.fiftyone import ServiceUnavailable, explain_samples
+from service.fiftyone.fields import Fields
 
 
 def build(name: str, directory: str, n: int, seed: int, image_size: int = 64) -> dict[str, Any]:

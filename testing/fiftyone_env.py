@@ -35,6 +35,13 @@ CACHE = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exclip-tests" / f"fiftyone-{VERSION}"
 )
 DRIVER = "testing.fiftyone_driver"
+# The test environment's site-packages go after the virtualenv's own before anything is imported
+# (``testing/__init__`` already imports the service, hence torch).
+BOOTSTRAP = (
+    "import os, runpy, sys; "
+    "sys.path.extend(p for p in os.environ['EXCLIP_HOST_SITE'].split(os.pathsep) if p); "
+    f"runpy.run_module({DRIVER!r}, run_name='__main__', alter_sys=True)"
+)
 
 
 @contextlib.contextmanager
@@ -141,7 +148,7 @@ class FiftyOne:
 
     def run(self, scenario: str, timeout_s: float = 300, **arguments: Any) -> Any:
         """The scenario's JSON answer; a failing scenario raises with its output."""
-        args = [str(self.venv / "bin" / "python"), "-m", DRIVER, scenario, json.dumps(arguments)]
+        args = [str(self.venv / "bin" / "python"), "-c", BOOTSTRAP, scenario, json.dumps(arguments)]
         done = subprocess.run(
             args, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False
         )
