@@ -23,13 +23,15 @@ from service.fiftyone import ServiceUnavailable, explain_samples
 from service.fiftyone.fields import Fields
 
 
-def build(name: str, directory: str, n: int, seed: int, image_size: int = 64) -> dict[str, Any]:
+def build(
+    name: str, directory: str, n: int, seed: int, image_size: int = 64, n_objects: int | None = None
+) -> dict[str, Any]:
     """A dataset of generated scenes: caption, phrases (the objects' phrases) and ground-truth boxes."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     dataset = fo.Dataset(name, overwrite=True, persistent=True)
     samples = []
-    for i, scene in enumerate(generate_scenes(n, seed, image_size=image_size)):
+    for i, scene in enumerate(generate_scenes(n, seed, image_size=image_size, n_objects=n_objects)):
         path = root / f"scene-{i:03d}.png"
         scene.image.save(path)
         boxes = [
@@ -165,13 +167,21 @@ def search_query(query: str) -> dict[str, Any]:
     return {"query": read_query(SimpleNamespace(_stages=stages))}
 
 
+def show(name: str, paths: list[str]) -> dict[str, Any]:
+    """Make ``paths`` the fields the App shows (its sidebar checkboxes) for the dataset."""
+    dataset = fo.load_dataset(name)
+    dataset.app_config.active_fields = fo.ActiveFields(paths=paths)
+    dataset.save()
+    return {"colorscales": dataset.app_config.color_scheme.colorscales}
+
+
 def steps(steps: list[list[Any]]) -> list[Any]:
     """Several scenarios in one process (FiftyOne and torch are imported once): ``[[name, args], ...]``."""
     return [SCENARIOS[name](**arguments) for name, arguments in steps]
 
 
 SCENARIOS = {
-    f.__name__: f for f in (build, add_samples, add_field, explain, dump, operator, search_query, steps)
+    f.__name__: f for f in (build, add_samples, add_field, explain, dump, operator, search_query, show, steps)
 }
 
 if __name__ == "__main__":

@@ -35,13 +35,17 @@ CACHE = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exclip-tests" / f"fiftyone-{VERSION}"
 )
 DRIVER = "testing.fiftyone_driver"
+
+
 # The test environment's site-packages go after the virtualenv's own before anything is imported
 # (``testing/__init__`` already imports the service, hence torch).
-BOOTSTRAP = (
-    "import os, runpy, sys; "
-    "sys.path.extend(p for p in os.environ['EXCLIP_HOST_SITE'].split(os.pathsep) if p); "
-    f"runpy.run_module({DRIVER!r}, run_name='__main__', alter_sys=True)"
-)
+def bootstrap(module: str) -> str:
+    """``python -c`` code that appends the test environment's site-packages, then runs ``module``."""
+    return (
+        "import os, runpy, sys; "
+        "sys.path.extend(p for p in os.environ['EXCLIP_HOST_SITE'].split(os.pathsep) if p); "
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
 
 
 @contextlib.contextmanager
@@ -148,10 +152,45 @@ class FiftyOne:
 
     def run(self, scenario: str, timeout_s: float = 300, **arguments: Any) -> Any:
         """The scenario's JSON answer; a failing scenario raises with its output."""
-        args = [str(self.venv / "bin" / "python"), "-c", BOOTSTRAP, scenario, json.dumps(arguments)]
+        args = [str(self.venv / "bin" / "python"), "-c", bootstrap(DRIVER), scenario, json.dumps(arguments)]
         done = subprocess.run(
             args, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False
         )
         if done.returncode != 0:
             raise AssertionError(f"driver {scenario} failed ({done.returncode}):\n{done.stderr[-4000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
+
+    @contextlib.contextmanager
+    def app(self, timeout_s: float = 180) -> Iterator[str]:
+        """The FiftyOne App's server (``fiftyone.server.main``) on a free port: its URL."""
+        import httpx
+
+        port = free_port()
+        args = [str(self.venv / "bin" / "python"), "-c", bootstrap("fiftyone.server.main")]
+        log = self.work_dir / f"app-{port}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [*args, "--port", str(port), "--address", "127.0.0.1"],
+                env=self.env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url, timeout=2).status_code == 200:
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the App did not start: {log.read_text(errors='replace')[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

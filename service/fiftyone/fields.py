@@ -9,7 +9,8 @@ text, character span, tokens and their scores; ``{prefix}_score`` (cosine simila
 and ``{prefix}_error`` (why the sample has no result; None when it has one).
 
 Every field is declared before the first sample is written, and a name taken by a field of another
-type refuses the run before anything is written.
+type refuses the run before anything is written. A dataset without an App colour scheme gets one that
+colours by value, so heatmaps are drawn with a colorscale; one that has a scheme keeps it.
 """
 
 from __future__ import annotations
@@ -125,6 +126,11 @@ def declare(dataset: fo.Dataset, fields: Fields) -> None:
             if document is not None:
                 options["embedded_doc_type"] = document
             dataset.add_sample_field(name, kind, **options)
+    # With the App's default (colour by field) a heatmap is drawn in its field's one colour; by value it
+    # takes a colorscale (viridis), so the sign shows (0 is mid-scale: the range is symmetric).
+    if dataset.app_config.color_scheme is None:
+        dataset.app_config.color_scheme = fo.ColorScheme(color_by="value")
+        dataset.save()
 
 
 def result_values(fields: Fields, labels: list[PhraseLabels], summary: dict[str, Any]) -> dict[str, Any]:
