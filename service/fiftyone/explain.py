@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 
 import fiftyone as fo
 import fiftyone.core.utils as fou
+from bson import ObjectId
+from fiftyone import ViewField as F
 from PIL import Image, UnidentifiedImageError
 
 from attribution.selections import Span
@@ -243,9 +245,9 @@ class _Run:
         queue: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=self.concurrency)
 
         async def produce() -> None:
-            offset = 0
+            after: str | None = None
             while True:
-                page = await self._fo(self._page, offset)
+                page, after = await self._fo(self._page, after)
                 for work in page:
                     if work is None:
                         self.summary.skipped += 1
@@ -254,7 +256,6 @@ class _Run:
                         await queue.put(work)
                 if len(page) < self.page_size:
                     break
-                offset += self.page_size
             for _ in range(self.concurrency):
                 await queue.put(None)
 
@@ -272,16 +273,21 @@ class _Run:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _page(self, offset: int) -> list[Work | None]:
-        """One page of samples as work (None: already done). Runs in the FiftyOne thread."""
-        page = self.samples.skip(offset).limit(self.page_size)
+    def _page(self, after: str | None) -> tuple[list[Work | None], str | None]:
+        """The next page of samples in id order after id ``after``, as work (None: already done), and
+        the page's last id. Keyed by id, not by position: a view that filters on the fields this run
+        writes (say, the samples with an error) loses members as they are done, and no sample is
+        skipped for it. Runs in the FiftyOne thread."""
+        page = self.samples
+        if after is not None:
+            page = page.match(F("_id") > ObjectId(after))
         names = ["id", "filepath", *self.source.read_fields, self.fields.request, self.fields.error]
-        columns = page.values(names)
+        columns = page.sort_by("_id").limit(self.page_size).values(names)
         out: list[Work | None] = []
         for row in zip(*columns, strict=True):
             values = dict(zip(names, row, strict=True))
             out.append(self._work(values))
-        return out
+        return out, (str(columns[0][-1]) if columns[0] else after)
 
     def _work(self, values: dict[str, Any]) -> Work | None:
         sample_id, filepath = str(values["id"]), str(values["filepath"])

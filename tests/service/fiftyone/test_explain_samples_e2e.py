@@ -132,7 +132,7 @@ def test_overwrite_computes_again_and_writes_the_same_values(runs):
 
 
 def test_a_service_that_vanishes_mid_run_loses_nothing_written_and_the_next_run_resumes(
-    fiftyone: FiftyOne, session_launcher: ServiceLauncher, tmp_path
+    fiftyone: FiftyOne, session_launcher: ServiceLauncher, service, tmp_path
 ):
     doomed = demo_service(session_launcher)
     build = {"name": "vanishing", "directory": str(tmp_path), "n": 6, "seed": SEED + 1}
@@ -144,11 +144,10 @@ def test_a_service_that_vanishes_mid_run_loses_nothing_written_and_the_next_run_
     written = [s for s in dumped["samples"] if s["phrases"] is not None]
     assert 2 <= len(written) < 6 and all(s["error"] is None for s in dumped["samples"])
 
-    revived = demo_service(session_launcher)
-    resumed, redumped = fiftyone.run(
+    resumed, redumped = fiftyone.run(  # on the module's service: the same model, another address
         "steps",
         steps=[
-            ["explain", explain_args(revived.url, name="vanishing")],
+            ["explain", explain_args(service.url, name="vanishing")],
             ["dump", {"name": "vanishing"}],
         ],
     )
