@@ -39,9 +39,9 @@ from service.client.errors import ClientError
 from service.client.flows import Options
 from service.fiftyone.fields import Fields, check_schema, declare, failure_values, result_values
 from service.fiftyone.labels import phrase_labels
+from service.fiftyone.limits import MAX_CONCURRENCY, MAX_IMAGE_BYTES
 from service.fiftyone.phrases import DEFAULT_MAX_PHRASES, PhraseSource, Phrasing, SampleInvalid
 
-MAX_CONCURRENCY = 64
 ERRORS_KEPT = 5  # errors quoted in the summary
 T = TypeVar("T")
 Progress = Callable[[int, int], None]  # (samples finished, samples in all)
@@ -98,6 +98,7 @@ def explain_samples(
     quadrature: str | None = None,
     tolerance: float | None = None,
     concurrency: int = 4,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
     api_key: str | None = None,
     overwrite: bool = False,
     progress: bool | Progress = True,
@@ -107,8 +108,9 @@ def explain_samples(
 
     Captions and phrases (``service.fiftyone.phrases``): ``caption_field`` or one ``caption`` for all,
     with phrases from ``phrases_field``, a fixed ``phrases`` list or ``label_field``'s labels (none: the
-    whole caption). The model options are the service's (None: its default). ``progress``: a progress
-    bar (True), none (False) or a callable ``(finished, total)``.
+    whole caption). The model options are the service's (None: its default). ``max_image_bytes``: larger
+    files are an error of their sample, unread. ``progress``: a progress bar (True), none (False) or a
+    callable ``(finished, total)``.
     """
     source = PhraseSource(
         caption_field=caption_field,
@@ -140,7 +142,10 @@ def explain_samples(
         quadrature=quadrature,
         tolerance=tolerance,
     )
+    if max_image_bytes < 1:
+        raise ValueError(f"max_image_bytes must be positive, got {max_image_bytes}")
     run = _Run(samples, source, fields, options, concurrency, overwrite)
+    run.max_image_bytes = max_image_bytes
     client = AsyncClient(url, api_key=api_key, wait_s=wait_s)
     return _run_blocking(run.run(client, progress))
 
@@ -188,8 +193,15 @@ def check_image(data: bytes) -> None:
         raise SampleInvalid(f"the file is not an image PIL can read ({exc})") from exc
 
 
-def read_image(path: str) -> bytes:
+def read_image(path: str, max_bytes: int) -> bytes:
+    """The file's bytes, once its size is known to be within ``max_bytes`` (memory stays bounded)."""
     try:
+        size = Path(path).stat().st_size
+        if size > max_bytes:
+            raise SampleInvalid(
+                f"the image file has {size} bytes; the limit is max_image_bytes={max_bytes} (the service's "
+                "EXCLIP_MAX_UPLOAD_BYTES counts the base64 body, a third larger)"
+            )
         data = Path(path).read_bytes()
     except OSError as exc:
         raise SampleInvalid(f"cannot read the image file: {exc}") from exc
@@ -210,6 +222,7 @@ class _Run:
         self.samples, self.source, self.fields = samples, source, fields
         self.options, self.concurrency, self.overwrite = options, concurrency, overwrite
         self.page_size = max(64, 4 * concurrency)
+        self.max_image_bytes = MAX_IMAGE_BYTES
         self.summary = RunSummary()
         self.model = ""
         self._fiftyone = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exclip-fiftyone")
@@ -303,7 +316,7 @@ class _Run:
         try:
             if work.phrasing is None:
                 raise SampleInvalid(work.invalid or "invalid sample")
-            image = await asyncio.to_thread(read_image, work.filepath)
+            image = await asyncio.to_thread(read_image, work.filepath, self.max_image_bytes)
             spans = [Span(start, end) for start, end in work.phrasing.spans]
             options = Options(**{**self.options, "model": self.model})
             job = await client.explain(image, [(work.phrasing.caption, spans)], **options)

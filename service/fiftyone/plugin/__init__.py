@@ -22,8 +22,9 @@ import fiftyone.core.stages as fos
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from service.fiftyone.explain import MAX_CONCURRENCY, RunSummary, explain_samples
+from service.fiftyone.explain import RunSummary, explain_samples
 from service.fiftyone.grounding import grounding_report
+from service.fiftyone.limits import MAX_CONCURRENCY
 from service.fiftyone.phrases import DEFAULT_MAX_PHRASES, MAX_PHRASES
 
 DEFAULT_URL = "http://127.0.0.1:8000"

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from attribution.text import MAX_CAPTION_CHARS
+from service.fiftyone.limits import MAX_IMAGE_BYTES
 from testing.fiftyone_env import FiftyOne
 
 pytestmark = pytest.mark.slow
@@ -20,6 +21,7 @@ CAPTION = "a red circle and a blue square"
 BAD = {
     "missing": {"filepath": "/nonexistent/scene.png", "caption": CAPTION},
     "garbage": {"filepath": "GARBAGE", "caption": CAPTION},
+    "oversized": {"filepath": "HUGE", "caption": CAPTION},
     "empty caption": {"filepath": "GOOD", "caption": "   "},
     "huge caption": {"filepath": "GOOD", "caption": "a red circle " * 100},
     "phrase not in caption": {"filepath": "GOOD", "caption": CAPTION, "phrases": ["purple dragon"]},
@@ -40,6 +42,9 @@ def outcome(fiftyone: FiftyOne, service, tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp("bad")
     garbage = root / "garbage.png"
     garbage.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    huge = root / "huge.png"
+    with open(huge, "wb") as out:  # sparse: 16 MB on paper, nothing on disk
+        out.truncate(MAX_IMAGE_BYTES + 1)
     base = {"name": "bad", "url": service.url, "caption_field": "caption", "phrases_field": "phrases"}
     steps: list[list[Any]] = [["build", {"name": "bad", "directory": str(root), "n": 1, "seed": 3}]]
     steps.append(["dump", {"name": "bad"}])
@@ -48,9 +53,9 @@ def outcome(fiftyone: FiftyOne, service, tmp_path_factory: pytest.TempPathFactor
     steps.append(["dump", {"name": "bad"}])
     answers = fiftyone.run("steps", steps=steps)
     good = answers[1]["samples"][0]["filepath"]
+    files = {"GOOD": good, "GARBAGE": str(garbage), "HUGE": str(huge)}
     samples = [
-        {k: (good if v == "GOOD" else str(garbage) if v == "GARBAGE" else v) for k, v in s.items()}
-        for s in [*BAD.values(), MANY]
+        {k: files.get(v, v) if k == "filepath" else v for k, v in s.items()} for s in [*BAD.values(), MANY]
     ]
     added, run, dumped = fiftyone.run(
         "steps",
@@ -75,6 +80,7 @@ def test_each_bad_sample_gets_its_own_clear_error_and_the_run_goes_on(outcome):
     errors = {name: sample["error"] for name, sample in outcome["bad"].items()}
     assert "cannot read the image file" in errors["missing"] and "No such file" in errors["missing"]
     assert "not an image PIL can read" in errors["garbage"]
+    assert f"has {MAX_IMAGE_BYTES + 1} bytes; the limit is max_image_bytes" in errors["oversized"]
     assert "must be a non-empty string" in errors["empty caption"]
     assert f"the limit is {MAX_CAPTION_CHARS}" in errors["huge caption"]
     assert "'purple dragon' is not in the caption" in errors["phrase not in caption"]
