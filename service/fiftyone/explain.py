@@ -144,8 +144,7 @@ def explain_samples(
     )
     if max_image_bytes < 1:
         raise ValueError(f"max_image_bytes must be positive, got {max_image_bytes}")
-    run = _Run(samples, source, fields, options, concurrency, overwrite)
-    run.max_image_bytes = max_image_bytes
+    run = _Run(samples, source, fields, options, concurrency, overwrite, max_image_bytes)
     client = AsyncClient(url, api_key=api_key, wait_s=wait_s)
     return _run_blocking(run.run(client, progress))
 
@@ -218,11 +217,12 @@ class _Run:
         options: Options,
         concurrency: int,
         overwrite: bool,
+        max_image_bytes: int,
     ) -> None:
         self.samples, self.source, self.fields = samples, source, fields
         self.options, self.concurrency, self.overwrite = options, concurrency, overwrite
         self.page_size = max(64, 4 * concurrency)
-        self.max_image_bytes = MAX_IMAGE_BYTES
+        self.max_image_bytes = max_image_bytes
         self.summary = RunSummary()
         self.model = ""
         self._fiftyone = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exclip-fiftyone")

@@ -75,10 +75,6 @@ class Fields:
             self.error: (fo.StringField, None, None),
         }
 
-    def heatmaps_in(self, schema: dict[str, Any]) -> list[str]:
-        """This prefix's heatmap fields a dataset already has (an earlier run may have had more phrases)."""
-        return [name for name in schema if name.startswith(f"{self.prefix}_heatmap_")]
-
 
 def _describe(field: Any) -> str:
     document = getattr(field, "document_type", None)

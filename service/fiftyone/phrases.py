@@ -10,7 +10,6 @@ own span. At most ``max_phrases`` are explained per sample (the first ones; the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,7 +141,3 @@ def _checked_caption(caption: Any, field: str | None = None) -> str:
             f"{where} has {len(caption)} characters; the limit is {MAX_CAPTION_CHARS}: shorten it"
         )
     return caption
-
-
-def fixed_phrases(phrases: Sequence[str] | None) -> tuple[str, ...] | None:
-    return None if phrases is None else tuple(phrases)
