@@ -17,6 +17,8 @@ project is installed, so pytest fixtures (tests/conftest.py) and bench scripts u
 - ``WorkerHold``: holds a worker's batches "running" until the test lets them go (``testing.hold``).
 - ``chromium()``: a headless Debian Chromium (``testing.browser``); ``spy_conversions``
   (``testing.spies``).
+- FiftyOne (``testing.fiftyone_env``, imported on its own): its cached virtualenv, a private
+  ``mongod``, the App server, and the scenarios of ``testing.fiftyone_driver`` run inside it.
 """
 
 from testing.browser import CHROMIUM, CHROMIUM_ARGS, chromium
