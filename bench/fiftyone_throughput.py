@@ -62,12 +62,14 @@ def main() -> None:
     mongo = Mongo(venv, work / "db")
     try:
         service = launcher.embedded(**DEMO).wait_ready()
+        url = service.url
+        assert url is not None  # wait_ready returns once the service answers on its URL
         fiftyone = FiftyOne(venv, mongo, work)
         scenes = generate_scenes(args.samples, SEED)
-        asyncio.run(service_alone(service.url, scenes[:4], 2))  # warm-up
+        asyncio.run(service_alone(url, scenes[:4], 2))  # warm-up
         rows = []
         for concurrency in args.concurrency:
-            alone = asyncio.run(service_alone(service.url, scenes, concurrency))
+            alone = asyncio.run(service_alone(url, scenes, concurrency))
             name = f"bench{concurrency}"
             build = {"name": name, "directory": str(work / name), "n": args.samples, "seed": SEED}
             explain = {"name": name, "url": service.url, "caption_field": "caption"}

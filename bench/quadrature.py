@@ -59,7 +59,8 @@ PROFILE = [0.0, 1 / 80, 1 / 40, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0]
 
 
 def matrix(result: PairResult) -> torch.Tensor:
-    return torch.cat([result.cls.unsqueeze(1), result.interactions.flatten(1)], dim=1)
+    """Every entry: the caption x patch matrix and the rows and columns beside it (CLS for CLIP)."""
+    return result.entries()
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -106,7 +107,8 @@ def spreads(
 ) -> dict[str, tuple[float, float, int]]:
     s = int(tokens.argmax()) + 1
     ref_tokens = torch.zeros(1, explainer.text.context_length, dtype=torch.long)
-    ref_tokens[0, 0], ref_tokens[0, 2] = explainer.tokenizer.sot_token_id, explainer.tokenizer.eot_token_id
+    bpe = clip_bpe_tokenizer(explainer.tokenizer)  # the authors' reference: CLIP's ids
+    ref_tokens[0, 0], ref_tokens[0, 2] = bpe.sot_token_id, bpe.eot_token_id
     text = explainer.text.hidden(tokens[:s].unsqueeze(0), explainer.text_layer)[0].float()
     text_ref = explainer.text.hidden(ref_tokens, explainer.text_layer)[0, :s].float()
     img = explainer.image.hidden(image, explainer.image_layer)[0].float()

@@ -145,7 +145,7 @@ class Job:
         return self.request.model
 
     @property
-    def batch_key(self) -> tuple[str, int, int, int, str, str, str]:
+    def batch_key(self) -> tuple[str, int, int, int, str, str, str, str]:
         return self.request.batch_key
 
     @property
