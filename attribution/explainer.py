@@ -73,7 +73,7 @@ _REFERENCE_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], 
 class Completeness:
     """How well the interactions add up, all on the cosine scale (divided by ‖h(t)‖·‖g(x)‖).
 
-    ``total``: the sum of all interactions (CLS column included). ``expected``:
+    ``total``: the sum of all interactions (extra rows and columns, e.g. CLS, included). ``expected``:
     ``(h(t)−h(r_t))·(g(x)−g(r_x))``, the value the method explains; ``gap = total − expected``.
 
     The reference's conventions pool every interpolation point at the *input's* EOT position but the
@@ -81,7 +81,8 @@ class Completeness:
     pooled at the input's EOT, not at ``h(r_t)``. ``path_expected`` is the value the sum converges to
     as the steps grow; ``integration_gap = total − path_expected`` is the Riemann-sum error alone and
     shrinks as N grows, while ``gap`` tends to ``path_expected − expected`` (zero for a one-token
-    caption, whose EOT is at position 2 too).
+    caption, whose EOT is at position 2 too). Causal EOS pooling behaves the same way; a non-causal
+    text tower pools input and reference at the same row, so there ``path_expected == expected``.
     """
 
     total: float
