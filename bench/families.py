@@ -16,12 +16,13 @@ its last block runs on all of them.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
+from common import line_buffered_stdout
 
 from attribution.explainer import Explainer
 from testing import random_clip
@@ -59,7 +60,7 @@ def caption_ids(explainer: Explainer, rows: int) -> torch.Tensor:
 
 
 def main() -> None:
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    line_buffered_stdout()
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["ViT-B-16", "ViT-B-16-SigLIP"])
     parser.add_argument("--layers", nargs="+", type=int, default=[-1], help="-1: each tower's last block")
@@ -75,7 +76,7 @@ def main() -> None:
     for name in args.models:
         model, tokenizer, image = build(name)
         model.encode_image(image)
-        forward = min(cpu_seconds(lambda m=model, x=image: m.encode_image(x)) for _ in range(3))
+        forward = min(cpu_seconds(partial(model.encode_image, image)) for _ in range(3))
         for layer in args.layers:
             cut = None if layer < 0 else layer
             for route in args.routes:
@@ -84,7 +85,7 @@ def main() -> None:
                 image_rows = explainer.image.hidden(image, 0).shape[1]
                 ids = caption_ids(explainer, args.caption_rows)
                 text_rows = len(explainer._text_inputs(ids))
-                seconds = cpu_seconds(lambda e=explainer, x=image, t=ids: e.explain_tokens(x, [t]))
+                seconds = cpu_seconds(partial(explainer.explain_tokens, image, [ids]))
                 print(
                     f"| {name} | {layer if cut is not None else 'last'} | {args.steps} | {image_rows} "
                     f"| {text_rows} | {route} | {seconds:.1f} | {seconds / forward:.1f} |"
