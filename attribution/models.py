@@ -170,10 +170,10 @@ def _text_reason(text: dict[str, Any], cfg: dict[str, Any]) -> str | None:
             f"CLIP's BPE tokenizer, not with the Hugging Face tokenizer {text['hf_tokenizer_name']!r}"
         )
     kwargs = text.get("tokenizer_kwargs") or {}
-    if kwargs.get("strip_sep_token") or kwargs.get("tokenizer_mode"):
+    if kwargs.get("tokenizer_mode"):
         return (
-            "its tokenizer runs in a mode (strip_sep_token or tokenizer_mode) for which caption tokens "
-            "have no character offsets"
+            f"its tokenizer runs in mode {kwargs['tokenizer_mode']!r}, for which caption tokens have no "
+            "character offsets"
         )
     return None
 

@@ -101,10 +101,10 @@ def load_hf_tokenizer(
 
 
 def _check_mode(tokenizer: HFTokenizer) -> None:
-    if tokenizer.tokenizer_mode or tokenizer.strip_sep_token:
+    if tokenizer.tokenizer_mode:
         raise UnsupportedModel(
             "token offsets are not available for open_clip's HFTokenizer with tokenizer_mode "
-            f"{tokenizer.tokenizer_mode!r} or strip_sep_token; only its standard mode is supported"
+            f"{tokenizer.tokenizer_mode!r}; only its standard mode (strip_sep_token or not) is supported"
         )
 
 
@@ -228,6 +228,10 @@ def tokenize_hf(
     )
     ids: torch.Tensor = full["input_ids"][0]
     kept = [int(i) for i in ids[full["attention_mask"][0].bool()]]
+    if tokenizer.strip_sep_token:  # open_clip writes padding (0) over [SEP], as CLIPA was trained: no row
+        sep = int(hf.sep_token_id)
+        ids = torch.where(ids == sep, torch.zeros_like(ids), ids)
+        kept = [k for k in kept if k != sep]
     n_body = min(len(body), len(kept) - (n_tokens - len(body)))
     first = next((k for k in range(len(kept) - n_body + 1) if kept[k : k + n_body] == body[:n_body]), None)
     if first is None:  # the words alone encode differently from the words in the template

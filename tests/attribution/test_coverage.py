@@ -28,12 +28,6 @@ def not_a_vit(trunk: str) -> str:
     )
 
 
-NO_OFFSETS = (
-    "its tokenizer runs in a mode (strip_sep_token or tokenizer_mode) for which caption tokens have no "
-    "character offsets"
-)
-
-
 def names(text: str) -> list[str]:
     return text.split()
 
@@ -75,13 +69,6 @@ REFUSED: dict[str, str] = {
     ),
     **dict.fromkeys(
         names(
-            "ViT-H-14-CLIPA ViT-H-14-CLIPA-336 ViT-L-14-CLIPA ViT-L-14-CLIPA-336 ViT-bigG-14-CLIPA "
-            "ViT-bigG-14-CLIPA-336"
-        ),
-        NO_OFFSETS,
-    ),
-    **dict.fromkeys(
-        names(
             "coca_ViT-B-32 coca_ViT-L-14 nllb-clip-base nllb-clip-base-siglip nllb-clip-large "
             "nllb-clip-large-siglip roberta-ViT-B-32 xlm-roberta-base-ViT-B-32 "
             "xlm-roberta-large-ViT-H-14"
@@ -97,8 +84,8 @@ REFUSED: dict[str, str] = {
     ),
 }
 # Explained: architectures and their pretrained weights (open_clip 3.3.0).
-EXPLAINED_ARCHITECTURES = 48
-EXPLAINED_WEIGHTS = 111
+EXPLAINED_ARCHITECTURES = 54
+EXPLAINED_WEIGHTS = 118
 
 
 def test_every_pretrained_architecture_is_explained_or_refused_for_its_stated_reason() -> None:
@@ -126,8 +113,7 @@ def test_loading_a_refused_architecture_says_why(reason: str) -> None:
 
 # Real architectures of the new families, about 60 s together on two cores. MetaCLIP 2's smallest
 # (ViT-H-14-worldwide, its 901 629-row text table shrunk with build_real's vocab_size) took 65 s alone:
-# its towers are compared at tiny size in tests/attribution/test_oracle_families.py. CLIPA is refused for
-# captions (NO_OFFSETS), so its towers are explained from the tokenizer's ids.
+# its towers are compared at tiny size in tests/attribution/test_oracle_families.py.
 REAL = ["ViT-B-16-SigLIP", "ViT-B-16-SigLIP2", "ViT-L-14-CLIPA"]
 
 
@@ -143,11 +129,8 @@ def test_real_architecture_explains(arch: str) -> None:
     image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
     caption = "a photo of a dog"
     explainer = Explainer(model, tokenizer, steps=1)
-    if REFUSED.get(arch) == NO_OFFSETS:
-        result = explainer.explain_tokens(image, [tokenizer([caption])[0]])[0]
-    else:
-        assert arch not in REFUSED
-        result = explainer.explain(image, [caption])[0]
+    assert arch not in REFUSED
+    result = explainer.explain(image, [caption])[0]
     with torch.no_grad():
         text = torch.nn.functional.normalize(model.encode_text(tokenizer([caption])), dim=-1)
         img = torch.nn.functional.normalize(model.encode_image(image), dim=-1)

@@ -154,7 +154,6 @@ def test_unknown_tag_lists_known_tags():
         ("EVA02-B-16", "Eva is not timm's VisionTransformer"),
         ("MobileCLIP-B", "non-standard embedder"),
         ("coca_ViT-B-32", "CoCa"),
-        ("ViT-L-14-CLIPA", "strip_sep_token"),
         ("MobileCLIP2-L-14", "non-causal text tower pools with 'argmax'"),
         ("xlm-roberta-base-ViT-B-32", "Hugging Face text tower"),
     ],

@@ -28,6 +28,7 @@ RED = (2, 5)  # the span of "red"
 EXTRAS = {
     "siglip": (set(), {"padding"}),
     "siglip2": (set(), {"padding"}),
+    "clipa": ({"cls"}, {"padding"}),  # its class token is a row, though the mean pools the patches
     "metaclip2": ({"cls"}, set()),
     "timm-cls": ({"cls", "registers"}, set()),
 }
