@@ -1,13 +1,15 @@
 """Samples per second through the FiftyOne integration vs the service alone, same service, same inputs.
 
-The embedded service with the demo model (``exclip-scenes``) explains generated scenes (caption, one
-span per object). "service alone": the project's ``AsyncClient`` sends them straight from memory,
-``--concurrency`` at a time. "explain_samples": the same scenes as a FiftyOne dataset (real FiftyOne
-1.22.1 and MongoDB 6.0.5 from the tests' cached virtualenv, ``testing.fiftyone_env``), explained with
-``explain_samples`` at the same concurrency, which also reads each file, checks it, converts the
-result to heatmaps and boxes and saves each sample. Both are timed after a warm-up.
+The embedded service with the demo model (``exclip-scenes``, or ``--model``/``--pretrained``)
+explains generated scenes (caption, one span per object). "service alone": the project's
+``AsyncClient`` sends them straight from memory, ``--concurrency`` at a time. "explain_samples": the
+same scenes as a FiftyOne dataset (real FiftyOne 1.22.1 and MongoDB 6.0.5 from the tests' cached
+virtualenv, ``testing.fiftyone_env``), explained with ``explain_samples`` at the same concurrency,
+which also reads each file, checks it, converts the result to heatmaps and boxes and saves each
+sample. Both are timed after a warm-up.
 
     python bench/fiftyone_throughput.py --samples 48 --concurrency 1 4
+    python bench/fiftyone_throughput.py --samples 16 --concurrency 1 4 --model ViT-B-32 --pretrained none
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from testing import ServiceLauncher
 from testing.fiftyone_env import FiftyOne, Mongo, ensure_installation
 
 SEED = 9_100_001
-DEMO = {"EXCLIP_MODEL": "exclip-scenes", "EXCLIP_PRETRAINED": "scenes"}
 
 
 async def service_alone(url: str, scenes: list[Scene], concurrency: int) -> float:
@@ -53,6 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=48)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--model", default="exclip-scenes", help="the served model (exclip-scenes)")
+    parser.add_argument("--pretrained", default="scenes", help="its weights: a tag, a file or none")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="exclip-fo-bench-"))
@@ -61,7 +64,7 @@ def main() -> None:
     (work / "db").mkdir()
     mongo = Mongo(venv, work / "db")
     try:
-        service = launcher.embedded(**DEMO).wait_ready()
+        service = launcher.embedded(EXCLIP_MODEL=args.model, EXCLIP_PRETRAINED=args.pretrained).wait_ready()
         url = service.url
         assert url is not None  # wait_ready returns once the service answers on its URL
         fiftyone = FiftyOne(venv, mongo, work)
@@ -80,7 +83,10 @@ def main() -> None:
     finally:
         launcher.close()
         mongo.stop()
-    print(f"{args.samples} scenes (64 x 64, 1-3 phrases each), demo model, embedded service, CPU\n")
+    print(
+        f"{args.samples} scenes (64 x 64, 1-3 phrases each), {args.model} ({args.pretrained}), "
+        "embedded service, CPU\n"
+    )
     print("| concurrency | service alone (samples/s) | explain_samples (samples/s) | integration overhead |")
     print("|---|---|---|---|")
     for concurrency, alone, integrated in rows:
