@@ -122,3 +122,48 @@ def test_the_readme_shows_the_label_studio_config_the_tests_use() -> None:
 
     blocks = re.findall(r"```xml\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
     assert EXAMPLE_CONFIG.strip() in [b.strip() for b in blocks]
+
+
+def _families_table() -> list[list[str]]:
+    text = README.read_text(encoding="utf-8")
+    table = (
+        text.split("<!-- families table: checked by tests/test_docs.py -->", 1)[1].strip().split("\n\n")[0]
+    )
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+
+
+# The tiny random models of testing.families that stand for each explained family of the README.
+FAMILY_STAND_INS = {
+    "CLIP ViTs": "clip",
+    "SigLIP": "siglip",
+    "SigLIP 2": "siglip2",
+    "CLIPA": "clipa",
+    "MetaCLIP 2 worldwide": "metaclip2",
+}
+
+
+def test_the_readme_families_table_says_what_the_code_does() -> None:
+    """Every example is an open_clip architecture, explained or refused as the row says; an explained
+    family's extra rows and columns are those its tiny stand-in's result carries."""
+    import open_clip
+    import torch
+
+    from attribution.explainer import Explainer
+    from attribution.models import unsupported_reason
+    from testing.families import build_family
+
+    rows = _families_table()
+    assert len(rows) >= 8
+    for family, examples, explained, extras, _cost in rows:
+        for arch in re.findall(r"`([^`]+)`", examples):
+            reason = unsupported_reason(open_clip.get_model_config(arch))
+            assert (reason is None) == (explained == "yes"), (family, arch, reason)
+        if explained != "yes":
+            continue
+        stand_in = next(v for k, v in FAMILY_STAND_INS.items() if family.split(" (")[0] == k)
+        model, tokenizer = build_family(stand_in)
+        [result] = Explainer(model, tokenizer, steps=1).explain(torch.zeros(1, 3, 32, 32), ["a red car"])
+        said = {name for kind, name in re.findall(r"(column|row) `(\w+)`", extras)}
+        assert said == set(result.extra_columns) | set(result.extra_rows), family
+        columns = {name for kind, name in re.findall(r"(column|row) `(\w+)`", extras) if kind == "column"}
+        assert columns == set(result.extra_columns), family
