@@ -39,7 +39,7 @@ from attribution.tail import Tail, dense_token_vjps, embed, pooled_token_vjps, t
 from attribution.text import Tokenizer, clip_bpe_tokenizer, tokenize_caption
 from attribution.tf32 import exact_float32
 from attribution.tokenizers import HFTokenizer
-from attribution.towers import AnyImageTower, TextTower, image_tower, text_tower
+from attribution.towers import PADDING_ROW, AnyImageTower, TextTower, image_tower, text_tower
 
 PRECISIONS: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -631,7 +631,7 @@ class Explainer:
             ),
             integration=integration,
             extra_columns=extra_columns,
-            extra_rows={"padding": patches[n].reshape(grid).contiguous()} if padded else {},
+            extra_rows={PADDING_ROW: patches[n].reshape(grid).contiguous()} if padded else {},
             corner=float(a[n, : layout.patch_start].sum()) if padded else 0.0,
         )
 

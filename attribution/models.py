@@ -36,7 +36,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 from attribution.errors import InvalidOption, ModelNotAvailable, UnknownModel, UnsupportedModel
 from attribution.text import Tokenizer
 from attribution.tokenizers import HFTokenizer, hf_tokenizer_source, load_hf_tokenizer
-from attribution.towers import image_tower, text_tower
+from attribution.towers import PADDING_ROW, image_tower, text_tower
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,9 @@ class LoadedModel:
     default_image_layer: int
     description: str | None = None
     demo: bool = False
+    # What each result carries beside the caption x patch matrix (PairResult.extra_columns / extra_rows).
+    extra_columns: tuple[str, ...] = ()
+    extra_rows: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary (used by ``GET /models``)."""
@@ -116,6 +119,8 @@ class LoadedModel:
             "description": self.description,
             "demo": self.demo,
             "device": str(self.device),
+            "extra_columns": list(self.extra_columns),
+            "extra_rows": list(self.extra_rows),
         }
 
 
@@ -339,6 +344,8 @@ def load_model(
         default_image_layer=_default_layer(name, "image", card.default_image_layer, image_layers),
         description=card.description,
         demo=card.demo,
+        extra_columns=tuple(image.layout.extras),
+        extra_rows=() if text.causal else (PADDING_ROW,),
     )
 
 

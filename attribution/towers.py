@@ -204,6 +204,10 @@ class TextTower:
 # ------------------------------------------------------------------------------------------ image
 
 
+# The one text row beside the caption's: the sum over the padding rows a non-causal tower reads.
+PADDING_ROW = "padding"
+
+
 @dataclass(frozen=True)
 class RowLayout:
     """Where an image tower's rows come from: named prefix rows (class token, registers), then the

@@ -42,6 +42,9 @@ class ModelInfo(BaseModel):
     default_image_layer: int | None = None
     description: str | None = None
     demo: bool = False
+    # What each result carries beside the matrix (absent from workers that predate them: none said)
+    extra_columns: list[str] = []
+    extra_rows: list[str] = []
 
     def layers(self, tower: str) -> int:
         """Blocks of the ``text`` or ``image`` tower."""

@@ -100,10 +100,12 @@ def test_the_heatmap_png_renders_for_a_span_and_a_box(family):
         assert Image.open(io.BytesIO(png.content)).size[0] > 0
 
 
-def test_models_lists_the_served_family(family):
+def test_models_lists_the_served_family_with_what_it_reports_beside_the_matrix(family):
     name, client = family
-    models = client.get("/models").json()
-    assert family_arch(name) in str(models)
+    [model] = client.get("/models").json()["models"]
+    columns, rows = EXTRAS[name]
+    assert model["name"] == family_arch(name)
+    assert set(model["extra_columns"]) == columns and set(model["extra_rows"]) == rows
 
 
 def test_label_studio_predict_answers_a_phrase(family):
