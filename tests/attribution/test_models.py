@@ -71,6 +71,8 @@ def test_random_model_metadata_and_state(tiny_model):
         "description": None,
         "demo": False,
         "device": "cpu",
+        "extra_columns": ["cls"],
+        "extra_rows": [],
     }
     json.dumps(tiny_model.describe())
     assert not tiny_model.model.training
