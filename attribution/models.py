@@ -7,9 +7,10 @@ checkpoint file (anything open_clip's own ``load_checkpoint`` reads: a plain ``s
 ``"none"`` / ``""`` for random weights (logged as a warning). Every other case raises, naming the model
 and saying how to pass a checkpoint or ``--pretrained none``.
 
-Importing this module registers the architectures in ``attribution/model_configs/*.json`` (the tiny
-test model ``exclip-tiny``, the demo models ``exclip-scenes`` and ``exclip-scenes-siglip``) with open_clip's ``add_model_config``, so
-``open_clip.create_model("exclip-tiny")`` and ``open_clip.get_tokenizer("exclip-tiny")`` work.
+Importing this module registers the architectures in ``attribution/model_configs/*.json`` (the tiny test model
+``exclip-tiny``, the demo models ``exclip-scenes`` and ``exclip-scenes-siglip``) with open_clip's
+``add_model_config``, so ``open_clip.create_model("exclip-tiny")`` and
+``open_clip.get_tokenizer("exclip-tiny")`` work.
 """
 
 from __future__ import annotations
@@ -289,7 +290,9 @@ def get_tokenizer(
     cfg = get_model_config(name)
     if hf_tokenizer_source(cfg):
         shipped = MODEL_CARDS.get(name, ModelCard()).tokenizer
-        return load_hf_tokenizer(name, cfg, path or (str(TOKENIZERS_DIR / shipped) if shipped else None), cache_dir)
+        return load_hf_tokenizer(
+            name, cfg, path or (str(TOKENIZERS_DIR / shipped) if shipped else None), cache_dir
+        )
     if path:
         raise InvalidOption(
             f"a tokenizer ({path!r}) was given, but model {name!r} uses CLIP's BPE tokenizer, which ships "

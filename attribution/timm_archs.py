@@ -14,7 +14,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 
-@register_model  # type: ignore[untyped-decorator]  # timm is untyped
+@register_model
 def vit_exclip_scenes_map(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """The scenes-sized SigLIP-style ViT; ``pretrained`` weights do not exist (the config says false)."""
     if pretrained:

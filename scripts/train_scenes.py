@@ -2,12 +2,12 @@
 
 The scenes are attribution/evaluation/scenes.py's; the batches, hard negatives and losses are
 ``attribution.evaluation.scenes_training``'s (``--loss contrastive``: CLIP's loss with colour- and
-shape-swapped captions as hard negatives; ``--loss sigmoid``: SigLIP's pairwise sigmoid loss with the
-swaps as extra negative pairs; both plus a binding loss). ``--arch`` picks the registered architecture
-(``exclip-scenes``, the default, or the SigLIP-style ``exclip-scenes-siglip``). This script runs them: optimiser, schedule, checkpoints and the held-out curve. ``OUT/last.pt`` (model + optimiser,
-written every ``--ckpt-every`` steps and on exit) resumes with ``--resume``; ``OUT/best.pt`` holds the
-model state with the best held-out score so far; ``OUT/curve.csv`` logs step, wall time, loss and
-held-out accuracy.
+shape-swapped captions as hard negatives; ``--loss sigmoid``: SigLIP's pairwise sigmoid loss with the swaps as
+extra negative pairs; both plus a binding loss). ``--arch`` picks the registered architecture
+(``exclip-scenes``, the default, or the SigLIP-style ``exclip-scenes-siglip``). This script runs them:
+optimiser, schedule, checkpoints and the held-out curve. ``OUT/last.pt`` (model + optimiser, written every
+``--ckpt-every`` steps and on exit) resumes with ``--resume``; ``OUT/best.pt`` holds the model state with the
+best held-out score so far; ``OUT/curve.csv`` logs step, wall time, loss and held-out accuracy.
 
     python scripts/train_scenes.py --out runs/scenes --steps 100000 --threads 2
     python scripts/train_scenes.py --out runs/scenes --steps 2400 --threads 2 --resume  # cool down

@@ -2,11 +2,11 @@
 batches, the hard negatives and the losses (``scripts/train_scenes.py`` runs them; its tests check them
 here).
 
-``exclip-scenes``: contrastive CLIP loss over the batch, with each image's colour- and shape-swapped
-captions added as hard negatives (NegCLIP). ``exclip-scenes-siglip``: SigLIP's pairwise sigmoid loss
-instead, where the same swapped captions are extra negative pairs. Both add a binding loss that asks each
-image to pick its caption among its own swaps. Every step draws new scenes from a seed derived from (seed, step), so a resumed run sees exactly
-the data an uninterrupted one would.
+``exclip-scenes``: contrastive CLIP loss over the batch, with each image's colour- and shape-swapped captions
+added as hard negatives (NegCLIP). ``exclip-scenes-siglip``: SigLIP's pairwise sigmoid loss instead, where the
+same swapped captions are extra negative pairs. Both add a binding loss that asks each image to pick its
+caption among its own swaps. Every step draws new scenes from a seed derived from (seed, step), so a resumed
+run sees exactly the data an uninterrupted one would.
 """
 
 from __future__ import annotations
