@@ -18,14 +18,14 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-from attribution.models import SCENES_MODEL, SCENES_SIGLIP_MODEL
+from attribution.evaluation.scenes_training import ARCHITECTURES
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path, help="best.pt or last.pt written by scripts/train_scenes.py")
     ap.add_argument("out", type=Path, help="the .safetensors file to write")
-    ap.add_argument("--arch", choices=[SCENES_MODEL, SCENES_SIGLIP_MODEL], default=SCENES_MODEL)
+    ap.add_argument("--arch", choices=ARCHITECTURES, default=ARCHITECTURES[0])
     args = ap.parse_args(argv)
 
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)

@@ -25,6 +25,10 @@ from attribution.evaluation.scenes import (
     replaced_caption,
     swapped_captions,
 )
+from attribution.models import SCENES_MODEL, SCENES_SIGLIP_MODEL
+
+# The architectures the training and export scripts take (--arch), the first the default.
+ARCHITECTURES = (SCENES_MODEL, SCENES_SIGLIP_MODEL)
 
 
 def objects_mix(step: int, curriculum_steps: int) -> list[float]:

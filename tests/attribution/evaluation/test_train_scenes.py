@@ -22,7 +22,7 @@ from attribution.evaluation.scenes_training import (
     training_batch,
 )
 from attribution.models import SCENES_SIGLIP_MODEL, get_tokenizer
-from scripts.train_scenes import lr_at, main
+from scripts.train_scenes import lr_at, main, reinit_text_embeddings
 
 
 def test_training_batches_are_fixed_by_seed_and_step():
@@ -251,3 +251,18 @@ def test_patch_dropout_needs_open_clips_own_vit(tmp_path, capsys):
         main(["--out", str(tmp_path), "--arch", SCENES_SIGLIP_MODEL, "--patch-dropout", "0.5"])
     assert exit_info.value.code == 2
     assert "--patch-dropout needs open_clip's own ViT" in capsys.readouterr().err
+
+
+def test_text_embeddings_are_drawn_again_at_the_given_scale():
+    import open_clip
+
+    from attribution.models import SCENES_MODEL
+
+    for arch in (SCENES_SIGLIP_MODEL, SCENES_MODEL):  # CustomTextCLIP (.text) and CLIP (itself)
+        torch.manual_seed(0)
+        model = open_clip.create_model(arch, pretrained=None)
+        text = getattr(model, "text", model)
+        assert float(text.positional_embedding.std()) == pytest.approx(0.01, rel=0.1)  # open_clip's
+        reinit_text_embeddings(model, 0.125)
+        assert float(text.positional_embedding.std()) == pytest.approx(0.125, rel=0.1)
+        assert float(text.token_embedding.weight.std()) == pytest.approx(0.125, rel=0.1)
