@@ -33,9 +33,10 @@ from scripts.make_scenes_tokenizer import build
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_TOKENIZER = TOKENIZERS_DIR / str(MODEL_CARDS[SCENES_SIGLIP_MODEL].tokenizer)
 SHIPPED_WEIGHTS = WEIGHTS_DIR / MODEL_CARDS[SCENES_SIGLIP_MODEL].weights["scenes"]
-# Measured on the shipped weights, 128 scenes of seed 4242 (BENCHMARKS.md, exclip-scenes-siglip); the
-# thresholds leave a margin below for numerical differences between machines.
-SHIPPED_MIN = {"i2t_top1": 0.0, "t2i_top1": 0.0, "colour_swap": 0.0, "shape_swap": 0.0}
+# Measured on the shipped weights, 128 scenes of seed 4242 (BENCHMARKS.md, exclip-scenes-siglip): i2t 0.445,
+# t2i 0.359 (chance, a random caption being true of the image: 0.015), colour / shape swaps 0.59 / 0.54,
+# i.e. chance (0.5): its binding is not learnt, so it is not asserted. Margins below for other machines.
+SHIPPED_MIN = {"i2t_top1": 0.3, "t2i_top1": 0.25}
 
 _OFFLINE_TOKENIZE = """
 import json, sys
@@ -105,7 +106,7 @@ def test_the_shipped_weights_are_small_and_load_exactly(shipped):
     assert all(torch.equal(state[k], v.float()) for k, v in weights.items())  # the file, not random init
 
 
-def test_the_shipped_model_matches_held_out_scenes(shipped):
+def test_the_shipped_model_retrieves_held_out_scenes_well_above_chance(shipped):
     model, tokenizer = shipped
     scenes = generate_scenes(128, seed=4242)
     mean, std = (torch.tensor(model.visual.preprocess_cfg[k]) for k in ("mean", "std"))
