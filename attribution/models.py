@@ -7,9 +7,10 @@ checkpoint file (anything open_clip's own ``load_checkpoint`` reads: a plain ``s
 ``"none"`` / ``""`` for random weights (logged as a warning). Every other case raises, naming the model
 and saying how to pass a checkpoint or ``--pretrained none``.
 
-Importing this module registers the architectures in ``attribution/model_configs/*.json`` (the tiny
-test model ``exclip-tiny``, the demo model ``exclip-scenes``) with open_clip's ``add_model_config``, so
-``open_clip.create_model("exclip-tiny")`` and ``open_clip.get_tokenizer("exclip-tiny")`` work.
+Importing this module registers the architectures in ``attribution/model_configs/*.json`` (the tiny test model
+``exclip-tiny``, the demo models ``exclip-scenes`` and ``exclip-scenes-siglip``) with open_clip's
+``add_model_config``, so ``open_clip.create_model("exclip-tiny")`` and
+``open_clip.get_tokenizer("exclip-tiny")`` work.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from open_clip import get_model_config
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
+from attribution import timm_archs  # noqa: F401  # registers the timm towers the configs name
 from attribution.errors import InvalidOption, ModelNotAvailable, UnknownModel, UnsupportedModel
 from attribution.text import Tokenizer
 from attribution.tokenizers import HFTokenizer, hf_tokenizer_source, load_hf_tokenizer
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 TINY_MODEL = "exclip-tiny"
 SCENES_MODEL = "exclip-scenes"
+SCENES_SIGLIP_MODEL = "exclip-scenes-siglip"
 
 # Architecture registry as data: open_clip model-config JSON files (its own schema), one per architecture.
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -54,8 +57,9 @@ _HOW_TO = (
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
-# Weights shipped inside the package, and what the package says about each architecture.
+# Weights and tokenizers shipped inside the package, and what the package says about each architecture.
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+TOKENIZERS_DIR = Path(__file__).parent / "tokenizers_data"
 MODEL_CARDS_FILE = Path(__file__).parent / "model_cards.json"
 
 
@@ -68,6 +72,7 @@ class ModelCard:
     default_text_layer: int | None = None  # None: the last block
     default_image_layer: int | None = None
     weights: dict[str, str] = field(default_factory=dict)  # pretrained tag -> file under WEIGHTS_DIR
+    tokenizer: str | None = None  # its Hugging Face tokenizer: a directory under TOKENIZERS_DIR
 
 
 def _read_model_cards() -> dict[str, ModelCard]:
@@ -289,7 +294,7 @@ def load_model(
             "ViT-L-14, ViT-B-16-SigLIP, ViT-B-16-SigLIP2, ViT-H-14-worldwide)"
         )
 
-    text_tokenizer = _load_tokenizer(name, cfg, tokenizer, cache_dir)
+    text_tokenizer = get_tokenizer(name, tokenizer, cache_dir)
     card = MODEL_CARDS.get(name, ModelCard())
     tag = None if pretrained is None or pretrained.strip().lower() in _NO_WEIGHTS else pretrained
     if tag is None:
@@ -353,12 +358,17 @@ def _pair(size: Any) -> tuple[int, int]:
     return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
 
 
-def _load_tokenizer(
-    name: str, cfg: dict[str, Any], path: str | None, cache_dir: str | None
+def get_tokenizer(
+    name: str, path: str | None = None, cache_dir: str | None = None
 ) -> Tokenizer | HFTokenizer:
-    """The model's tokenizer: a Hugging Face one from ``path`` / the HF cache, else CLIP's BPE."""
+    """The tokenizer of the registered architecture ``name``: a Hugging Face one from ``path``, else the
+    directory its model card ships, else the HF cache; CLIP's BPE for the models without one."""
+    cfg = get_model_config(name)
     if hf_tokenizer_source(cfg):
-        return load_hf_tokenizer(name, cfg, path, cache_dir)
+        shipped = MODEL_CARDS.get(name, ModelCard()).tokenizer
+        return load_hf_tokenizer(
+            name, cfg, path or (str(TOKENIZERS_DIR / shipped) if shipped else None), cache_dir
+        )
     if path:
         raise InvalidOption(
             f"a tokenizer ({path!r}) was given, but model {name!r} uses CLIP's BPE tokenizer, which ships "

@@ -2,6 +2,7 @@
 
     python scripts/eval_scenes.py                      # the shipped exclip-scenes, 256 held-out scenes
     python scripts/eval_scenes.py --pretrained runs/scenes/best.pt --n 256
+    python scripts/eval_scenes.py --model exclip-scenes-siglip
 
 The default seed is the training script's held-out seed (scenes it never trained on); the metrics are
 defined in attribution/evaluation/retrieval.py.
@@ -18,7 +19,6 @@ import torch
 from attribution.evaluation.retrieval import retrieval_accuracy
 from attribution.evaluation.scenes import HELD_OUT_SEED, generate_scenes
 from attribution.models import SCENES_MODEL, load_model
-from attribution.text import clip_bpe_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     scenes = generate_scenes(args.n, args.seed, image_size=loaded.image_size[0])
     started = time.perf_counter()
     pixels = torch.stack([loaded.transform(s.image) for s in scenes])
-    acc = retrieval_accuracy(loaded.model, clip_bpe_tokenizer(loaded.tokenizer), pixels, scenes)
+    acc = retrieval_accuracy(loaded.model, loaded.tokenizer, pixels, scenes)
     print(f"{args.model} ({args.pretrained}), {args.n} scenes, seed {args.seed}:")
     for key, value in acc.items():
         print(f"  {key:12s} {value:.4f}")

@@ -1,14 +1,17 @@
-"""Train the demo CLIP ``exclip-scenes`` on fresh captioned scenes (attribution/evaluation/scenes.py), on CPU.
+"""Train the demo models ``exclip-scenes`` / ``exclip-scenes-siglip`` on fresh captioned scenes, on CPU.
 
-The batches, hard negatives and losses are ``attribution.evaluation.scenes_training``'s (contrastive
-loss with colour- and shape-swapped captions as hard negatives, plus a binding loss); this script runs
-them: optimiser, schedule, checkpoints and the held-out curve. ``OUT/last.pt`` (model + optimiser,
-written every ``--ckpt-every`` steps and on exit) resumes with ``--resume``; ``OUT/best.pt`` holds the
-model state with the best held-out score so far; ``OUT/curve.csv`` logs step, wall time, loss and
-held-out accuracy.
+The scenes are attribution/evaluation/scenes.py's; the batches, hard negatives and losses are
+``attribution.evaluation.scenes_training``'s (``--loss contrastive``: CLIP's loss with colour- and
+shape-swapped captions as hard negatives; ``--loss sigmoid``: SigLIP's pairwise sigmoid loss with the swaps as
+extra negative pairs; both plus a binding loss). ``--arch`` picks the registered architecture
+(``exclip-scenes``, the default, or the SigLIP-style ``exclip-scenes-siglip``). This script runs them:
+optimiser, schedule, checkpoints and the held-out curve. ``OUT/last.pt`` (model + optimiser, written every
+``--ckpt-every`` steps and on exit) resumes with ``--resume``; ``OUT/best.pt`` holds the model state with the
+best held-out score so far; ``OUT/curve.csv`` logs step, wall time, loss and held-out accuracy.
 
     python scripts/train_scenes.py --out runs/scenes --steps 100000 --threads 2
     python scripts/train_scenes.py --out runs/scenes --steps 2400 --threads 2 --resume  # cool down
+    python scripts/train_scenes.py --out runs/siglip --arch exclip-scenes-siglip --loss sigmoid --steps 5000
 
 ``--init WEIGHTS`` starts from trained weights (the shipped export, a ``best.pt`` or a ``last.pt``) with a
 fresh optimiser, to fine-tune; ``--patch-dropout P`` drops that share of image patches in each training
@@ -25,6 +28,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -36,13 +40,14 @@ from tqdm import tqdm
 from attribution.evaluation.retrieval import retrieval_accuracy, scene_pixels
 from attribution.evaluation.scenes import HELD_OUT_SEED, iter_scenes
 from attribution.evaluation.scenes_training import (
+    ARCHITECTURES,
+    LOSSES,
     also_true_mask,
-    clip_losses,
     negatives,
     objects_mix,
     training_batch,
 )
-from attribution.models import SCENES_MODEL
+from attribution.models import get_tokenizer
 
 CURVE_FIELDS = ["step", "wall_s", "loss", "i2t_top1", "t2i_top1", "colour_swap", "shape_swap", "score"]
 
@@ -65,11 +70,29 @@ def initial_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
+def reinit_text_embeddings(model: torch.nn.Module, std: float) -> None:
+    """Token and position embeddings of the text tower drawn again from N(0, std^2).
+
+    A non-causal text tower sees a caption as a bag of words except through its position embeddings: it
+    must learn from them alone that "a red circle and a blue square" is not its colour swap. At open_clip's
+    0.01 (against 0.02 for the tokens) a run of exclip-scenes-siglip learnt a bag of words (the text cosine
+    of a caption and its swaps 0.9999 after 1400 steps, swaps at chance); big_vision's SigLIP draws both
+    with std 1/sqrt(width).
+    """
+    text: Any = getattr(model, "text", model)  # CustomTextCLIP keeps its tower in .text, CLIP in itself
+    with torch.no_grad():
+        text.token_embedding.weight.normal_(0, std)
+        text.positional_embedding.normal_(0, std)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
+        # Position embeddings (open_clip's "positional_embedding", timm's "pos_embed"), token embeddings
+        # and the attention-pool head's query ("latent") are not decayed, nor vectors and scalars.
+        skip = ("embedding", "pos_embed", "latent", "logit_scale")
+        (no_decay if p.ndim < 2 or any(s in name for s in skip) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -107,6 +130,8 @@ def git_commit() -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for checkpoints and the curve")
+    ap.add_argument("--arch", choices=ARCHITECTURES, default=ARCHITECTURES[0])
+    ap.add_argument("--loss", choices=sorted(LOSSES), default="contrastive")
     ap.add_argument("--steps", type=int, default=4000, help="total steps (the decay ends here)")
     ap.add_argument("--decay-steps", type=int, default=400, help="linear learning-rate decay at the end")
     ap.add_argument("--batch", type=int, default=64)
@@ -132,6 +157,12 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="start from these model weights (a .safetensors export, best.pt or last.pt), fresh optimiser",
     )
+    ap.add_argument(
+        "--text-embedding-std",
+        type=float,
+        help="draw the text tower's token and position embeddings from N(0, STD^2), as big_vision's SigLIP "
+        "does with 1/sqrt(width), instead of open_clip's 0.02 / 0.01 (fresh runs only)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=50)
@@ -143,13 +174,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = open_clip.create_model(SCENES_MODEL, pretrained=None)
+    model = open_clip.create_model(args.arch, pretrained=None)
+    if args.text_embedding_std is not None:
+        reinit_text_embeddings(model, args.text_embedding_std)
     if args.init is not None:
         model.load_state_dict(initial_weights(args.init))
     if args.patch_dropout:
+        if not hasattr(model.visual, "patch_dropout"):
+            ap.error(f"--patch-dropout needs open_clip's own ViT; {args.arch}'s image tower is not one")
         model.visual.patch_dropout = PatchDropout(args.patch_dropout)
     model.train()
-    tokenizer = open_clip.get_tokenizer(SCENES_MODEL)
+    tokenizer = get_tokenizer(args.arch)
+    losses = LOSSES[args.loss]
     image_size = model.visual.image_size[0]
     mean = torch.tensor(model.visual.preprocess_cfg["mean"])
     std = torch.tensor(model.visual.preprocess_cfg["std"])
@@ -203,10 +239,8 @@ def main(argv: list[str] | None = None) -> None:
             captions = [s.caption for s in scenes]
             tokens = tokenizer(captions + neg_texts)
             also_true = also_true_mask(scenes, captions + neg_texts)
-            contrastive, binding = clip_losses(
-                model, scene_pixels(scenes, mean, std), tokens, also_true, owners
-            )
-            loss = contrastive + args.binding_weight * binding
+            main_loss, binding = losses(model, scene_pixels(scenes, mean, std), tokens, also_true, owners)
+            loss = main_loss + args.binding_weight * binding
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

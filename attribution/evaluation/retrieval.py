@@ -1,7 +1,7 @@
 """How well a CLIP matches captioned scenes: retrieval top-1 and the binding test of swapped captions.
 
-Used by scripts/train_scenes.py for its held-out curve, by the tests of the shipped ``exclip-scenes``
-and by BENCHMARKS.md, so the numbers everywhere mean the same thing:
+Used by scripts/train_scenes.py for its held-out curve, by the tests of the shipped ``exclip-scenes`` and
+``exclip-scenes-siglip`` and by BENCHMARKS.md, so the numbers everywhere mean the same thing:
 
 - ``i2t_top1``: for each image, the best-scoring caption among the set's captions describes it
   (``scenes.describes``: its own, or another scene's caption that is just as true of it, e.g. "there is a
@@ -16,10 +16,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip import CLIP
+from open_clip import CLIP, CustomTextCLIP
 
 from attribution.evaluation.scenes import Scene, describes, swapped_captions
 from attribution.text import Tokenizer
+from attribution.tokenizers import HFTokenizer
 
 
 def scene_pixels(scenes: list[Scene], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -30,7 +31,10 @@ def scene_pixels(scenes: list[Scene], mean: torch.Tensor, std: torch.Tensor) -> 
 
 @torch.no_grad()
 def retrieval_accuracy(
-    model: CLIP, tokenizer: Tokenizer, pixels: torch.Tensor, scenes: list[Scene]
+    model: CLIP | CustomTextCLIP,
+    tokenizer: Tokenizer | HFTokenizer,
+    pixels: torch.Tensor,
+    scenes: list[Scene],
 ) -> dict[str, float]:
     """The four accuracies above, plus ``score`` = the smallest of i2t, colour_swap and shape_swap."""
     was_training = model.training

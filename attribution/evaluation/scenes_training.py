@@ -1,10 +1,12 @@
-"""How the demo CLIP ``exclip-scenes`` learns from scenes: the seeded batches, the hard negatives and
-the two losses (``scripts/train_scenes.py`` runs them; its tests check them here).
+"""How the demo models ``exclip-scenes`` and ``exclip-scenes-siglip`` learn from scenes: the seeded
+batches, the hard negatives and the losses (``scripts/train_scenes.py`` runs them; its tests check them
+here).
 
-Contrastive CLIP loss over the batch, with each image's colour- and shape-swapped captions added as
-hard negatives (NegCLIP), and a binding loss that asks each image to pick its caption among its own
-swaps. Every step draws new scenes from a seed derived from (seed, step), so a resumed run sees exactly
-the data an uninterrupted one would.
+``exclip-scenes``: contrastive CLIP loss over the batch, with each image's colour- and shape-swapped captions
+added as hard negatives (NegCLIP). ``exclip-scenes-siglip``: SigLIP's pairwise sigmoid loss instead, where the
+same swapped captions are extra negative pairs. Both add a binding loss that asks each image to pick its
+caption among its own swaps. Every step draws new scenes from a seed derived from (seed, step), so a resumed
+run sees exactly the data an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from attribution.evaluation.scenes import (
     replaced_caption,
     swapped_captions,
 )
+from attribution.models import SCENES_MODEL, SCENES_SIGLIP_MODEL
+
+# The architectures the training and export scripts take (--arch), the first the default.
+ARCHITECTURES = (SCENES_MODEL, SCENES_SIGLIP_MODEL)
 
 
 def objects_mix(step: int, curriculum_steps: int) -> list[float]:
@@ -91,14 +97,51 @@ def clip_losses(
     logits = logits.masked_fill(also_true, float("-inf"))
     target = torch.arange(n)
     contrastive = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n].T, target)) / 2
+    return contrastive, binding_loss(logits, owners)
+
+
+def sigmoid_losses(
+    model: Any,  # an open_clip CLIP or CustomTextCLIP with a logit_bias (untyped)
+    pixels: torch.Tensor,
+    tokens: torch.Tensor,
+    also_true: torch.Tensor,
+    owners: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SigLIP's sigmoid loss with the swaps as extra negative pairs, binding loss among own swaps).
+
+    Every (image, text) pair is a binary problem: logit ``scale * cos + bias``, label +1 for the image's
+    own caption and -1 for every other caption and every negative; pairs where ``also_true`` holds (the
+    text is just as true of the image) are left out. Summed over pairs, divided by the number of images,
+    as SigLIP does. Arguments as for ``clip_losses``.
+    """
+    n = pixels.shape[0]
+    img = F.normalize(model.encode_image(pixels), dim=-1)
+    txt = F.normalize(model.encode_text(tokens), dim=-1)
+    logits = model.logit_scale.exp() * img @ txt.T + model.logit_bias  # (n, n + m)
+    labels = -torch.ones_like(logits)
+    labels[torch.arange(n), torch.arange(n)] = 1.0
+    pair_losses = -F.logsigmoid(labels * logits).masked_fill(also_true, 0.0)
+    sigmoid = pair_losses.sum() / n
+    return sigmoid, binding_loss(logits.masked_fill(also_true, float("-inf")), owners)
+
+
+def binding_loss(logits: torch.Tensor, owners: list[int]) -> torch.Tensor:
+    """Cross-entropy of each image that has swaps choosing its caption among [its caption, its swaps].
+
+    ``logits`` is (n, n + m): the n captions, then the m negatives, ``owners[k]`` the image of negative k.
+    Zero when there are no swaps.
+    """
+    n = logits.shape[0]
     if not owners:
-        return contrastive, torch.zeros(())
-    # Binding: each image with swaps chooses among [its caption, its own swaps] (-inf elsewhere).
-    own = torch.full((n, tokens.shape[0] - n), float("-inf"))
+        return torch.zeros(())
+    own = torch.full((n, logits.shape[1] - n), float("-inf"))  # -inf: another image's swap
     own[torch.tensor(owners), torch.arange(len(owners))] = 0.0
     has = torch.zeros(n, dtype=torch.bool)
     has[torch.tensor(owners)] = True
     pos = logits[torch.arange(n), torch.arange(n)][:, None]
     binding_logits = torch.cat([pos, logits[:, n:] + own], dim=1)[has]
-    binding = F.cross_entropy(binding_logits, torch.zeros(int(has.sum()), dtype=torch.long))
-    return contrastive, binding
+    return F.cross_entropy(binding_logits, torch.zeros(int(has.sum()), dtype=torch.long))
+
+
+# The training script's --loss choices.
+LOSSES = {"contrastive": clip_losses, "sigmoid": sigmoid_losses}

@@ -133,7 +133,10 @@ def test_build_stage_installs_the_matching_torch(parsed, target):
         assert "download.pytorch.org/whl/cpu" in runs
     else:
         assert "download.pytorch.org/whl/cu" in runs and "whl/cpu" not in runs
-    assert "pip install ." in runs, "the build stage must install the service package itself"
+    assert 'pip install ".[hf]"' in runs, (
+        "the build stage must install the service package itself, with the Hugging Face tokenizers "
+        "(the hf extra) that SigLIP-style models need"
+    )
 
 
 @pytest.mark.parametrize("target", TARGETS)
