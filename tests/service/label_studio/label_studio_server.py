@@ -13,19 +13,18 @@ network and let it reach a backend on 127.0.0.1, and with prediction validation 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
 from testing import free_port
+from testing.installs import locked, run_logged
 
 VERSION = "1.23.2"
 CACHE = (
@@ -49,23 +48,6 @@ ENV = {
 }
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One builder at a time (parallel test runs on one machine share the cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _run(args: list[str], log: Path, timeout_s: float) -> None:
-    with open(log, "ab") as out:
-        done = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
-    if done.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{' '.join(args[:4])} ... failed with {done.returncode}; log {log}:\n{tail}")
-
-
 def venv_python() -> Path:
     return CACHE / "venv" / "bin" / "python"
 
@@ -73,14 +55,14 @@ def venv_python() -> Path:
 def ensure_installation() -> tuple[Path, Path]:
     """(virtualenv, template data dir), building them first if the cache lacks them."""
     venv, template = CACHE / "venv", CACHE / "template"
-    with _locked(CACHE.parent / f"label-studio-{VERSION}.lock"):
+    with locked(CACHE.parent / f"label-studio-{VERSION}.lock"):
         CACHE.mkdir(parents=True, exist_ok=True)
         if not (venv / ".complete").exists():
             shutil.rmtree(venv, ignore_errors=True)
             log = CACHE / "install.log"
-            _run([sys.executable, "-m", "venv", str(venv)], log, 120)
+            run_logged([sys.executable, "-m", "venv", str(venv)], log, 120)
             # Few retries: without a package index this fails in about a minute instead of many.
-            _run(
+            run_logged(
                 [
                     str(venv / "bin" / "pip"),
                     "install",
