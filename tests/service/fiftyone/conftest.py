@@ -34,8 +34,10 @@ def demo_service(launcher: ServiceLauncher) -> Process:
     return launcher.embedded(**DEMO).wait_ready()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def service(session_launcher: ServiceLauncher) -> Process:
+    """One demo service for every FiftyOne module of a test process (nothing here stops it; the test of a
+    vanishing service starts its own)."""
     return demo_service(session_launcher)
 
 
