@@ -478,6 +478,8 @@ def _probe(url: str, timeout_s: float) -> str | None:
             request = urllib.request.Request(url, method="HEAD")
             with urllib.request.urlopen(request, timeout=timeout_s) as reply:
                 answer.put(None if reply.status < 400 else f"HTTP {reply.status} from {url}")
+        except TimeoutError:  # the socket's own timeout can fire before the wait below: same meaning
+            answer.put(f"{url} did not answer within {timeout_s:g} s")
         except Exception as e:  # DNS, refused, TLS, HTTP errors: all mean "cannot download now"
             answer.put(f"{url} is not reachable: {type(e).__name__}: {e}")
 
