@@ -91,7 +91,21 @@ def _linear(m: nn.Linear, dtype: torch.dtype, device: torch.device) -> tuple[Ten
 TEXT_POOLINGS = ("argmax", "eos", "last")
 
 
-class TextTower:
+class _Blocks:
+    """A tower's transformer blocks: how many, and the one check of a requested cut."""
+
+    blocks: nn.ModuleList
+    layer_option: str  # the option that names a block of this tower
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    def check_layer(self, layer: int) -> None:
+        _check_layer(layer, self.n_layers, self.layer_option)
+
+
+class TextTower(_Blocks):
     """open_clip's text transformer: the built-in tower of ``CLIP`` or ``CustomTextCLIP.text``.
 
     Pooling ``argmax`` (causal; CLIP's EOT has the highest id), ``eos`` (causal; the first ``eos_id``
@@ -99,6 +113,8 @@ class TextTower:
     A causal tower sees nothing after its pooled row, so those rows are cut; a non-causal one sees all
     ``context_length`` rows, padded as the tokenizer pads.
     """
+
+    layer_option = "text_layer"
 
     def __init__(self, clip: nn.Module) -> None:
         # open_clip is untyped: its submodules come from nn.Module.__getattr__, so treat them as Any.
@@ -135,13 +151,6 @@ class TextTower:
         self.eos_id: int = -1 if eos_id is None else int(eos_id)
         self.blocks: nn.ModuleList = self.module.transformer.resblocks
         self.context_length: int = self.module.positional_embedding.shape[0]
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.blocks)
-
-    def check_layer(self, layer: int) -> None:
-        _check_layer(layer, self.n_layers, "text_layer")
 
     def mask(self, length: int) -> Tensor | None:
         mask: Tensor | None = self.module.attn_mask
@@ -220,8 +229,10 @@ class RowLayout:
     pool_row: int | None
 
 
-class ImageTower:
+class ImageTower(_Blocks):
     """An open_clip ``VisionTransformer`` pooled on the class token or the mean of the patches."""
+
+    layer_option = "image_layer"
 
     def __init__(self, model: nn.Module) -> None:
         visual: Any = model.visual  # untyped open_clip VisionTransformer
@@ -243,13 +254,6 @@ class ImageTower:
         tok = visual.pool_type == "tok"
         self.layout = RowLayout({"cls": range(0, 1)}, 1, (int(gh), int(gw)), 0 if tok else None)
         self.patch_size: tuple[int, int] = (int(visual.patch_size[0]), int(visual.patch_size[1]))
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.blocks)
-
-    def check_layer(self, layer: int) -> None:
-        _check_layer(layer, self.n_layers, "image_layer")
 
     @torch.no_grad()
     def hidden(self, images: Tensor, layer: int) -> Tensor:
@@ -335,8 +339,10 @@ def _composed_projection(linears: list[nn.Linear], width: int) -> tuple[Tensor, 
     return projection, bias
 
 
-class TimmImageTower:
+class TimmImageTower(_Blocks):
     """A timm ``VisionTransformer`` inside open_clip's ``TimmModel`` (SigLIP, SigLIP 2, timm ViTs)."""
+
+    layer_option = "image_layer"
 
     def __init__(self, model: nn.Module) -> None:
         visual: Any = model.visual
@@ -379,13 +385,6 @@ class TimmImageTower:
         self.patch_size = (int(ph), int(pw))
         pool_row = 0 if self.global_pool == "token" else None
         self.layout = RowLayout(extras, prefix, (int(gh), int(gw)), pool_row)
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.blocks)
-
-    def check_layer(self, layer: int) -> None:
-        _check_layer(layer, self.n_layers, "image_layer")
 
     @torch.no_grad()
     def hidden(self, images: Tensor, layer: int) -> Tensor:
